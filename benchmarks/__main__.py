@@ -1,0 +1,110 @@
+"""``python -m benchmarks {fs,snap,all}``: the benchmark suite's command line.
+
+``fs`` measures fusionfs against direct boto3, local disk and installed peers (see
+``benchmarks/fs.py``); ``snap`` (snapstore) is not implemented yet and exits with status 2; ``all``
+runs every benchmark that exists. With no ``--endpoint-url`` a local s3rver is started for the run.
+Errors in the set-up are one line on stderr and a non-zero exit, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+__all__ = ["main"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, AWS); default: a local s3rver")
+    p.add_argument(
+        "--bucket", help="bucket to use with --endpoint-url (a run prefix is created in it)"
+    )
+    p.add_argument("--latency-ms", type=float, default=0.0, help="first-byte latency per request")
+    p.add_argument(
+        "--bandwidth-mbps",
+        type=float,
+        default=0.0,
+        help="cap per connection (and direction) in megabits/s: 800 = 100 MB/s; 0 = off",
+    )
+    p.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of requests failed with 503 or reset"
+    )
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (default 3; median shown)")
+    p.add_argument("--out", type=Path, help="output directory (default benchmarks/out/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes: 256 MiB, 2000 objects")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="fusionfs and snapstore benchmarks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fs = sub.add_parser("fs", help="filesystem: reads, writes, metadata")
+    _add_common(fs)
+    fs.add_argument("--size-mib", type=int, help="object size in MiB (default 1024; quick 256)")
+    fs.add_argument("--objects", type=int, help="objects for stat/list (default 10000; quick 2000)")
+    fs.add_argument(
+        "--no-peers", action="store_true", help="skip s3fs and rclone even if installed"
+    )
+    snap = sub.add_parser("snap", help="snapstore checkpoint/restore (not implemented yet)")
+    _add_common(snap)
+    everything = sub.add_parser("all", help="every benchmark")
+    _add_common(everything)
+    return parser
+
+
+def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
+    from benchmarks.fs import FsConfig
+
+    return FsConfig(
+        endpoint_url=args.endpoint_url,
+        bucket=args.bucket,
+        latency_ms=args.latency_ms,
+        bandwidth_mbps=args.bandwidth_mbps,
+        error_rate=args.error_rate,
+        runs=args.runs,
+        out=out,
+        quick=args.quick,
+        size_mib=getattr(args, "size_mib", None),
+        objects=getattr(args, "objects", None),
+        peers=not getattr(args, "no_peers", False),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if not 0 <= args.error_rate <= 1:
+        parser.error("--error-rate must be within [0, 1]")
+    if args.latency_ms < 0 or args.bandwidth_mbps < 0:
+        parser.error("--latency-ms and --bandwidth-mbps must be >= 0")
+    if args.endpoint_url and not args.bucket:
+        parser.error("--endpoint-url needs --bucket")
+    # SIGTERM unwinds like Ctrl-C, so mounts are unmounted and servers stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    from benchmarks.fs import FsConfig, run_fs
+
+    if args.command == "snap":
+        console.print("snap: not implemented yet (the snapstore benchmark is not written yet)")
+        return 2
+    out: Path | None = args.out
+    cfg = _fs_config(args, out / "fs" if (out and args.command == "all") else out)
+    assert isinstance(cfg, FsConfig)
+    status = run_fs(cfg, console)
+    if args.command == "all":
+        console.print("snap: not implemented yet; skipped")
+    return status
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

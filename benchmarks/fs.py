@@ -1,0 +1,962 @@
+"""The ``fs`` benchmark: fusionfs against direct boto3, local disk and peers, on one S3 server.
+
+Scenarios (each the median of ``--runs`` with min and max; data from a fixed seed):
+
+- ``seq read cold``: one object (1 GiB; ``--quick`` 256 MiB) read sequentially in 1 MiB reads
+  through a fresh mount with an empty cache dir; beside direct boto3 parallel ranged GETs
+  (8 threads x 8 MiB) and the same bytes from a local file after dropping the page cache.
+- ``seq read warm``: the same read after a remount on the same cache dir, page cache dropped:
+  served by the mount's own disk cache (fusionfs chunk cache, rclone's VFS cache).
+- ``rand read 4KiB`` / ``rand read 1MiB``: random aligned reads (pread, POSIX_FADV_RANDOM) through
+  a fresh mount against single ranged GETs, one at a time: p50/p99 latency and throughput.
+- ``seq write``: the same amount written in 1 MiB writes until durable: close returns once the
+  object is committed (fusionfs, s3fs); rclone uploads after close, so its time runs until a HEAD
+  shows the whole object; direct boto3 multipart upload (8 threads x 16 MiB); local disk with
+  write + fsync.
+- ``stat objects`` / ``list objects``: stat of each of 10 000 small objects (quick: 2000), one
+  after another, and one listing of their directory, each on a fresh mount; against HEAD of
+  each / ``list_objects_v2``.
+
+Caveats: against the local s3rver the server is the ceiling (DESIGN.md), and its multipart
+completion is slow; the server's object file is warmed by an unmeasured GET before the cold reads
+of each run, so cold means "client cold"; correctness of what mounts return is checked on 64
+sampled 4 KiB blocks per read, not every byte; peers are run only when installed (``s3fs``,
+``rclone``), not for stat/list.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.harness import (
+    Measurement,
+    ProxyProcess,
+    Results,
+    drop_page_cache,
+    last_line,
+    mb_per_s,
+    run_cmd,
+    timestamp,
+)
+
+__all__ = ["FsConfig", "run_fs"]
+
+_MIB = 1 << 20
+_SEED = 20240601
+_READ_BLOCK = _MIB
+_MOUNT_TIMEOUT = 60.0
+_UNMOUNT_TIMEOUT = 180.0
+_DIRECT = "direct boto3"
+_DISK = "local disk"
+_FUSIONFS = "fusionfs"
+
+
+@dataclass
+class FsConfig:
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    latency_ms: float = 0.0
+    bandwidth_mbps: float = 0.0
+    error_rate: float = 0.0
+    runs: int = 3
+    out: Path | None = None
+    quick: bool = False
+    size_mib: int | None = None
+    objects: int | None = None
+    peers: bool = True
+
+    @property
+    def size(self) -> int:
+        return (self.size_mib or (256 if self.quick else 1024)) * _MIB
+
+    @property
+    def n_objects(self) -> int:
+        return self.objects or (2000 if self.quick else 10000)
+
+    @property
+    def proxied(self) -> bool:
+        return bool(self.latency_ms or self.bandwidth_mbps or self.error_rate)
+
+
+class BenchError(Exception):
+    """A setup problem reported as one line (no traceback)."""
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _make_data(size: int) -> bytes:
+    """``size`` incompressible bytes, the same for the same size on every machine."""
+    import blake3
+
+    return bytes(blake3.blake3(_SEED.to_bytes(8, "little")).digest(length=size))
+
+
+# -- the store: a server, maybe behind the proxy ---------------------------------------------
+
+
+@dataclass
+class _Store:
+    setup_url: str  # for preparing data: straight to the server
+    url: str  # what every measured client uses (the proxy, when one is configured)
+    bucket: str
+    prefix: str  # ends with "/"
+    env: dict[str, str]
+
+    def client(self, url: str | None = None, pool: int = 16) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=url or self.url,
+            aws_access_key_id=self.env.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=self.env.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=self.env.get("AWS_SESSION_TOKEN"),
+            region_name=self.env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(
+                max_pool_connections=pool,
+                retries={"max_attempts": 10, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                connect_timeout=10,
+                read_timeout=120,
+            ),
+        )
+
+
+@contextlib.contextmanager
+def _open_store(cfg: FsConfig, results: Results, console: Console) -> Iterator[_Store]:
+    from benchmarks.s3rver import LocalS3rver
+
+    stack = contextlib.ExitStack()
+    with stack:
+        env = dict(os.environ)
+        if cfg.endpoint_url is None:
+            console.print("starting a local s3rver (npm s3rver 3.7.1) ...")
+            server = stack.enter_context(LocalS3rver(bucket="bench"))
+            env.update(
+                AWS_ACCESS_KEY_ID=server.access_key,
+                AWS_SECRET_ACCESS_KEY=server.secret_key,
+                AWS_DEFAULT_REGION="us-east-1",
+            )
+            env.pop("AWS_SESSION_TOKEN", None)
+            env.pop("AWS_PROFILE", None)
+            setup_url, bucket = server.endpoint_url, "bench"
+            stack.callback(lambda: results.extra.update(s3rver_restarts=server.restarts))
+        else:
+            if not cfg.bucket:
+                raise BenchError("--endpoint-url needs --bucket")
+            setup_url, bucket = cfg.endpoint_url, cfg.bucket
+            env.setdefault("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1"))
+        url = setup_url
+        if cfg.proxied:
+            parsed = urllib.parse.urlsplit(setup_url)
+            if parsed.scheme != "http" or parsed.hostname is None:
+                raise BenchError(
+                    "the proxy (--latency-ms/--bandwidth-mbps/--error-rate) needs http"
+                )
+            port = parsed.port or 80
+            args = [
+                "--latency-ms",
+                str(cfg.latency_ms),
+                "--bandwidth-mbps",
+                str(cfg.bandwidth_mbps),
+            ]
+            args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
+            proxy = ProxyProcess((parsed.hostname, port), args)
+            # Registered first, so it runs after the proxy has stopped and printed its counters.
+            stack.callback(lambda: results.extra.update(proxy_stats=proxy.stats))
+            stack.enter_context(proxy)
+            url = proxy.endpoint_url
+        prefix = f"fusionfs-bench-{timestamp()}-{random.getrandbits(24):06x}/"
+        store = _Store(setup_url, url, bucket, prefix, env)
+        stack.callback(_delete_prefix, store, console)
+        yield store
+
+
+def _delete_prefix(store: _Store, console: Console) -> None:
+    """Deletes everything the run created (bounded: errors are reported, not raised)."""
+    try:
+        client = store.client(store.setup_url)
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=store.prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            for i in range(0, len(keys), 1000):
+                client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys[i : i + 1000]})
+    except Exception as exc:  # cleanup must not hide the run's own outcome
+        console.print(f"[yellow]could not delete s3://{store.bucket}/{store.prefix}: {exc}")
+
+
+# -- mounts ------------------------------------------------------------------------------------
+
+
+def _mount_entry(path: Path) -> tuple[str, str] | None:
+    """(device "major:minor", fs type) of the mount at ``path``, from /proc/self/mountinfo.
+
+    Used instead of ``os.path.ismount``, which stats the mountpoint and so hangs for ever on a
+    FUSE daemon that is stuck.
+    """
+    target = str(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            mountpoint = fields[4].replace("\\040", " ")
+            if mountpoint == target:
+                sep = fields.index("-")
+                return fields[2], fields[sep + 1]
+    return None
+
+
+def _force_unmount(path: Path) -> None:
+    """Aborts the FUSE connection of a mount we made (unsticks a hung daemon), then detaches it."""
+    entry = _mount_entry(path)
+    if entry is None:
+        return
+    device, fstype = entry
+    if fstype.startswith("fuse"):
+        minor = device.split(":")[1]
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+    run_cmd(["fusermount3", "-u", "-z", str(path)], timeout=30)
+
+
+class MountError(Exception):
+    pass
+
+
+class _Mounter:
+    """How one FUSE tool is mounted and unmounted; subclasses fill in the commands."""
+
+    name = ""
+    has_cache = True
+    broken = ""  # set after a failed mount: the rest of the run skips this tool
+
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+
+    def unavailable(self) -> str | None:
+        raise NotImplementedError
+
+    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
+        raise NotImplementedError
+
+    def unmount(self, mountpoint: Path) -> None:
+        proc = run_cmd(["fusermount3", "-u", str(mountpoint)], timeout=_UNMOUNT_TIMEOUT)
+        if proc.returncode != 0 and _mount_entry(mountpoint) is not None:
+            _force_unmount(mountpoint)
+            raise MountError(f"{self.name}: unmount failed: {last_line(proc)}")
+
+    def stats(self, mountpoint: Path) -> dict[str, Any] | None:
+        return None
+
+    def after_close(self, key: str, size: int) -> None:
+        """Returns once the object written under ``key`` is durable (for async uploaders)."""
+
+    def _wait_mounted(self, mountpoint: Path, what: Callable[[], str | None]) -> None:
+        end = time.monotonic() + _MOUNT_TIMEOUT
+        while time.monotonic() < end:
+            if _mount_entry(mountpoint) is not None:
+                return
+            problem = what()
+            if problem:
+                raise MountError(f"{self.name}: {problem}")
+            time.sleep(0.05)
+        raise MountError(f"{self.name}: not mounted after {_MOUNT_TIMEOUT:.0f} s")
+
+
+class _Fusionfs(_Mounter):
+    name = _FUSIONFS
+
+    def __init__(self, store: _Store) -> None:
+        super().__init__(store)
+        exe = shutil.which("fusionfs")
+        self.cmd = [exe] if exe else [sys.executable, "-m", "fusionfs"]
+
+    def unavailable(self) -> str | None:
+        proc = run_cmd([*self.cmd, "mount", "--help"], timeout=30, env=self.store.env)
+        if proc.returncode != 0:
+            return f"`{' '.join(self.cmd[-2:])} mount --help` failed: {last_line(proc)}"
+        return None
+
+    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
+        source = f"s3://{self.store.bucket}/{self.store.prefix.rstrip('/')}"
+        cmd = [*self.cmd, "mount", source, str(mountpoint), "--cache-dir", str(cache_dir)]
+        cmd += ["--endpoint-url", self.store.url]
+        proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=self.store.env)
+        if proc.returncode != 0:
+            log = cache_dir / "fusionfs.log"
+            tail = ""
+            with contextlib.suppress(OSError):
+                lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+                tail = f" (log: {lines[-1][:300]})" if lines else ""
+            raise MountError(f"fusionfs mount failed: {last_line(proc)}{tail}")
+        if _mount_entry(mountpoint) is None:
+            raise MountError("fusionfs mount exited 0 but the mountpoint is not mounted")
+
+    def unmount(self, mountpoint: Path) -> None:
+        proc = run_cmd([*self.cmd, "unmount", str(mountpoint)], timeout=_UNMOUNT_TIMEOUT)
+        if proc.returncode != 0 or _mount_entry(mountpoint) is not None:
+            _force_unmount(mountpoint)
+            raise MountError(f"fusionfs unmount failed: {last_line(proc)}")
+
+    def stats(self, mountpoint: Path) -> dict[str, Any] | None:
+        import json
+
+        proc = run_cmd([*self.cmd, "stats", str(mountpoint), "--json"], timeout=30)
+        if proc.returncode != 0:
+            return None
+        try:
+            value = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+
+class _S3fs(_Mounter):
+    name = "s3fs"
+    has_cache = False  # run without use_cache, as DESIGN.md's reference figures were
+
+    def unavailable(self) -> str | None:
+        if shutil.which("s3fs") is None:
+            return "s3fs is not installed (apt-get install s3fs)"
+        return None
+
+    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
+        env = self.store.env
+        passwd = cache_dir / "passwd-s3fs"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        passwd.write_text(f"{env.get('AWS_ACCESS_KEY_ID')}:{env.get('AWS_SECRET_ACCESS_KEY')}\n")
+        passwd.chmod(0o600)
+        opts = [
+            f"passwd_file={passwd}",
+            f"url={self.store.url}",
+            "use_path_request_style",
+            "parallel_count=8",
+            "multipart_size=8",
+            "retries=5",
+            f"endpoint={env.get('AWS_DEFAULT_REGION', 'us-east-1')}",
+        ]
+        source = f"{self.store.bucket}:/{self.store.prefix.rstrip('/')}"
+        cmd = ["s3fs", source, str(mountpoint)]
+        for opt in opts:
+            cmd += ["-o", opt]
+        proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=env)
+        if proc.returncode != 0:
+            raise MountError(f"s3fs failed: {last_line(proc)}")
+        self._wait_mounted(mountpoint, lambda: None)
+
+
+class _Rclone(_Mounter):
+    name = "rclone"
+
+    def __init__(self, store: _Store) -> None:
+        super().__init__(store)
+        self._procs: dict[Path, Any] = {}
+
+    def unavailable(self) -> str | None:
+        if shutil.which("rclone") is None:
+            return "rclone is not installed (apt-get install rclone)"
+        return None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(self.store.env)
+        env.update(
+            RCLONE_CONFIG_BENCH_TYPE="s3",
+            RCLONE_CONFIG_BENCH_PROVIDER="Other",
+            RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=env.get("AWS_ACCESS_KEY_ID", ""),
+            RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=env.get("AWS_SECRET_ACCESS_KEY", ""),
+            RCLONE_CONFIG_BENCH_ENDPOINT=self.store.url,
+            RCLONE_CONFIG_BENCH_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+            RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true",
+        )
+        if self.store.url.startswith("http://"):
+            # rclone (Go SDK) refuses an AWS_CA_BUNDLE it cannot apply, even for plain http.
+            env.pop("AWS_CA_BUNDLE", None)
+        return env
+
+    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
+        import subprocess
+
+        remote = f"bench:{self.store.bucket}/{self.store.prefix.rstrip('/')}"
+        cmd = ["rclone", "mount", remote, str(mountpoint), "--vfs-cache-mode", "full"]
+        cmd += ["--cache-dir", str(cache_dir), "--vfs-write-back", "0s", "--log-level", "ERROR"]
+        log = open(cache_dir.parent / f"rclone-{cache_dir.name}.log", "ab")
+        proc = subprocess.Popen(
+            cmd,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        self._procs[mountpoint] = proc
+        self._wait_mounted(
+            mountpoint,
+            lambda: f"exited with status {proc.returncode}" if proc.poll() is not None else None,
+        )
+
+    def unmount(self, mountpoint: Path) -> None:
+        proc = self._procs.pop(mountpoint, None)
+        try:
+            super().unmount(mountpoint)
+        finally:
+            if proc is not None:
+                try:
+                    proc.wait(60)
+                except Exception:
+                    proc.kill()
+                    proc.wait(10)
+
+    def after_close(self, key: str, size: int) -> None:
+        client = self.store.client(self.store.setup_url)
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):
+                if client.head_object(Bucket=self.store.bucket, Key=key)["ContentLength"] == size:
+                    return
+            time.sleep(0.05)
+        raise MountError(f"rclone: {key} not uploaded within 600 s of close")
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+class _Bench:
+    def __init__(
+        self, cfg: FsConfig, store: _Store, results: Results, console: Console, work: Path
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.results = results
+        self.console = console
+        self.work = work
+        self.data = b""
+        self.key = store.prefix + "seq/data.bin"
+        self.src_file = work / "source.bin"
+        self.client = store.client()
+        self.setup_client = store.client(store.setup_url, pool=32)
+        self.mounters: list[_Mounter] = []
+        self.mounted: list[tuple[_Mounter, Path]] = []
+        self.can_drop = drop_page_cache()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def record(
+        self, scenario: str, tool: str, run: int, value: float, unit: str, **extras: float
+    ) -> None:
+        self.results.add(Measurement(scenario, tool, run, value, unit, dict(extras)))
+        detail = "".join(f", {k} {v:.3g}" for k, v in extras.items())
+        self.log(f"{scenario:<16} {tool:<14} run {run + 1}: {value:10.1f} {unit}{detail}")
+
+    def log(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            self.console.print(text)
+
+    def step(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    @contextlib.contextmanager
+    def mount(self, mounter: _Mounter, cache_dir: Path) -> Iterator[Path]:
+        if mounter.broken:
+            raise MountError(f"{mounter.name}: skipped after an earlier failure: {mounter.broken}")
+        mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{mounter.name}-", dir=self.work))
+        try:
+            mounter.mount(mountpoint, cache_dir)
+        except BaseException as exc:
+            # A failed mount can still have left a (hung) mount behind: never leave it there.
+            _force_unmount(mountpoint)
+            mounter.broken = str(exc)
+            raise
+        self.mounted.append((mounter, mountpoint))
+        try:
+            yield mountpoint
+        finally:
+            self.mounted.remove((mounter, mountpoint))
+            mounter.unmount(mountpoint)
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
+
+    def unmount_all(self) -> None:
+        for mounter, mountpoint in reversed(self.mounted):
+            with contextlib.suppress(Exception):
+                mounter.unmount(mountpoint)
+        self.mounted.clear()
+
+    def fresh_dir(self, name: str) -> Path:
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.step("generating data")
+        self.data = _make_data(cfg.size)
+        self.src_file.write_bytes(self.data)
+        self.step(f"uploading the {cfg.size // _MIB} MiB test object")
+        self._multipart(self.setup_client, self.key, 8, 16 * _MIB)
+        self.step(f"creating {cfg.n_objects} small objects")
+        body = b"x" * 16
+
+        def put(i: int) -> None:
+            key = f"{self.store.prefix}many/f{i:05d}"
+            self.setup_client.put_object(Bucket=self.store.bucket, Key=key, Body=body)
+
+        with cf.ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, range(cfg.n_objects)))
+        for cls in (_Fusionfs, _S3fs, _Rclone):
+            mounter = cls(self.store)
+            if not cfg.peers and mounter.name != _FUSIONFS:
+                continue
+            reason = mounter.unavailable()
+            if reason:
+                for scenario in ("seq read cold", "seq write"):
+                    self.results.mark_unavailable(scenario, mounter.name, reason)
+                self.log(f"[yellow]{mounter.name}: not available: {reason}")
+            else:
+                self.mounters.append(mounter)
+
+    def _multipart(self, client: Any, key: str, threads: int, part_size: int) -> None:
+        bucket = self.store.bucket
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        view = memoryview(self.data)
+
+        def part(n: int) -> dict[str, Any]:
+            chunk = view[n * part_size : (n + 1) * part_size]
+            resp = client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n + 1, Body=bytes(chunk)
+            )
+            return {"PartNumber": n + 1, "ETag": resp["ETag"]}
+
+        try:
+            with cf.ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(part, range((len(self.data) + part_size - 1) // part_size)))
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+
+    # -- primitives ----------------------------------------------------------------------
+
+    def _read_file(self, path: Path, direct_io: bool = False) -> int:
+        flags = os.O_RDONLY | (os.O_DIRECT if direct_io else 0)
+        fd = os.open(path, flags)
+        try:
+            if direct_io:
+                import mmap
+
+                buf = mmap.mmap(-1, _READ_BLOCK)  # page-aligned, as O_DIRECT needs
+            else:
+                buf = bytearray(_READ_BLOCK)  # type: ignore[assignment]
+            total = 0
+            while True:
+                n = os.readv(fd, [buf])
+                if n == 0:
+                    return total
+                total += n
+        finally:
+            os.close(fd)
+
+    def _verify(self, path: Path, run: int) -> None:
+        rng = random.Random(_SEED + run)
+        size = len(self.data)
+        with open(path, "rb", buffering=0) as f:
+            for _ in range(64):
+                off = rng.randrange(0, size - 4096) // 4096 * 4096
+                got = os.pread(f.fileno(), 4096, off)
+                if got != self.data[off : off + 4096]:
+                    raise MountError(f"{path.name}: wrong bytes at offset {off}")
+
+    def _get_range(self, client: Any, off: int, end: int, keep: bool = False) -> tuple[int, bytes]:
+        """One ranged GET; botocore retries the request, but not a body cut by a reset, so
+        the body is retried here (bounded), as any real client must."""
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ResponseStreamingError
+
+        for attempt in range(5):
+            try:
+                resp = client.get_object(
+                    Bucket=self.store.bucket, Key=self.key, Range=f"bytes={off}-{end}"
+                )
+                if keep:
+                    data = resp["Body"].read()
+                    return len(data), data
+                n = 0
+                for chunk in resp["Body"].iter_chunks(_MIB):
+                    n += len(chunk)
+                return n, b""
+            except (ResponseStreamingError, BotoConnectionError, OSError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _direct_read(self, client: Any, threads: int = 8, part: int = 8 * _MIB) -> int:
+        def get(off: int) -> int:
+            return self._get_range(client, off, min(off + part, len(self.data)) - 1)[0]
+
+        with cf.ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(get, range(0, len(self.data), part)))
+
+    def _drop(self) -> None:
+        if self.can_drop:
+            drop_page_cache()
+
+    # -- scenarios -----------------------------------------------------------------------
+
+    def seq_reads(self, run: int) -> None:
+        size = len(self.data)
+        self.step(f"run {run + 1}: local disk read")
+        if self.can_drop:
+            self._drop()
+            t0 = time.perf_counter()
+            n = self._read_file(self.src_file)
+        else:
+            t0 = time.perf_counter()
+            n = self._read_file(self.src_file, direct_io=True)
+        self.record("seq read cold", _DISK, run, mb_per_s(n, time.perf_counter() - t0), "MB/s")
+        self.step(f"run {run + 1}: warming the server, direct read")
+        self._direct_read(self.client)  # unmeasured: the server's own file back into its cache
+        t0 = time.perf_counter()
+        n = self._direct_read(self.client)
+        self.record("seq read cold", _DIRECT, run, mb_per_s(n, time.perf_counter() - t0), "MB/s")
+        assert n == size
+        for mounter in self.mounters:
+            self.step(f"run {run + 1}: {mounter.name} cold + warm read")
+            try:
+                self._mount_seq_read(mounter, run)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable("seq read cold", mounter.name, str(exc))
+                self.log(f"[red]{exc}")
+
+    def _mount_seq_read(self, mounter: _Mounter, run: int) -> None:
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        rel = self.key[len(self.store.prefix) :]
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            n = self._read_file(mnt / rel)
+            dt = time.perf_counter() - t0
+            if n != len(self.data):
+                raise MountError(f"{mounter.name}: read {n} bytes, expected {len(self.data)}")
+            self.record("seq read cold", mounter.name, run, mb_per_s(n, dt), "MB/s")
+            self._verify(mnt / rel, run)
+            stats = mounter.stats(mnt)
+            if stats:
+                self.results.extra.setdefault("fusionfs_stats", []).append({"run": run, **stats})
+        if not mounter.has_cache:
+            return
+        self._drop()
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            n = self._read_file(mnt / rel)
+            dt = time.perf_counter() - t0
+            self.record("seq read warm", mounter.name, run, mb_per_s(n, dt), "MB/s")
+            self._verify(mnt / rel, run)
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def random_reads(self, run: int) -> None:
+        for size, count, label in ((4096, 300, "rand read 4KiB"), (_MIB, 100, "rand read 1MiB")):
+            if self.cfg.quick:
+                count //= 2
+            rng = random.Random(_SEED + run * 7 + size)
+            offsets = [rng.randrange(0, len(self.data) - size) // 4096 * 4096 for _ in range(count)]
+            self.step(f"run {run + 1}: {label} direct")
+            lat = []
+            for off in offsets:
+                t0 = time.perf_counter()
+                body = self._get_range(self.client, off, off + size - 1, keep=True)[1]
+                lat.append(time.perf_counter() - t0)
+                if body != self.data[off : off + size]:
+                    raise BenchError(f"direct ranged GET returned wrong bytes at {off}")
+            self._record_lat(label, _DIRECT, run, size, lat)
+            for mounter in self.mounters:
+                self.step(f"run {run + 1}: {label} {mounter.name}")
+                try:
+                    self._mount_random(mounter, run, label, size, offsets)
+                except (MountError, OSError) as exc:
+                    self.results.mark_unavailable(label, mounter.name, str(exc))
+                    self.log(f"[red]{exc}")
+
+    def _mount_random(
+        self, mounter: _Mounter, run: int, label: str, size: int, offsets: list[int]
+    ) -> None:
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        rel = self.key[len(self.store.prefix) :]
+        with self.mount(mounter, cache) as mnt:
+            fd = os.open(mnt / rel, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                lat = []
+                for off in offsets:
+                    t0 = time.perf_counter()
+                    got = os.pread(fd, size, off)
+                    lat.append(time.perf_counter() - t0)
+                    if got != self.data[off : off + size]:
+                        raise MountError(f"{mounter.name}: wrong bytes at offset {off}")
+            finally:
+                os.close(fd)
+        shutil.rmtree(cache, ignore_errors=True)
+        self._record_lat(label, mounter.name, run, size, lat)
+
+    def _record_lat(self, label: str, tool: str, run: int, size: int, lat: list[float]) -> None:
+        lat_sorted = sorted(lat)
+        p50 = statistics.median(lat_sorted) * 1000
+        p99 = lat_sorted[min(len(lat_sorted) - 1, int(len(lat_sorted) * 0.99))] * 1000
+        total = sum(lat)
+        self.record(
+            label,
+            tool,
+            run,
+            mb_per_s(size * len(lat), total),
+            "MB/s",
+            p50_ms=p50,
+            p99_ms=p99,
+            ops_per_s=len(lat) / total,
+        )
+
+    def seq_writes(self, run: int) -> None:
+        size = len(self.data)
+        view = memoryview(self.data)
+        self.step(f"run {run + 1}: local disk write + fsync")
+        path = self.work / "write.bin"
+        t0 = time.perf_counter()
+        with open(path, "wb", buffering=0) as f:
+            for off in range(0, size, _MIB):
+                f.write(view[off : off + _MIB])
+            os.fsync(f.fileno())
+        self.record("seq write", _DISK, run, mb_per_s(size, time.perf_counter() - t0), "MB/s")
+        path.unlink()
+        self.step(f"run {run + 1}: direct multipart upload")
+        key = f"{self.store.prefix}write/direct-{run}.bin"
+        t0 = time.perf_counter()
+        self._multipart(self.client, key, 8, 16 * _MIB)
+        self.record("seq write", _DIRECT, run, mb_per_s(size, time.perf_counter() - t0), "MB/s")
+        self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
+        for mounter in self.mounters:
+            self.step(f"run {run + 1}: {mounter.name} write until durable")
+            try:
+                self._mount_write(mounter, run)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable("seq write", mounter.name, str(exc))
+                self.log(f"[red]{mounter.name}: write failed: {exc}")
+
+    def _mount_write(self, mounter: _Mounter, run: int) -> None:
+        size = len(self.data)
+        view = memoryview(self.data)
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        rel = f"write/{mounter.name}-{run}.bin"
+        key = self.store.prefix + rel
+        with self.mount(mounter, cache) as mnt:
+            (mnt / "write").mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            with open(mnt / rel, "wb", buffering=0) as f:
+                for off in range(0, size, _MIB):
+                    f.write(view[off : off + _MIB])
+            mounter.after_close(key, size)
+            dt = time.perf_counter() - t0
+            head = self.setup_client.head_object(Bucket=self.store.bucket, Key=key)
+            if head["ContentLength"] != size:
+                raise MountError(
+                    f"{mounter.name}: after close the object has {head['ContentLength']} bytes"
+                )
+            self.record("seq write", mounter.name, run, mb_per_s(size, dt), "MB/s")
+        shutil.rmtree(cache, ignore_errors=True)
+        self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
+
+    def metadata(self, run: int) -> None:
+        n = self.cfg.n_objects
+        keys = [f"{self.store.prefix}many/f{i:05d}" for i in range(n)]
+        self.step(f"run {run + 1}: direct HEAD x {n}")
+        t0 = time.perf_counter()
+        for key in keys:
+            self.client.head_object(Bucket=self.store.bucket, Key=key)
+        dt = time.perf_counter() - t0
+        self.record("stat objects", _DIRECT, run, n / dt, "ops/s", seconds=dt, objects=n)
+        self.step(f"run {run + 1}: direct list")
+        t0 = time.perf_counter()
+        listed = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(
+            Bucket=self.store.bucket, Prefix=self.store.prefix + "many/"
+        ):
+            listed += len(page.get("Contents", []))
+        dt = time.perf_counter() - t0
+        if listed != n:
+            raise BenchError(f"listing returned {listed} objects, expected {n}")
+        self.record("list objects", _DIRECT, run, n / dt, "entries/s", seconds=dt, objects=n)
+        for mounter in self.mounters:
+            if mounter.name != _FUSIONFS:
+                continue
+            self.step(f"run {run + 1}: {mounter.name} stat + list")
+            try:
+                self._mount_metadata(mounter, run, n)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable("stat objects", mounter.name, str(exc))
+                self.log(f"[red]{mounter.name}: {exc}")
+
+    def _mount_metadata(self, mounter: _Mounter, run: int, n: int) -> None:
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            for i in range(n):
+                os.stat(mnt / "many" / f"f{i:05d}")
+            dt = time.perf_counter() - t0
+            self.record("stat objects", mounter.name, run, n / dt, "ops/s", seconds=dt, objects=n)
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            names = os.listdir(mnt / "many")
+            dt = time.perf_counter() - t0
+            if len(names) != n:
+                raise MountError(f"{mounter.name}: listing has {len(names)} entries, expected {n}")
+            self.record(
+                "list objects", mounter.name, run, n / dt, "entries/s", seconds=dt, objects=n
+            )
+        shutil.rmtree(cache, ignore_errors=True)
+
+    # -- driver --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        phases: list[Callable[[int], None]] = [
+            self.seq_reads,
+            self.random_reads,
+            self.seq_writes,
+            self.metadata,
+        ]
+        with Progress(
+            TextColumn("[bold]fs[/bold] {task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            self._progress = progress
+            self._task = progress.add_task("setting up", total=1 + cfg.runs * len(phases))
+            try:
+                self.prepare()
+                self.advance()
+                for run in range(cfg.runs):
+                    for phase in phases:
+                        try:
+                            phase(run)
+                        except (BenchError, KeyboardInterrupt):
+                            raise
+                        except Exception as exc:  # one failed phase must not lose the others
+                            note = f"run {run + 1}: {phase.__name__} failed: {exc!r}"[:400]
+                            self.results.notes.append(note)
+                            self.log(f"[red]{note}")
+                        self.advance()
+            finally:
+                self.unmount_all()
+                self._progress = None
+
+
+def _settings(cfg: FsConfig) -> dict[str, Any]:
+    settings = asdict(cfg)
+    settings["out"] = str(cfg.out) if cfg.out else None
+    settings["size_bytes"] = cfg.size
+    settings["n_objects"] = cfg.n_objects
+    settings["bandwidth_unit"] = "megabits per second per connection and direction"
+    settings["seed"] = _SEED
+    return settings
+
+
+def _remove_work_dir(work: Path, console: Console) -> None:
+    """Deletes the scratch directory, but never through a mount that is still there (that
+    would delete objects in the bucket): such mounts are lazily detached and left in place."""
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1].replace("\\040", " ")
+            if target.startswith(str(work) + "/"):
+                mounts.append(target)
+    if mounts:
+        for target in mounts:
+            run_cmd(["fusermount3", "-u", "-z", target], timeout=30)
+        console.print(f"[yellow]left {work} in place: {len(mounts)} mount(s) were still there")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run_fs(cfg: FsConfig, console: Console) -> int:
+    """Runs the whole ``fs`` benchmark; returns the process exit status."""
+    out = cfg.out or Path(__file__).resolve().parent / "out" / timestamp()
+    results = Results("fs", _settings(cfg))
+    for scenario in ("seq read cold", "seq write", "rand read 4KiB", "rand read 1MiB"):
+        results.references[scenario] = [_DIRECT, _DISK]
+    results.references["seq read warm"] = [
+        f"seq read cold::{_DISK}",
+        f"seq read cold::{_DIRECT}",
+        f"seq read cold::{_FUSIONFS}",
+    ]
+    for scenario in ("stat objects", "list objects"):
+        results.references[scenario] = [_DIRECT]
+    work = Path(tempfile.mkdtemp(prefix="fusionfs-bench-"))
+    status = 0
+    try:
+        with _open_store(cfg, results, console) as store:
+            bench = _Bench(cfg, store, results, console, work)
+            results.notes.append(
+                "local disk reads: page cache dropped (echo 3 > /proc/sys/vm/drop_caches)"
+                if bench.can_drop
+                else "local disk reads: O_DIRECT (could not drop the page cache)"
+            )
+            results.notes.append(
+                "cold reads: the server's copy is warmed by one unmeasured direct read per run; "
+                "the client side starts empty (fresh mount, empty cache dir)"
+            )
+            results.notes.append(
+                "warm reads: remount on the same cache dir after dropping the page cache; "
+                "references are the same run's cold direct and disk reads"
+            )
+            results.notes.append("MB = 10**6 bytes; ratios are per run, then median (min-max)")
+            if cfg.proxied:
+                results.notes.append(
+                    f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
+                    f"{cfg.bandwidth_mbps} Mbit/s per connection, error rate {cfg.error_rate}"
+                )
+            try:
+                bench.run()
+            except KeyboardInterrupt:
+                results.notes.append("interrupted: partial results")
+                status = 130
+            results.extra["verified"] = "64 sampled 4 KiB blocks per mounted read"
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        _remove_work_dir(work, console)
+    results.write(out, console)
+    return status

@@ -1,0 +1,3 @@
+from fusionfs.cli import main
+
+main()

@@ -1,0 +1,640 @@
+"""Bounded on-disk chunk cache, keyed by (object key, ETag, chunk size, chunk index).
+
+``ChunkCache`` keeps fixed-size chunks of remote objects in files under one directory, so a warm
+read never touches the object store, and survives a remount: a new ``ChunkCache`` on the same
+directory serves what the last one stored. Including the ETag in the identity means an object
+overwritten remotely can never mix old and new chunks.
+
+Caveats:
+
+- It is a cache, never a source of truth: every failure (disk full, I/O error, corrupt file,
+  vanished file) degrades to a miss or to "not stored"; only ``open()`` raises ``OSError`` (it
+  cannot create its directories), and only for bad arguments does anything raise ``ValueError``.
+- The size bound counts file sizes (a 64-byte header plus the data), not allocated blocks.
+- Chunks are not fsynced. A power loss can leave a chunk with a final name but garbage content;
+  every chunk is therefore hash-verified (blake3) the first time it is read after ``open()``, and
+  trusted afterwards. A chunk modified behind our back *after* it was verified is not detected.
+- LRU order survives a remount only approximately: ``open()`` orders chunks by the later of
+  atime and mtime, and with ``relatime`` a read updates atime at most once a day.
+- Under heavy concurrent ``put`` into a nearly full small cache, a ``put`` that cannot find
+  evictable room (everything left is being written or deleted by other threads) returns ``False``
+  rather than wait.
+- Synchronous and thread-safe: called from worker threads (``trio.to_thread``), never from the
+  trio thread. One ``threading.Lock`` guards the in-memory index; no file I/O happens under it.
+
+See ``docs/design/cache.md`` for the invariants, the file format and the crash story.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import logging
+import os
+import pathlib
+import re
+import struct
+import threading
+import time
+
+import blake3
+
+from fusionfs.stats import Stats
+from fusionfs.store.base import ETag, Key
+
+__all__ = ["ChunkCache"]
+
+_log = logging.getLogger(__name__)
+
+#: Header: magic, format version, flags, data length, identity digest, blake3 digest of the data.
+_HEADER = struct.Struct("<4sHHQ16s32s")
+_HEADER_SIZE = _HEADER.size  # 64
+_MAGIC = b"FFSC"
+_VERSION = 1
+
+#: Chunk file name: 32 hex of the identity digest, "-", 16 hex of the key digest. The key part
+#: lets ``drop_object`` find every chunk of a key (any ETag) after a remount without reading
+#: files. Sub-directory: the first two hex digits.
+_NAME_RE = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
+_SUBDIR_RE = re.compile(r"^[0-9a-f]{2}$")
+_TMP_SUFFIX = ".tmp"
+
+#: Re-read the free space with ``statvfs`` after this many bytes written or seconds elapsed;
+#: in between, an estimate (last reading minus bytes written plus bytes deleted) is used.
+_STATVFS_EVERY_BYTES = 64 << 20
+_STATVFS_EVERY_S = 1.0
+
+#: Corrupt-chunk warnings per cache instance before further ones go to DEBUG.
+_MAX_CORRUPT_WARNINGS = 20
+#: Minimum seconds between two WARNINGs about failed writes (the rest go to DEBUG).
+_WRITE_WARNING_INTERVAL_S = 60.0
+
+_CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by fusionfs.\n"
+    "# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
+
+_NEW, _OPEN, _CLOSED = range(3)
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    size: int  # file size: header + data
+    gen: int  # bumped on every insert, so a slow reader never removes a newer file
+    verified: bool  # hash checked (or written) by this process
+
+
+def _identity(key: Key, etag: ETag, chunk_size: int, index: int) -> tuple[str, str]:
+    """(file name, key tag) for a chunk. The encoding is length-prefixed, hence injective."""
+    if chunk_size <= 0 or index < 0:
+        raise ValueError(f"bad chunk address: chunk_size={chunk_size}, index={index}")
+    k = key.encode("utf-8", "surrogatepass")
+    e = etag.encode("utf-8", "surrogatepass")
+    raw = b"".join(
+        (
+            struct.pack("<Q", len(k)),
+            k,
+            struct.pack("<Q", len(e)),
+            e,
+            struct.pack("<QQ", chunk_size, index),
+        )
+    )
+    ident = hashlib.blake2b(raw, digest_size=16, person=b"fusionfs-chunk").hexdigest()
+    tag = _key_tag(key)
+    return f"{ident}-{tag}", tag
+
+
+def _first(item: tuple[int, str, int]) -> int:
+    return item[0]
+
+
+def _key_tag(key: Key) -> str:
+    return hashlib.blake2b(
+        key.encode("utf-8", "surrogatepass"), digest_size=8, person=b"fusionfs-key"
+    ).hexdigest()
+
+
+class ChunkCache:
+    """A byte-bounded LRU cache of object chunks in files under ``root``.
+
+    ``max_bytes`` bounds the sum of chunk file sizes; ``min_free_bytes`` is kept free on the
+    cache's filesystem (the cache evicts, then stops storing, to respect it).
+    """
+
+    def __init__(
+        self,
+        root: pathlib.Path,
+        *,
+        max_bytes: int,
+        min_free_bytes: int = 1 << 30,
+        stats: Stats | None = None,
+    ) -> None:
+        if max_bytes < 0 or min_free_bytes < 0:
+            raise ValueError("max_bytes and min_free_bytes must not be negative")
+        self._root = pathlib.Path(root)
+        self._chunks = self._root / "chunks"
+        self._tmp = self._root / "tmp"
+        self._max_bytes = max_bytes
+        self._min_free = min_free_bytes
+        self._stats = stats if stats is not None else Stats()
+
+        # Everything below is guarded by _lock.
+        self._lock = threading.Lock()
+        self._state = _NEW
+        self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._by_key: dict[str, set[str]] = {}
+        self._used = 0  # sum of _lru sizes
+        self._inflight: dict[str, bool] = {}  # name being written -> dropped meanwhile
+        self._inflight_bytes = 0
+        self._unlinking: set[str] = set()  # names evicted whose file is being deleted
+        self._unlinking_bytes = 0
+        self._gen = 0
+        self._free_est = 0  # estimated free bytes on the cache filesystem
+        self._written_since_check = 0
+        self._checked_at = -1e300  # monotonic time of the last statvfs
+        self._corrupt_warnings = 0
+        self._write_warned_at = -1e300
+        self._tmp_seq = 0
+
+    # ---------------------------------------------------------------- lifetime
+
+    def open(self) -> None:
+        """Create the directories, delete leftover temp files, and index the existing chunks.
+
+        Raises ``OSError`` if the directories cannot be created (the caller decides whether to
+        run without a cache). Chunks are indexed oldest first (by the later of atime and mtime);
+        if they exceed ``max_bytes`` or the free-space minimum, the oldest are evicted.
+        """
+        with self._lock:
+            if self._state != _NEW:
+                raise RuntimeError("ChunkCache.open() called twice or after close()")
+        for d in (self._root, self._chunks, self._tmp):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        tag_file = self._root / "CACHEDIR.TAG"
+        if not tag_file.exists():
+            fd = os.open(tag_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, _CACHEDIR_TAG.encode())
+            finally:
+                os.close(fd)
+
+        removed_tmp = 0
+        with os.scandir(self._tmp) as it:
+            for de in it:
+                try:
+                    os.unlink(de.path)
+                    removed_tmp += 1
+                except IsADirectoryError:
+                    pass
+                except OSError as exc:
+                    _log.debug("cache: cannot remove leftover %s: %s", de.path, exc)
+
+        t0 = time.monotonic()
+        found: list[tuple[int, str, int]] = []
+        bad = 0
+        match = _NAME_RE.match
+        with os.scandir(self._chunks) as it:
+            subdirs = [
+                de for de in it if _SUBDIR_RE.match(de.name) and de.is_dir(follow_symlinks=False)
+            ]
+        for sub_de in subdirs:  # created on first use by put()
+            prefix, sub = sub_de.name, sub_de.path
+            if sub_de.stat(follow_symlinks=False).st_mode & 0o777 != 0o700:
+                os.chmod(sub, 0o700)
+            with os.scandir(sub) as it:
+                for de in it:
+                    name = de.name
+                    if not match(name) or not de.is_file(follow_symlinks=False):
+                        continue  # not ours: leave it alone
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_size < _HEADER_SIZE or not name.startswith(prefix):
+                        self._unlink_quietly(de.path)
+                        bad += 1
+                        continue
+                    atime, mtime = st.st_atime_ns, st.st_mtime_ns
+                    found.append((atime if atime > mtime else mtime, name, st.st_size))
+        found.sort(key=_first)
+        with self._lock:
+            lru, by_key = self._lru, self._by_key
+            gen, used = self._gen, self._used
+            for _, name, size in found:
+                gen += 1
+                lru[name] = _Entry(size, gen, False)
+                tag = name[33:]
+                names = by_key.get(tag)
+                if names is None:
+                    by_key[tag] = {name}
+                else:
+                    names.add(name)
+                used += size
+            self._gen, self._used = gen, used
+            self._state = _OPEN
+            used, n = self._used, len(self._lru)
+        self._stats.add("cache_bytes", used)
+        self._stats.add("cache_chunks", n)
+        _log.debug(
+            "cache: opened %s: %d chunks, %d bytes in %.3f s (%d temp and %d bad files removed)",
+            self._root,
+            n,
+            used,
+            time.monotonic() - t0,
+            removed_tmp,
+            bad,
+        )
+        self._refresh_free(force=True)
+        # Shrink to a lowered limit or to the free-space minimum.
+        self._make_room(0, want_name=None)
+
+    def close(self) -> None:
+        """Forget the index (the files stay for the next ``open``). Safe to call twice."""
+        with self._lock:
+            if self._state == _CLOSED:
+                return
+            was_open = self._state == _OPEN
+            self._state = _CLOSED
+            used, n = self._used, len(self._lru)
+            self._lru.clear()
+            self._by_key.clear()
+            self._used = 0
+        if was_open:
+            self._stats.add("cache_bytes", -used)
+            self._stats.add("cache_chunks", -n)
+
+    @property
+    def used_bytes(self) -> int:
+        """Sum of the sizes of the indexed chunk files (headers included)."""
+        with self._lock:
+            return self._used
+
+    # ---------------------------------------------------------------- reads
+
+    def contains(self, key: Key, etag: ETag, chunk_size: int, index: int) -> bool:
+        """Whether the chunk is indexed (no I/O, does not count as a use)."""
+        name, _ = _identity(key, etag, chunk_size, index)
+        with self._lock:
+            return self._state == _OPEN and name in self._lru
+
+    def get(self, key: Key, etag: ETag, chunk_size: int, index: int) -> bytes | None:
+        """The chunk's data, or ``None`` on a miss (absent, corrupt, unreadable, closed)."""
+        name, _ = _identity(key, etag, chunk_size, index)
+        gen, verified = 0, False
+        with self._lock:
+            entry = self._lru.get(name) if self._state == _OPEN else None
+            if entry is not None:
+                self._lru.move_to_end(name)
+                gen, verified = entry.gen, entry.verified
+        if entry is None:
+            self._stats.add("cache_misses")
+            return None
+
+        path = self._path(name)
+        problem: str | None = None
+        data = b""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            problem = "vanished"
+        except OSError as exc:
+            problem = f"cannot open: {exc}"
+        else:
+            try:
+                header = os.read(fd, _HEADER_SIZE)
+                if len(header) != _HEADER_SIZE:
+                    problem = "short header"
+                else:
+                    magic, version, _flags, length, ident, digest = _HEADER.unpack(header)
+                    if magic != _MAGIC or version != _VERSION:
+                        problem = "bad magic or version"
+                    elif length > chunk_size:
+                        problem = f"length {length} larger than chunk size {chunk_size}"
+                    else:
+                        data = os.read(fd, length)
+                        if len(data) != length:
+                            problem = f"short data ({len(data)} of {length} bytes)"
+                        elif not verified:
+                            problem = self._check(fd, name, length, ident, digest, data)
+            except OSError as exc:
+                problem = f"read failed: {exc}"
+            finally:
+                os.close(fd)
+
+        if problem is not None:
+            self._discard(name, gen, problem)
+            self._stats.add("cache_misses")
+            return None
+        if not verified:
+            with self._lock:
+                current = self._lru.get(name)
+                if current is not None and current.gen == gen:
+                    current.verified = True
+        self._stats.add("cache_hits")
+        return data
+
+    @staticmethod
+    def _check(
+        fd: int, name: str, length: int, ident: bytes, digest: bytes, data: bytes
+    ) -> str | None:
+        """Full verification of a chunk read for the first time; the problem, or None."""
+        if ident.hex() != name[:32]:
+            return "identity mismatch"
+        if os.fstat(fd).st_size != _HEADER_SIZE + length:
+            return "trailing bytes"
+        if blake3.blake3(data).digest() != digest:
+            return "hash mismatch"
+        return None
+
+    def _discard(self, name: str, gen: int, problem: str) -> None:
+        """Forget and delete a chunk that could not be served (if it is still that file)."""
+        with self._lock:
+            entry = self._lru.get(name)
+            if entry is None or entry.gen != gen:
+                return  # already replaced or removed by someone else
+            self._remove_locked(name)
+            self._unlinking.add(name)
+            self._unlinking_bytes += entry.size
+            warn = problem != "vanished" and self._corrupt_warnings < _MAX_CORRUPT_WARNINGS
+            if problem != "vanished":
+                self._corrupt_warnings += 1
+            last = self._corrupt_warnings == _MAX_CORRUPT_WARNINGS
+        self._stats.add("cache_bytes", -entry.size)
+        self._stats.add("cache_chunks", -1)
+        if warn:
+            _log.warning(
+                "cache: dropping corrupt chunk %s (%s)%s",
+                self._path(name),
+                problem,
+                "; further corrupt chunks are logged at DEBUG" if last else "",
+            )
+        else:
+            _log.debug("cache: dropping chunk %s (%s)", self._path(name), problem)
+        self._finish_unlinks([(name, entry.size)])
+
+    # ---------------------------------------------------------------- writes
+
+    def put(
+        self, key: Key, etag: ETag, chunk_size: int, index: int, data: bytes | memoryview
+    ) -> bool:
+        """Store a chunk; ``True`` if it is now cached, ``False`` if it was not stored."""
+        name, tag = _identity(key, etag, chunk_size, index)
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("chunk data must be a contiguous buffer")
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        length = view.nbytes
+        if length > chunk_size:
+            raise ValueError(f"chunk data of {length} bytes exceeds chunk_size {chunk_size}")
+        size = _HEADER_SIZE + length
+        with self._lock:
+            if self._state != _OPEN or size > self._max_bytes:
+                return False
+            if name in self._lru:
+                self._lru.move_to_end(name)
+                return True
+            if name in self._inflight or name in self._unlinking:
+                return False  # another thread is writing or deleting this very chunk
+        self._refresh_free(force=False)
+        if not self._make_room(size, want_name=name):
+            return False
+        # We own `name` now (in _inflight) and `size` bytes are reserved: release both whatever
+        # happens from here on.
+        stored = False
+        try:
+            header = _HEADER.pack(
+                _MAGIC, _VERSION, 0, length, bytes.fromhex(name[:32]), blake3.blake3(view).digest()
+            )
+            with self._lock:
+                self._tmp_seq += 1
+                seq = self._tmp_seq
+            tmp = os.path.join(self._tmp, f"{name}.{os.getpid()}.{seq}{_TMP_SUFFIX}")
+            stored = self._write_file(tmp, self._path(name), header, view)
+        finally:
+            self._finish_put(name, tag, size, stored)
+        return stored
+
+    def _write_file(self, tmp: str, final: str, header: bytes, data: memoryview) -> bool:
+        """Write header + data to ``tmp``, rename it to ``final``; False (cleaned up) on error."""
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            bufs: list[bytes | memoryview] = [header, data]
+            while bufs:
+                n = os.writev(fd, bufs)
+                if n == 0:
+                    raise OSError(errno.EIO, "writev wrote nothing")
+                while bufs and n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if n:
+                    bufs[0] = memoryview(bufs[0])[n:]
+            os.close(fd)
+            fd = -1
+            with self._lock:
+                if self._state != _OPEN:
+                    raise _Closed
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                # First chunk of this sub-directory (or it was removed behind our back).
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(final), 0o700)
+                os.rename(tmp, final)
+            return True
+        except _Closed:
+            pass
+        except OSError as exc:
+            self._write_failed(exc)
+        finally:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._unlink_quietly(tmp)
+        return False
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._stats.add("cache_write_failures")
+        now = time.monotonic()
+        with self._lock:
+            self._checked_at = -1e300  # re-read the free space before the next write
+            warn = now - self._write_warned_at >= _WRITE_WARNING_INTERVAL_S
+            if warn:
+                self._write_warned_at = now
+        if warn:
+            _log.warning("cache: cannot store a chunk in %s, reading uncached: %s", self._root, exc)
+        else:
+            _log.debug("cache: cannot store a chunk: %s", exc)
+
+    def _finish_put(self, name: str, tag: str, size: int, stored: bool) -> None:
+        undo: list[tuple[str, int]] = []
+        with self._lock:
+            dropped = self._inflight.pop(name)
+            self._inflight_bytes -= size
+            if not stored:
+                self._free_est += size
+            elif dropped or self._state != _OPEN:
+                # drop_object() ran while we wrote, or the cache closed: delete what we wrote.
+                self._unlinking.add(name)
+                self._unlinking_bytes += size
+                undo.append((name, size))
+            else:
+                self._insert_locked(name, size, verified=True)
+        if undo:
+            self._finish_unlinks(undo)
+        elif stored:
+            self._stats.add("cache_bytes", size)
+            self._stats.add("cache_chunks", 1)
+
+    def drop_object(self, key: Key) -> None:
+        """Forget every chunk of ``key``, whatever its ETag or chunk size (best effort)."""
+        tag = _key_tag(key)
+        victims: list[tuple[str, int]] = []
+        with self._lock:
+            if self._state != _OPEN:
+                return
+            for name in self._by_key.get(tag, set()).copy():
+                entry = self._remove_locked(name)
+                self._unlinking.add(name)
+                self._unlinking_bytes += entry.size
+                victims.append((name, entry.size))
+            for name in self._inflight:
+                if name.endswith(tag):
+                    self._inflight[name] = True
+        if victims:
+            self._stats.add("cache_bytes", -sum(s for _, s in victims))
+            self._stats.add("cache_chunks", -len(victims))
+            self._finish_unlinks(victims)
+
+    # ---------------------------------------------------------------- space
+
+    def _make_room(self, size: int, want_name: str | None) -> bool:
+        """Evict LRU chunks so ``size`` more bytes fit both bounds; reserve them if so.
+
+        With ``want_name``, the name is claimed (``_inflight``) together with the reservation,
+        atomically, and the victims' files are deleted before this returns, so the new file is
+        never on disk together with them. Returns False (nothing reserved) if the room cannot
+        be made.
+
+        Accounting: bytes of files being deleted stay counted (``_unlinking_bytes``) until they
+        are gone, so no other thread can reuse them early. Our own victims make room for us:
+        we reserve only what they do not cover, and take over the rest once they are deleted.
+        """
+        victims: list[tuple[str, int]] = []
+        mine = 0
+        ok = False
+        with self._lock:
+            if self._state != _OPEN:
+                return False
+            if want_name is not None and (
+                want_name in self._lru
+                or want_name in self._inflight
+                or want_name in self._unlinking
+            ):
+                return False
+            if self._inflight_bytes + self._unlinking_bytes + size > self._max_bytes:
+                return False  # even an empty index would not make room: evict nothing
+            while self._lru and (
+                self._used + self._inflight_bytes + self._unlinking_bytes + size > self._max_bytes
+                or self._free_est - size < self._min_free
+            ):
+                name, entry = next(iter(self._lru.items()))
+                self._remove_locked(name)
+                self._unlinking.add(name)
+                self._free_est += entry.size  # counted as freed once chosen
+                mine += entry.size
+                victims.append((name, entry.size))
+            ok = want_name is not None and not (
+                self._used + self._inflight_bytes + self._unlinking_bytes + size > self._max_bytes
+                or self._free_est - size < self._min_free
+            )
+            self._unlinking_bytes += mine
+            if ok:
+                assert want_name is not None
+                self._inflight[want_name] = False
+                self._inflight_bytes += max(0, size - mine)
+                self._free_est -= size
+                self._written_since_check += size
+        if victims:
+            self._stats.add("cache_evictions", len(victims))
+            self._stats.add("cache_bytes", -mine)
+            self._stats.add("cache_chunks", -len(victims))
+            self._finish_unlinks(victims, take_over=min(mine, size) if ok else 0)
+        return ok
+
+    def _refresh_free(self, *, force: bool) -> None:
+        """Re-read the free space if due (every 64 MiB written or 1 s), else keep the estimate."""
+        now = time.monotonic()
+        with self._lock:
+            due = force or (
+                self._written_since_check >= _STATVFS_EVERY_BYTES
+                or now - self._checked_at >= _STATVFS_EVERY_S
+            )
+            if not due:
+                return
+            self._checked_at = now
+            self._written_since_check = 0
+        try:
+            st = os.statvfs(self._chunks)
+        except OSError as exc:
+            _log.debug("cache: statvfs(%s) failed, keeping the estimate: %s", self._chunks, exc)
+            return
+        free = st.f_bavail * st.f_frsize
+        with self._lock:
+            # Bytes reserved by writes in flight are not on disk yet: count them as used.
+            self._free_est = free - self._inflight_bytes
+
+    def _finish_unlinks(self, victims: list[tuple[str, int]], take_over: int = 0) -> None:
+        """Delete the files of chunks already removed from the index, then release the names.
+
+        ``take_over`` bytes of the freed space move straight into the caller's reservation.
+        """
+        for name, _ in victims:
+            self._unlink_quietly(self._path(name))
+        with self._lock:
+            for name, size in victims:
+                self._unlinking.discard(name)
+                self._unlinking_bytes -= size
+            self._inflight_bytes += take_over
+
+    # ---------------------------------------------------------------- index (lock held)
+
+    def _insert_locked(self, name: str, size: int, *, verified: bool) -> None:
+        self._gen += 1
+        self._lru[name] = _Entry(size=size, gen=self._gen, verified=verified)
+        self._by_key.setdefault(name[33:], set()).add(name)
+        self._used += size
+
+    def _remove_locked(self, name: str) -> _Entry:
+        entry = self._lru.pop(name)
+        tag = name[33:]
+        names = self._by_key.get(tag)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._by_key[tag]
+        self._used -= entry.size
+        return entry
+
+    # ---------------------------------------------------------------- helpers
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._chunks, name[:2], name)
+
+    @staticmethod
+    def _unlink_quietly(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.debug("cache: cannot delete %s: %s", path, exc)
+
+
+class _Closed(Exception):
+    """Internal: the cache closed while a chunk was being written."""

@@ -1,0 +1,76 @@
+"""The public API for programs that use a running fusionfs mount (snapstore, the CLI, tests).
+
+A mount answers on its root directory through extended attributes, so no socket or extra file
+is needed and the answer always comes from the daemon serving that exact mount:
+
+- ``getxattr(root, "user.fusionfs.info")``: JSON about the mount (pid, source, cache dir, ...);
+- ``getxattr(root, "user.fusionfs.stats")``: JSON counters since mount;
+- ``setxattr(root, "user.fusionfs.flush", b"")``: returns once every file with data not yet
+  durable has been committed to the store; fails with EIO if some could not be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MountInfo", "find_mount", "flush", "mount_root", "stats"]
+
+_INFO = "user.fusionfs.info"
+_STATS = "user.fusionfs.stats"
+_FLUSH = "user.fusionfs.flush"
+
+
+@dataclasses.dataclass(frozen=True)
+class MountInfo:
+    mountpoint: Path
+    pid: int
+    source: str
+    cache_dir: Path
+    raw: dict[str, Any]
+
+
+def mount_root(path: str | os.PathLike[str]) -> Path:
+    """The mount point that ``path`` lives on (``/`` at worst)."""
+    p = Path(os.path.realpath(path))
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _getxattr_json(root: Path, name: str) -> dict[str, Any]:
+    size = 1 << 16
+    value = os.getxattr(root, name)
+    if len(value) >= size:  # pragma: no cover - stats are far smaller
+        value = os.getxattr(root, name)
+    result: dict[str, Any] = json.loads(value)
+    return result
+
+
+def find_mount(path: str | os.PathLike[str]) -> MountInfo | None:
+    """The fusionfs mount that ``path`` is on, or None if it is on some other filesystem."""
+    root = mount_root(path)
+    try:
+        info = _getxattr_json(root, _INFO)
+    except (OSError, ValueError):
+        return None
+    return MountInfo(
+        mountpoint=root, pid=int(info.get("pid", 0)), source=str(info.get("source", "")),
+        cache_dir=Path(str(info.get("cache_dir", ""))), raw=info,
+    )
+
+
+def stats(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counters since mount. Raises OSError if ``mountpoint`` is not a fusionfs mount."""
+    return _getxattr_json(mount_root(mountpoint), _STATS)
+
+
+def flush(path: str | os.PathLike[str]) -> None:
+    """Make every file written through the mount that ``path`` is on durable in the store.
+
+    Raises OSError (EIO) when some data could not be made durable; that data stays staged.
+    """
+    os.setxattr(mount_root(path), _FLUSH, b"")

@@ -1,0 +1,127 @@
+"""The filesystem's own error classes and the one table that gives each its errno.
+
+Every layer below ``ops`` raises these (or the store's errors from ``fusionfs.store``); ``ops``
+is the only place that turns them into ``pyfuse3.FUSEError``, through ``errno_for``. An exception
+that is in neither family is a bug: ``ops`` logs it with its traceback and answers ``EIO``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from fusionfs.store.base import (
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    StoreError,
+    Transient,
+)
+
+__all__ = [
+    "Busy",
+    "Exists",
+    "FsError",
+    "InvalidArgument",
+    "IsADirectory",
+    "NameTooLong",
+    "NoData",
+    "NoEntry",
+    "NotADirectory",
+    "NotEmpty",
+    "OperationNotSupported",
+    "ReadOnly",
+    "Stale",
+    "UploadFailed",
+    "errno_for",
+]
+
+
+class FsError(Exception):
+    """Base of the filesystem's errors."""
+
+
+class NoEntry(FsError):
+    pass
+
+
+class Exists(FsError):
+    pass
+
+
+class NotEmpty(FsError):
+    pass
+
+
+class IsADirectory(FsError):
+    pass
+
+
+class NotADirectory(FsError):
+    pass
+
+
+class Stale(FsError):
+    """The object changed under an open handle (its ETag is no longer the one being read)."""
+
+
+class ReadOnly(FsError):
+    pass
+
+
+class NameTooLong(FsError):
+    pass
+
+
+class InvalidArgument(FsError):
+    pass
+
+
+class OperationNotSupported(FsError):
+    pass
+
+
+class NoData(FsError):
+    """No such extended attribute."""
+
+
+class Busy(FsError):
+    pass
+
+
+class UploadFailed(FsError):
+    """Data could not be made durable in the store; it stays staged locally."""
+
+
+# Exhaustive: every class above and every store error class appears here. Looked up along the
+# MRO, so a subclass without its own row gets its parent's errno.
+_ERRNO: dict[type[BaseException], int] = {
+    NoEntry: errno.ENOENT,
+    Exists: errno.EEXIST,
+    NotEmpty: errno.ENOTEMPTY,
+    IsADirectory: errno.EISDIR,
+    NotADirectory: errno.ENOTDIR,
+    Stale: errno.ESTALE,
+    ReadOnly: errno.EROFS,
+    NameTooLong: errno.ENAMETOOLONG,
+    InvalidArgument: errno.EINVAL,
+    OperationNotSupported: errno.EOPNOTSUPP,
+    NoData: errno.ENODATA,
+    Busy: errno.EBUSY,
+    UploadFailed: errno.EIO,
+    FsError: errno.EIO,
+    # store errors that reach the top unhandled
+    NotFound: errno.ENOENT,
+    PreconditionFailed: errno.ESTALE,
+    Transient: errno.EIO,
+    NotSupported: errno.EIO,
+    StoreError: errno.EIO,
+}
+
+
+def errno_for(exc: BaseException) -> int | None:
+    """The errno for a known error class, or None for an unexpected exception (a bug)."""
+    for cls in type(exc).__mro__:
+        code = _ERRNO.get(cls)
+        if code is not None:
+            return code
+    return None

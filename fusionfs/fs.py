@@ -1,0 +1,1013 @@
+"""The filesystem core: inodes, handles, key <-> path mapping, metadata and listing caches.
+
+Purpose: everything a FUSE request needs except the pyfuse3 types, so it can be tested without
+a kernel (``tests/fs``). ``ops`` is a thin adapter over this class.
+
+Mapping (docs/SEMANTICS.md has the user-facing rules): the file ``a/b.txt`` under the mount is
+the object ``a/b.txt`` under the store's prefix; a directory ``a`` is the common prefix ``a/``
+(and, when made here or empty, the zero-byte marker object ``a/``); a symlink is an object whose
+body is the target and whose ``mode`` metadata has ``S_IFLNK`` (s3fs's convention, so both tools
+read each other's links). ``mode``, ``uid``, ``gid`` and (once set by ``utimens``) ``mtime`` live
+in user metadata, s3fs-compatible. When a key and a prefix share a name, the directory wins.
+
+Caches: an inode's attributes are trusted for ``attr_timeout`` seconds after the store was last
+asked (HEAD or LIST), then asked again on the next lookup/getattr/open, so changes made by other
+clients show up after that; the kernel gets the same lifetime. Attributes that came from a LIST
+only (no metadata) are handed to the kernel with a zero lifetime, so ``stat`` asks us (and we
+HEAD). A directory listing is fetched whole on ``opendir``'s first ``readdir`` and is also used
+for fast negative lookups during its lifetime.
+
+Concurrency: all of this runs on the trio thread; store calls run in worker threads through
+``_call`` and nothing here holds a lock across one, except a file's own ``commit_lock`` (held by
+the writer while uploading), which lookups and listings never take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NewType, TypeVar
+
+import trio
+
+from fusionfs.errors import (
+    Exists,
+    FsError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoData,
+    NoEntry,
+    NotADirectory,
+    NotEmpty,
+    OperationNotSupported,
+    ReadOnly,
+    UploadFailed,
+)
+from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
+from fusionfs.stats import Stats
+from fusionfs.store.base import (
+    ETag,
+    Key,
+    NotFound,
+    ObjectInfo,
+    ObjectStore,
+    StoreError,
+    iter_list,
+)
+from fusionfs.writer import StagedFile, Uploader
+
+__all__ = ["ROOT_INODE", "FsConfig", "Filesystem", "Handle", "Inode", "InodeNo", "Kind"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+InodeNo = NewType("InodeNo", int)
+FileHandleNo = NewType("FileHandleNo", int)
+ROOT_INODE = InodeNo(1)
+
+CONTROL_INFO = b"user.fusionfs.info"
+CONTROL_STATS = b"user.fusionfs.stats"
+CONTROL_FLUSH = b"user.fusionfs.flush"
+
+_MAX_NAME = 255
+_MAX_KEY = 1024
+_MAX_SYMLINK = 4096
+
+
+class Kind(enum.Enum):
+    FILE = stat.S_IFREG
+    DIR = stat.S_IFDIR
+    SYMLINK = stat.S_IFLNK
+
+
+@dataclasses.dataclass
+class FsConfig:
+    attr_timeout: float = 1.0
+    read_only: bool = False
+    uid: int = dataclasses.field(default_factory=os.getuid)
+    gid: int = dataclasses.field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    call_timeout: float = 60.0
+    retry_interval: float = 30.0
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class Inode:
+    ino: InodeNo
+    parent: InodeNo
+    name: bytes
+    kind: Kind
+    mode: int  # permission bits only
+    uid: int
+    gid: int
+    size: int = 0
+    etag: ETag | None = None
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    explicit_mtime: bool = False  # mtime set by utimens: kept in metadata
+    meta_known: bool = False  # attributes come from HEAD/our own writes, not only from LIST
+    validated: float = float("-inf")  # trio.current_time() of the last store answer
+    lookups: int = 0
+    opens: int = 0
+    writers: int = 0
+    staged: StagedFile | None = None
+    target: bytes | None = None  # symlink target, once known
+    local_only: bool = False  # created here, not committed to the store yet
+    linked: bool = True
+    kernel_etag: ETag | None = None  # the version the kernel's page cache holds
+    listed_at: float = float("-inf")  # directories: when the listing below was fetched
+    listed_names: frozenset[bytes] = frozenset()
+
+    @property
+    def st_mode(self) -> int:
+        return self.kind.value | self.mode
+
+
+@dataclasses.dataclass(eq=False)
+class Handle:
+    inode: Inode
+    writable: bool
+    ref: ObjectRef | None  # the object version this handle reads (None: nothing in the store)
+    rstate: ReadState = dataclasses.field(default_factory=ReadState)
+
+
+@dataclasses.dataclass(eq=False)
+class _DirHandle:
+    inode: Inode
+    entries: list[tuple[bytes, Inode]] | None = None
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Filesystem:
+    """The core. Built by ``mount`` (or a test) with all its parts handed in."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        chunks: ChunkSource,
+        uploader: Uploader,
+        *,
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        stats: Stats,
+        config: FsConfig,
+    ) -> None:
+        self._store = store
+        self._chunks = chunks
+        self._uploader = uploader
+        self._nursery = nursery
+        self._limiter = limiter
+        self.stats = stats
+        self.cfg = config
+        now = _now_ns()
+        root = Inode(
+            ROOT_INODE, ROOT_INODE, b"", Kind.DIR, config.dir_mode, config.uid, config.gid,
+            mtime_ns=now, ctime_ns=now, meta_known=True, validated=float("inf"), lookups=1,
+        )
+        self._inodes: dict[InodeNo, Inode] = {ROOT_INODE: root}
+        self._children: dict[InodeNo, dict[bytes, InodeNo]] = {ROOT_INODE: {}}
+        self._next_ino = 2
+        self._handles: dict[FileHandleNo, Handle] = {}
+        self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
+        self._next_fh = 1
+
+    # -- plumbing ----------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any, what: str = "") -> T:
+        return await run_store_call(
+            functools.partial(fn, *args), limiter=self._limiter,
+            timeout=self.cfg.call_timeout, what=what or getattr(fn, "__name__", "store call"),
+        )
+
+    def _fresh(self, inode: Inode) -> bool:
+        return trio.current_time() - inode.validated < self.cfg.attr_timeout
+
+    def inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[InodeNo(ino)]
+        except KeyError:
+            raise NoEntry(f"no inode {ino}") from None
+
+    def _path(self, inode: Inode) -> str:
+        parts: list[bytes] = []
+        while inode.ino != ROOT_INODE:
+            parts.append(inode.name)
+            inode = self._inodes[inode.parent]
+        return os.fsdecode(b"/".join(reversed(parts)))
+
+    def key_of(self, inode: Inode) -> Key:
+        """The object key of a file/symlink, or the prefix (ending in /) of a directory."""
+        path = self._path(inode)
+        if inode.kind is Kind.DIR:
+            return Key(path + "/" if path else "")
+        return Key(path)
+
+    def _child_key(self, parent: Inode, name: bytes, kind: Kind) -> Key:
+        self._check_name(name)
+        key = self.key_of(parent) + os.fsdecode(name) + ("/" if kind is Kind.DIR else "")
+        if len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY:
+            raise NameTooLong(f"key longer than {_MAX_KEY} bytes")
+        return Key(key)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > _MAX_NAME:
+            raise NameTooLong(name[:40].decode(errors="replace"))
+        if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+            raise InvalidArgument(f"invalid name {name!r}")
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument("object keys must be valid UTF-8") from None
+
+    def _writable(self) -> None:
+        if self.cfg.read_only:
+            raise ReadOnly("mounted read-only")
+
+    def _new_inode(self, parent: Inode, name: bytes, kind: Kind, **kw: Any) -> Inode:
+        ino = InodeNo(self._next_ino)
+        self._next_ino += 1
+        mode = kw.pop("mode", self.cfg.dir_mode if kind is Kind.DIR else self.cfg.file_mode)
+        inode = Inode(ino, parent.ino, name, kind, mode, kw.pop("uid", self.cfg.uid),
+                      kw.pop("gid", self.cfg.gid), **kw)
+        if kind is Kind.SYMLINK:
+            inode.mode = 0o777
+        self._inodes[ino] = inode
+        if kind is Kind.DIR:
+            self._children[ino] = {}
+        self._children[parent.ino][name] = ino
+        return inode
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if inode.kind is not Kind.DIR:
+            raise NotADirectory(self._path(inode))
+        return inode
+
+    def _known_child(self, parent: Inode, name: bytes) -> Inode | None:
+        ino = self._children.get(parent.ino, {}).get(name)
+        return self._inodes.get(ino) if ino is not None else None
+
+    def _detach(self, inode: Inode) -> None:
+        """Remove an inode from its parent's names (it may live on while the kernel knows it)."""
+        siblings = self._children.get(inode.parent, {})
+        if siblings.get(inode.name) == inode.ino:
+            del siblings[inode.name]
+        inode.linked = False
+        self._maybe_drop(inode)
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.ino == ROOT_INODE or inode.lookups > 0 or inode.opens > 0:
+            return
+        if inode.staged is not None and inode.staged.dirty and inode.linked:
+            return  # unsaved data: kept until it is in the store
+        if inode.linked:
+            siblings = self._children.get(inode.parent, {})
+            if siblings.get(inode.name) == inode.ino:
+                del siblings[inode.name]
+        self._inodes.pop(inode.ino, None)
+        if inode.kind is Kind.DIR:
+            for child in list(self._children.get(inode.ino, {}).values()):
+                c = self._inodes.get(child)
+                if c is not None and c.lookups == 0 and c.opens == 0 and c.staged is None:
+                    self._inodes.pop(child, None)
+            self._children.pop(inode.ino, None)
+
+    # -- attributes from the store -----------------------------------------------------------
+    def _apply_info(self, inode: Inode, info: ObjectInfo) -> None:
+        """Update a file/symlink inode from a HEAD (metadata) or LIST (no metadata) answer."""
+        if inode.staged is not None:
+            return  # our local content is newer than anything in the store
+        if info.etag != inode.etag:
+            inode.target = None
+            self._chunks.forget(Key(self.key_of(inode)))
+        inode.size = info.size
+        inode.etag = info.etag
+        inode.mtime_ns = inode.ctime_ns = info.mtime_ns
+        inode.local_only = False
+        if info.metadata is not None:
+            self._apply_metadata(inode, info.metadata)
+            inode.meta_known = True
+        elif inode.etag != info.etag:
+            inode.meta_known = False
+
+    def _apply_metadata(self, inode: Inode, md: Mapping[str, str]) -> None:
+        try:
+            if "mode" in md:
+                inode.mode = int(md["mode"]) & 0o7777
+            if "uid" in md:
+                inode.uid = int(md["uid"])
+            if "gid" in md:
+                inode.gid = int(md["gid"])
+            if "mtime" in md:
+                inode.mtime_ns = int(float(md["mtime"]) * 1e9)
+                inode.explicit_mtime = True
+        except ValueError:
+            log.info("ignoring malformed metadata on %s: %r", self._path(inode), dict(md))
+
+    def _metadata(self, inode: Inode) -> dict[str, str]:
+        md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
+        if inode.explicit_mtime:
+            md["mtime"] = f"{inode.mtime_ns / 1e9:.9f}"
+        return md
+
+    @staticmethod
+    def _kind_from_metadata(md: Mapping[str, str] | None) -> Kind:
+        if md and "mode" in md:
+            try:
+                if stat.S_ISLNK(int(md["mode"])):
+                    return Kind.SYMLINK
+            except ValueError:
+                pass
+        return Kind.FILE
+
+    async def _probe(self, parent: Inode, name: bytes) -> tuple[Kind, ObjectInfo | None] | None:
+        """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing."""
+        file_key = self._child_key(parent, name, Kind.FILE)
+        dir_key = Key(file_key + "/")
+        head: list[ObjectInfo | None] = [None]
+        is_dir = [False]
+
+        async def do_head() -> None:
+            try:
+                head[0] = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
+            except NotFound:
+                pass
+
+        async def do_list() -> None:
+            page = await self._call(
+                functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
+            )
+            is_dir[0] = bool(page.objects or page.prefixes)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(do_head)
+            n.start_soon(do_list)
+        if is_dir[0]:
+            return Kind.DIR, None
+        if head[0] is not None:
+            return self._kind_from_metadata(head[0].metadata), head[0]
+        return None
+
+    async def _resolve(self, parent: Inode, name: bytes) -> Inode:
+        """The child ``name`` of ``parent``, revalidated against the store if stale."""
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self._inodes[parent.parent]
+        self._check_name(name)
+        child = self._known_child(parent, name)
+        if child is not None and (child.staged is not None or child.local_only):
+            return child
+        if child is not None and self._fresh(child):
+            return child
+        if (
+            child is None
+            and trio.current_time() - parent.listed_at < self.cfg.attr_timeout
+            and name not in parent.listed_names
+        ):
+            raise NoEntry(name.decode(errors="replace"))
+        found = await self._probe(parent, name)
+        child = self._known_child(parent, name)  # the world may have moved while we waited
+        if child is not None and (child.staged is not None or child.local_only):
+            return child
+        if found is None:
+            if child is not None:
+                self._detach(child)
+            raise NoEntry(name.decode(errors="replace"))
+        kind, info = found
+        if child is not None and child.kind is not kind:
+            self._detach(child)
+            child = None
+        if child is None:
+            child = self._new_inode(parent, name, kind)
+        if info is not None:
+            self._apply_info(child, info)
+        elif kind is Kind.DIR and not child.meta_known:
+            child.mtime_ns = child.ctime_ns = child.mtime_ns or _now_ns()
+        child.validated = trio.current_time()
+        return child
+
+    # -- lookups and attributes ----------------------------------------------------------
+    async def lookup(self, parent_ino: int, name: bytes) -> Inode:
+        inode = await self._resolve(self._dir(parent_ino), name)
+        inode.lookups += 1
+        return inode
+
+    def note_lookup(self, inode: Inode) -> None:
+        """The kernel took a reference to ``inode`` through a readdir entry."""
+        inode.lookups += 1
+
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for ino, n in items:
+            inode = self._inodes.get(InodeNo(ino))
+            if inode is None:
+                continue
+            inode.lookups = max(0, inode.lookups - n)
+            self._maybe_drop(inode)
+
+    async def getattr(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if inode.kind is Kind.DIR or inode.staged is not None or inode.local_only:
+            return inode
+        if not self._fresh(inode) or not inode.meta_known:
+            await self._revalidate(inode)
+        return inode
+
+    async def _revalidate(self, inode: Inode) -> None:
+        key = self.key_of(inode)
+        try:
+            info = await self._call(self._store.head, key, what=f"HEAD {key}")
+        except NotFound:
+            if inode.opens > 0:
+                return  # keep serving what the open handles see
+            self._detach(inode)
+            raise NoEntry(key) from None
+        if self._kind_from_metadata(info.metadata) is not inode.kind:
+            if inode.opens > 0:
+                return
+            self._detach(inode)
+            raise NoEntry(f"{key} changed type in the store") from None
+        self._apply_info(inode, info)
+        inode.validated = trio.current_time()
+
+    async def setattr(
+        self, ino: int, *, size: int | None = None, mode: int | None = None,
+        uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
+        fh: int | None = None,
+    ) -> Inode:
+        inode = self.inode(ino)
+        self._writable()
+        meta_change = any(v is not None for v in (mode, uid, gid, mtime_ns))
+        if size is not None:
+            if inode.kind is Kind.DIR:
+                raise IsADirectory(self._path(inode))
+            if inode.kind is not Kind.FILE:
+                raise InvalidArgument("cannot truncate a symlink")
+        if not inode.meta_known and inode.kind is not Kind.DIR and not inode.local_only:
+            await self._revalidate(inode)
+        if mode is not None:
+            inode.mode = mode & 0o7777
+        if uid is not None:
+            inode.uid = uid
+        if gid is not None:
+            inode.gid = gid
+        if mtime_ns is not None:
+            inode.mtime_ns = mtime_ns
+            inode.explicit_mtime = True
+        inode.ctime_ns = _now_ns()
+        if size is not None:
+            staged, temporary = await self._stage(inode, truncate=False)
+            await staged.truncate(size)
+            inode.size = size
+            inode.mtime_ns = inode.mtime_ns if mtime_ns is not None else _now_ns()
+            if temporary:
+                await self._commit(inode)
+                await self._unstage(inode)
+            return inode
+        if meta_change:
+            await self._store_metadata(inode)
+        return inode
+
+    async def _store_metadata(self, inode: Inode) -> None:
+        """Make changed mode/owner/mtime durable (now, unless a commit will carry them)."""
+        if inode.staged is not None or inode.local_only:
+            if inode.staged is not None:
+                inode.staged.set_metadata_hint(self._metadata(inode))
+            return
+        key = self.key_of(inode)
+        md = self._metadata(inode)
+        if inode.kind is Kind.DIR:
+            if inode.ino == ROOT_INODE:
+                return  # the prefix root has no marker object to hold it
+            await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
+            return
+        try:
+            etag = await self._call(self._store.copy, key, key, md, inode.etag,
+                                    what=f"COPY {key}")
+        except NotFound:
+            raise NoEntry(key) from None
+        inode.etag = etag
+        inode.kernel_etag = etag
+        inode.validated = trio.current_time()
+        inode.meta_known = True
+        for h in self._handles.values():
+            if h.inode is inode and h.ref is not None:
+                h.ref = ObjectRef(key, etag, h.ref.size)
+
+    # -- namespace changes ---------------------------------------------------------------------
+    async def _ensure_absent(self, parent: Inode, name: bytes) -> None:
+        try:
+            await self._resolve(parent, name)
+        except NoEntry:
+            return
+        raise Exists(name.decode(errors="replace"))
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        self._writable()
+        parent = self._dir(parent_ino)
+        key = self._child_key(parent, name, Kind.DIR)
+        await self._ensure_absent(parent, name)
+        now = _now_ns()
+        md = {"mode": str(stat.S_IFDIR | (mode & 0o7777)), "uid": str(uid), "gid": str(gid)}
+        await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
+        inode = self._new_inode(parent, name, Kind.DIR, mode=mode & 0o7777, uid=uid, gid=gid,
+                                mtime_ns=now, ctime_ns=now, meta_known=True)
+        inode.validated = trio.current_time()
+        inode.lookups += 1
+        return inode
+
+    async def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
+    ) -> Inode:
+        self._writable()
+        parent = self._dir(parent_ino)
+        if len(target) > _MAX_SYMLINK:
+            raise NameTooLong("symlink target too long")
+        key = self._child_key(parent, name, Kind.FILE)
+        await self._ensure_absent(parent, name)
+        md = {"mode": str(stat.S_IFLNK | 0o777), "uid": str(uid), "gid": str(gid)}
+        etag = await self._call(self._store.put, key, target, md, what=f"PUT {key}")
+        now = _now_ns()
+        inode = self._new_inode(parent, name, Kind.SYMLINK, uid=uid, gid=gid, size=len(target),
+                                etag=etag, mtime_ns=now, ctime_ns=now, meta_known=True,
+                                target=target)
+        inode.validated = trio.current_time()
+        inode.lookups += 1
+        return inode
+
+    async def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if inode.kind is not Kind.SYMLINK:
+            raise InvalidArgument("not a symlink")
+        if inode.target is None:
+            key = self.key_of(inode)
+            data = await self._call(self._store.get_range, key, 0, _MAX_SYMLINK + 1, None,
+                                    what=f"GET {key}")
+            inode.target = data
+        return inode.target
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        self._writable()
+        parent = self._dir(parent_ino)
+        inode = await self._resolve(parent, name)
+        if inode.kind is Kind.DIR:
+            raise IsADirectory(name.decode(errors="replace"))
+        key = self.key_of(inode)
+        if not inode.local_only:
+            await self._call(self._store.delete, key, what=f"DELETE {key}")
+        self._chunks.forget(key)
+        self._detach(inode)
+        if inode.staged is not None and inode.writers == 0:
+            await self._unstage(inode)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        self._writable()
+        parent = self._dir(parent_ino)
+        inode = await self._resolve(parent, name)
+        if inode.kind is not Kind.DIR:
+            raise NotADirectory(name.decode(errors="replace"))
+        await self._check_empty(inode)
+        key = self.key_of(inode)
+        await self._call(self._store.delete, key, what=f"DELETE {key}")
+        self._detach(inode)
+
+    async def _check_empty(self, inode: Inode) -> None:
+        for ino in self._children.get(inode.ino, {}).values():
+            child = self._inodes.get(ino)
+            if child is not None and child.linked and (child.local_only or child.staged):
+                raise NotEmpty(self._path(inode))
+        key = self.key_of(inode)
+        page = await self._call(
+            functools.partial(self._store.list, key, "/", None, 2), what=f"LIST {key}"
+        )
+        if page.prefixes or any(o.key != key for o in page.objects):
+            raise NotEmpty(self._path(inode))
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        self._writable()
+        if flags & ~_RENAME_NOREPLACE:
+            raise OperationNotSupported("only RENAME_NOREPLACE is supported")
+        src_dir, dst_dir = self._dir(old_parent), self._dir(new_parent)
+        src = await self._resolve(src_dir, old_name)
+        self._check_name(new_name)
+        try:
+            dst: Inode | None = await self._resolve(dst_dir, new_name)
+        except NoEntry:
+            dst = None
+        if dst is src:
+            return
+        if dst is not None and flags & _RENAME_NOREPLACE:
+            raise Exists(new_name.decode(errors="replace"))
+        if src.kind is Kind.DIR:
+            # a directory cannot move into itself
+            p: Inode = dst_dir
+            while True:
+                if p is src:
+                    raise InvalidArgument("cannot move a directory into itself")
+                if p.ino == ROOT_INODE:
+                    break
+                p = self._inodes[p.parent]
+            if dst is not None:
+                if dst.kind is not Kind.DIR:
+                    raise NotADirectory(new_name.decode(errors="replace"))
+                await self._check_empty(dst)
+            await self._rename_dir(src, dst_dir, new_name)
+            if dst is not None:
+                await self._call(self._store.delete, self.key_of(dst), what="DELETE")
+        else:
+            if dst is not None and dst.kind is Kind.DIR:
+                raise IsADirectory(new_name.decode(errors="replace"))
+            if src.staged is not None and (src.staged.dirty or src.local_only):
+                await self._commit(src)
+            old_key = self.key_of(src)
+            new_key = self._child_key(dst_dir, new_name, Kind.FILE)
+            try:
+                etag = await self._call(self._store.copy, old_key, new_key, None, src.etag,
+                                        what=f"COPY {old_key}")
+            except NotFound:
+                raise NoEntry(old_key) from None
+            await self._call(self._store.delete, old_key, what=f"DELETE {old_key}")
+            self._chunks.forget(old_key)
+            src.etag = etag
+            src.kernel_etag = etag
+            for h in self._handles.values():
+                if h.inode is src and h.ref is not None:
+                    h.ref = ObjectRef(new_key, etag, h.ref.size)
+        if dst is not None:
+            self._detach(dst)
+        self._move(src, dst_dir, new_name)
+
+    def _move(self, inode: Inode, new_parent: Inode, new_name: bytes) -> None:
+        siblings = self._children.get(inode.parent, {})
+        if siblings.get(inode.name) == inode.ino:
+            del siblings[inode.name]
+        inode.parent = new_parent.ino
+        inode.name = new_name
+        inode.validated = trio.current_time()
+        self._children[new_parent.ino][new_name] = inode.ino
+        new_parent.listed_at = float("-inf")
+
+    async def _rename_dir(self, src: Inode, dst_dir: Inode, new_name: bytes) -> None:
+        """Copy every object under the directory to the new prefix, then delete the old ones.
+
+        Not atomic (S3 has no such operation): a failure midway leaves both trees partly there,
+        and nothing is deleted before every copy succeeded."""
+        await self._commit_below(src)
+        old_prefix = self.key_of(src)
+        new_prefix = self._child_key(dst_dir, new_name, Kind.DIR)
+        pages = await self._call(lambda: list(iter_list(self._store, old_prefix, None)),
+                                 what=f"LIST {old_prefix}")
+        keys = [o.key for page in pages for o in page.objects]
+
+        async def copy_one(k: Key) -> None:
+            dst = Key(new_prefix + k[len(old_prefix):])
+            await self._call(self._store.copy, k, dst, None, None, what=f"COPY {k}")
+
+        if keys:
+            await _bounded_all([functools.partial(copy_one, k) for k in keys], 32)
+        else:  # an empty directory known only here: give it its marker at the new place
+            await self._call(self._store.put, new_prefix, b"", None, what=f"PUT {new_prefix}")
+        await _bounded_all(
+            [functools.partial(self._call, self._store.delete, k, what=f"DELETE {k}")
+             for k in keys], 32,
+        )
+
+    async def _commit_below(self, directory: Inode) -> None:
+        prefix = self.key_of(directory)
+        for inode in list(self._inodes.values()):
+            if (inode.staged is not None and inode.linked and inode.kind is Kind.FILE
+                    and (inode.staged.dirty or inode.local_only)
+                    and self.key_of(inode).startswith(prefix)):
+                await self._commit(inode)
+
+    # -- files ---------------------------------------------------------------------------
+    async def _stage(self, inode: Inode, *, truncate: bool) -> tuple[StagedFile, bool]:
+        """The inode's staged state, created if needed. Returns (staged, created_now)."""
+        if inode.staged is not None:
+            if truncate:
+                await inode.staged.truncate(0)
+            return inode.staged, False
+        key = self.key_of(inode)
+        base = None
+        if not truncate and inode.etag is not None and inode.size > 0:
+            base = ObjectRef(key, inode.etag, inode.size)
+        staged = self._uploader.new_staged(key, base)
+        staged.set_metadata_hint(self._metadata(inode))
+        if truncate and inode.size > 0:
+            await staged.truncate(0)
+        inode.staged = staged
+        return staged, True
+
+    async def _unstage(self, inode: Inode) -> None:
+        staged, inode.staged = inode.staged, None
+        if staged is not None:
+            await staged.discard()
+        self._maybe_drop(inode)
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int
+    ) -> tuple[Handle, Inode]:
+        self._writable()
+        parent = self._dir(parent_ino)
+        key = self._child_key(parent, name, Kind.FILE)
+        existing = self._known_child(parent, name)
+        if existing is not None and existing.linked:
+            if existing.kind is Kind.DIR:
+                raise IsADirectory(name.decode(errors="replace"))
+            self._detach(existing)
+        now = _now_ns()
+        inode = self._new_inode(parent, name, Kind.FILE, mode=mode & 0o7777, uid=uid, gid=gid,
+                                mtime_ns=now, ctime_ns=now, meta_known=True, local_only=True)
+        inode.validated = trio.current_time()
+        staged = self._uploader.new_staged(key, None)
+        staged.set_metadata_hint(self._metadata(inode))
+        await staged.truncate(0)  # marks it dirty: an empty new file is committed at close
+        inode.staged = staged
+        inode.lookups += 1
+        return self._open_handle(inode, writable=True), inode
+
+    def _open_handle(self, inode: Inode, *, writable: bool) -> Handle:
+        ref = None
+        if inode.etag is not None and not inode.local_only:
+            ref = ObjectRef(self.key_of(inode), inode.etag, inode.size)
+        handle = Handle(inode, writable, ref)
+        inode.opens += 1
+        if writable:
+            inode.writers += 1
+        return handle
+
+    def register(self, handle: Handle) -> int:
+        fh = FileHandleNo(self._next_fh)
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[FileHandleNo(fh)]
+        except KeyError:
+            raise InvalidArgument(f"no file handle {fh}") from None
+
+    async def open(self, ino: int, flags: int) -> tuple[Handle, bool]:
+        """Open a file. Returns the handle and whether the kernel may keep its page cache."""
+        inode = self.inode(ino)
+        if inode.kind is Kind.DIR:
+            raise IsADirectory(self._path(inode))
+        if inode.kind is not Kind.FILE:
+            raise InvalidArgument("not a regular file")
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        truncate = bool(flags & os.O_TRUNC) and writable
+        if writable:
+            self._writable()
+        if inode.staged is None and not inode.local_only and not self._fresh(inode):
+            await self._revalidate(inode)  # close-to-open: see the newest version
+        if writable:
+            await self._stage(inode, truncate=truncate)
+            if truncate:
+                inode.size = 0
+                inode.mtime_ns = _now_ns()
+        handle = self._open_handle(inode, writable=writable)
+        keep = inode.etag is not None and inode.kernel_etag == inode.etag and not truncate
+        inode.kernel_etag = inode.etag
+        return handle, keep
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handle(fh)
+        inode = h.inode
+        if inode.staged is not None:
+            data = await inode.staged.read(off, size)
+        elif h.ref is None:
+            data = b""
+        else:
+            data = await self._chunks.read(h.ref, off, size, h.rstate)
+        self.stats.add("bytes_read", len(data))
+        return data
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self.handle(fh)
+        if not h.writable:
+            raise InvalidArgument("file not open for writing")
+        inode = h.inode
+        staged = inode.staged
+        if staged is None:  # committed and released by another handle meanwhile
+            staged, _ = await self._stage(inode, truncate=False)
+        n = await staged.write(off, data)
+        inode.size = staged.size
+        inode.mtime_ns = inode.ctime_ns = _now_ns()
+        self.stats.add("bytes_written", n)
+        return n
+
+    async def _commit(self, inode: Inode) -> None:
+        staged = inode.staged
+        if staged is None or not inode.linked:
+            return
+        if not staged.dirty and not inode.local_only:
+            return
+        key = self.key_of(inode)
+        ref = await staged.commit(key, self._metadata(inode))
+        inode.etag = ref.etag
+        inode.kernel_etag = ref.etag
+        inode.size = ref.size
+        inode.local_only = False
+        inode.validated = trio.current_time()
+        for h in self._handles.values():
+            if h.inode is inode:
+                h.ref = ref
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: commit if this handle could have written."""
+        h = self.handle(fh)
+        if h.writable:
+            await self._commit(h.inode)
+
+    async def fsync(self, fh: int) -> None:
+        await self._commit(self.handle(fh).inode)
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(FileHandleNo(fh), None)
+        if h is None:
+            return
+        inode = h.inode
+        inode.opens -= 1
+        if h.writable:
+            inode.writers -= 1
+        staged = inode.staged
+        if staged is not None and inode.writers == 0:
+            if not inode.linked or not staged.dirty:
+                await self._unstage(inode)
+                return
+            log.warning("%s: data not yet durable stays staged; retrying in the background",
+                        self._path(inode))
+        self._maybe_drop(inode)
+
+    # -- directories -------------------------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        inode = self._dir(ino)
+        fh = FileHandleNo(self._next_fh)
+        self._next_fh += 1
+        self._dir_handles[fh] = _DirHandle(inode)
+        return fh
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(FileHandleNo(fh), None)
+
+    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Inode]]:
+        """Entries from index ``start`` on; the listing is fetched once, at ``start == 0``."""
+        dh = self._dir_handles.get(FileHandleNo(fh))
+        if dh is None:
+            raise InvalidArgument(f"no directory handle {fh}")
+        if dh.entries is None or start == 0:
+            dh.entries = await self._list_dir(dh.inode)
+        return dh.entries[start:]
+
+    async def _list_dir(self, directory: Inode) -> list[tuple[bytes, Inode]]:
+        prefix = self.key_of(directory)
+        listed_at = trio.current_time()
+        pages = await self._call(lambda: list(iter_list(self._store, prefix, "/")),
+                                 what=f"LIST {prefix}")
+        dirs: dict[bytes, None] = {}
+        files: dict[bytes, ObjectInfo] = {}
+        for page in pages:
+            for p in page.prefixes:
+                name = os.fsencode(p[len(prefix):-1])
+                if self._valid_listed(name):
+                    dirs[name] = None
+            for o in page.objects:
+                name = os.fsencode(o.key[len(prefix):])
+                if o.key != prefix and self._valid_listed(name):
+                    files[name] = o
+        children = self._children.setdefault(directory.ino, {})
+        entries: dict[bytes, Inode] = {}
+        for name in dirs:
+            child = self._known_child(directory, name)
+            if child is not None and child.kind is not Kind.DIR and not (
+                child.staged or child.local_only
+            ):
+                self._detach(child)
+                child = None
+            if child is None:
+                child = self._new_inode(directory, name, Kind.DIR)
+            child.validated = listed_at
+            entries[name] = child
+        for name, info in files.items():
+            if name in entries:
+                continue  # a directory of the same name wins
+            child = self._known_child(directory, name)
+            if child is not None and child.kind is Kind.DIR:
+                self._detach(child)
+                child = None
+            if child is None:
+                child = self._new_inode(directory, name, Kind.FILE)
+            if child.etag != info.etag:
+                self._apply_info(child, info)
+            child.validated = listed_at if child.meta_known else child.validated
+            entries[name] = child
+        # what exists only here (being written, just made) stays visible; the rest is gone
+        for name, ino in list(children.items()):
+            child = self._inodes.get(ino)
+            if name in entries or child is None:
+                continue
+            if child.local_only or child.staged is not None:
+                entries[name] = child
+            else:
+                self._detach(child)
+        directory.listed_at = listed_at
+        directory.listed_names = frozenset(entries)
+        return sorted(entries.items())
+
+    @staticmethod
+    def _valid_listed(name: bytes) -> bool:
+        if not name or name in (b".", b"..") or b"/" in name or len(name) > _MAX_NAME:
+            log.debug("skipping key component %r: not a valid file name", name)
+            return False
+        return True
+
+    # -- control interface (xattrs on the root) ---------------------------------------------------
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self.inode(ino)
+        if ino == ROOT_INODE and name == CONTROL_INFO:
+            return json.dumps(dict(self.cfg.info)).encode()
+        if ino == ROOT_INODE and name == CONTROL_STATS:
+            return json.dumps(self.stats.as_dict()).encode()
+        raise NoData(name.decode(errors="replace"))
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self.inode(ino)
+        return []
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.inode(ino)
+        if ino == ROOT_INODE and name == CONTROL_FLUSH:
+            await self.flush_all()
+            return
+        raise OperationNotSupported("extended attributes are not stored")
+
+    async def flush_all(self) -> None:
+        """Commit every file with data not yet durable. Raises UploadFailed listing failures."""
+        failures: list[str] = []
+        for inode in list(self._inodes.values()):
+            if inode.staged is None or not inode.linked:
+                continue
+            if not (inode.staged.dirty or inode.local_only):
+                continue
+            try:
+                await self._commit(inode)
+            except (FsError, StoreError) as e:
+                failures.append(f"{self._path(inode)}: {e}")
+                continue
+            if inode.writers == 0:
+                await self._unstage(inode)
+        if failures:
+            raise UploadFailed("; ".join(failures))
+
+    async def retry_loop(self) -> None:
+        """Background: keep trying to commit data whose commit failed, until it is in."""
+        while True:
+            await trio.sleep(self.cfg.retry_interval)
+            pending = [i for i in self._inodes.values()
+                       if i.staged is not None and i.staged.dirty and i.writers == 0 and i.linked]
+            for inode in pending:
+                try:
+                    await self._commit(inode)
+                    await self._unstage(inode)
+                    log.info("%s: staged data is now durable", self._path(inode))
+                except (FsError, StoreError) as e:
+                    log.warning("%s: still not durable: %s", self._path(inode), e)
+
+    def statfs(self) -> dict[str, int]:
+        return {
+            "f_bsize": 1 << 20, "f_frsize": 4096, "f_blocks": 1 << 40, "f_bfree": 1 << 40,
+            "f_bavail": 1 << 40, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_favail": 1 << 32,
+            "f_namemax": _MAX_NAME,
+        }
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h RENAME_NOREPLACE
+
+
+async def _bounded_all(jobs: Sequence[Callable[[], Any]], limit: int) -> None:
+    sem = trio.Semaphore(limit)
+
+    async def run(job: Callable[[], Any]) -> None:
+        async with sem:
+            await job()
+
+    async with trio.open_nursery() as n:
+        for job in jobs:
+            n.start_soon(run, job)
+

@@ -1,0 +1,272 @@
+"""The composition root: builds store -> cache -> reader/writer -> fs -> ops and serves the mount.
+
+One trio nursery owns every background task. It is entered first in an ``AsyncExitStack`` and
+every part pushes its own teardown right after it is built, so everything unwinds in reverse
+order and the nursery closes last. Shutdown paths:
+
+- the mount is unmounted from outside (``fusionfs unmount`` / ``fusermount3 -u``):
+  ``pyfuse3.main`` returns; files were all closed (the kernel refuses to unmount a busy mount), so
+  every file was committed at its close; anything still staged is flushed once more.
+- SIGTERM or SIGINT: make everything durable first, then end the FUSE session and unmount.
+
+Data that cannot be made durable by then stays in the staging directory with its record, and the
+next mount on the same cache directory reports it (``writer.recover_leftovers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from fusionfs import __version__
+from fusionfs.cache import ChunkCache
+from fusionfs.fs import Filesystem, FsConfig
+from fusionfs.ops import FusionOperations
+from fusionfs.reader import ChunkSource
+from fusionfs.stats import Stats
+from fusionfs.store import ObjectStore, open_store
+from fusionfs.writer import Uploader, recover_leftovers
+
+__all__ = ["MountConfig", "MountError", "default_cache_dir", "serve"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class MountError(Exception):
+    """A problem that prevents mounting, with a one-line message for the user."""
+
+
+@dataclasses.dataclass
+class MountConfig:
+    source: str
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int = 10 << 30
+    cache_min_free: int = 1 << 30
+    chunk_size: int = 1 * MiB
+    request_size: int = 8 * MiB
+    max_readahead: int = 64 * MiB
+    read_memory: int = 256 * MiB
+    part_size: int = 16 * MiB
+    upload_slots: int = 8
+    store_threads: int = 32
+    endpoint_url: str | None = None
+    region: str | None = None
+    read_only: bool = False
+    allow_other: bool = False
+    attr_timeout: float = 1.0
+    call_timeout: float = 60.0
+    check_timeout: float = 15.0
+    retry_interval: float = 30.0
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    log_file: Path | None = None
+
+    def public_info(self) -> dict[str, Any]:
+        """What ``fusionfs stats``/``snapstore`` may see about the mount (no credentials)."""
+        return {
+            "pid": os.getpid(), "version": __version__, "source": self.source,
+            "mountpoint": str(self.mountpoint), "cache_dir": str(self.cache_dir),
+            "cache_size": self.cache_size, "chunk_size": self.chunk_size,
+            "part_size": self.part_size, "read_only": self.read_only,
+            "endpoint_url": self.endpoint_url,
+            "log_file": str(self.log_file) if self.log_file else None,
+        }
+
+
+def default_cache_dir(source: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return Path(base) / "fusionfs" / digest
+
+
+def _lock_cache_dir(cache_dir: Path) -> int:
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cache_dir, 0o700)
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"cache directory {cache_dir} is in use by another fusionfs mount") \
+            from None
+    return fd
+
+
+async def _check_store(store: ObjectStore, timeout: float) -> None:
+    from fusionfs.store import NotFound, StoreError
+
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await trio.to_thread.run_sync(store.check, abandon_on_cancel=True)
+        except NotFound as e:
+            raise MountError(f"not found: {e}") from None
+        except StoreError as e:
+            raise MountError(str(e)) from None
+    if scope.cancelled_caught:
+        raise MountError(
+            f"{store.description}: no answer within {timeout:g} s (is the endpoint reachable?)"
+        )
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{mountpoint} is a dead mount (its daemon died): "
+                             f"run 'fusermount3 -uz {mountpoint}' first") from None
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
+
+
+async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. Raises MountError before ``on_ready``."""
+    check_mountpoint(cfg.mountpoint)
+    lock_fd = _lock_cache_dir(cfg.cache_dir)
+    stats = Stats()
+    try:
+        store = open_store(cfg.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
+                           stats=stats, sse=cfg.sse, sse_kms_key_id=cfg.sse_kms_key_id)
+    except ValueError as e:
+        os.close(lock_fd)
+        raise MountError(str(e)) from None
+    try:
+        await _check_store(store, cfg.check_timeout)
+        await _serve(cfg, store, stats, on_ready)
+    finally:
+        os.close(lock_fd)
+
+
+async def _serve(
+    cfg: MountConfig, store: ObjectStore, stats: Stats, on_ready: Callable[[], None]
+) -> None:
+    staging = cfg.cache_dir / "staging"
+    staging.mkdir(mode=0o700, exist_ok=True)
+    for message in await trio.to_thread.run_sync(
+        recover_leftovers, staging, cfg.cache_dir / "recovered", store
+    ):
+        log.warning("%s", message)
+    async with contextlib.AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+
+        cache = ChunkCache(cfg.cache_dir / "cache", max_bytes=cfg.cache_size,
+                           min_free_bytes=cfg.cache_min_free, stats=stats)
+        await trio.to_thread.run_sync(cache.open)
+        stack.callback(cache.close)
+
+        limiter = trio.CapacityLimiter(cfg.store_threads)
+        chunks = ChunkSource(
+            store, cache, nursery=nursery, limiter=limiter, stats=stats,
+            chunk_size=cfg.chunk_size, request_size=max(cfg.request_size, cfg.chunk_size),
+            max_readahead=cfg.max_readahead, memory_bytes=cfg.read_memory,
+            call_timeout=cfg.call_timeout,
+        )
+        uploader = Uploader(
+            store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,
+            part_size=cfg.part_size, upload_slots=cfg.upload_slots,
+            call_timeout=cfg.call_timeout,
+        )
+        fs = Filesystem(
+            store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
+            config=FsConfig(attr_timeout=cfg.attr_timeout, read_only=cfg.read_only,
+                            call_timeout=cfg.call_timeout, retry_interval=cfg.retry_interval,
+                            info=cfg.public_info()),
+        )
+        stack.push_async_callback(_final_flush, fs)
+
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname=fusionfs:{cfg.source}"[:200], "subtype=fusionfs", "noatime"}
+        if cfg.allow_other:
+            options.add("allow_other")
+        if cfg.read_only:
+            options.add("ro")
+        mountpoint = os.path.realpath(cfg.mountpoint)  # resolve before it becomes ours
+        try:
+            pyfuse3.init(FusionOperations(fs), mountpoint, options)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {cfg.mountpoint}: {e}") from None
+        session = _Session()
+        stack.callback(session.close)
+        _raise_readahead(Path(mountpoint), cfg.max_readahead)
+
+        nursery.start_soon(fs.retry_loop)
+        nursery.start_soon(_on_signals, fs, session)
+        log.info("mounted %s on %s", store.description, cfg.mountpoint)
+        on_ready()
+        await pyfuse3.main()
+        session.ended_by_unmount = not session.terminated
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.terminated = False
+        self.ended_by_unmount = False
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            pyfuse3.close(unmount=not self.ended_by_unmount)
+
+
+async def _on_signals(fs: Filesystem, session: _Session) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %s: making data durable, then unmounting", signum)
+            try:
+                await fs.flush_all()
+            except Exception as e:
+                log.error("some data could not be made durable before exit: %s", e)
+            session.terminated = True
+            pyfuse3.terminate()
+            return
+
+
+async def _final_flush(fs: Filesystem) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await fs.flush_all()
+        except Exception as e:
+            log.error("unmounting with data not yet durable (kept in the staging dir): %s", e)
+
+
+def _raise_readahead(mountpoint: Path, max_readahead: int) -> None:
+    """Let the kernel read ahead in large requests (the bdi default is 128 KiB).
+
+    The device number comes from /proc/self/mountinfo, not from stat(): a stat of the mountpoint
+    would be a FUSE request to ourselves before the session loop runs.
+    """
+    target = str(mountpoint)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    for line in reversed(lines):
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == target:
+            path = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+            with contextlib.suppress(OSError):
+                Path(path).write_text(str(max(128, max_readahead // 1024 // 4)))
+            return

@@ -1,0 +1,296 @@
+"""Chunked, de-duplicated, read-ahead fetching of object data.
+
+Purpose: turn a FUSE ``read(off, size)`` on an object version into chunk fetches. A chunk is
+``chunk_size`` bytes of one object *version*, identified by ``(key, etag, index)``, so bytes of
+two versions can never be mixed: every ranged GET carries ``If-Match: etag`` and a version that
+changed under us is ``Stale`` (ESTALE), never a splice.
+
+Where a chunk comes from, fastest first: the in-memory LRU of recent chunks (kernel reads are
+often smaller than a chunk, so consecutive reads hit it), a fetch already in flight for the same
+chunk (two readers of one chunk cause one fetch), the on-disk ``ChunkCache``, then the store.
+Misses that are adjacent go up as one ranged GET of up to ``request_size`` bytes.
+
+Read-ahead: each file handle carries a ``ReadState``. A read that starts in the chunk where the
+previous one ended (or the next) is sequential and doubles the handle's window, up to
+``max_readahead`` bytes; any other read resets it. The chunks in the window are fetched in the
+background as several ranged GETs in flight at once.
+
+Concurrency: everything here runs on the trio thread except the store and cache calls, which go
+through ``trio.to_thread.run_sync`` (store calls under the mount's ``CapacityLimiter``). State is
+only touched on the trio thread, so it needs no lock. A fetch that fails wakes its waiters with
+the error; nothing is cached from it. Caveat: a fetch's thread cannot be interrupted; when a call
+overruns ``call_timeout`` the waiters get ``Transient`` and the thread is abandoned (the store's
+own deadline ends it later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from fusionfs.errors import Stale
+from fusionfs.stats import Stats
+from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, Transient
+
+if TYPE_CHECKING:
+    from fusionfs.cache import ChunkCache
+
+__all__ = ["ChunkSource", "ObjectRef", "ReadState", "run_store_call"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_ChunkId = tuple[Key, ETag, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One version of one object: what a chunk belongs to."""
+
+    key: Key
+    etag: ETag
+    size: int
+
+
+@dataclasses.dataclass(slots=True)
+class ReadState:
+    """Per file handle: where the last read ended and how far ahead to fetch."""
+
+    last_chunk: int = -2
+    window: int = 0  # chunks
+    prefetched_until: int = -1  # highest chunk index already requested by read-ahead
+
+
+class _Pending:
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+async def run_store_call(
+    fn: Callable[[], T], *, limiter: trio.CapacityLimiter, timeout: float, what: str
+) -> T:
+    """Run a blocking store call in a worker thread, bounded by ``timeout`` seconds."""
+    with trio.move_on_after(timeout) as scope:
+        return await trio.to_thread.run_sync(fn, limiter=limiter, abandon_on_cancel=True)
+    assert scope.cancelled_caught
+    raise Transient(f"{what}: no answer from the store within {timeout:g} s")
+
+
+class ChunkSource:
+    """Serves byte ranges of object versions, chunk by chunk. One per mount."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: ChunkCache | None,
+        *,
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        stats: Stats,
+        chunk_size: int,
+        request_size: int,
+        max_readahead: int,
+        memory_bytes: int,
+        call_timeout: float,
+    ) -> None:
+        if chunk_size <= 0 or request_size < chunk_size:
+            raise ValueError("need 0 < chunk_size <= request_size")
+        self._store = store
+        self._cache = cache
+        self._nursery = nursery
+        self._limiter = limiter
+        self._stats = stats
+        self.chunk_size = chunk_size
+        self._run_chunks = max(1, request_size // chunk_size)
+        self._max_window = max(1, max_readahead // chunk_size)
+        self._mem: OrderedDict[_ChunkId, bytes] = OrderedDict()
+        self._mem_bytes = 0
+        self._mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
+        self._inflight: dict[_ChunkId, _Pending] = {}
+        self._call_timeout = call_timeout
+        # Cache writes happen in the background, off the read's critical path; bounded so a slow
+        # cache disk cannot make memory grow without limit (excess writes are simply skipped).
+        self._cache_limiter = trio.CapacityLimiter(2)
+        self._cache_backlog = 0
+        self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
+
+    # -- public -----------------------------------------------------------------------------
+    async def read(self, ref: ObjectRef, off: int, size: int, state: ReadState | None) -> bytes:
+        """``size`` bytes of ``ref`` from ``off`` (short only at the end of the object)."""
+        if size <= 0 or off >= ref.size:
+            return b""
+        end = min(off + size, ref.size)
+        cs = self.chunk_size
+        first, last = off // cs, (end - 1) // cs
+        if state is not None:
+            self._advance_window(ref, state, first, last)
+        self._request(ref, first, last)
+        if first == last:
+            data = await self._chunk(ref, first)
+            return data[off - first * cs : end - first * cs]
+        parts = []
+        for idx in range(first, last + 1):
+            data = await self._chunk(ref, idx)
+            lo = max(off, idx * cs) - idx * cs
+            hi = min(end, (idx + 1) * cs) - idx * cs
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    def forget(self, key: Key) -> None:
+        """Drop in-memory chunks of ``key`` (any version): after an overwrite or unlink."""
+        for cid in [c for c in self._mem if c[0] == key]:
+            self._mem_bytes -= len(self._mem.pop(cid))
+
+    # -- read-ahead ----------------------------------------------------------------------
+    def _advance_window(self, ref: ObjectRef, state: ReadState, first: int, last: int) -> None:
+        sequential = state.last_chunk <= first <= state.last_chunk + 1 or (
+            first == 0 and state.last_chunk == -2
+        )
+        if sequential:
+            state.window = min(max(1, state.window * 2), self._max_window)
+        else:
+            state.window = 0
+            state.prefetched_until = last
+        state.last_chunk = last
+        if state.window == 0:
+            return
+        nchunks = (ref.size + self.chunk_size - 1) // self.chunk_size
+        start = max(last + 1, state.prefetched_until + 1)
+        stop = min(last + state.window, nchunks - 1)
+        # Only top up when at least one full request's worth is missing from the window, so
+        # read-ahead goes out in requests of request_size rather than one chunk at a time.
+        if stop - start + 1 >= min(self._run_chunks, nchunks - start) and stop >= start:
+            self._request(ref, start, stop)
+            state.prefetched_until = stop
+
+    # -- chunk plumbing ----------------------------------------------------------------------
+    def _request(self, ref: ObjectRef, first: int, last: int) -> None:
+        """Make sure every chunk in [first, last] is in memory or being fetched."""
+        run: list[int] = []
+        for idx in range(first, last + 1):
+            cid = (ref.key, ref.etag, idx)
+            if cid in self._mem or cid in self._inflight:
+                if run:
+                    self._spawn(ref, run)
+                    run = []
+                continue
+            self._inflight[cid] = _Pending()
+            run.append(idx)
+            if len(run) == self._run_chunks:
+                self._spawn(ref, run)
+                run = []
+        if run:
+            self._spawn(ref, run)
+
+    def _spawn(self, ref: ObjectRef, run: list[int]) -> None:
+        self._nursery.start_soon(self._fetch_run, ref, list(run))
+
+    async def _chunk(self, ref: ObjectRef, idx: int) -> bytes:
+        cid = (ref.key, ref.etag, idx)
+        while True:
+            data = self._mem.get(cid)
+            if data is not None:
+                self._mem.move_to_end(cid)
+                return data
+            pending = self._inflight.get(cid)
+            if pending is None:
+                # evicted from memory between request and use: fetch it again
+                self._request(ref, idx, idx)
+                continue
+            await pending.event.wait()
+            if pending.error is not None:
+                raise pending.error
+            assert pending.data is not None
+            return pending.data
+
+    async def _fetch_run(self, ref: ObjectRef, run: list[int]) -> None:
+        cs = self.chunk_size
+        try:
+            missing = run
+            if self._cache is not None:
+                hits = await trio.to_thread.run_sync(self._cache_lookup, ref, run)
+                missing = [i for i in run if i not in hits]
+                for idx, data in hits.items():
+                    self._resolve(ref, idx, data)
+            if not missing:
+                return
+            start = missing[0] * cs
+            length = min((missing[-1] + 1) * cs, ref.size) - start
+            fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
+            try:
+                blob = await run_store_call(
+                    fn, limiter=self._limiter, timeout=self._call_timeout,
+                    what=f"GET {ref.key}",
+                )
+            except (PreconditionFailed, NotFound) as e:
+                raise Stale(f"{ref.key} changed in the store while being read") from e
+            expected = length
+            if len(blob) != expected:
+                raise Transient(f"GET {ref.key}: short read ({len(blob)} of {expected} bytes)")
+            view = memoryview(blob)
+            for n, idx in enumerate(missing):
+                data = bytes(view[n * cs : (n + 1) * cs]) if len(missing) > 1 else blob
+                self._resolve(ref, idx, data)
+                self._cache_store(ref, idx, data)
+        except BaseException as exc:
+            for idx in run:
+                pending = self._inflight.pop((ref.key, ref.etag, idx), None)
+                if pending is not None:
+                    pending.error = exc if isinstance(exc, Exception) else Transient("cancelled")
+                    pending.event.set()
+            if not isinstance(exc, Exception):
+                raise
+            if not isinstance(exc, Stale):
+                log.warning("fetching %s chunks %d-%d failed: %s", ref.key, run[0], run[-1], exc)
+
+    def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
+        assert self._cache is not None
+        hits: dict[int, bytes] = {}
+        for idx in run:
+            data = self._cache.get(ref.key, ref.etag, self.chunk_size, idx)
+            if data is not None:
+                hits[idx] = data
+        return hits
+
+    def _resolve(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+        cid = (ref.key, ref.etag, idx)
+        old = self._mem.pop(cid, None)
+        if old is not None:
+            self._mem_bytes -= len(old)
+        self._mem[cid] = data
+        self._mem_bytes += len(data)
+        while self._mem_bytes > self._mem_limit and len(self._mem) > 1:
+            _, dropped = self._mem.popitem(last=False)
+            self._mem_bytes -= len(dropped)
+        pending = self._inflight.pop(cid, None)
+        if pending is not None:
+            pending.data = data
+            pending.event.set()
+
+    def _cache_store(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+        if self._cache is None or self._cache_backlog + len(data) > self._cache_backlog_limit:
+            return
+        self._cache_backlog += len(data)
+        self._nursery.start_soon(self._cache_put, ref, idx, data)
+
+    async def _cache_put(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+        assert self._cache is not None
+        try:
+            await trio.to_thread.run_sync(
+                self._cache.put, ref.key, ref.etag, self.chunk_size, idx, data,
+                limiter=self._cache_limiter,
+            )
+        except Exception:
+            log.exception("chunk cache write failed")
+        finally:
+            self._cache_backlog -= len(data)

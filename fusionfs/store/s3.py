@@ -1,0 +1,719 @@
+"""``S3Store``: the object store over S3 or any S3-compatible server, through boto3.
+
+boto3's own retries are off (``max_attempts=1``): every request goes through
+:func:`fusionfs.store.retry.call_with_retry`, bounded by ``deadline_s``, so there is exactly one
+retry loop. Every botocore/urllib3 error is translated by :func:`translate_error`, the one place
+that says which errors are transient; nothing else escapes a method.
+
+Credentials, region and endpoint come from the standard AWS chain (environment variables,
+profiles, instance roles; ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` are honoured by boto3
+itself). Error messages and ``description`` never contain credentials.
+
+Caveats:
+
+- A GET body is read inside the retried function, so a body cut off mid-transfer is retried.
+  ``get_into`` resumes after the bytes it already wrote, pinning the ETag of the first response
+  with ``If-Match``: if the object is replaced between two attempts the call raises
+  ``PreconditionFailed`` rather than mixing two versions, even when the caller passed no ETag.
+- ``copy`` issues a HEAD of the source first (to learn its size, and to check ``src_etag``
+  before sending ``CopySourceIfMatch``, which some servers, moto among them, ignore). Objects
+  above 5 GiB are copied part by part with UploadPartCopy, pinned to the source's ETag; where
+  the server answers NotImplemented the parts are read and uploaded instead. The content type is
+  not carried over by a multipart copy.
+- A ``complete_multipart`` whose response was lost and is then retried may get NoSuchUpload
+  (the first attempt did complete): it raises ``NotFound``; callers that care may HEAD the key.
+- The store's own root marker (the key equal to the prefix) is left out of listings.
+- Request checksums are computed only when the API requires them
+  (``request_checksum_calculation="when_required"``): newer botocore defaults break several
+  S3-compatible servers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import http.client
+import logging
+import math
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO, TypeVar
+
+import boto3
+import botocore.exceptions as _bce
+import botocore.session
+import urllib3.exceptions
+from botocore.config import Config
+
+from ..stats import Stats
+from .base import (
+    ETag,
+    Key,
+    ListPage,
+    NotFound,
+    NotSupported,
+    ObjectInfo,
+    PreconditionFailed,
+    StoreError,
+    Transient,
+    UploadPart,
+)
+from .retry import call_with_retry
+
+__all__ = ["S3Store", "translate_error"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+_READ_SIZE = _MiB
+_MAX_SINGLE_COPY = 5 * _GiB
+_MIN_PART = 5 * _MiB
+_MAX_PARTS = 10_000
+_COPY_PART = 512 * _MiB  # part size of a server-side multipart copy
+_FALLBACK_PART = 64 * _MiB  # part size when UploadPartCopy is not supported (held in memory)
+_MAX_ATTEMPTS = 10
+_CHECK_DEADLINE_S = 6.0
+
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound"})
+_PRECONDITION_CODES = frozenset({"412", "PreconditionFailed"})
+_NOT_SUPPORTED_CODES = frozenset({"501", "NotImplemented"})
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
+    "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "OperationAborted",
+    "InternalFailure", "500", "502", "503", "504",
+})
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_ACCESS_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "403",
+})
+_TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    _bce.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    _bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError (SSLError: see below)
+    _bce.IncompleteReadError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    http.client.IncompleteRead,
+    ConnectionError,
+    TimeoutError,
+)
+_CREDENTIAL_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    _bce.NoCredentialsError,
+    _bce.PartialCredentialsError,
+    _bce.CredentialRetrievalError,
+)
+
+
+_loader_lock = threading.Lock()
+_shared_loader: Any = None
+
+
+def _new_session(region: str | None) -> Any:
+    """A fresh boto3 session (credentials resolved anew) sharing one model loader.
+
+    Loading the S3 service model costs about 0.3 s per session; the loader only caches
+    read-only data, so sharing it is safe.
+    """
+    global _shared_loader
+    core = botocore.session.get_session()
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = core.get_component("data_loader")
+        else:
+            core.register_component("data_loader", _shared_loader)
+    return boto3.session.Session(botocore_session=core, region_name=region)
+
+
+class _AccessDenied(StoreError):
+    """Credentials missing or refused (a ``StoreError`` for callers)."""
+
+
+def _client_error_fields(err: _bce.ClientError) -> tuple[str, int]:
+    response: Mapping[str, Any] = getattr(err, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _classify(err: BaseException) -> type[StoreError]:
+    """Which ``StoreError`` class an error raised by boto3 (or by our own code) becomes."""
+    if isinstance(err, StoreError):
+        return type(err)
+    if isinstance(err, _bce.ClientError):
+        code, status = _client_error_fields(err)
+        if code in _NOT_FOUND_CODES or status == 404:
+            return NotFound
+        if code in _PRECONDITION_CODES or status == 412:
+            return PreconditionFailed
+        if code in _NOT_SUPPORTED_CODES or status == 501:
+            return NotSupported
+        if code in _ACCESS_CODES or status == 403:
+            return _AccessDenied
+        if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
+            return Transient
+        return StoreError
+    if isinstance(err, _CREDENTIAL_EXCEPTIONS):
+        return _AccessDenied
+    if isinstance(err, _bce.SSLError):
+        return StoreError  # a certificate problem does not heal by retrying
+    if isinstance(err, _TRANSIENT_EXCEPTIONS):
+        return Transient
+    return StoreError
+
+
+def _is_transient(err: BaseException) -> bool:
+    return _classify(err) is Transient
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def translate_error(err: BaseException, *, location: str, what: str = "") -> StoreError:
+    """The ``StoreError`` (subclass) to raise for ``err``, with a one-line message.
+
+    ``location`` is the ``s3://bucket/prefix[/key]`` the call was about and ``what`` the
+    operation (``"get_range"``). ``StoreError``s pass through unchanged. The message never
+    carries credentials: for refused credentials it says only where and what to check.
+    """
+    if isinstance(err, StoreError):
+        return err
+    cls = _classify(err)
+    head = f"{what} {location}" if what else location
+    if cls is _AccessDenied:
+        if isinstance(err, _CREDENTIAL_EXCEPTIONS):
+            return _AccessDenied(
+                f"no usable AWS credentials for {location}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        return _AccessDenied(f"access denied to {location}: check credentials")
+    if isinstance(err, _bce.ClientError):
+        code, status = _client_error_fields(err)
+        message = str(err.response.get("Error", {}).get("Message", "") or "")
+        detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
+        return cls(_one_line(f"{head}: {detail}"))
+    if cls is Transient:
+        return Transient(_one_line(f"{head}: {type(err).__name__}: {err}"))
+    return cls(_one_line(f"{head}: {type(err).__name__}: {err}"))
+
+
+def _mtime_ns(value: Any) -> int:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        delta: datetime.timedelta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+        return (delta // datetime.timedelta(microseconds=1)) * 1000
+    return 0
+
+
+def _redact_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _is_aws_endpoint(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+def _lower_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    return {k.lower(): v for k, v in (metadata or {}).items()}
+
+
+def _part_size(size: int, preferred: int) -> int:
+    """A part size >= ``preferred`` (and >= 5 MiB) that fits ``size`` in 10 000 parts."""
+    needed = math.ceil(size / _MAX_PARTS)
+    return max(_MIN_PART, preferred, math.ceil(needed / _MiB) * _MiB)
+
+
+def _total_from_content_range(value: str | None) -> int | None:
+    # "bytes 0-99/1234" -> 1234 (None for "*" or a missing header)
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+class S3Store:
+    """An ``ObjectStore`` over one bucket and key prefix of an S3-compatible server."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        stats: Stats | None = None,
+        deadline_s: float = 30.0,
+        max_pool_connections: int = 64,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        max_single_copy: int = _MAX_SINGLE_COPY,
+    ) -> None:
+        if not bucket:
+            raise ValueError("S3Store needs a bucket name")
+        prefix = prefix.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.bucket = bucket
+        self.prefix = prefix
+        self._stats = stats
+        self._deadline_s = deadline_s
+        self._sse = sse
+        self._sse_kms_key_id = sse_kms_key_id
+        self._max_single_copy = max_single_copy
+        self._location = f"s3://{bucket}/{prefix.rstrip('/')}".rstrip("/")
+        self._session = _new_session(region)
+        self._endpoint_url = endpoint_url
+        # Path-style addressing for any endpoint other than AWS's own (given here, or through
+        # AWS_ENDPOINT_URL / a profile, which boto3 resolves when it builds the client).
+        self._path_style = endpoint_url is not None
+        #: The boto3 client (thread-safe). Public for tests and tools; do not change its config.
+        self.client: Any = self._make_client(
+            max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=20
+        )
+        if not self._path_style and not _is_aws_endpoint(self.client.meta.endpoint_url):
+            self._path_style = True
+            self.client.close()
+            self.client = self._make_client(
+                max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=20
+            )
+        endpoint = _redact_url(self.client.meta.endpoint_url)
+        self.description = (
+            f"{self._location} (endpoint {endpoint})" if self._path_style else self._location
+        )
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _make_client(
+        self, *, max_pool_connections: int, connect_timeout: float, read_timeout: float
+    ) -> Any:
+        s3_config: dict[str, Any] = {}
+        if self._path_style:
+            s3_config["addressing_style"] = "path"
+        config = Config(
+            max_pool_connections=max_pool_connections,
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3=s3_config or None,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return self._session.client("s3", endpoint_url=self._endpoint_url, config=config)
+
+    def _full(self, key: str) -> str:
+        return self.prefix + key
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def _call(self, kind: str, key: str, fn: Callable[[], _T]) -> _T:
+        location = self._where(key)
+
+        def attempt() -> _T:
+            if self._stats is not None:
+                self._stats.count_request(kind)
+            return fn()
+
+        return call_with_retry(
+            attempt,
+            is_transient=_is_transient,
+            deadline_s=self._deadline_s,
+            max_attempts=_MAX_ATTEMPTS,
+            stats=self._stats,
+            what=f"{kind} {location}",
+            translate=lambda err: translate_error(err, location=location, what=kind),
+        )
+
+    def _sse_args(self) -> dict[str, str]:
+        args: dict[str, str] = {}
+        if self._sse is not None:
+            args["ServerSideEncryption"] = self._sse
+        if self._sse_kms_key_id is not None:
+            args["SSEKMSKeyId"] = self._sse_kms_key_id
+        return args
+
+    def _fetched(self, n: int) -> None:
+        if self._stats is not None and n:
+            self._stats.add("bytes_fetched", n)
+
+    def _uploaded(self, n: int) -> None:
+        if self._stats is not None and n:
+            self._stats.add("bytes_uploaded", n)
+
+    def close(self) -> None:
+        """Close the client's connection pool (not part of ``ObjectStore``; optional)."""
+        self.client.close()
+
+    # -- ObjectStore -------------------------------------------------------------------
+    def check(self) -> None:
+        client = self._make_client(max_pool_connections=2, connect_timeout=2, read_timeout=5)
+        endpoint = _redact_url(client.meta.endpoint_url)
+
+        def attempt() -> None:
+            try:
+                client.head_bucket(Bucket=self.bucket)
+            except _bce.ClientError as err:
+                # Prefix-scoped policies may refuse HeadBucket yet allow the listing below.
+                if _classify(err) is not _AccessDenied:
+                    raise
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+
+        def translate(err: Exception) -> BaseException:
+            cls = _classify(err)
+            if cls is NotFound:
+                return NotFound(f"bucket '{self.bucket}' does not exist at {endpoint}")
+            if cls is Transient:
+                detail = _one_line(f"{type(err).__name__}: {err}", 200)
+                return StoreError(f"cannot reach S3 endpoint {endpoint}: {detail}")
+            return translate_error(err, location=self._location, what="check")
+
+        try:
+            call_with_retry(
+                attempt,
+                is_transient=_is_transient,
+                deadline_s=min(self._deadline_s, _CHECK_DEADLINE_S),
+                max_attempts=4,
+                stats=self._stats,
+                what=f"check {self._location}",
+                translate=translate,
+            )
+        finally:
+            client.close()
+
+    def head(self, key: Key) -> ObjectInfo:
+        def fn() -> Any:
+            return self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+
+        resp = self._call("head", key, fn)
+        return ObjectInfo(
+            key=key,
+            size=int(resp.get("ContentLength", 0)),
+            etag=ETag(resp.get("ETag", "")),
+            mtime_ns=_mtime_ns(resp.get("LastModified")),
+            metadata=_lower_metadata(resp.get("Metadata")),
+        )
+
+    def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"bad range start={start} length={length}")
+        if length == 0:
+            return b""
+
+        def fn() -> bytes:
+            args: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": self._full(key),
+                "Range": f"bytes={start}-{start + length - 1}",
+            }
+            if etag is not None:
+                args["IfMatch"] = etag
+            try:
+                resp = self.client.get_object(**args)
+            except _bce.ClientError as err:
+                if _client_error_fields(err)[1] == 416:  # start at or past the end
+                    return b""
+                raise
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            self._fetched(len(data))
+            content_range = resp.get("ContentRange")
+            if content_range is None:  # the server ignored Range and sent the whole object
+                return data[start : start + length]
+            total = _total_from_content_range(content_range)
+            expected = length if total is None else max(0, min(length, total - start))
+            if len(data) != expected:
+                raise Transient(
+                    f"get_range {self._where(key)}: body cut short ({len(data)} of "
+                    f"{expected} bytes)"
+                )
+            return data
+
+        return self._call("get_range", key, fn)
+
+    def get_into(
+        self, key: Key, start: int, length: int, out: BinaryIO, etag: ETag | None = None
+    ) -> int:
+        if start < 0 or length < 0:
+            raise ValueError(f"bad range start={start} length={length}")
+        written = 0
+        pinned: str | None = etag
+
+        def fn() -> int:
+            nonlocal written, pinned
+            if written >= length:
+                return written
+            pos = start + written
+            args: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": self._full(key),
+                "Range": f"bytes={pos}-{start + length - 1}",
+            }
+            if pinned is not None:
+                args["IfMatch"] = pinned
+            try:
+                resp = self.client.get_object(**args)
+            except _bce.ClientError as err:
+                if _client_error_fields(err)[1] == 416:
+                    return written
+                raise
+            if pinned is None:
+                pinned = resp.get("ETag")
+            body = resp["Body"]
+            try:
+                content_range = resp.get("ContentRange")
+                if content_range is None and pos > 0:
+                    self._skip(body, pos)  # the server ignored Range
+                while written < length:
+                    chunk = body.read(min(_READ_SIZE, length - written))
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    written += len(chunk)
+                    self._fetched(len(chunk))
+            finally:
+                body.close()
+            total = _total_from_content_range(content_range)
+            if content_range is None:
+                total = int(resp.get("ContentLength", 0))
+            if total is not None and start + written < min(start + length, total):
+                raise Transient(
+                    f"get_into {self._where(key)}: body cut short at {start + written}"
+                )
+            return written
+
+        return self._call("get_into", key, fn)
+
+    @staticmethod
+    def _skip(body: Any, count: int) -> None:
+        while count > 0:
+            chunk = body.read(min(_READ_SIZE, count))
+            if not chunk:
+                return
+            count -= len(chunk)
+
+    def put(
+        self, key: Key, data: bytes | memoryview, metadata: Mapping[str, str] | None = None
+    ) -> ETag:
+        body = bytes(data) if isinstance(data, memoryview) else data
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full(key),
+            "Body": body,
+            "Metadata": _lower_metadata(metadata),
+            **self._sse_args(),
+        }
+
+        def fn() -> Any:
+            return self.client.put_object(**args)
+
+        resp = self._call("put", key, fn)
+        self._uploaded(len(body))
+        return ETag(resp["ETag"])
+
+    def list(
+        self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage:
+        full_prefix = self._full(prefix)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": full_prefix,
+            "MaxKeys": max_keys,
+        }
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if continuation is not None:
+            args["ContinuationToken"] = continuation
+
+        def fn() -> Any:
+            return self.client.list_objects_v2(**args)
+
+        resp = self._call("list", prefix, fn)
+        cut = len(self.prefix)
+        objects = [
+            ObjectInfo(
+                key=Key(item["Key"][cut:]),
+                size=int(item.get("Size", 0)),
+                etag=ETag(item.get("ETag", "")),
+                mtime_ns=_mtime_ns(item.get("LastModified")),
+            )
+            for item in resp.get("Contents", [])
+            if len(item["Key"]) > cut
+        ]
+        prefixes = [Key(item["Prefix"][cut:]) for item in resp.get("CommonPrefixes", [])]
+        token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
+        return ListPage(objects=objects, prefixes=prefixes, continuation=token)
+
+    def delete(self, key: Key) -> None:
+        # S3 answers 204 for an absent key; a NotFound here means the bucket is gone.
+        def fn() -> Any:
+            return self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+        self._call("delete", key, fn)
+
+    def copy(
+        self, src: Key, dst: Key, metadata: Mapping[str, str] | None = None,
+        src_etag: ETag | None = None,
+    ) -> ETag:
+        info = self.head(src)
+        if src_etag is not None and info.etag != src_etag:
+            raise PreconditionFailed(
+                f"copy {self._where(src)}: ETag is {info.etag}, expected {src_etag}"
+            )
+        if info.size > self._max_single_copy:
+            keep = metadata if metadata is not None else (info.metadata or {})
+            return self._multipart_copy(src, dst, info, keep)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full(dst),
+            "CopySource": {"Bucket": self.bucket, "Key": self._full(src)},
+            "MetadataDirective": "COPY" if metadata is None else "REPLACE",
+            **self._sse_args(),
+        }
+        if metadata is not None:
+            args["Metadata"] = _lower_metadata(metadata)
+        if src_etag is not None:
+            args["CopySourceIfMatch"] = src_etag
+
+        def fn() -> Any:
+            return self.client.copy_object(**args)
+
+        resp = self._call("copy", dst, fn)
+        return ETag(resp["CopyObjectResult"]["ETag"])
+
+    def _multipart_copy(
+        self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str]
+    ) -> ETag:
+        upload_id = self.create_multipart(dst, metadata)
+        try:
+            part_size = _part_size(info.size, min(_COPY_PART, self._max_single_copy))
+            parts: list[UploadPart] = []
+            server_side = True
+            pos = 0
+            number = 1
+            while pos < info.size:
+                n = min(part_size, info.size - pos)
+                if server_side:
+                    try:
+                        parts.append(
+                            self.upload_part_copy(
+                                dst, upload_id, number, src, pos, n, src_etag=info.etag
+                            )
+                        )
+                    except NotSupported:
+                        _log.info(
+                            "%s: server lacks UploadPartCopy; copying %s through this host",
+                            self.description, self._where(src),
+                        )
+                        server_side = False
+                        if number == 1:
+                            part_size = _part_size(
+                                info.size, min(_FALLBACK_PART, self._max_single_copy)
+                            )
+                        continue
+                else:
+                    data = self.get_range(src, pos, n, etag=info.etag)
+                    if len(data) != n:
+                        raise PreconditionFailed(f"copy {self._where(src)}: source shrank")
+                    parts.append(self.upload_part(dst, upload_id, number, data))
+                pos += n
+                number += 1
+            return self.complete_multipart(dst, upload_id, parts)
+        except BaseException:
+            try:
+                self.abort_multipart(dst, upload_id)
+            except StoreError as err:
+                _log.debug("abort of multipart copy to %s failed: %s", self._where(dst), err)
+            raise
+
+    def create_multipart(self, key: Key, metadata: Mapping[str, str] | None = None) -> str:
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full(key),
+            "Metadata": _lower_metadata(metadata),
+            **self._sse_args(),
+        }
+
+        def fn() -> Any:
+            return self.client.create_multipart_upload(**args)
+
+        return str(self._call("create_multipart", key, fn)["UploadId"])
+
+    def upload_part(
+        self, key: Key, upload_id: str, number: int, data: bytes | memoryview
+    ) -> UploadPart:
+        body = bytes(data) if isinstance(data, memoryview) else data
+
+        def fn() -> Any:
+            return self.client.upload_part(
+                Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
+                PartNumber=number, Body=body,
+            )
+
+        resp = self._call("upload_part", key, fn)
+        self._uploaded(len(body))
+        return UploadPart(number=number, etag=ETag(resp["ETag"]))
+
+    def upload_part_copy(
+        self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
+        src_etag: ETag | None = None,
+    ) -> UploadPart:
+        if start < 0 or length <= 0:
+            raise ValueError(f"bad range start={start} length={length}")
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full(key),
+            "UploadId": upload_id,
+            "PartNumber": number,
+            "CopySource": {"Bucket": self.bucket, "Key": self._full(src)},
+            "CopySourceRange": f"bytes={start}-{start + length - 1}",
+        }
+        if src_etag is not None:
+            args["CopySourceIfMatch"] = src_etag
+
+        def fn() -> Any:
+            return self.client.upload_part_copy(**args)
+
+        resp = self._call("upload_part_copy", key, fn)
+        return UploadPart(number=number, etag=ETag(resp["CopyPartResult"]["ETag"]))
+
+    def complete_multipart(
+        self, key: Key, upload_id: str, parts: builtins.list[UploadPart]
+    ) -> ETag:
+        ordered = sorted(parts, key=lambda p: p.number)
+        payload = {"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in ordered]}
+
+        def fn() -> Any:
+            return self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
+                MultipartUpload=payload,
+            )
+
+        resp = self._call("complete_multipart", key, fn)
+        return ETag(resp["ETag"])
+
+    def abort_multipart(self, key: Key, upload_id: str) -> None:
+        def fn() -> Any:
+            return self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._full(key), UploadId=upload_id
+            )
+
+        try:
+            self._call("abort_multipart", key, fn)
+        except NotFound:
+            pass

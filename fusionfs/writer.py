@@ -1,0 +1,566 @@
+"""Staging of files open for writing, streaming multipart upload, and commit on fsync/close.
+
+Purpose: every inode open for writing gets a ``StagedFile``: a sparse local file (mode 0600, in a
+0700 staging directory) that holds the bytes written so far, plus the object version the other
+bytes come from (``base``). A file created or truncated on open has no base: all its content is
+local, and when it is written sequentially it *streams*: as soon as a part's worth of bytes is
+staged, that part goes up as a multipart-upload part in the background, several in parallel, so
+``close`` only has to send the tail and complete the upload. A file opened for a rewrite or an
+append keeps its base: a partial write to a chunk first fills that chunk from the base, and at
+commit the unchanged parts are copied server-side (``UploadPartCopy``) or, where the server lacks
+it, uploaded from the base's bytes.
+
+Durability: ``commit`` returns once the object is committed in the store (PUT, or
+CompleteMultipartUpload); until then nothing is visible under the key, so a half-written file is
+never visible. A failed commit raises ``UploadFailed`` and leaves everything staged: the next
+``fsync``/``close``/unmount tries again. Each staged file has a small JSON record beside it (key,
+upload id) so that a daemon killed with unacknowledged data leaves something the next mount can
+report (``recover_leftovers``), and multipart uploads it can abort.
+
+Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
+threads. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
+may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
+if no write happened meanwhile. A write into a part that has already been sent invalidates the
+stream, and the commit then uploads from the staging file instead. Memory is bounded: a part is
+read from the staging file only once an upload slot is free, so at most ``upload_slots`` parts
+are in memory at once, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from fusionfs.errors import UploadFailed
+from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
+from fusionfs.stats import Stats
+from fusionfs.store.base import (
+    ETag,
+    Key,
+    NotSupported,
+    ObjectStore,
+    StoreError,
+    UploadPart,
+)
+
+__all__ = ["StagedFile", "Uploader", "part_size_for", "recover_leftovers"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_MAX_PART = 5 << 30
+_MAX_PARTS = 10_000
+
+
+def part_size_for(number: int, base: int) -> int:
+    """Size of part ``number`` (1-based): ``base`` for the first 1000 parts, then doubling every
+    1000 parts (capped at S3's 5 GiB), so 10 000 parts reach past S3's 5 TiB object limit instead
+    of stopping at 10 000 x base."""
+    return min(base << ((number - 1) // 1000), _MAX_PART)
+
+
+class Uploader:
+    """Shared by all staged files of a mount: the store, limits and policy."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        chunks: ChunkSource,
+        *,
+        staging_dir: Path,
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        stats: Stats,
+        part_size: int,
+        upload_slots: int,
+        call_timeout: float,
+    ) -> None:
+        if part_size < 5 << 20:
+            raise ValueError("part size must be at least 5 MiB (S3's minimum)")
+        self.store = store
+        self.chunks = chunks
+        self.staging_dir = staging_dir
+        self.nursery = nursery
+        self.limiter = limiter
+        self.stats = stats
+        self.part_size = part_size
+        self.slots = trio.CapacityLimiter(upload_slots)
+        self.call_timeout = call_timeout
+        self.part_copy_supported = True
+
+    async def call(self, fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        return await run_store_call(
+            fn, limiter=self.limiter, timeout=timeout or self.call_timeout, what=what
+        )
+
+    def new_staged(self, key: Key, base: ObjectRef | None) -> StagedFile:
+        return StagedFile(self, key, base)
+
+
+class _Stream:
+    """An in-progress streaming multipart upload of a file with no base."""
+
+    def __init__(self) -> None:
+        self.upload_id: str | None = None
+        self.creating = False
+        self.created = trio.Event()
+        self.create_error: BaseException | None = None
+        self.parts: dict[int, UploadPart] = {}
+        self.started_until = 0  # bytes [0, started_until) are in parts sent or being sent
+        self.next_number = 1
+        self.in_flight = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.error: BaseException | None = None
+        self.valid = True
+        self.metadata: dict[str, str] = {}
+
+
+class StagedFile:
+    """The local state of one inode open for writing. Not thread-safe: trio thread only."""
+
+    def __init__(self, up: Uploader, key: Key, base: ObjectRef | None) -> None:
+        self._up = up
+        self.key = key
+        self.base = base
+        # bytes at or beyond base_limit never come from the base (truncated away or never there)
+        self.base_limit = base.size if base else 0
+        self.size = base.size if base else 0
+        self.filled: set[int] = set()  # chunk indexes whose bytes in staging are authoritative
+        self.generation = 0
+        self.dirty = False
+        self.commit_lock = trio.Lock()
+        self._stream: _Stream | None = None
+        self._id = uuid.uuid4().hex
+        self.path = up.staging_dir / f"{self._id}.data"
+        self._record = up.staging_dir / f"{self._id}.json"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
+        self.closed = False
+
+    # -- writing -------------------------------------------------------------------------------
+    async def write(self, off: int, data: bytes) -> int:
+        if not data:
+            return 0
+        await self._fill_partial(off, off + len(data))
+        cs = self._up.chunks.chunk_size
+        end = off + len(data)
+        await trio.to_thread.run_sync(os.pwrite, self._fd, data, off)
+        self.filled.update(range(off // cs, (end - 1) // cs + 1))
+        stream = self._stream
+        if stream is not None and off < stream.started_until:
+            self._invalidate_stream("a write landed in a part already sent")
+        self.size = max(self.size, end)
+        await self._touch()
+        self._maybe_send_parts()
+        return len(data)
+
+    async def truncate(self, size: int) -> None:
+        if size < self.size and self.base is not None and size < self.base_limit:
+            cs = self._up.chunks.chunk_size
+            if size % cs:
+                await self._fill_chunk(size // cs)
+            self.base_limit = size
+        await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
+        stream = self._stream
+        if stream is not None and size < stream.started_until:
+            self._invalidate_stream("truncated below the parts already sent")
+        self.size = size
+        await self._touch()
+
+    async def read(self, off: int, size: int) -> bytes:
+        """Current content (staged bytes over the base's) of ``[off, off+size)``."""
+        end = min(off + size, self.size)
+        if end <= off:
+            return b""
+        cs = self._up.chunks.chunk_size
+        out = bytearray()
+        pos = off
+        while pos < end:
+            idx = pos // cs
+            stop = min(end, (idx + 1) * cs)
+            if idx in self.filled or self.base is None or pos >= self.base_limit:
+                out += await trio.to_thread.run_sync(os.pread, self._fd, stop - pos, pos)
+            else:
+                from_base = min(stop, self.base_limit)
+                out += await self._up.chunks.read(self.base, pos, from_base - pos, None)
+                if stop > from_base:
+                    out += await trio.to_thread.run_sync(
+                        os.pread, self._fd, stop - from_base, from_base
+                    )
+            pos = stop
+        # a sparse staging file reads short past its written end: pad with the zeros it means
+        if len(out) < end - off:
+            out += bytes(end - off - len(out))
+        return bytes(out)
+
+    async def _touch(self) -> None:
+        self.generation += 1
+        if not self.dirty:
+            self.dirty = True
+            await self._write_record()
+
+    async def _fill_partial(self, start: int, end: int) -> None:
+        """Before a write of [start, end): fill the chunks it only partly covers from the base."""
+        if self.base is None:
+            return
+        cs = self._up.chunks.chunk_size
+        first, last = start // cs, (end - 1) // cs
+        if start % cs:
+            await self._fill_chunk(first)
+        if end % cs and (last != first or not start % cs):
+            await self._fill_chunk(last)
+
+    async def _fill_chunk(self, idx: int) -> None:
+        assert self.base is not None
+        cs = self._up.chunks.chunk_size
+        lo = idx * cs
+        if idx in self.filled or lo >= self.base_limit:
+            return
+        hi = min((idx + 1) * cs, self.base_limit)
+        data = await self._up.chunks.read(self.base, lo, hi - lo, None)
+        await trio.to_thread.run_sync(os.pwrite, self._fd, data, lo)
+        self.filled.add(idx)
+
+    # -- streaming -----------------------------------------------------------------------------
+    def _maybe_send_parts(self) -> None:
+        if self.base is not None:
+            return
+        if self._stream is None:
+            if self.size < self._up.part_size:
+                return
+            self._stream = _Stream()
+        stream = self._stream
+        while stream.valid:
+            length = part_size_for(stream.next_number, self._up.part_size)
+            # keep the last part back: the tail is sent by commit, which knows where the end is
+            if self.size - stream.started_until <= length or stream.next_number >= _MAX_PARTS:
+                return
+            number, start = stream.next_number, stream.started_until
+            stream.next_number += 1
+            stream.started_until += length
+            stream.in_flight += 1
+            stream.idle = trio.Event()
+            self._up.nursery.start_soon(self._send_part, stream, number, start, length)
+
+    async def _ensure_upload(self, stream: _Stream) -> str:
+        if stream.upload_id is None and not stream.created.is_set():
+            if not stream.creating:
+                stream.creating = True
+                try:
+                    stream.metadata = dict(self._metadata_hint)
+                    upload_id = await self._up.call(
+                        functools.partial(
+                            self._up.store.create_multipart, self.key, stream.metadata
+                        ),
+                        f"create upload {self.key}",
+                    )
+                    stream.upload_id = upload_id
+                    await self._write_record()
+                except Exception as e:
+                    stream.create_error = e
+                finally:
+                    stream.created.set()
+        await stream.created.wait()
+        if stream.create_error is not None:
+            raise stream.create_error
+        assert stream.upload_id is not None
+        return stream.upload_id
+
+    _metadata_hint: Mapping[str, str] = {}
+
+    def set_metadata_hint(self, metadata: Mapping[str, str]) -> None:
+        """Metadata to start a streaming upload with (the commit fixes it up if it changed)."""
+        self._metadata_hint = dict(metadata)
+
+    async def _send_part(self, stream: _Stream, number: int, start: int, length: int) -> None:
+        try:
+            upload_id = await self._ensure_upload(stream)
+            async with self._up.slots:
+                if not stream.valid:
+                    return
+                data = await trio.to_thread.run_sync(os.pread, self._fd, length, start)
+                if len(data) < length:
+                    data += bytes(length - len(data))
+                part = await self._up.call(
+                    functools.partial(
+                        self._up.store.upload_part, self.key, upload_id, number, data
+                    ),
+                    f"upload part {number} of {self.key}",
+                )
+                stream.parts[number] = part
+        except Exception as e:
+            if stream.error is None:
+                stream.error = e
+            log.warning("streaming part %d of %s failed: %s", number, self.key, e)
+        finally:
+            stream.in_flight -= 1
+            if stream.in_flight == 0:
+                stream.idle.set()
+
+    def _invalidate_stream(self, why: str) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        log.debug("streaming upload of %s abandoned: %s", self.key, why)
+        stream.valid = False
+        self._stream = None
+        self._up.nursery.start_soon(self._abort_stream, stream)
+
+    async def _abort_stream(self, stream: _Stream) -> None:
+        await stream.idle.wait()
+        if stream.upload_id is None:
+            return
+        try:
+            await self._up.call(
+                functools.partial(self._up.store.abort_multipart, self.key, stream.upload_id),
+                f"abort upload {self.key}",
+            )
+        except StoreError as e:
+            log.info("could not abort multipart upload of %s: %s", self.key, e)
+
+    # -- commit ------------------------------------------------------------------------------
+    async def commit(self, key: Key, metadata: Mapping[str, str]) -> ObjectRef:
+        """Make the current content durable as ``key``. Raises ``UploadFailed``."""
+        async with self.commit_lock:
+            generation = self.generation
+            if key != self.key:
+                self._invalidate_stream("renamed")
+                self.key = key
+                await self._write_record()
+            self._up.stats.add("uploads_pending")
+            try:
+                etag = await self._upload(key, metadata)
+            except UploadFailed:
+                self._up.stats.add("uploads_failed")
+                raise
+            except (StoreError, OSError) as e:
+                self._up.stats.add("uploads_failed")
+                raise UploadFailed(f"{key}: {e}") from e
+            finally:
+                self._up.stats.add("uploads_pending", -1)
+            self._up.stats.add("uploads_done")
+            ref = ObjectRef(key, etag, self.size)
+            # the staged bytes plus the new object are now the whole truth: rebase on it
+            self.base = ref
+            self.base_limit = self.size
+            if self.generation == generation:
+                self.dirty = False
+            return ref
+
+    async def _upload(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+        stream = self._stream
+        if stream is not None:
+            self._stream = None
+            if stream.valid:
+                etag = await self._finish_stream(stream, key, metadata)
+                if etag is not None:
+                    return etag
+            else:
+                self._up.nursery.start_soon(self._abort_stream, stream)
+        if self.size <= self._up.part_size:
+            await self._fill_all()
+            data = await trio.to_thread.run_sync(os.pread, self._fd, self.size, 0)
+            data += bytes(self.size - len(data))
+            return await self._up.call(
+                functools.partial(self._up.store.put, key, data, metadata), f"PUT {key}",
+            )
+        return await self._multipart(key, metadata)
+
+    async def _finish_stream(
+        self, stream: _Stream, key: Key, metadata: Mapping[str, str]
+    ) -> ETag | None:
+        """Send the tail and complete. None means the stream broke: upload another way."""
+        try:
+            await stream.idle.wait()
+            if stream.error is not None or not stream.valid:
+                raise stream.error or UploadFailed("stream invalidated")
+            upload_id = await self._ensure_upload(stream)
+            if self.size > stream.started_until:
+                number = stream.next_number
+                stream.in_flight += 1
+                stream.idle = trio.Event()
+                await self._send_part(stream, number, stream.started_until,
+                                      self.size - stream.started_until)
+                stream.started_until = self.size
+                if stream.error is not None:
+                    raise stream.error
+            parts = [stream.parts[n] for n in sorted(stream.parts)]
+            etag = await self._up.call(
+                functools.partial(self._up.store.complete_multipart, key, upload_id, parts),
+                f"complete upload {key}", timeout=max(self._up.call_timeout, 300.0),
+            )
+        except Exception as e:
+            log.warning("streaming upload of %s failed (%s); uploading it again whole", key, e)
+            stream.valid = False
+            self._up.nursery.start_soon(self._abort_stream, stream)
+            return None
+        if dict(metadata) != stream.metadata:
+            etag = await self._up.call(
+                functools.partial(self._up.store.copy, key, key, metadata, etag),
+                f"set metadata {key}",
+            )
+        return etag
+
+    def _plan(self) -> list[tuple[int, int, int]]:
+        parts = []
+        pos, number = 0, 1
+        while pos < self.size:
+            length = min(part_size_for(number, self._up.part_size), self.size - pos)
+            parts.append((number, pos, length))
+            pos += length
+            number += 1
+        if len(parts) > _MAX_PARTS:
+            raise UploadFailed(f"{self.key}: file too large for a multipart upload")
+        return parts
+
+    async def _multipart(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+        up = self._up
+        upload_id = await up.call(
+            functools.partial(up.store.create_multipart, key, metadata), f"create upload {key}"
+        )
+        results: dict[int, UploadPart] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, start, length in self._plan():
+                    nursery.start_soon(self._upload_part, key, upload_id, number, start, length,
+                                       results)
+            parts = [results[n] for n in sorted(results)]
+            return await up.call(
+                functools.partial(up.store.complete_multipart, key, upload_id, parts),
+                f"complete upload {key}", timeout=max(up.call_timeout, 300.0),
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await up.call(
+                        functools.partial(up.store.abort_multipart, key, upload_id),
+                        f"abort upload {key}",
+                    )
+            raise
+
+    async def _upload_part(
+        self, key: Key, upload_id: str, number: int, start: int, length: int,
+        results: dict[int, UploadPart],
+    ) -> None:
+        up = self._up
+        cs = up.chunks.chunk_size
+        chunks = range(start // cs, (start + length - 1) // cs + 1)
+        clean = self.base is not None and start + length <= self.base_limit and not any(
+            i in self.filled for i in chunks
+        )
+        async with up.slots:
+            if clean and up.part_copy_supported:
+                assert self.base is not None
+                try:
+                    results[number] = await up.call(
+                        functools.partial(
+                            up.store.upload_part_copy, key, upload_id, number, self.base.key,
+                            start, length, self.base.etag,
+                        ),
+                        f"copy part {number} of {key}",
+                    )
+                    return
+                except NotSupported:
+                    log.info("store has no UploadPartCopy: uploading unchanged parts instead")
+                    up.part_copy_supported = False
+            for idx in chunks:
+                await self._fill_chunk_if_based(idx)
+            data = await trio.to_thread.run_sync(os.pread, self._fd, length, start)
+            data += bytes(length - len(data))
+            results[number] = await up.call(
+                functools.partial(up.store.upload_part, key, upload_id, number, data),
+                f"upload part {number} of {key}",
+            )
+
+    async def _fill_chunk_if_based(self, idx: int) -> None:
+        if self.base is not None:
+            await self._fill_chunk(idx)
+
+    async def _fill_all(self) -> None:
+        if self.base is None:
+            return
+        cs = self._up.chunks.chunk_size
+        for idx in range((min(self.size, self.base_limit) + cs - 1) // cs):
+            await self._fill_chunk(idx)
+
+    # -- records and cleanup -----------------------------------------------------------------
+    async def _write_record(self) -> None:
+        stream = self._stream
+        record = {
+            "key": self.key,
+            "created": time.time(),
+            "upload_id": stream.upload_id if stream else None,
+            "data": self.path.name,
+        }
+        await trio.to_thread.run_sync(_write_json, self._record, record)
+
+    async def discard(self) -> None:
+        """Drop the staged state (after a clean commit and the last close, or an unlink)."""
+        if self.closed:
+            return
+        self.closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.valid = False
+            self._up.nursery.start_soon(self._abort_stream, stream)
+        os.close(self._fd)
+        await trio.to_thread.run_sync(_remove_quietly, self.path, self._record)
+
+
+def _write_json(path: Path, record: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(record).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _remove_quietly(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def recover_leftovers(staging_dir: Path, recovered_dir: Path, store: ObjectStore) -> list[str]:
+    """At mount: move staged files left by a daemon that died into ``recovered_dir``.
+
+    Their data was never acknowledged (fsync/close would have committed it), so it is not
+    uploaded (that could overwrite a newer version written elsewhere): it is kept and reported.
+    Multipart uploads they had started are aborted. Returns one message per file kept.
+    """
+    messages = []
+    for record_path in sorted(staging_dir.glob("*.json")):
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        data = staging_dir / str(record.get("data", record_path.stem + ".data"))
+        upload_id = record.get("upload_id")
+        key = str(record.get("key", "?"))
+        if upload_id:
+            with contextlib.suppress(StoreError):
+                store.abort_multipart(Key(key), str(upload_id))
+        if data.exists() and data.stat().st_size > 0:
+            recovered_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            target = recovered_dir / f"{record_path.stem}.data"
+            os.replace(data, target)
+            (recovered_dir / record_path.name).write_text(json.dumps(record))
+            messages.append(f"unsaved data of '{key}' from an earlier run kept in {target}")
+        _remove_quietly(record_path, data)
+    for stray in staging_dir.glob("*"):
+        _remove_quietly(stray)
+    return messages

@@ -1,0 +1,414 @@
+"""``snapstore``: checkpoint a running task into a fusionfs mount with CRIU, and restore it.
+
+Commands: dump, restore, list, show, rm (``snapstore COMMAND --help``). Errors are one line on
+stderr (plus the relevant lines of CRIU's log when CRIU failed) and an exit code from
+``snapstore.errors``; a traceback means a bug.
+
+Caveat: ``restore`` without ``--detach`` waits for the task and exits with the task's own
+status, which may happen to equal one of snapstore's codes (2, 175, 176); a line on stderr says
+which it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from snapstore.catalog import Catalog, Manifest, validate_task_id
+from snapstore.dump import DumpOptions, dump
+from snapstore.errors import (
+    EXIT_DUMP_FAILED,
+    EXIT_RESTORE_FAILED,
+    EXIT_USAGE,
+    SnapstoreError,
+    UsageError,
+)
+from snapstore.restore import RestoreResult, restore, wait_task
+from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
+
+__all__ = ["build_parser", "main"]
+
+_EXIT_CODES = f"""\
+exit codes:
+  0    success
+  1    other error (list, show, rm: unreadable root or manifest)
+  {EXIT_USAGE}    bad usage or input: unknown PID, no such task or snapshot, root not on a
+       fusionfs mount, invalid task id
+  {EXIT_DUMP_FAILED}  dump failed: CRIU missing or too old, CRIU could not dump the task, the
+       deadline passed, the snapshot could not be made durable (nothing committed)
+  {EXIT_RESTORE_FAILED}  restore failed: CRIU missing or too old, the task's PID is in use,
+       damaged snapshot, CRIU could not restore
+  restore without --detach exits with the task's own exit status (128+N if killed by signal N)
+
+--root defaults to ${ROOT_ENV}, else {DEFAULT_ROOT}. Testing aid: {ALLOW_ANY_ROOT_ENV}=1 accepts
+a root that is not on a fusionfs mount.
+"""
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _note(msg: str) -> None:
+    print(f"snapstore: {msg}", file=sys.stderr, flush=True)
+
+
+def _snapshot_number(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a snapshot number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"snapshot numbers start at 1, not {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the deadline must be positive, not {text}")
+    return value
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a PID: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="snapstore",
+        description="Checkpoint a running task into a fusionfs mount with CRIU, and restore it "
+        "(lazily: it resumes before its memory is fetched).",
+        epilog=_EXIT_CODES,
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, task_required: bool = True) -> None:
+        p.add_argument(
+            "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
+        )
+        p.add_argument("--task", required=task_required, help="task id")
+
+    p = sub.add_parser(
+        "dump",
+        help="checkpoint a running process tree as a new snapshot",
+        epilog=_EXIT_CODES,
+        formatter_class=fmt,
+    )
+    p.add_argument("pid", type=_pid, metavar="PID")
+    common(p)
+    p.add_argument(
+        "--leave-running",
+        action="store_true",
+        help="keep the task running after the snapshot (default: it is killed "
+        "once the snapshot is committed)",
+    )
+    p.add_argument(
+        "--tcp-established",
+        action="store_true",
+        help="checkpoint established TCP connections (CRIU --tcp-established)",
+    )
+    p.add_argument(
+        "--shell-job",
+        action="store_true",
+        help="the task shares a session or terminal (CRIU --shell-job)",
+    )
+    p.add_argument(
+        "--file-locks", action="store_true", help="the task holds file locks (CRIU --file-locks)"
+    )
+    p.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="fail (exit 175, nothing committed, task left running) if the "
+        "snapshot is not committed within SECONDS",
+    )
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = sub.add_parser(
+        "restore", help="restore a committed snapshot", epilog=_EXIT_CODES, formatter_class=fmt
+    )
+    common(p)
+    p.add_argument(
+        "--snapshot",
+        type=_snapshot_number,
+        metavar="N",
+        help="snapshot number (default: the latest committed)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lazy",
+        dest="lazy",
+        action="store_const",
+        const=True,
+        default=None,
+        help="resume at once, fetch memory on demand (default where userfaultfd exists)",
+    )
+    mode.add_argument(
+        "--eager",
+        dest="lazy",
+        action="store_const",
+        const=False,
+        help="read all memory before resuming",
+    )
+    p.add_argument(
+        "--detach", action="store_true", help="return once the task runs instead of waiting for it"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the restore result as JSON (once the task runs)"
+    )
+
+    p = sub.add_parser("list", help="list committed snapshots")
+    common(p, task_required=False)
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also list uncommitted snapshot dirs (failed or interrupted dumps)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="show a snapshot's manifest")
+    common(p)
+    p.add_argument(
+        "--snapshot",
+        type=_snapshot_number,
+        metavar="N",
+        help="snapshot number (default: the latest committed)",
+    )
+    p.add_argument("--json", action="store_true", help="the manifest as stored")
+
+    p = sub.add_parser("rm", help="remove a snapshot (manifest first), or a whole task")
+    common(p)
+    p.add_argument(
+        "--snapshot",
+        type=_snapshot_number,
+        metavar="N",
+        help="remove only snapshot N (committed or not)",
+    )
+    return parser
+
+
+# -- commands
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    validate_task_id(args.task)
+    root = open_root(args.root, create=True)
+    opts = DumpOptions(
+        leave_running=args.leave_running,
+        tcp_established=args.tcp_established,
+        shell_job=args.shell_job,
+        file_locks=args.file_locks,
+        deadline=args.deadline,
+    )
+    result = dump(args.pid, args.task, root, opts)
+    m = result.manifest
+    total = time.monotonic() - started
+    if args.json:
+        _say(m.to_json().rstrip())
+        return 0
+    t = m.timings
+    pages = m.criu_stats.get("pages_written", 0) * 4096
+    _say(f"snapshot {m.snapshot} of task {m.task} committed: {result.manifest_path}")
+    _say(
+        f"  pid {m.pid} ({len(m.pids)} process(es), {len(m.tids)} thread(s)): "
+        f"{' '.join(m.command)[:100]}"
+    )
+    _say(f"  size {_mb(m.total_bytes)} in {len(m.files)} files (memory pages {_mb(pages)})")
+    _say(
+        f"  freeze {t['freeze_s']:.3f} s | frozen {t['frozen_s']:.3f} s (memory dump "
+        f"{t['memdump_s']:.3f} s, write {t['memwrite_s']:.3f} s) | criu {t['criu_s']:.3f} s"
+        f" | flush until durable {t['flush_s']:.3f} s | total {total:.3f} s"
+    )
+    if m.options.get("leave_running"):
+        _say(f"  task {m.pid} left running")
+    else:
+        _say(f"  task {m.pid} killed after the commit")
+    return 0
+
+
+def _restore_json(r: RestoreResult) -> str:
+    return json.dumps(
+        {
+            "task": r.task,
+            "snapshot": r.snapshot,
+            "pid": r.pid,
+            "lazy": r.lazy,
+            "resume_s": round(r.resume_s, 6),
+            "pages_s": r.pages_s,
+            "workdir": str(r.workdir),
+            "lazy_pid": r.lazy_pid,
+            "criu_stats": r.stats,
+        },
+        sort_keys=True,
+    )
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    validate_task_id(args.task)
+    root = open_root(args.root, create=False)
+    started = time.monotonic()
+    result = restore(args.task, root, args.snapshot, args.lazy)
+    how = "lazily" if result.lazy else "eagerly"
+    if args.json:
+        _say(_restore_json(result))
+    else:
+        _say(
+            f"restored snapshot {result.snapshot} of task {result.task} {how}: pid "
+            f"{result.pid} running after {result.resume_s:.3f} s"
+        )
+    if args.detach:
+        if result.lazy_pid is None:
+            shutil.rmtree(result.workdir, ignore_errors=True)
+        elif not args.json:
+            _say(
+                f"  pages keep arriving in the background (criu lazy-pages pid "
+                f"{result.lazy_pid}, log {result.workdir / 'lazy-pages.log'})"
+            )
+        return 0
+
+    def pages_in(r: RestoreResult) -> None:
+        if r.lazy_status not in (None, 0):
+            _note(
+                f"criu lazy-pages exited with status {r.lazy_status} before all pages were "
+                f"in; log: {r.workdir / 'lazy-pages.log'}"
+            )
+        elif not args.json:
+            _say(f"  all pages in after {r.pages_s:.3f} s")
+
+    code = wait_task(result, pages_in, started)
+    _note(f"task {result.pid} exited with status {code}")
+    return code
+
+
+def _manifest_row(m: Manifest) -> str:
+    return (
+        f"{m.task:<24} {m.snapshot:>5}  {m.created:<29} {_mb(m.total_bytes):>11}  "
+        f"{m.pid:>8}  {m.timings.get('total_s', 0.0):>8.2f}"
+    )
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    root = open_root(args.root, create=False)
+    catalog = Catalog(root.path)
+    tasks = [validate_task_id(args.task)] if args.task else catalog.tasks()
+    if args.task and not catalog.task_dir(args.task).is_dir():
+        raise UsageError(f"no task {args.task!r} in {root.path}")
+    rows: list[dict[str, object]] = []
+    lines: list[str] = []
+    for task in tasks:
+        for n in catalog.committed(task):
+            m = catalog.load(task, n)
+            rows.append(
+                {
+                    "task": task,
+                    "snapshot": n,
+                    "committed": True,
+                    "created": m.created,
+                    "bytes": m.total_bytes,
+                    "pid": m.pid,
+                }
+            )
+            lines.append(_manifest_row(m))
+        if args.all:
+            for n in catalog.uncommitted(task):
+                rows.append({"task": task, "snapshot": n, "committed": False})
+                lines.append(f"{task:<24} {n:>5}  (uncommitted: failed or interrupted dump)")
+    if args.json:
+        _say(json.dumps(rows))
+    else:
+        _say(
+            f"{'TASK':<24} {'N':>5}  {'CREATED (UTC)':<29} {'SIZE':>11}  {'PID':>8}  "
+            f"{'DUMP (s)':>8}"
+        )
+        for line in lines:
+            _say(line)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    root = open_root(args.root, create=False)
+    catalog = Catalog(root.path)
+    n = catalog.resolve(args.task, args.snapshot)
+    m = catalog.load(args.task, n)
+    if args.json:
+        _say(m.to_json().rstrip())
+        return 0
+    _say(f"task {m.task} snapshot {m.snapshot} (committed {m.created} on {m.host})")
+    _say(
+        f"  images   {catalog.images_dir(m.task, n)}: {_mb(m.total_bytes)} in {len(m.files)} files"
+    )
+    _say(f"  process  pid {m.pid}, pids {m.pids}, {len(m.tids)} thread(s): {' '.join(m.command)}")
+    _say(
+        f"  criu     {m.criu_version} on {m.kernel} {m.arch}; options "
+        f"{', '.join(k for k, v in m.options.items() if v) or 'none'}"
+    )
+    _say("  timings  " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in m.timings.items()))
+    for f in m.files:
+        _say(f"    {f.size:>14}  {f.name}")
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    root = open_root(args.root, create=False)
+    removed = Catalog(root.path).remove(args.task, args.snapshot)
+    what = f"snapshot {args.snapshot}" if args.snapshot else f"{len(removed)} snapshot(s)"
+    _say(f"removed {what} of task {args.task}")
+    return 0
+
+
+_COMMANDS = {
+    "dump": (_cmd_dump, EXIT_DUMP_FAILED),
+    "restore": (_cmd_restore, EXIT_RESTORE_FAILED),
+    "list": (_cmd_list, 1),
+    "show": (_cmd_show, 1),
+    "rm": (_cmd_rm, 1),
+}
+
+
+def _terminate(signo: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signo}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler, failure_code = _COMMANDS[args.command]
+    # SIGTERM unwinds like Ctrl-C, so a dump in progress gives its task back (SIGCONT).
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return handler(args)
+    except SnapstoreError as err:
+        _note(f"error: {err}")
+        for line in err.details:
+            print(f"    {line}", file=sys.stderr)
+        return err.exit_code if err.exit_code != 1 else failure_code
+    except KeyboardInterrupt:
+        _note(f"{args.command} interrupted")
+        return failure_code if args.command in ("dump", "restore") else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Find and run CRIU: version check, runs with a log file and a timeout, stats decoding.
+
+Where CRIU comes from: ``$CRIU`` when set (then nothing else is tried: an explicit choice that
+does not work is an error), else ``criu`` on PATH, else ``/opt/fusionfs/criu/bin/criu`` (what
+``scripts/install-criu.sh`` installs). Versions below 4.0 are refused: Debian bookworm's
+3.17 fails on recent kernels with "Unexpected rt vDSO area bounds". ``criu check`` is not run
+here (the install script runs it); only ``criu --version``.
+
+Caveats:
+- CRIU has no handler for SIGTERM/SIGKILL during a dump. Killing it (``run(timeout=...)``)
+  leaves the task running: the kernel detaches a dead tracer's tracees, and CRIU's parasite code
+  inside the task returns to the task's own code (rt_sigreturn) when its control socket closes.
+  A small leftover mapping (``/memfd:CRIUMFD``) stays in the task. See docs/criu.md.
+- Every CRIU run logs the harmless ``rlimit: Can't setup RLIMIT_NOFILE`` error; it is filtered
+  out of the lines shown to users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapstore.errors import CriuUnavailable
+
+__all__ = [
+    "DEFAULT_PREFIX_CRIU",
+    "MIN_VERSION",
+    "Criu",
+    "CriuRun",
+    "find_criu",
+    "log_excerpt",
+    "read_stats",
+]
+
+DEFAULT_PREFIX_CRIU = Path("/opt/fusionfs/criu/bin/criu")
+MIN_VERSION = (4, 0)
+
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
+_IMG_SERVICE_MAGIC = 0x55105940
+_STATS_MAGIC = 0x57093306
+
+# field numbers of stats.proto (images/stats.proto in CRIU's source)
+_DUMP_FIELDS = {
+    1: "freezing_time_us",
+    2: "frozen_time_us",
+    3: "memdump_time_us",
+    4: "memwrite_time_us",
+    5: "pages_scanned",
+    6: "pages_skipped_parent",
+    7: "pages_written",
+    8: "irmap_resolve_us",
+    9: "pages_lazy",
+    10: "page_pipes",
+    11: "page_pipe_bufs",
+}
+_RESTORE_FIELDS = {
+    1: "pages_compared",
+    2: "pages_skipped_cow",
+    3: "forking_time_us",
+    4: "restore_time_us",
+    5: "pages_restored",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CriuRun:
+    """How one CRIU command ended."""
+
+    returncode: int | None  # None: killed by us at the timeout
+    seconds: float
+    timed_out: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Criu:
+    """A usable CRIU binary."""
+
+    path: Path
+    version: str
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(self.path), *args]
+
+    def run(self, args: Sequence[str], timeout: float | None = None) -> CriuRun:
+        """Run ``criu ARGS`` with no stdin; SIGKILL it if it outlives ``timeout`` seconds.
+
+        Its stdout and stderr are inherited; callers pass ``-o LOG`` for the real log.
+        """
+        start = time.monotonic()
+        proc = subprocess.Popen(self.argv(*args), stdin=subprocess.DEVNULL, close_fds=True)
+        try:
+            code: int | None = proc.wait(timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            code, timed_out = None, True
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return CriuRun(code, time.monotonic() - start, timed_out)
+
+
+def _parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
+    match = re.search(r"^Version:\s*(\d+(?:\.\d+)*)", text, re.MULTILINE)
+    if not match:
+        return None
+    version = match.group(1)
+    return version, tuple(int(p) for p in version.split("."))
+
+
+def _check(path: Path, where: str) -> Criu | str:
+    """A Criu if ``path`` is usable, else why not."""
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return f"{path} ({where}) is not an executable file"
+    try:
+        out = subprocess.run(
+            [str(path), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{path} ({where}) did not run: {err}"
+    parsed = _parse_version(out.stdout)
+    if parsed is None:
+        return f"{path} ({where}) printed no CRIU version"
+    version, numbers = parsed
+    if numbers < MIN_VERSION:
+        return f"{path} ({where}) is CRIU {version}, older than 4.0"
+    return Criu(path, version)
+
+
+def find_criu() -> Criu:
+    """$CRIU if set (and then only it), else ``criu`` on PATH, else the default install.
+
+    Raises CriuUnavailable naming what was tried and why each was refused.
+    """
+    hint = "run scripts/install-criu.sh, or set $CRIU to a CRIU >= 4.0"
+    env = os.environ.get("CRIU")
+    if env:
+        found = _check(Path(env), "$CRIU")
+        if isinstance(found, str):
+            raise CriuUnavailable(f"no usable CRIU: {found}; {hint}")
+        return found
+    refused: list[str] = []
+    on_path = shutil.which("criu")
+    if on_path:
+        found = _check(Path(on_path), "PATH")
+        if isinstance(found, Criu):
+            return found
+        refused.append(found)
+    if DEFAULT_PREFIX_CRIU.exists():
+        found = _check(DEFAULT_PREFIX_CRIU, "the default install")
+        if isinstance(found, Criu):
+            return found
+        refused.append(found)
+    why = "; ".join(refused) if refused else f"no criu on PATH nor at {DEFAULT_PREFIX_CRIU}"
+    raise CriuUnavailable(f"no usable CRIU (>= 4.0): {why}; {hint}")
+
+
+def log_excerpt(log: Path, limit: int = 12) -> list[str]:
+    """The lines of a CRIU log that explain a failure: its errors, else its last lines."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError as err:
+        return [f"(cannot read {log}: {err})"]
+    useful = [ln for ln in lines if not any(h in ln for h in _HARMLESS)]
+    errors = [ln for ln in useful if "Error" in ln or "Warn" in ln]
+    picked = errors[-limit:] if errors else useful[-limit:]
+    return [ln.strip() for ln in picked]
+
+
+def _varints(data: bytes) -> dict[int, int | bytes]:
+    """Decode one protobuf message's varint and length-delimited fields (enough for stats)."""
+    fields: dict[int, int | bytes] = {}
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    while pos < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number] = varint()
+        elif wire == 2:
+            length = varint()
+            fields[number] = data[pos : pos + length]
+            pos += length
+        elif wire == 5:
+            fields[number] = struct.unpack_from("<I", data, pos)[0]
+            pos += 4
+        elif wire == 1:
+            fields[number] = struct.unpack_from("<Q", data, pos)[0]
+            pos += 8
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return fields
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    """Decode CRIU's ``stats-dump`` or ``stats-restore`` image into named integers.
+
+    Times end in ``_us`` (microseconds). Returns {} when the file is missing or unreadable:
+    stats are informative, never required.
+    """
+    try:
+        raw = path.read_bytes()
+        magic1, magic2, size = struct.unpack_from("<III", raw, 0)
+        if magic1 != _IMG_SERVICE_MAGIC or magic2 != _STATS_MAGIC:
+            return {}
+        top = _varints(raw[12 : 12 + size])
+        result: dict[str, int] = {}
+        for number, names in ((1, _DUMP_FIELDS), (2, _RESTORE_FIELDS)):
+            body = top.get(number)
+            if isinstance(body, bytes):
+                for field, value in _varints(body).items():
+                    if field in names and isinstance(value, int):
+                        result[names[field]] = value
+        return result
+    except (OSError, ValueError, IndexError, struct.error):
+        return {}

@@ -1,0 +1,278 @@
+"""The dump flow: checkpoint a running task with CRIU into a new snapshot and commit it.
+
+Steps (each timed; the manifest records the timings):
+1. check the input (PID exists, is not snapstore itself or an ancestor, CRIU is usable);
+2. flush the mount, so what the task wrote to files on it is durable before the freeze;
+3. claim snapshot n (``mkdir ROOT/ID/n``) and run ``criu dump -t PID -D ROOT/ID/n``
+   with ``--leave-stopped`` (or ``--leave-running``), killed at the deadline;
+4. fsync every image file and the directories, and flush the mount again (the task's files,
+   now that it is stopped), so everything the snapshot refers to is durable;
+5. write the manifest ``ROOT/ID/n.json`` (the commit point);
+6. kill the (stopped) task, unless ``--leave-running``.
+
+Why ``--leave-stopped`` and not CRIU's default (kill at the end of the dump): until the
+manifest is committed, any failure (a deadline passed while flushing, a flush error, snapstore
+interrupted) can still give the task back with SIGCONT, untouched, instead of losing it. And a
+stopped task cannot write to its files between the dump and the kill, so the files match the
+offsets CRIU recorded.
+
+Caveats: if snapstore itself is SIGKILLed between CRIU's end and the commit, the task stays
+stopped (``kill -CONT PID`` resumes it). A blocking fsync cannot be interrupted, so a deadline
+that passes during the flush is noticed when that fsync returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from snapstore.catalog import Catalog, ImageFile, Manifest, fsync_dir, fsync_file, utc_now
+from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
+from snapstore.errors import CriuUnavailable, DumpFailed, SnapstoreError, UsageError
+from snapstore.root import Root
+
+__all__ = ["DumpOptions", "DumpResult", "dump"]
+
+_LOG_NAME = "dump.log"
+_US = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpOptions:
+    leave_running: bool = False
+    tcp_established: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    deadline: float | None = None  # seconds from the start of the command
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpResult:
+    manifest: Manifest
+    manifest_path: Path
+    images_dir: Path
+
+
+def _check_pid(pid: int) -> psutil.Process:
+    if pid <= 0:
+        raise UsageError(f"invalid PID {pid}")
+    me = psutil.Process()
+    if pid == me.pid or pid in {p.pid for p in me.parents()}:
+        raise UsageError(f"PID {pid} is snapstore itself or one of its parents; cannot dump it")
+    try:
+        proc = psutil.Process(pid)
+        status = proc.status()
+    except psutil.NoSuchProcess:
+        raise UsageError(f"no process with PID {pid}") from None
+    except psutil.AccessDenied:
+        raise UsageError(f"no permission to inspect PID {pid} (run as root)") from None
+    if status == psutil.STATUS_ZOMBIE:
+        raise UsageError(f"PID {pid} has already exited (zombie); nothing to dump")
+    return proc
+
+
+def _tree(proc: psutil.Process) -> tuple[list[psutil.Process], list[int]]:
+    """The process and its descendants, and every thread id among them."""
+    procs = [proc]
+    try:
+        procs += proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    tids: list[int] = []
+    for p in procs:
+        try:
+            tids += [t.id for t in p.threads()]
+        except psutil.NoSuchProcess:
+            continue
+    return procs, sorted(set(tids))
+
+
+def _signal_all(procs: list[psutil.Process], signo: signal.Signals) -> None:
+    for p in procs:
+        try:
+            p.send_signal(signo)
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _resume(proc: psutil.Process) -> None:
+    """SIGCONT the task and its descendants (after a failed or abandoned dump)."""
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    _signal_all(procs, signal.SIGCONT)
+
+
+def _criu_args(pid: int, images: Path, opts: DumpOptions) -> list[str]:
+    args = ["dump", "-t", str(pid), "-D", str(images), "-o", _LOG_NAME, "-v4"]
+    args.append("--leave-running" if opts.leave_running else "--leave-stopped")
+    if opts.tcp_established:
+        args.append("--tcp-established")
+    if opts.shell_job:
+        args.append("--shell-job")
+    if opts.file_locks:
+        args.append("--file-locks")
+    return args
+
+
+def _hints(excerpt: list[str]) -> list[str]:
+    text = "\n".join(excerpt)
+    hints = []
+    if "shell-job" in text or "session leader" in text.lower() or "tty" in text:
+        hints.append(
+            "hint: the task shares a session or terminal with processes outside it: start it "
+            "with setsid and stdin/stdout/stderr redirected to files (or pass --shell-job)"
+        )
+    if "file-locks" in text or "file lock" in text.lower():
+        hints.append("hint: the task holds file locks: pass --file-locks")
+    if "established" in text.lower() and "tcp" in text.lower():
+        hints.append("hint: the task has established TCP connections: pass --tcp-established")
+    return hints
+
+
+def _sync_images(images: Path) -> list[ImageFile]:
+    files = []
+    for entry in sorted(os.scandir(images), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        fsync_file(Path(entry.path))
+        files.append(ImageFile(entry.name, entry.stat(follow_symlinks=False).st_size))
+    fsync_dir(images)
+    fsync_dir(images.parent)
+    return files
+
+
+def dump(
+    pid: int,
+    task: str,
+    root: Root,
+    opts: DumpOptions,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> DumpResult:
+    """Checkpoint PID as a new snapshot of ``task`` under ``root``; see the module docstring."""
+    started = time.monotonic()
+    deadline_at = started + opts.deadline if opts.deadline is not None else None
+    catalog = Catalog(root.path)
+    catalog.task_dir(task)  # validates the id
+    proc = _check_pid(pid)
+    try:
+        criu: Criu = find_criu()
+    except CriuUnavailable as err:
+        raise DumpFailed(str(err)) from None
+    try:
+        command = proc.cmdline()
+    except psutil.Error:
+        command = []
+
+    t = time.monotonic()
+    try:
+        root.flush()
+    except SnapstoreError as err:
+        raise DumpFailed(f"before the dump: {err}") from None
+    preflush_s = time.monotonic() - t
+
+    n = catalog.reserve(task)
+    images = catalog.images_dir(task, n)
+    progress(f"dumping PID {pid} into {images}")
+    timeout = None
+    if deadline_at is not None:
+        timeout = deadline_at - time.monotonic()
+        if timeout <= 0:
+            raise DumpFailed(
+                f"deadline of {opts.deadline:g} s passed before CRIU started (flushing the "
+                f"mount took {preflush_s:.2f} s); task {pid} left running, nothing committed"
+            )
+    try:
+        run = criu.run(_criu_args(pid, images, opts), timeout=timeout)
+    except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
+        _resume(proc)
+        raise
+    log = images / _LOG_NAME
+    if run.timed_out:
+        _resume(proc)
+        raise DumpFailed(
+            f"deadline of {opts.deadline:g} s passed while CRIU was dumping PID {pid}; CRIU "
+            f"was killed after {run.seconds:.2f} s, the task left running, nothing committed "
+            f"(partial images and log in {images})"
+        )
+    if run.returncode != 0:
+        _resume(proc)
+        excerpt = log_excerpt(log)
+        raise DumpFailed(
+            f"CRIU could not dump PID {pid} (criu exit status {run.returncode}); nothing "
+            f"committed; log: {log}",
+            details=excerpt + _hints(excerpt),
+        )
+
+    # From here the task is stopped (or running, with --leave-running) and complete images
+    # exist; any failure before the commit gives the task back.
+    try:
+        procs, tids = _tree(proc)
+        t = time.monotonic()
+        files = _sync_images(images)
+        root.flush()
+        flush_s = time.monotonic() - t
+        if deadline_at is not None and time.monotonic() > deadline_at:
+            raise DumpFailed(
+                f"deadline of {opts.deadline:g} s passed while making the snapshot durable "
+                f"(CRIU {run.seconds:.2f} s, flush {flush_s:.2f} s); task {pid} left running, "
+                f"nothing committed"
+            )
+        stats = read_stats(images / "stats-dump")
+        total_s = time.monotonic() - started
+        manifest = Manifest(
+            task=task,
+            snapshot=n,
+            created=utc_now(),
+            host=socket.gethostname(),
+            pid=pid,
+            pids=sorted(p.pid for p in procs),
+            tids=tids,
+            command=command,
+            criu_version=criu.version,
+            kernel=platform.release(),
+            arch=platform.machine(),
+            options={
+                "leave_running": opts.leave_running,
+                "tcp_established": opts.tcp_established,
+                "shell_job": opts.shell_job,
+                "file_locks": opts.file_locks,
+            },
+            files=files,
+            total_bytes=sum(f.size for f in files),
+            timings={
+                "preflush_s": round(preflush_s, 6),
+                "freeze_s": round(stats.get("freezing_time_us", 0) * _US, 6),
+                "frozen_s": round(stats.get("frozen_time_us", 0) * _US, 6),
+                "memdump_s": round(stats.get("memdump_time_us", 0) * _US, 6),
+                "memwrite_s": round(stats.get("memwrite_time_us", 0) * _US, 6),
+                "criu_s": round(run.seconds, 6),
+                "flush_s": round(flush_s, 6),
+                "total_s": round(total_s, 6),
+            },
+            criu_stats=stats,
+        )
+        path = catalog.commit(manifest)
+    except DumpFailed:
+        _resume(proc)
+        raise
+    except (SnapstoreError, OSError) as err:
+        _resume(proc)
+        raise DumpFailed(
+            f"snapshot {n} of {task!r} not committed, task {pid} resumed: {err}"
+        ) from None
+    except BaseException:
+        _resume(proc)
+        raise
+    if not opts.leave_running:
+        _signal_all(procs, signal.SIGKILL)
+    return DumpResult(manifest, path, images)

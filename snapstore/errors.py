@@ -1,0 +1,61 @@
+"""snapstore's error classes and the exit codes they map to.
+
+Every error a user can cause or meet is one of these; the CLI prints ``str(err)`` as one line on
+stderr (plus ``err.details``, indented, when CRIU's log has something to say) and exits with
+``err.exit_code``. Nothing else escapes as a traceback except real bugs.
+
+Exit codes follow Fusion Snapshots' convention so workflow engines configured for it retry the
+same way: 175 when a dump fails, 176 when a restore fails. 2 is bad usage or input (which a
+retry will not fix). ``restore`` without ``--detach`` exits with the task's own status instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_DUMP_FAILED",
+    "EXIT_ERROR",
+    "EXIT_RESTORE_FAILED",
+    "EXIT_USAGE",
+    "CriuUnavailable",
+    "DumpFailed",
+    "RestoreFailed",
+    "SnapstoreError",
+    "UsageError",
+]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DUMP_FAILED = 175
+EXIT_RESTORE_FAILED = 176
+
+
+class SnapstoreError(Exception):
+    """Base class: a one-line message, optional detail lines, and an exit code."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details: list[str] = list(details or [])
+
+
+class UsageError(SnapstoreError):
+    """Bad usage or input: unknown PID, no such task or snapshot, a root not on fusionfs, ..."""
+
+    exit_code = EXIT_USAGE
+
+
+class DumpFailed(SnapstoreError):
+    """A dump did not commit a snapshot (CRIU failed, the deadline passed, a flush failed)."""
+
+    exit_code = EXIT_DUMP_FAILED
+
+
+class RestoreFailed(SnapstoreError):
+    """A restore did not bring the task back (CRIU failed, its PID is taken, images damaged)."""
+
+    exit_code = EXIT_RESTORE_FAILED
+
+
+class CriuUnavailable(SnapstoreError):
+    """No usable CRIU (missing, or older than 4.0). The flows re-raise it as their own failure."""

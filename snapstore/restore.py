@@ -1,0 +1,327 @@
+"""The restore flow: bring a committed snapshot back to life with CRIU, lazily or eagerly.
+
+- ``lazy`` (the default where the kernel has userfaultfd): start ``criu lazy-pages`` on the
+  images dir, wait until it reports ready (``--status-fd``), then ``criu restore --lazy-pages``:
+  the task resumes before its memory is read; the daemon serves page faults from the image files
+  (on the mount: fetched from the store as touched) and pushes the remaining pages in the
+  background, exiting once all are in. "time to resume" is when ``criu restore`` returns;
+  "all pages in" is when the daemon exits.
+- ``eager``: plain ``criu restore``; every page is read before the task resumes.
+
+CRIU always runs with ``-d --restore-sibling``: CRIU detaches, and the restored task is created
+as a sibling of CRIU, that is as a child of snapstore. So without ``--detach`` snapstore can
+``waitpid`` the task and exit with its real exit status (128+N for a task killed by signal N,
+as shells report it). A plain foreground ``criu restore`` would only report CRIU's own status.
+
+CRIU's logs, pidfile, stats and the lazy-pages socket go to a local work directory (never the
+images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets).
+
+Caveats: CRIU restores the task under its original PIDs and thread ids, so they must be free
+(checked first; a just-killed task's zombie is waited for up to a few seconds). If the
+lazy-pages daemon dies before all pages are in, the task gets SIGBUS on its next fault of a
+missing page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import select
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+from snapstore.catalog import Catalog, Manifest
+from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
+from snapstore.errors import CriuUnavailable, RestoreFailed
+from snapstore.root import Root
+
+__all__ = ["RestoreResult", "restore", "uffd_available", "wait_task"]
+
+_READY_TIMEOUT_S = 30.0
+_PID_WAIT_S = 5.0
+_US = 1e-6
+
+
+def uffd_available() -> bool:
+    """Whether this kernel has userfaultfd (needed by ``criu lazy-pages``)."""
+    return (
+        Path("/proc/sys/vm/unprivileged_userfaultfd").exists() or Path("/dev/userfaultfd").exists()
+    )
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    task: str
+    snapshot: int
+    manifest: Manifest
+    pid: int
+    lazy: bool
+    resume_s: float  # from the start of the restore until the task runs
+    workdir: Path
+    lazy_pid: int | None
+    stats: dict[str, int]
+    pages_s: float | None = None  # until the lazy-pages daemon exited (all pages in)
+    lazy_status: int | None = None
+
+
+def _busy(pids: list[int]) -> list[int]:
+    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def _describe(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        return f"{proc.name()!r}, {proc.status()}"
+    except psutil.Error:
+        return "gone now"
+
+
+def _check_pids_free(manifest: Manifest) -> None:
+    wanted = sorted(set(manifest.pids) | set(manifest.tids) | {manifest.pid})
+    deadline = time.monotonic() + _PID_WAIT_S
+    busy = _busy(wanted)
+    while busy and time.monotonic() < deadline:  # a dead task's zombie may linger a moment
+        time.sleep(0.05)
+        busy = _busy(wanted)
+    if busy:
+        which = ", ".join(f"{p} ({_describe(p)})" for p in busy[:5])
+        raise RestoreFailed(
+            f"cannot restore task {manifest.task!r}: CRIU restores it under its original "
+            f"PID(s), and {which} {'is' if len(busy) == 1 else 'are'} in use on this machine"
+        )
+
+
+def _check_files(images: Path, manifest: Manifest) -> None:
+    for f in manifest.files:
+        try:
+            size = (images / f.name).stat().st_size
+        except FileNotFoundError:
+            raise RestoreFailed(
+                f"snapshot {manifest.snapshot} of {manifest.task!r} is damaged: "
+                f"{images / f.name} is missing"
+            ) from None
+        except OSError as err:
+            raise RestoreFailed(f"cannot read {images / f.name}: {err.strerror}") from None
+        if size != f.size:
+            raise RestoreFailed(
+                f"snapshot {manifest.snapshot} of {manifest.task!r} is damaged: "
+                f"{images / f.name} has {size} bytes, the manifest says {f.size}"
+            )
+
+
+def _start_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> int:
+    """Spawn ``criu lazy-pages`` in its own session; return its pid once it is ready."""
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(w, True)
+        out = str(workdir / "lazy-pages.out")
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        argv = criu.argv(
+            "lazy-pages",
+            "-D",
+            str(images),
+            "-W",
+            str(workdir),
+            "-o",
+            "lazy-pages.log",
+            "--status-fd",
+            str(w),
+        )
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+    finally:
+        os.close(w)
+    try:
+        ready = False
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([r], [], [], left)
+            if not readable:
+                break
+            chunk = os.read(r, 16)
+            if not chunk:
+                break
+            if b"\0" in chunk:
+                ready = True
+                break
+    finally:
+        os.close(r)
+    if not ready:
+        _stop_daemon(pid)
+        raise RestoreFailed(
+            "criu lazy-pages did not become ready; log: " + str(workdir / "lazy-pages.log"),
+            details=log_excerpt(workdir / "lazy-pages.log"),
+        )
+    return pid
+
+
+def _stop_daemon(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def restore(
+    task: str,
+    root: Root,
+    snapshot: int | None,
+    lazy: bool | None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> RestoreResult:
+    """Restore snapshot ``snapshot`` (default: the latest) of ``task``; the task runs on return.
+
+    ``lazy`` None means lazy where userfaultfd is available, else eager.
+    """
+    catalog = Catalog(root.path)
+    n = catalog.resolve(task, snapshot)
+    manifest = catalog.load(task, n)
+    images = catalog.images_dir(task, n)
+    try:
+        criu = find_criu()
+    except CriuUnavailable as err:
+        raise RestoreFailed(str(err)) from None
+    if manifest.arch and manifest.arch != platform.machine():
+        raise RestoreFailed(
+            f"snapshot {n} of {task!r} was taken on {manifest.arch}; this machine is "
+            f"{platform.machine()}"
+        )
+    if lazy is None:
+        lazy = uffd_available()
+    elif lazy and not uffd_available():
+        raise RestoreFailed("--lazy needs userfaultfd, which this kernel does not offer")
+    _check_files(images, manifest)
+    _check_pids_free(manifest)
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
+    started = time.monotonic()
+    lazy_pid = _start_lazy_daemon(criu, images, workdir) if lazy else None
+    args = [
+        "restore",
+        "-D",
+        str(images),
+        "-W",
+        str(workdir),
+        "-o",
+        "restore.log",
+        "-v4",
+        "-d",
+        "--restore-sibling",
+        "--pidfile",
+        "restore.pid",
+    ]
+    if lazy:
+        args.append("--lazy-pages")
+    for option, flag in (
+        ("tcp_established", "--tcp-established"),
+        ("shell_job", "--shell-job"),
+        ("file_locks", "--file-locks"),
+    ):
+        if manifest.options.get(option):
+            args.append(flag)
+    progress(f"restoring {'lazily' if lazy else 'eagerly'} from {images}")
+    try:
+        run = criu.run(args)
+    except BaseException:
+        if lazy_pid is not None:
+            _stop_daemon(lazy_pid)
+        raise
+    resume_s = time.monotonic() - started
+    pidfile = workdir / "restore.pid"
+    if run.returncode != 0 or not pidfile.exists():
+        if lazy_pid is not None:
+            _stop_daemon(lazy_pid)
+        log = workdir / "restore.log"
+        raise RestoreFailed(
+            f"CRIU could not restore snapshot {n} of {task!r} (criu exit status "
+            f"{run.returncode}); log: {log}",
+            details=log_excerpt(log),
+        )
+    pid = int(pidfile.read_text().split()[0])
+    stats = read_stats(workdir / "stats-restore")
+    return RestoreResult(
+        task=task,
+        snapshot=n,
+        manifest=manifest,
+        pid=pid,
+        lazy=lazy,
+        resume_s=resume_s,
+        workdir=workdir,
+        lazy_pid=lazy_pid,
+        stats=stats,
+    )
+
+
+def wait_task(
+    result: RestoreResult,
+    on_pages_in: Callable[[RestoreResult], None] = lambda _r: None,
+    started: float | None = None,
+) -> int:
+    """Wait for the restored task (our child) and return its exit code (128+N on signal N).
+
+    SIGINT, SIGTERM and SIGHUP sent to snapstore meanwhile are forwarded to the task. In lazy
+    mode a thread reaps the lazy-pages daemon, fills ``result.pages_s`` and calls
+    ``on_pages_in``. The work directory is removed if everything went well.
+    """
+    origin = started if started is not None else time.monotonic() - result.resume_s
+    waiter: threading.Thread | None = None
+    if result.lazy_pid is not None:
+        lazy_pid = result.lazy_pid
+
+        def reap() -> None:
+            _, status = os.waitpid(lazy_pid, 0)
+            result.pages_s = time.monotonic() - origin
+            result.lazy_status = os.waitstatus_to_exitcode(status)
+            on_pages_in(result)
+
+        waiter = threading.Thread(target=reap, name="lazy-pages-reaper", daemon=True)
+        waiter.start()
+
+    def forward(signo: int, _frame: FrameType | None) -> None:
+        try:
+            os.kill(result.pid, signo)
+        except ProcessLookupError:
+            pass
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        _, status = os.waitpid(result.pid, 0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code = os.waitstatus_to_exitcode(status)
+    if waiter is not None:
+        waiter.join(_READY_TIMEOUT_S)
+        if waiter.is_alive() and result.lazy_pid is not None:  # daemon stuck after the task
+            try:
+                os.kill(result.lazy_pid, signal.SIGKILL)  # the reaper thread reaps it
+            except ProcessLookupError:
+                pass
+            waiter.join()
+    if code < 0:
+        code = 128 - code
+    if result.lazy_status in (None, 0):
+        shutil.rmtree(result.workdir, ignore_errors=True)
+    return code
+
+
+def restore_stats_seconds(stats: dict[str, int]) -> dict[str, float]:
+    """CRIU's own restore timings, in seconds."""
+    return {
+        "forking_s": stats.get("forking_time_us", 0) * _US,
+        "restore_s": stats.get("restore_time_us", 0) * _US,
+    }

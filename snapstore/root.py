@@ -1,0 +1,76 @@
+"""The snapshot root: where it is, that it is on a fusionfs mount, and flushing that mount.
+
+``--root`` defaults to ``$SNAPSTORE_ROOT``, else ``/fusion/snapshots``. The root must be on a
+fusionfs mount (``fusionfs.client.find_mount``): snapshots are meant to outlive the machine.
+
+Testing aid: with ``SNAPSTORE_ALLOW_ANY_ROOT=1`` in the environment any directory is accepted
+and ``flush`` only fsyncs (there is no fusionfs to ask). It exists so the CRIU tests can run
+against a plain directory; do not use it in production, since a snapshot on local disk does not
+survive the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from fusionfs import client as fusion_client
+from snapstore.errors import SnapstoreError, UsageError
+
+__all__ = ["ALLOW_ANY_ROOT_ENV", "DEFAULT_ROOT", "ROOT_ENV", "Root", "default_root", "open_root"]
+
+DEFAULT_ROOT = Path("/fusion/snapshots")
+ROOT_ENV = "SNAPSTORE_ROOT"
+ALLOW_ANY_ROOT_ENV = "SNAPSTORE_ALLOW_ANY_ROOT"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    """A checked snapshot root; ``mountpoint`` is None only under SNAPSTORE_ALLOW_ANY_ROOT."""
+
+    path: Path
+    mountpoint: Path | None
+
+    def flush(self) -> None:
+        """Make everything written through the mount durable (fusionfs's flush xattr)."""
+        if self.mountpoint is None:
+            return
+        try:
+            fusion_client.flush(self.mountpoint)
+        except OSError as err:
+            raise SnapstoreError(
+                f"flushing the fusionfs mount {self.mountpoint} failed: "
+                f"{err.strerror or err}; some data is not durable in the store"
+            ) from err
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def open_root(path: Path | None, *, create: bool) -> Root:
+    """Check the root (and create it when ``create``); raise UsageError if it is unusable."""
+    root = Path(os.path.abspath(path if path is not None else default_root()))
+    allow_any = os.environ.get(ALLOW_ANY_ROOT_ENV) == "1"
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"snapshot root {root} is not a directory")
+    mount = fusion_client.find_mount(_existing_ancestor(root))
+    if mount is None and not allow_any:
+        raise UsageError(
+            f"snapshot root {root} is not on a fusionfs mount (mount one, e.g. "
+            f"'fusionfs mount s3://BUCKET /fusion', or pass --root / set ${ROOT_ENV})"
+        )
+    if create and not root.is_dir():  # a missing root is an empty one for reading commands
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create snapshot root {root}: {err.strerror}") from err
+    return Root(root, mount.mountpoint if mount is not None else None)
