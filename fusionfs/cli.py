@@ -193,8 +193,8 @@ def _mount(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + cfg.check_timeout + 30
     data = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        readable, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
             break
         chunk = os.read(read_fd, 4096)
         if not chunk:

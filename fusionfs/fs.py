@@ -64,7 +64,7 @@ from fusionfs.store.base import (
 )
 from fusionfs.writer import StagedFile, Uploader
 
-__all__ = ["ROOT_INODE", "FsConfig", "Filesystem", "Handle", "Inode", "InodeNo", "Kind"]
+__all__ = ["ROOT_INODE", "Filesystem", "FsConfig", "Handle", "Inode", "InodeNo", "Kind"]
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ the classes below. Nothing else may escape a store method.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO, NewType, Protocol, runtime_checkable
@@ -73,9 +74,9 @@ class ObjectInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListPage:
-    objects: list[ObjectInfo]
+    objects: builtins.list[ObjectInfo]
     # Common prefixes ("sub-directories"), each ending in the delimiter, relative to the store.
-    prefixes: list[Key]
+    prefixes: builtins.list[Key]
     # Opaque token to pass back for the next page, or None when this was the last page.
     continuation: str | None
 
@@ -160,7 +161,9 @@ class ObjectStore(Protocol):
         reading the range and calling ``upload_part``.
         """
 
-    def complete_multipart(self, key: Key, upload_id: str, parts: list[UploadPart]) -> ETag:
+    def complete_multipart(
+        self, key: Key, upload_id: str, parts: builtins.list[UploadPart]
+    ) -> ETag:
         """Commit the upload: ``key`` appears atomically with the parts' bytes, in order."""
 
     def abort_multipart(self, key: Key, upload_id: str) -> None:
