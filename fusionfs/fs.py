@@ -127,6 +127,7 @@ class Inode:
     kernel_etag: ETag | None = None  # the version the kernel's page cache holds
     listed_at: float = float("-inf")  # directories: when the listing below was fetched
     listed_names: frozenset[bytes] = frozenset()
+    listed_dirs: frozenset[bytes] = frozenset()
 
     @property
     def st_mode(self) -> int:
@@ -334,8 +335,19 @@ class Filesystem:
         return Kind.FILE
 
     async def _probe(self, parent: Inode, name: bytes) -> tuple[Kind, ObjectInfo | None] | None:
-        """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing."""
+        """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing.
+
+        HEAD of the key and LIST of ``key/`` go out together; while the parent's listing is
+        fresh and shows ``name`` as an object and not a prefix, the HEAD alone is enough.
+        """
         file_key = self._child_key(parent, name, Kind.FILE)
+        listing_fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
+        if listing_fresh and name in parent.listed_names and name not in parent.listed_dirs:
+            try:
+                info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
+            except NotFound:
+                return None
+            return self._kind_from_metadata(info.metadata), info
         dir_key = Key(file_key + "/")
         head: list[ObjectInfo | None] = [None]
         is_dir = [False]
@@ -601,7 +613,7 @@ class Filesystem:
     ) -> None:
         self._writable()
         if flags & ~_RENAME_NOREPLACE:
-            raise OperationNotSupported("only RENAME_NOREPLACE is supported")
+            raise InvalidArgument("only RENAME_NOREPLACE is supported")
         src_dir, dst_dir = self._dir(old_parent), self._dir(new_parent)
         src = await self._resolve(src_dir, old_name)
         self._check_name(new_name)
@@ -795,7 +807,8 @@ class Filesystem:
             data = b""
         else:
             data = await self._chunks.read(h.ref, off, size, h.rstate)
-        self.stats.add("bytes_read", len(data))
+        self.stats.bytes_read += len(data)  # trio thread only: no lock needed for these two
+        self.stats.read_calls += 1
         return data
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
@@ -809,7 +822,8 @@ class Filesystem:
         n = await staged.write(off, data)
         inode.size = staged.size
         inode.mtime_ns = inode.ctime_ns = _now_ns()
-        self.stats.add("bytes_written", n)
+        self.stats.bytes_written += n
+        self.stats.write_calls += 1
         return n
 
     async def _commit(self, inode: Inode) -> None:
@@ -928,6 +942,7 @@ class Filesystem:
                 self._detach(child)
         directory.listed_at = listed_at
         directory.listed_names = frozenset(entries)
+        directory.listed_dirs = frozenset(dirs)
         return sorted(entries.items())
 
     @staticmethod

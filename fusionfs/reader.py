@@ -121,6 +121,7 @@ class ChunkSource:
         # Cache writes happen in the background, off the read's critical path; bounded so a slow
         # cache disk cannot make memory grow without limit (excess writes are simply skipped).
         self._cache_limiter = trio.CapacityLimiter(2)
+        self._cache_read_limiter = trio.CapacityLimiter(8)
         self._cache_backlog = 0
         self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
 
@@ -214,34 +215,25 @@ class ChunkSource:
             return pending.data
 
     async def _fetch_run(self, ref: ObjectRef, run: list[int]) -> None:
-        cs = self.chunk_size
         try:
             missing = run
             if self._cache is not None:
-                hits = await trio.to_thread.run_sync(self._cache_lookup, ref, run)
+                hits: dict[int, bytes] = {}
+                async with trio.open_nursery() as n:
+                    for idx in run:
+                        n.start_soon(self._cache_lookup, ref, idx, hits)
                 missing = [i for i in run if i not in hits]
                 for idx, data in hits.items():
                     self._resolve(ref, idx, data)
-            if not missing:
-                return
-            start = missing[0] * cs
-            length = min((missing[-1] + 1) * cs, ref.size) - start
-            fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
-            try:
-                blob = await run_store_call(
-                    fn, limiter=self._limiter, timeout=self._call_timeout,
-                    what=f"GET {ref.key}",
-                )
-            except (PreconditionFailed, NotFound) as e:
-                raise Stale(f"{ref.key} changed in the store while being read") from e
-            expected = length
-            if len(blob) != expected:
-                raise Transient(f"GET {ref.key}: short read ({len(blob)} of {expected} bytes)")
-            view = memoryview(blob)
-            for n, idx in enumerate(missing):
-                data = bytes(view[n * cs : (n + 1) * cs]) if len(missing) > 1 else blob
-                self._resolve(ref, idx, data)
-                self._cache_store(ref, idx, data)
+            # cache hits may have split the run: fetch each contiguous stretch of misses
+            stretches: list[list[int]] = []
+            for idx in missing:
+                if stretches and stretches[-1][-1] == idx - 1:
+                    stretches[-1].append(idx)
+                else:
+                    stretches.append([idx])
+            for stretch in stretches:
+                await self._fetch_stretch(ref, stretch)
         except BaseException as exc:
             for idx in run:
                 pending = self._inflight.pop((ref.key, ref.etag, idx), None)
@@ -253,14 +245,33 @@ class ChunkSource:
             if not isinstance(exc, Stale):
                 log.warning("fetching %s chunks %d-%d failed: %s", ref.key, run[0], run[-1], exc)
 
-    def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
+    async def _fetch_stretch(self, ref: ObjectRef, stretch: list[int]) -> None:
+        cs = self.chunk_size
+        start = stretch[0] * cs
+        length = min((stretch[-1] + 1) * cs, ref.size) - start
+        fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
+        try:
+            blob = await run_store_call(
+                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
+            )
+        except (PreconditionFailed, NotFound) as e:
+            raise Stale(f"{ref.key} changed in the store while being read") from e
+        if len(blob) != length:
+            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
+        view = memoryview(blob)
+        for n, idx in enumerate(stretch):
+            data = bytes(view[n * cs : (n + 1) * cs]) if len(stretch) > 1 else blob
+            self._resolve(ref, idx, data)
+            self._cache_store(ref, idx, data)
+
+    async def _cache_lookup(self, ref: ObjectRef, idx: int, hits: dict[int, bytes]) -> None:
         assert self._cache is not None
-        hits: dict[int, bytes] = {}
-        for idx in run:
-            data = self._cache.get(ref.key, ref.etag, self.chunk_size, idx)
-            if data is not None:
-                hits[idx] = data
-        return hits
+        data = await trio.to_thread.run_sync(
+            self._cache.get, ref.key, ref.etag, self.chunk_size, idx,
+            limiter=self._cache_read_limiter,
+        )
+        if data is not None:
+            hits[idx] = data
 
     def _resolve(self, ref: ObjectRef, idx: int, data: bytes) -> None:
         cid = (ref.key, ref.etag, idx)

@@ -23,6 +23,8 @@ class Stats:
     # client side (what applications asked of the filesystem)
     bytes_read: int = 0
     bytes_written: int = 0
+    read_calls: int = 0
+    write_calls: int = 0
     # store side
     bytes_fetched: int = 0
     bytes_uploaded: int = 0

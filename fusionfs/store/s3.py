@@ -450,6 +450,8 @@ class S3Store:
     ) -> int:
         if start < 0 or length < 0:
             raise ValueError(f"bad range start={start} length={length}")
+        if length == 0:
+            return 0
         written = 0
         pinned: str | None = etag
 
