@@ -56,11 +56,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 class _RecordingHandler(logging.Handler):
+    """Keeps WARNING+ records from loggers named ``fusionfs*`` or ``snapstore*``.
+
+    Attached to the root logger and to the ``fusionfs``/``snapstore`` loggers themselves (in
+    case something turns their propagation off); a record seen twice is kept once.
+    """
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(_LOG_ROOTS):
+            return
+        if getattr(record, "_fusionfs_checked_by", None) is self:
+            return  # already kept on its way up to the root logger
+        setattr(record, "_fusionfs_checked_by", self)  # noqa: B010
         self.records.append(record)
 
 
@@ -91,7 +102,7 @@ def _log_failure(bad: list[str]) -> str:
 @pytest.fixture(autouse=True)
 def _check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
     handler = _RecordingHandler()
-    loggers = [logging.getLogger(name) for name in _LOG_ROOTS]
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in _LOG_ROOTS)]
     for logger in loggers:
         logger.addHandler(handler)
     request.node.stash[_LOG_HANDLER] = handler

@@ -651,6 +651,27 @@ def test_s3_prefix_is_added_and_stripped(s3_bucket: Any) -> None:
         store.close()
 
 
+def test_s3_endpoint_from_the_environment(
+    s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)  # honoured by boto3 itself
+    store = S3Store(s3_bucket.name, "p")
+    try:
+        assert store.description == f"s3://{s3_bucket.name}/p (endpoint {s3_bucket.endpoint})"
+        store.put(K("k"), b"v")
+        assert store.head(K("k")).size == 1
+        store.check()
+    finally:
+        store.close()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    aws = S3Store("bucket", region="eu-west-1")  # AWS itself: virtual-hosted, no endpoint shown
+    try:
+        assert aws.description == "s3://bucket"
+        assert aws.client.meta.endpoint_url.endswith(".amazonaws.com")
+    finally:
+        aws.close()
+
+
 def test_s3_sse_is_sent(s3_bucket: Any) -> None:
     store = _s3_store(s3_bucket, sse="AES256")
     try:
