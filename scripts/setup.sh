@@ -32,14 +32,19 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv
 fi
 say "installing fusionfs + snapstore and test dependencies into .venv"
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+       .venv/bin/python -m pip install -q -e '.[test]'; } >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "setup: pip install failed (log above)" >&2
+    exit 1
+fi
 
 say "looking for a usable CRIU (>= 4.0)"
 CRIU_PATH=$(bash scripts/install-criu.sh | tail -n 1)
-mkdir -p .venv/bin
-ln -sf "$CRIU_PATH" .venv/bin/criu
-say "CRIU: $CRIU_PATH (linked as .venv/bin/criu)"
+rm -f .venv/bin/criu
+printf '#!/bin/sh\nexec %q "$@"\n' "$CRIU_PATH" > .venv/bin/criu
+chmod 755 .venv/bin/criu
+say "CRIU: $CRIU_PATH (.venv/bin/criu runs it)"
 
 # fusectl lets tests abort a hung FUSE connection instead of waiting on it
 if [[ -d /sys/fs/fuse/connections ]] && ! mountpoint -q /sys/fs/fuse/connections; then
