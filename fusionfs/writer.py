@@ -334,6 +334,11 @@ class StagedFile:
     async def commit(self, key: Key, metadata: Mapping[str, str]) -> ObjectRef:
         """Make the current content durable as ``key``. Raises ``UploadFailed``."""
         async with self.commit_lock:
+            if self.closed or (not self.dirty and self.base is not None and self.base.key == key):
+                # committed by whoever held the lock before us (or discarded after that)
+                if self.base is None:
+                    raise UploadFailed(f"{key}: staged data was discarded")
+                return self.base
             generation = self.generation
             if key != self.key:
                 self._invalidate_stream("renamed")
@@ -508,14 +513,16 @@ class StagedFile:
 
     async def discard(self) -> None:
         """Drop the staged state (after a clean commit and the last close, or an unlink)."""
-        if self.closed:
-            return
-        self.closed = True
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.valid = False
-            self._up.nursery.start_soon(self._abort_stream, stream)
-        os.close(self._fd)
+        async with self.commit_lock:  # never pull the file from under an upload
+            if self.closed:
+                return
+            self.closed = True
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                stream.valid = False
+                await stream.idle.wait()
+                self._up.nursery.start_soon(self._abort_stream, stream)
+            os.close(self._fd)
         await trio.to_thread.run_sync(_remove_quietly, self.path, self._record)
 
 

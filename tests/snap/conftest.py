@@ -6,7 +6,7 @@
   ``dir``: a plain directory, accepted through the testing aid SNAPSTORE_ALLOW_ANY_ROOT=1;
   ``fusion-s3``: a fusionfs mount of a bucket on the moto S3 server (``fusion_mount`` and
   ``s3_bucket`` from tests/conftest.py). Its ``move()`` is "another machine": unmount, delete
-  the cache, mount again. Enabled with SNAPSTORE_TEST_FUSION=1 until the mount is ready.
+  the cache, mount again. SNAPSTORE_TEST_FUSION=0 turns this variant off (for debugging).
   ``dir_env`` is the plain-directory variant alone, for the failure cases.
 - ``tasks``: starts ``memtask.py`` processes and kills whatever is left at teardown, including
   restored tasks (which are not children of the test).
@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ from helpers import missing, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MEMTASK = Path(__file__).with_name("memtask.py")
-_FUSION = os.environ.get("SNAPSTORE_TEST_FUSION") == "1"
+_FUSION = os.environ.get("SNAPSTORE_TEST_FUSION", "1") != "0"
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +105,7 @@ def dir_env(tmp_path: Path, criu: str) -> SnapEnv:
                 pytest.mark.mount,
                 pytest.mark.s3,
                 pytest.mark.skipif(
-                    not _FUSION, reason="set SNAPSTORE_TEST_FUSION=1 to run on a fusionfs mount"
+                    not _FUSION, reason="SNAPSTORE_TEST_FUSION=0 turns the fusionfs variant off"
                 ),
             ],
         ),
@@ -180,6 +182,7 @@ class Tasks:
         self._count = 0
         self.started: list[Task] = []
         self.adopted: list[int] = []
+        self._workdirs_before = set(_restore_workdirs())
 
     def start(
         self,
@@ -248,6 +251,13 @@ class Tasks:
             os.path.exists(f"/proc/{pid}") for pid in self.adopted
         ):
             time.sleep(0.05)
+        # work dirs that detached lazy restores leave behind (their daemons end with the task)
+        for path in set(_restore_workdirs()) - self._workdirs_before:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _restore_workdirs() -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob("snapstore-restore-*"))
 
 
 @pytest.fixture
