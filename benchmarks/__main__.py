@@ -1,8 +1,9 @@
 """``python -m benchmarks {fs,snap,all}``: the benchmark suite's command line.
 
 ``fs`` measures fusionfs against direct boto3, local disk and installed peers (see
-``benchmarks/fs.py``); ``snap`` (snapstore) is not implemented yet and exits with status 2; ``all``
-runs every benchmark that exists. With no ``--endpoint-url`` a local s3rver is started for the run.
+``benchmarks/fs.py``); ``snap`` measures snapstore checkpoint/restore through fusionfs against CRIU
+on local disk and a direct upload (see ``benchmarks/snap.py``); ``all`` runs both, into
+``OUT/fs`` and ``OUT/snap``. With no ``--endpoint-url`` a local s3rver is started for the run.
 Errors in the set-up are one line on stderr and a non-zero exit, not a traceback.
 """
 
@@ -38,6 +39,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes: 256 MiB, 2000 objects")
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of sizes in MiB: {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive MiB counts: {text!r}")
+    return sizes
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="fusionfs and snapstore benchmarks"
@@ -50,8 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     fs.add_argument(
         "--no-peers", action="store_true", help="skip s3fs and rclone even if installed"
     )
-    snap = sub.add_parser("snap", help="snapstore checkpoint/restore (not implemented yet)")
+    snap = sub.add_parser("snap", help="snapstore checkpoint/restore")
     _add_common(snap)
+    snap.add_argument(
+        "--sizes-mib",
+        type=_sizes,
+        help="task sizes in MiB, comma-separated (default 1024,4096 where memory allows; "
+        "quick 256)",
+    )
     everything = sub.add_parser("all", help="every benchmark")
     _add_common(everything)
     return parser
@@ -75,6 +92,22 @@ def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
     )
 
 
+def _snap_config(args: argparse.Namespace, out: Path | None) -> object:
+    from benchmarks.snap import SnapConfig
+
+    return SnapConfig(
+        endpoint_url=args.endpoint_url,
+        bucket=args.bucket,
+        latency_ms=args.latency_ms,
+        bandwidth_mbps=args.bandwidth_mbps,
+        error_rate=args.error_rate,
+        runs=args.runs,
+        out=out,
+        quick=args.quick,
+        sizes_mib=getattr(args, "sizes_mib", None) or [],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -90,16 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     from benchmarks.fs import FsConfig, run_fs
+    from benchmarks.snap import SnapConfig, run_snap
 
-    if args.command == "snap":
-        console.print("snap: not implemented yet (the snapstore benchmark is not written yet)")
-        return 2
     out: Path | None = args.out
-    cfg = _fs_config(args, out / "fs" if (out and args.command == "all") else out)
-    assert isinstance(cfg, FsConfig)
-    status = run_fs(cfg, console)
-    if args.command == "all":
-        console.print("snap: not implemented yet; skipped")
+    both = args.command == "all"
+    status = 0
+    if args.command in ("fs", "all"):
+        cfg = _fs_config(args, out / "fs" if (out and both) else out)
+        assert isinstance(cfg, FsConfig)
+        status = run_fs(cfg, console)
+        if status == 130:
+            return status
+    if args.command in ("snap", "all"):
+        snap_cfg = _snap_config(args, out / "snap" if (out and both) else out)
+        assert isinstance(snap_cfg, SnapConfig)
+        status = max(status, run_snap(snap_cfg, console))
     return status
 
 

@@ -400,7 +400,7 @@ class Filesystem:
                 self._detach(child)
             raise NoEntry(name.decode(errors="replace"))
         kind, info = found
-        if child is not None and child.kind is not kind:
+        if child is not None and (child.kind is not kind or self._new_version(child, info)):
             self._detach(child)
             child = None
         if child is None:
@@ -411,6 +411,18 @@ class Filesystem:
             child.mtime_ns = child.ctime_ns = child.mtime_ns or _now_ns()
         child.validated = trio.current_time()
         return child
+
+    @staticmethod
+    def _new_version(inode: Inode, info: ObjectInfo | None) -> bool:
+        """Did the object change in the store (not through us) since ``inode`` last saw it?
+
+        A new version of an object gets a new inode: the kernel keeps page cache and size per
+        inode (with the writeback cache it even trusts its own size over ours), so a fresh inode
+        is how a remote change reaches it, while handles open on the old inode keep reading the
+        version they opened (S-READ-3).
+        """
+        return (info is not None and inode.etag is not None and info.etag != inode.etag
+                and inode.staged is None and not inode.local_only)
 
     # -- lookups and attributes ----------------------------------------------------------
     async def lookup(self, parent_ino: int, name: bytes) -> Inode:
@@ -922,7 +934,7 @@ class Filesystem:
             if name in entries:
                 continue  # a directory of the same name wins
             child = self._known_child(directory, name)
-            if child is not None and child.kind is Kind.DIR:
+            if child is not None and (child.kind is Kind.DIR or self._new_version(child, info)):
                 self._detach(child)
                 child = None
             if child is None:

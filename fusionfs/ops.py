@@ -52,7 +52,7 @@ def _errors(fn: F) -> F:
 
 class FusionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    enable_writeback_cache = True
     enable_acl = False
 
     def __init__(self, fs: Filesystem) -> None:

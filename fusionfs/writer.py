@@ -17,6 +17,11 @@ never visible. A failed commit raises ``UploadFailed`` and leaves everything sta
 upload id) so that a daemon killed with unacknowledged data leaves something the next mount can
 report (``recover_leftovers``), and multipart uploads it can abort.
 
+Write-behind: ``write`` only queues the bytes (up to 64 MiB per file) and one background drain
+at a time writes the queue to the staging file with ``pwritev``; everything that reads the staging
+file (reads, parts, commit, truncate) first waits for the queue to drain (``_settle``). A staging
+write that fails (disk full) makes the next write and the commit fail with ``UploadFailed``.
+
 Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
 threads. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
 may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
@@ -60,6 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_PART = 5 << 30
+_MAX_PENDING = 64 << 20  # bytes of queued writes per file before a write waits for the disk
 _MAX_PARTS = 10_000
 
 
@@ -148,15 +154,26 @@ class StagedFile:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o600)
         self.closed = False
+        # write-behind: writes are queued in memory and written to the staging file by one
+        # background drain at a time, so a FUSE write costs a memcpy, not a thread hand-off
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._drain_error: OSError | None = None
 
     # -- writing -------------------------------------------------------------------------------
     async def write(self, off: int, data: bytes) -> int:
         if not data:
             return 0
+        if self._drain_error is not None:
+            await self._settle()
         await self._fill_partial(off, off + len(data))
         cs = self._up.chunks.chunk_size
         end = off + len(data)
-        await trio.to_thread.run_sync(os.pwrite, self._fd, data, off)
+        self._queue(off, data)
+        if self._pending_bytes > _MAX_PENDING:
+            await self._settle()
         self.filled.update(range(off // cs, (end - 1) // cs + 1))
         stream = self._stream
         if stream is not None and off < stream.started_until:
@@ -172,6 +189,7 @@ class StagedFile:
             if size % cs:
                 await self._fill_chunk(size // cs)
             self.base_limit = size
+        await self._settle()
         await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
         stream = self._stream
         if stream is not None and size < stream.started_until:
@@ -191,19 +209,51 @@ class StagedFile:
             idx = pos // cs
             stop = min(end, (idx + 1) * cs)
             if idx in self.filled or self.base is None or pos >= self.base_limit:
-                out += await trio.to_thread.run_sync(os.pread, self._fd, stop - pos, pos)
+                out += await self._pread(stop - pos, pos)
             else:
                 from_base = min(stop, self.base_limit)
                 out += await self._up.chunks.read(self.base, pos, from_base - pos, None)
                 if stop > from_base:
-                    out += await trio.to_thread.run_sync(
-                        os.pread, self._fd, stop - from_base, from_base
-                    )
+                    out += await self._pread(stop - from_base, from_base)
             pos = stop
         # a sparse staging file reads short past its written end: pad with the zeros it means
         if len(out) < end - off:
             out += bytes(end - off - len(out))
         return bytes(out)
+
+    def _queue(self, off: int, data: bytes) -> None:
+        self._pending.append((off, data))
+        self._pending_bytes += len(data)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+            self._up.nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending and self._drain_error is None:
+                batch, self._pending = self._pending, []
+                try:
+                    await trio.to_thread.run_sync(_write_batch, self._fd, batch)
+                except OSError as e:
+                    log.error("staging %s: %s", self.key, e)
+                    self._drain_error = e
+                finally:
+                    self._pending_bytes -= sum(len(d) for _, d in batch)
+        finally:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._idle.set()
+
+    async def _settle(self) -> None:
+        """Wait until every queued write is in the staging file; raise if one failed."""
+        await self._idle.wait()
+        if self._drain_error is not None:
+            raise UploadFailed(f"staging {self.key}: {self._drain_error}")
+
+    async def _pread(self, length: int, off: int) -> bytes:
+        await self._settle()
+        data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, length, off)
+        return data
 
     async def _touch(self) -> None:
         self.generation += 1
@@ -230,6 +280,7 @@ class StagedFile:
             return
         hi = min((idx + 1) * cs, self.base_limit)
         data = await self._up.chunks.read(self.base, lo, hi - lo, None)
+        await self._settle()
         await trio.to_thread.run_sync(os.pwrite, self._fd, data, lo)
         self.filled.add(idx)
 
@@ -290,7 +341,7 @@ class StagedFile:
             async with self._up.slots:
                 if not stream.valid:
                     return
-                data = await trio.to_thread.run_sync(os.pread, self._fd, length, start)
+                data = await self._pread(length, start)
                 if len(data) < length:
                     data += bytes(length - len(data))
                 part = await self._up.call(
@@ -376,7 +427,7 @@ class StagedFile:
                 self._up.nursery.start_soon(self._abort_stream, stream)
         if self.size <= self._up.part_size:
             await self._fill_all()
-            data = await trio.to_thread.run_sync(os.pread, self._fd, self.size, 0)
+            data = await self._pread(self.size, 0)
             data += bytes(self.size - len(data))
             return await self._up.call(
                 functools.partial(self._up.store.put, key, data, metadata), f"PUT {key}",
@@ -482,7 +533,7 @@ class StagedFile:
                     up.part_copy_supported = False
             for idx in chunks:
                 await self._fill_chunk_if_based(idx)
-            data = await trio.to_thread.run_sync(os.pread, self._fd, length, start)
+            data = await self._pread(length, start)
             data += bytes(length - len(data))
             results[number] = await up.call(
                 functools.partial(up.store.upload_part, key, upload_id, number, data),
@@ -517,6 +568,7 @@ class StagedFile:
             if self.closed:
                 return
             self.closed = True
+            await self._idle.wait()
             stream, self._stream = self._stream, None
             if stream is not None:
                 stream.valid = False
@@ -524,6 +576,27 @@ class StagedFile:
                 self._up.nursery.start_soon(self._abort_stream, stream)
             os.close(self._fd)
         await trio.to_thread.run_sync(_remove_quietly, self.path, self._record)
+
+
+def _write_batch(fd: int, batch: list[tuple[int, bytes]]) -> None:
+    """pwrite a batch of (offset, data), contiguous neighbours in one pwritev."""
+    i = 0
+    while i < len(batch):
+        off, data = batch[i]
+        bufs = [data]
+        end = off + len(data)
+        i += 1
+        while i < len(batch) and batch[i][0] == end and len(bufs) < 512:
+            bufs.append(batch[i][1])
+            end += len(batch[i][1])
+            i += 1
+        written = os.pwritev(fd, bufs, off)
+        if written != end - off:  # short write: finish it plainly
+            rest = b"".join(bufs)[written:]
+            while rest:
+                n = os.pwrite(fd, rest, off + written)
+                written += n
+                rest = rest[n:]
 
 
 def _write_json(path: Path, record: dict[str, object]) -> None:

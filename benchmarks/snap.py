@@ -1,0 +1,908 @@
+"""The ``snap`` benchmark: snapstore checkpoint/restore through fusionfs, beside CRIU on local disk
+and a direct boto3 upload of the same image files, on one S3 server.
+
+For each size (1 GiB, and 4 GiB when free memory allows; ``--quick`` 256 MiB) and each run, one
+task from ``tests/snap/memtask.py`` holding that much known memory is:
+
+1. dumped by ``criu dump --leave-stopped`` to local disk (wall time; then the same plus an fsync
+   of every image file and the directory: "until durable"), then resumed with SIGCONT;
+2. not touched while the same image files are uploaded with boto3 twice: one object per file
+   (multipart, 8 threads x 16 MiB parts: the layout fusionfs writes, fs.py's direct reference),
+   and as 8 MiB objects with 8 threads (parallel PUTs: the server's ceiling, DESIGN.md);
+3. dumped by ``snapstore dump`` into a fusionfs mount of the server: the wall time of the command
+   until it exits (the manifest is committed, so the snapshot is durable), with snapstore's own
+   breakdown (CRIU's frozen time, CRIU's wall time, flush) in the details; snapstore kills it;
+4. restored eagerly from the local images (``criu restore -d --restore-sibling``), then, each on a
+   fresh mount with an empty cache dir ("another machine"), by ``snapstore restore --eager`` and
+   ``snapstore restore --lazy`` (``--detach --json``). After each restore the task verifies its
+   whole memory (SIGUSR1 -> ``verify.json``) and is killed.
+
+Figures are seconds (lower is better), the median of ``--runs`` with min and max; ratios are
+computed per run, then summarised. The naive way (dump to local disk, then upload) is the sum of
+the durable local dump and the direct upload of the same run.
+
+Caveats:
+- "time to resume" of snapstore restores is snapstore's own ``resume_s`` (from the start of CRIU,
+  lazy-pages daemon included, until ``criu restore`` returns); the command's wall time (Python
+  start, manifest read, file checks) is in the details. "all pages in" is ``resume_s`` plus the
+  time from the command's return until the lazy-pages daemon exited (we are its subreaper).
+- "fetched before resume" is ``fusionfs stats`` read right after the restore command returns; the
+  lazy daemon starts pushing the remaining pages at once, so it over-counts a little.
+- Before each restore the page cache is dropped (local images are read from disk); before the
+  fusionfs restores the server's copy is warmed by an unmeasured direct GET of the snapshot's
+  objects, so "empty cache" means the client side, as in fs.py.
+- The benchmark makes itself a child subreaper (``PR_SET_CHILD_SUBREAPER``) so that restored
+  tasks, lazy-pages daemons and fusionfs daemons become its children and are reaped at once:
+  PID 1 reaps orphans slowly here, and a restore needs the task's original PID free.
+- Needs root, FUSE, a CRIU >= 4.0 (``$CRIU``, PATH or /opt/fusionfs/criu/bin/criu) and
+  userfaultfd for the lazy rows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.fs import (
+    BenchError,
+    FsConfig,
+    MountError,
+    _force_unmount,
+    _Fusionfs,
+    _open_store,
+    _remove_work_dir,
+    _Store,
+)
+from benchmarks.harness import (
+    Measurement,
+    Results,
+    drop_page_cache,
+    last_line,
+    run_cmd,
+    timestamp,
+)
+
+__all__ = ["SnapConfig", "run_snap"]
+
+_MIB = 1 << 20
+_GIB = 1 << 30
+_SEED = 20240601
+_REPO = Path(__file__).resolve().parent.parent
+_MEMTASK = _REPO / "tests" / "snap" / "memtask.py"
+_PR_SET_CHILD_SUBREAPER = 36
+_PART = 16 * _MIB  # multipart part size of the direct reference (as fs.py)
+_PIECE = 8 * _MIB  # object size of the parallel-PUT reference
+_THREADS = 8
+_CMD_TIMEOUT = 900.0
+
+# row names
+_LOCAL = "criu dump, local disk"
+_LOCAL_SYNC = "criu dump + fsync, local disk"
+_UP_MP = "direct upload, multipart"
+_UP_PUT = "direct upload, 8 MiB PUTs"
+_NAIVE = "naive: dump + fsync + upload (multipart)"
+_NAIVE_PUT = "naive: dump + fsync + upload (PUTs)"
+_OURS = "snapstore dump via fusionfs"
+_R_LOCAL = "criu restore eager, local disk"
+_R_EAGER = "snapstore restore eager, fusionfs"
+_R_LAZY = "snapstore restore lazy, fusionfs"
+_R_PAGES = "snapstore lazy: all pages in"
+
+
+@dataclass
+class SnapConfig:
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    latency_ms: float = 0.0
+    bandwidth_mbps: float = 0.0
+    error_rate: float = 0.0
+    runs: int = 3
+    out: Path | None = None
+    quick: bool = False
+    sizes_mib: list[int] = field(default_factory=list)
+
+    @property
+    def proxied(self) -> bool:
+        return bool(self.latency_ms or self.bandwidth_mbps or self.error_rate)
+
+    def wanted_sizes(self) -> list[int]:
+        if self.sizes_mib:
+            return list(self.sizes_mib)
+        return [256] if self.quick else [1024, 4096]
+
+    def store_config(self) -> FsConfig:
+        """The part of the settings that ``benchmarks.fs`` needs to open the store."""
+        return FsConfig(
+            endpoint_url=self.endpoint_url,
+            bucket=self.bucket,
+            latency_ms=self.latency_ms,
+            bandwidth_mbps=self.bandwidth_mbps,
+            error_rate=self.error_rate,
+            runs=self.runs,
+            quick=self.quick,
+        )
+
+
+def _label(mib: int) -> str:
+    return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+
+
+def _mem_available() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _needed_memory(mib: int) -> int:
+    """Memory a run of this size needs: the task, a restored copy being verified while the
+    images sit in the page cache and the server buffers a part or two, plus headroom."""
+    return int(2.5 * mib * _MIB) + _GIB
+
+
+def _set_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` ('' when gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _reap(pid: int, timeout: float) -> int | None:
+    """Waits up to ``timeout`` s for ``pid`` to exit and reaps it if it is our child (it is once
+    its parent died: we are a subreaper). Returns its exit code when we reaped it, else None.
+    Returns as soon as /proc/PID is gone (reaped by someone else)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            if not os.path.exists(f"/proc/{pid}"):
+                return None
+        if time.monotonic() >= end:
+            raise BenchError(f"process {pid} still exists after {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+class _RunFailed(Exception):
+    """One step of one run failed: recorded, and the run goes on where it can."""
+
+
+class _Bench:
+    def __init__(
+        self,
+        cfg: SnapConfig,
+        store: _Store,
+        results: Results,
+        console: Console,
+        work: Path,
+        sizes: list[int],
+    ) -> None:
+        from snapstore.criu import find_criu
+        from snapstore.errors import CriuUnavailable
+
+        self.cfg = cfg
+        self.store = store
+        self.results = results
+        self.console = console
+        self.work = work
+        self.sizes = sizes
+        try:
+            self.criu = find_criu()
+        except CriuUnavailable as exc:
+            raise BenchError(str(exc)) from None
+        self.fusionfs = _Fusionfs(store)
+        self.snapstore = [sys.executable, "-m", "snapstore"]
+        self.client = store.client(pool=_THREADS * 2)
+        self.setup_client = store.client(store.setup_url, pool=_THREADS * 2)
+        self.can_drop = drop_page_cache()
+        self.uffd = (
+            Path("/proc/sys/vm/unprivileged_userfaultfd").exists()
+            or Path("/dev/userfaultfd").exists()
+        )
+        self.live: set[int] = set()  # tasks we must kill and reap in the end
+        self.mounts: list[tuple[Path, int]] = []  # (mountpoint, daemon pid)
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def record(
+        self, scenario: str, tool: str, run: int, value: float, unit: str, **extras: float
+    ) -> None:
+        self.results.add(Measurement(scenario, tool, run, value, unit, dict(extras)))
+        detail = "".join(f", {k} {v:.3g}" for k, v in extras.items())
+        self.log(f"{scenario:<18} {tool:<40} run {run + 1}: {value:9.3f} {unit}{detail}")
+
+    def log(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            self.console.print(text)
+
+    def step(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def env(self) -> dict[str, str]:
+        env = dict(self.store.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+        env.pop("SNAPSTORE_ROOT", None)
+        env.pop("SNAPSTORE_ALLOW_ANY_ROOT", None)
+        return env
+
+    # -- mounts --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mount(self, name: str) -> Iterator[Path]:
+        """A fresh fusionfs mount of the run prefix with an empty cache dir."""
+        from fusionfs import client
+
+        cache = self.work / f"cache-{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{name}-", dir=self.work))
+        try:
+            self.fusionfs.mount(mountpoint, cache)
+        except BaseException:
+            _force_unmount(mountpoint)
+            raise
+        info = client.find_mount(mountpoint)
+        entry = (mountpoint, info.pid if info else 0)
+        self.mounts.append(entry)
+        try:
+            yield mountpoint
+        finally:
+            self.mounts.remove(entry)
+            try:
+                self.fusionfs.unmount(mountpoint)
+            finally:
+                if entry[1]:
+                    with contextlib.suppress(BenchError):
+                        _reap(entry[1], 30)
+                with contextlib.suppress(OSError):
+                    mountpoint.rmdir()
+                shutil.rmtree(cache, ignore_errors=True)
+
+    def stats(self, mountpoint: Path) -> dict[str, Any]:
+        return self.fusionfs.stats(mountpoint) or {}
+
+    # -- the task ------------------------------------------------------------------------
+
+    def start_task(self, mib: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        state = self.work / f"task-{name}"
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir()
+        argv = [sys.executable, str(_MEMTASK), "--state", str(state), "--mib", str(mib)]
+        argv += ["--seed", str(_SEED % 1000 + mib)]
+        with open(state / "log", "wb") as log:
+            # setsid and stdio to files: CRIU dumps a session leader with no terminal.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=state,
+            )
+        self.live.add(proc.pid)
+        end = time.monotonic() + 120 + mib / 20
+        while not (state / "ready").exists():
+            if proc.poll() is not None:
+                tail = (state / "log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise _RunFailed(f"memtask exited with status {proc.returncode}: {tail}")
+            if time.monotonic() > end:
+                raise _RunFailed(f"memtask did not fill {mib} MiB in time")
+            time.sleep(0.05)
+        return proc, state
+
+    def verify_and_kill(self, pid: int, state: Path, mib: int, what: str) -> None:
+        """SIGUSR1: the task checks its whole memory and writes verify.json; then SIGKILL."""
+        result = state / "verify.json"
+        result.unlink(missing_ok=True)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+            end = time.monotonic() + 60 + mib / 20
+            while not result.exists():
+                if not _proc_state(pid) or _proc_state(pid) == "Z":
+                    raise _RunFailed(f"{what}: the restored task {pid} died before verifying")
+                if time.monotonic() > end:
+                    raise _RunFailed(f"{what}: task {pid} did not verify its memory in time")
+                time.sleep(0.02)
+            verdict = json.loads(result.read_text())
+            if not verdict.get("ok") or verdict.get("pid") != pid:
+                raise _RunFailed(
+                    f"{what}: memory differs after restore (bad blocks "
+                    f"{verdict.get('bad_blocks')}, pid {verdict.get('pid')})"
+                )
+        finally:
+            self.kill(pid)
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, 30)
+        self.live.discard(pid)
+
+    def kill_all(self) -> None:
+        for pid in list(self.live):
+            with contextlib.suppress(BenchError):
+                self.kill(pid)
+
+    # -- references ----------------------------------------------------------------------
+
+    def criu_dump_local(self, pid: int, images: Path) -> tuple[float, float, dict[str, int]]:
+        """``criu dump`` to local disk: (seconds, seconds with the fsyncs, CRIU's stats)."""
+        from snapstore.criu import read_stats
+
+        images.mkdir(parents=True)
+        args = ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4"]
+        args.append("--leave-stopped")  # as snapstore does; resumed below
+        t0 = time.perf_counter()
+        proc = run_cmd(self.criu.argv(*args), timeout=_CMD_TIMEOUT)
+        dumped = time.perf_counter() - t0
+        try:
+            if proc.returncode != 0:
+                raise _RunFailed(f"criu dump failed ({proc.returncode}); log {images}/dump.log")
+            for entry in os.scandir(images):
+                fd = os.open(entry.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            durable = time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return dumped, durable, read_stats(images / "stats-dump")
+
+    def upload_multipart(self, images: Path, key_prefix: str) -> None:
+        """Each image file as one object: multipart (16 MiB parts) above one part, else a PUT;
+        8 threads over all parts and small files."""
+        bucket = self.store.bucket
+        files = sorted(p for p in images.iterdir() if p.is_file())
+        uploads: list[tuple[str, str]] = []
+
+        def put_small(path: Path) -> None:
+            self.client.put_object(
+                Bucket=bucket, Key=key_prefix + path.name, Body=path.read_bytes()
+            )
+
+        def put_part(key: str, upload_id: str, path: Path, n: int) -> dict[str, Any]:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), _PART, n * _PART)
+            resp = self.client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n + 1, Body=data
+            )
+            return {"PartNumber": n + 1, "ETag": resp["ETag"]}
+
+        try:
+            with cf.ThreadPoolExecutor(_THREADS) as pool:
+                small = [pool.submit(put_small, p) for p in files if p.stat().st_size <= _PART]
+                big: list[tuple[str, str, list[cf.Future[dict[str, Any]]]]] = []
+                for path in files:
+                    size = path.stat().st_size
+                    if size <= _PART:
+                        continue
+                    key = key_prefix + path.name
+                    upload_id = self.client.create_multipart_upload(Bucket=bucket, Key=key)[
+                        "UploadId"
+                    ]
+                    uploads.append((key, upload_id))
+                    parts = [
+                        pool.submit(put_part, key, upload_id, path, n)
+                        for n in range((size + _PART - 1) // _PART)
+                    ]
+                    big.append((key, upload_id, parts))
+                for fut in small:
+                    fut.result()
+                for key, upload_id, parts in big:
+                    done = [p.result() for p in parts]
+                    self.client.complete_multipart_upload(
+                        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+                    )
+                    uploads.remove((key, upload_id))
+        finally:
+            for key, upload_id in uploads:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def upload_pieces(self, images: Path, key_prefix: str) -> None:
+        """Each image file cut into 8 MiB objects, 8 PUTs at a time (the server's ceiling)."""
+        bucket = self.store.bucket
+        jobs = []
+        for path in sorted(p for p in images.iterdir() if p.is_file()):
+            size = path.stat().st_size
+            for n in range(max(1, (size + _PIECE - 1) // _PIECE)):
+                jobs.append((path, n))
+
+        def put(job: tuple[Path, int]) -> None:
+            path, n = job
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), _PIECE, n * _PIECE)
+            key = f"{key_prefix}{path.name}.{n:05d}"
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+        with cf.ThreadPoolExecutor(_THREADS) as pool:
+            list(pool.map(put, jobs))
+
+    def delete_under(self, key_prefix: str) -> None:
+        paginator = self.setup_client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.setup_client.delete_objects(Bucket=self.store.bucket, Delete={"Objects": keys})
+
+    def warm_server(self, key_prefix: str) -> None:
+        """One unmeasured parallel GET of every object under ``key_prefix`` (after a page
+        cache drop: the server's own files back in its cache; "cold" means the client side)."""
+        paginator = self.setup_client.get_paginator("list_objects_v2")
+        jobs: list[tuple[str, int, int]] = []
+        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                for off in range(0, max(1, obj["Size"]), _PIECE):
+                    jobs.append((obj["Key"], off, min(off + _PIECE, obj["Size"]) - 1))
+
+        def get(job: tuple[str, int, int]) -> None:
+            key, off, end = job
+            if end < off:
+                return
+            body = self.setup_client.get_object(
+                Bucket=self.store.bucket, Key=key, Range=f"bytes={off}-{end}"
+            )["Body"]
+            for _chunk in body.iter_chunks(_MIB):
+                pass
+
+        with cf.ThreadPoolExecutor(_THREADS) as pool:
+            list(pool.map(get, jobs))
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def one_run(self, mib: int, run: int) -> None:
+        label = _label(mib)
+        name = f"{mib}m-r{run}"
+        task_id = f"bench-{name}"
+        dump_sc, dump_ratio = f"dump {label}", f"dump {label}: ratios"
+        rest_sc, rest_ratio = f"restore {label}", f"restore {label}: ratios"
+        images = self.work / f"images-{name}"
+        direct_prefix = f"{self.store.prefix}direct/{task_id}/"
+        snap_prefix = f"{self.store.prefix}snapshots/{task_id}"
+        try:
+            self.step(f"{label} run {run + 1}: starting a task holding {mib} MiB")
+            proc, state = self.start_task(mib, name)
+            pid = proc.pid
+
+            # 1. CRIU to local disk
+            self.step(f"{label} run {run + 1}: criu dump to local disk")
+            os.sync()
+            local_s, local_sync_s, local_stats = self.criu_dump_local(pid, images)
+            image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
+            frozen = local_stats.get("frozen_time_us", 0) / 1e6
+            self.record(dump_sc, _LOCAL, run, local_s, "s", frozen_s=frozen)
+            self.record(dump_sc, _LOCAL_SYNC, run, local_sync_s, "s", image_mb=image_bytes / 1e6)
+
+            # 2. the same image files uploaded directly
+            self.step(f"{label} run {run + 1}: direct multipart upload of the images")
+            os.sync()
+            t0 = time.perf_counter()
+            self.upload_multipart(images, direct_prefix + "mp/")
+            up_mp = time.perf_counter() - t0
+            self.record(dump_sc, _UP_MP, run, up_mp, "s", mb_per_s=image_bytes / up_mp / 1e6)
+            self.delete_under(direct_prefix)
+            self.step(f"{label} run {run + 1}: direct 8 MiB PUTs of the images")
+            os.sync()
+            t0 = time.perf_counter()
+            self.upload_pieces(images, direct_prefix + "put/")
+            up_put = time.perf_counter() - t0
+            self.record(dump_sc, _UP_PUT, run, up_put, "s", mb_per_s=image_bytes / up_put / 1e6)
+            self.delete_under(direct_prefix)
+            naive = local_sync_s + up_mp
+            self.record(dump_sc, _NAIVE, run, naive, "s")
+            self.record(dump_sc, _NAIVE_PUT, run, local_sync_s + up_put, "s")
+
+            # 3. snapstore through fusionfs
+            self.step(f"{label} run {run + 1}: snapstore dump via fusionfs")
+            with self.mount(f"dump-{name}") as mnt:
+                os.sync()
+                t0 = time.perf_counter()
+                root_args = ["--root", str(mnt / "snapshots")]
+                res = run_cmd(
+                    [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
+                    timeout=_CMD_TIMEOUT,
+                    env=self.env(),
+                )
+                ours = time.perf_counter() - t0
+                if res.returncode != 0:
+                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {last_line(res)}")
+                manifest = json.loads(res.stdout)
+                stats = self.stats(mnt)
+            proc.wait(30)  # snapstore killed it after the commit
+            self.live.discard(pid)
+            _reap(pid, 30)
+            t = manifest["timings"]
+            self.record(
+                dump_sc,
+                _OURS,
+                run,
+                ours,
+                "s",
+                frozen_s=t["frozen_s"],
+                criu_s=t["criu_s"],
+                flush_s=t["flush_s"],
+                internal_total_s=t["total_s"],
+                image_mb=manifest["total_bytes"] / 1e6,
+                uploaded_mb=stats.get("bytes_uploaded", 0) / 1e6,
+            )
+            self.results.extra.setdefault("snapstore_dump", []).append(
+                {"size_mib": mib, "run": run, "timings": t, "fusionfs_stats": stats}
+            )
+            worst_mp, worst_put = max(local_sync_s, up_mp), max(local_sync_s, up_put)
+            self.record(
+                dump_ratio,
+                "ours / max(dump+fsync, multipart upload)",
+                run,
+                ours / worst_mp,
+                "x",
+                target=1.25,
+            )
+            self.record(
+                dump_ratio,
+                "ours / max(dump+fsync, 8 MiB PUTs)",
+                run,
+                ours / worst_put,
+                "x",
+                target=1.25,
+            )
+            self.record(dump_ratio, "ours / naive sum (multipart)", run, ours / naive, "x")
+            self.record(
+                dump_ratio, "ours / naive sum (PUTs)", run, ours / (local_sync_s + up_put), "x"
+            )
+            self.advance()
+
+            # 4. restores
+            self.step(f"{label} run {run + 1}: criu restore from local disk")
+            local_eager = self.restore_local(images, pid, state, mib)
+            self.record(rest_sc, _R_LOCAL, run, local_eager, "s")
+            eager = lazy = None
+            self.step(f"{label} run {run + 1}: snapstore restore --eager, empty cache")
+            try:
+                eager = self.restore_fusion(
+                    task_id, snap_prefix, pid, state, mib, lazy=False, run=run, label=label
+                )
+            except (_RunFailed, MountError, BenchError) as exc:
+                self.results.mark_unavailable(rest_sc, _R_EAGER, str(exc))
+                self.log(f"[red]{exc}")
+            if self.uffd:
+                self.step(f"{label} run {run + 1}: snapstore restore --lazy, empty cache")
+                try:
+                    lazy = self.restore_fusion(
+                        task_id, snap_prefix, pid, state, mib, lazy=True, run=run, label=label
+                    )
+                except (_RunFailed, MountError, BenchError) as exc:
+                    self.results.mark_unavailable(rest_sc, _R_LAZY, str(exc))
+                    self.log(f"[red]{exc}")
+            else:
+                self.results.mark_unavailable(rest_sc, _R_LAZY, "no userfaultfd in this kernel")
+            if eager is not None:
+                self.record(
+                    rest_ratio, "eager fusionfs / eager local disk", run, eager / local_eager, "x"
+                )
+            if eager is not None and lazy is not None:
+                self.record(
+                    rest_ratio,
+                    "lazy resume / eager resume (fusionfs)",
+                    run,
+                    lazy / eager,
+                    "x",
+                    target=0.1,
+                )
+            self.advance()
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                self.delete_under(direct_prefix)
+            with contextlib.suppress(Exception):
+                self.delete_under(snap_prefix)
+
+    def restore_local(self, images: Path, pid: int, state: Path, mib: int) -> float:
+        _reap(pid, 30)
+        if self.can_drop:
+            drop_page_cache()
+        workdir = Path(tempfile.mkdtemp(prefix="restore-local-", dir=self.work))
+        args = ["restore", "-D", str(images), "-W", str(workdir), "-o", "restore.log", "-v4"]
+        args += ["-d", "--restore-sibling", "--pidfile", "restore.pid"]
+        t0 = time.perf_counter()
+        proc = run_cmd(self.criu.argv(*args), timeout=_CMD_TIMEOUT)
+        seconds = time.perf_counter() - t0
+        pidfile = workdir / "restore.pid"
+        if proc.returncode != 0 or not pidfile.exists():
+            raise _RunFailed(f"criu restore failed ({proc.returncode}); log {workdir}/restore.log")
+        restored = int(pidfile.read_text().split()[0])
+        self.live.add(restored)
+        if restored != pid:
+            self.kill(restored)
+            raise _RunFailed(f"criu restored pid {restored}, expected {pid}")
+        self.verify_and_kill(restored, state, mib, "local restore")
+        shutil.rmtree(workdir, ignore_errors=True)
+        return seconds
+
+    def restore_fusion(
+        self,
+        task_id: str,
+        snap_prefix: str,
+        pid: int,
+        state: Path,
+        mib: int,
+        *,
+        lazy: bool,
+        run: int,
+        label: str,
+    ) -> float:
+        """``snapstore restore`` on a fresh mount with an empty cache; returns resume_s."""
+        rest_sc, rest_ratio = f"restore {label}", f"restore {label}: ratios"
+        mode = "lazy" if lazy else "eager"
+        _reap(pid, 30)
+        with self.mount(f"{mode}-{task_id}") as mnt:
+            if self.can_drop:
+                drop_page_cache()
+            self.warm_server(snap_prefix)
+            os.sync()
+            before = self.stats(mnt).get("bytes_fetched", 0)
+            root_args = ["--root", str(mnt / "snapshots")]
+            flags = [f"--{mode}", "--detach", "--json"]
+            t0 = time.perf_counter()
+            res = run_cmd(
+                [*self.snapstore, "restore", "--task", task_id, *root_args, *flags],
+                timeout=_CMD_TIMEOUT,
+                env=self.env(),
+            )
+            returned = time.perf_counter()
+            wall = returned - t0
+            fetched = self.stats(mnt).get("bytes_fetched", 0) - before
+            if res.returncode != 0:
+                raise _RunFailed(
+                    f"snapstore restore --{mode} exited {res.returncode}: {last_line(res)}"
+                )
+            out = json.loads(res.stdout)
+            restored = int(out["pid"])
+            self.live.add(restored)
+            if restored != pid:
+                self.kill(restored)
+                raise _RunFailed(f"snapstore restored pid {restored}, expected {pid}")
+            resume = float(out["resume_s"])
+            image = self.image_size(mnt / "snapshots" / task_id)
+            share = 100.0 * fetched / image if image else 0.0
+            extras = {"wall_s": wall, "fetched_mb": fetched / 1e6, "fetched_pct": share}
+            try:
+                if lazy:
+                    lazy_pid = out.get("lazy_pid")
+                    if lazy_pid:
+                        code = _reap(int(lazy_pid), _CMD_TIMEOUT)
+                        pages = resume + (time.perf_counter() - returned)
+                        if code not in (0, None):
+                            raise _RunFailed(f"criu lazy-pages exited with status {code}")
+                        total = self.stats(mnt).get("bytes_fetched", 0) - before
+                        self.record(rest_sc, _R_PAGES, run, pages, "s", fetched_mb=total / 1e6)
+                        shutil.rmtree(out.get("workdir") or "/nonexistent", ignore_errors=True)
+                    self.record(
+                        rest_ratio,
+                        "fetched before lazy resume / image",
+                        run,
+                        share,
+                        "%",
+                        target=10.0,
+                    )
+                self.record(rest_sc, _R_LAZY if lazy else _R_EAGER, run, resume, "s", **extras)
+                self.verify_and_kill(restored, state, mib, f"{mode} restore")
+            finally:
+                if restored in self.live:
+                    self.kill(restored)
+            self.results.extra.setdefault("snapstore_restore", []).append(
+                {
+                    "size_mib": mib,
+                    "run": run,
+                    "mode": mode,
+                    "result": out,
+                    "fusionfs_stats": self.stats(mnt),
+                }
+            )
+        return resume
+
+    @staticmethod
+    def image_size(images: Path) -> int:
+        return sum(p.stat().st_size for p in images.iterdir() if p.is_file())
+
+    # -- driver --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        with Progress(
+            TextColumn("[bold]snap[/bold] {task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            self._progress = progress
+            self._task = progress.add_task("setting up", total=2 * cfg.runs * len(self.sizes))
+            try:
+                reason = self.fusionfs.unavailable()
+                if reason:
+                    raise BenchError(f"fusionfs is not usable: {reason}")
+                for mib in self.sizes:
+                    for run in range(cfg.runs):
+                        try:
+                            self.one_run(mib, run)
+                        except (BenchError, KeyboardInterrupt):
+                            raise
+                        except Exception as exc:  # one failed run must not lose the others
+                            note = f"{_label(mib)} run {run + 1} failed: {exc}"[:500]
+                            self.results.notes.append(note)
+                            self.log(f"[red]{note}")
+                        finally:
+                            self.kill_all()
+            finally:
+                self.kill_all()
+                for mountpoint, daemon in list(self.mounts):
+                    with contextlib.suppress(Exception):
+                        self.fusionfs.unmount(mountpoint)
+                    if daemon:
+                        with contextlib.suppress(BenchError):
+                            _reap(daemon, 10)
+                self.mounts.clear()
+                self._progress = None
+
+
+def _settings(cfg: SnapConfig, sizes: list[int]) -> dict[str, Any]:
+    settings = asdict(cfg)
+    settings["out"] = str(cfg.out) if cfg.out else None
+    settings["sizes_mib_run"] = sizes
+    settings["bandwidth_unit"] = "megabits per second per connection and direction"
+    settings["threads"] = _THREADS
+    settings["multipart_part_bytes"] = _PART
+    settings["put_object_bytes"] = _PIECE
+    return settings
+
+
+def _choose_sizes(cfg: SnapConfig, results: Results, console: Console) -> list[int]:
+    available = _mem_available()
+    chosen = []
+    for mib in cfg.wanted_sizes():
+        need = _needed_memory(mib)
+        if available and need > available:
+            why = (
+                f"needs about {need / _GIB:.1f} GiB of free memory, "
+                f"{available / _GIB:.1f} GiB available"
+            )
+            results.mark_unavailable(f"dump {_label(mib)}", _OURS, why)
+            console.print(f"[yellow]{_label(mib)}: skipped: {why}")
+        else:
+            chosen.append(mib)
+    return chosen
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("the snap benchmark needs root (CRIU, FUSE mounts)")
+    if not _MEMTASK.is_file():
+        raise BenchError(f"the test task {_MEMTASK} is missing")
+    if not Path("/dev/fuse").exists():
+        raise BenchError("/dev/fuse is missing: FUSE is not available")
+
+
+def run_snap(cfg: SnapConfig, console: Console) -> int:
+    """Runs the whole ``snap`` benchmark; returns the process exit status."""
+    out = cfg.out or Path(__file__).resolve().parent / "out" / f"snap-{timestamp()}"
+    try:
+        _preflight()
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    results = Results("snap", {})
+    sizes = _choose_sizes(cfg, results, console)
+    results.settings = _settings(cfg, sizes)
+    if not sizes:
+        console.print("[red]error:[/red] no size fits in the free memory")
+        return 1
+    if not _set_subreaper():
+        results.notes.append(
+            "could not become a child subreaper: restored tasks are reaped by PID 1 (slowly)"
+        )
+    work = Path(tempfile.mkdtemp(prefix="snapstore-bench-"))
+    status = 0
+    try:
+        with _open_store(cfg.store_config(), results, console) as store:
+            bench = _Bench(cfg, store, results, console, work, sizes)
+            results.extra["criu"] = {"path": str(bench.criu.path), "version": bench.criu.version}
+            results.notes += _notes(cfg, bench.can_drop)
+            try:
+                bench.run()
+            except KeyboardInterrupt:
+                results.notes.append("interrupted: partial results")
+                status = 130
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        _remove_work_dir(work, console)
+    _add_summary_notes(results)
+    results.write(out, console)
+    return status
+
+
+def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
+    notes = [
+        "seconds: lower is better; ratios are per run, then median (min-max)",
+        "dump rows: criu dump --leave-stopped -v4 to local disk (then + fsync of every image "
+        "file and the dir); direct uploads of the same files with boto3, 8 threads; "
+        "snapstore dump: wall time of the command until it exits (manifest committed)",
+        "restore rows: criu restore -d --restore-sibling from the local images; snapstore "
+        "restore --detach --json on a fresh mount with an empty cache dir: its resume_s "
+        "(command wall time in wall_s); all pages in = resume_s + time until the lazy-pages "
+        "daemon exited after the command returned",
+        "fetched_pct: bytes_fetched (fusionfs stats) read right after the restore command "
+        "returned, over the image size; the lazy daemon keeps fetching meanwhile",
+        "every restored task verified its whole memory (SIGUSR1 -> verify.json) and was killed",
+    ]
+    notes.append(
+        "before each restore the page cache was dropped; the server's copy was warmed by one "
+        "unmeasured direct GET before the fusionfs restores"
+        if can_drop
+        else "the page cache could not be dropped: local restores read cached images"
+    )
+    if cfg.proxied:
+        notes.append(
+            f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
+            f"{cfg.bandwidth_mbps} Mbit/s per connection, error rate {cfg.error_rate}"
+        )
+    return notes
+
+
+def _add_summary_notes(results: Results) -> None:
+    """One line per target: met or not, from the medians."""
+    for row in results.summary():
+        target = row.extras.get("target")
+        if target is None:
+            continue
+        met = row.median <= target
+        results.notes.append(
+            f"target {row.scenario} / {row.tool}: median {row.median:.3g} "
+            f"{'<=' if met else '>'} {target:g}: {'met' if met else 'NOT met'}"
+        )

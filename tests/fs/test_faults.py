@@ -1,0 +1,380 @@
+"""The fusionfs core under injected store faults (``FaultyStore``), without a kernel.
+
+What must hold: a failing store call becomes an error that maps to an errno (never wrong bytes,
+never a hang past ``call_timeout``); data that could not be made durable stays staged and a later
+flush commits it; a server without UploadPartCopy still gets the right content; a daemon that died
+leaves its staged data to be recovered, not uploaded. One test documents a known gap: plain
+objects have no end-to-end checksum, so corrupt bytes from the store are served (and cached).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
+
+from fusionfs.errors import UploadFailed, errno_for
+from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, NotSupported, Transient
+from fusionfs.writer import recover_leftovers
+
+
+async def _head_or_none(store: FaultyStore, key: str) -> object:
+    try:
+        return await trio.to_thread.run_sync(store.inner.head, Key(key))
+    except NotFound:
+        return None
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+@pytest.mark.allow_logs("fetching f chunks")
+@pytest.mark.timeout(30)
+async def test_transient_get_error_is_eio_then_a_retry_reads_right(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    h = await make_fs(any_store)
+    data = data_of(4 * CHUNK, seed=1)
+    await h.put("f", data)
+    fh = await h.open("f")
+    any_store.fail("get_range", Transient, times=1)
+    with pytest.raises(Exception) as info:
+        await h.read(fh, CHUNK + 10, 1000)
+    assert errno_for(info.value) == errno.EIO
+    # the failure is not remembered: the next read fetches again and gets the right bytes
+    assert await h.read(fh, CHUNK + 10, 1000) == data[CHUNK + 10 : CHUNK + 1010]
+    await h.close(fh)
+    assert await h.read_file("f") == data
+
+
+@pytest.mark.allow_logs("fetching f chunks")
+@pytest.mark.timeout(60)
+async def test_random_get_errors_give_eio_or_right_bytes_never_wrong_ones(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    # no disk cache use across reads: read_memory small and a new object version per round
+    h = await make_fs(local_store, read_memory=0)
+    data = data_of(32 * CHUNK + 99, seed=2)
+    await h.put("f", data)
+    local_store.fail_rate("get_range", 0.3, Transient, seed=7)
+    ok = failed = 0
+    fh = await h.open("f")
+    for i in range(200):
+        off = (i * 104_729) % len(data)
+        size = 1 + (i * 7_919) % (3 * CHUNK)
+        try:
+            got = await h.read(fh, off, size)
+        except Exception as e:  # every failure must be a known, EIO-mapped error
+            assert errno_for(e) == errno.EIO, repr(e)
+            failed += 1
+        else:
+            assert got == data[off : off + size], (off, size)
+            ok += 1
+    local_store.clear()
+    await h.close(fh)
+    assert ok > 0 and failed > 0, (ok, failed)
+    assert await h.read_file("f") == data
+
+
+@pytest.mark.allow_logs("fetching f chunks", "no answer from the store")
+@pytest.mark.timeout(30)
+async def test_stalled_store_read_fails_within_call_timeout(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store, call_timeout=1.0)
+    data = data_of(2 * CHUNK, seed=3)
+    await h.put("f", data)
+    fh = await h.open("f")
+    local_store.stall("get_range")  # until released: the store never answers
+    start = trio.current_time()
+    with trio.fail_after(5):  # the guard: a hang fails here, not at the test timeout
+        with pytest.raises(Transient) as info:
+            await h.read(fh, 0, 100)
+    elapsed = trio.current_time() - start
+    assert 0.9 <= elapsed < 3.0, elapsed
+    assert errno_for(info.value) == errno.EIO
+    assert "no answer" in str(info.value)
+    assert local_store.waiting("get_range") >= 1
+    local_store.release("get_range")
+    with trio.fail_after(5):
+        assert await h.read(fh, 0, 100) == data[:100]
+    await h.close(fh)
+
+
+@pytest.mark.timeout(30)
+async def test_stalled_store_listing_fails_within_call_timeout(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store, call_timeout=1.0)
+    await h.put("f", b"x")
+    local_store.stall("list")
+    with trio.fail_after(5), pytest.raises(Transient) as info:
+        await h.listdir("")
+    assert errno_for(info.value) == errno.EIO
+    local_store.clear()
+    with trio.fail_after(5):
+        assert await h.listdir("") == ["f"]
+
+
+_GROUP_BUG = (
+    "BUG: fs.py _probe (and _bounded_all, used by _rename_dir) run store calls in a nursery, "
+    "so a store error leaves as an ExceptionGroup (trio's strict exception groups), which "
+    "errno_for does not know: ops logs it as an unexpected error with a traceback"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_GROUP_BUG)
+@pytest.mark.timeout(30)
+async def test_store_error_during_lookup_maps_to_eio(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store)
+    await h.put("f", b"x")
+    local_store.fail("head", Transient, times=1)
+    with pytest.raises(Exception) as info:
+        await h.lookup("f")
+    assert errno_for(info.value) == errno.EIO, repr(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason=_GROUP_BUG)
+@pytest.mark.timeout(30)
+async def test_stalled_store_lookup_fails_within_call_timeout_with_eio(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store, call_timeout=1.0)
+    await h.put("f", b"x")
+    local_store.stall("head")
+    with trio.fail_after(5), pytest.raises(Exception) as info:
+        await h.lookup("f")
+    assert errno_for(info.value) == errno.EIO, repr(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason=_GROUP_BUG)
+@pytest.mark.timeout(30)
+async def test_store_error_during_directory_rename_maps_to_eio(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store)
+    await h.put("d/a", b"a")
+    await h.put("d/b", b"b")
+    local_store.fail("copy", Transient, times=1)
+    with pytest.raises(Exception) as info:
+        await h.rename("d", "e")
+    assert errno_for(info.value) == errno.EIO, repr(info.value)
+    # nothing was deleted: the old tree is whole
+    assert sorted(await h.listdir("d")) == ["a", "b"]
+
+
+@pytest.mark.allow_logs("not yet durable", "no answer from the store", "close failed")
+@pytest.mark.timeout(30)
+async def test_stalled_store_flush_fails_within_call_timeout_and_keeps_data(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store, call_timeout=1.0)
+    fh = await h.create("f")
+    await h.write(fh, 0, b"precious")
+    local_store.stall("put")
+    with trio.fail_after(5):
+        with pytest.raises(UploadFailed) as info:
+            await h.close(fh)
+    assert errno_for(info.value) == errno.EIO
+    local_store.clear()
+    await h.fs.flush_all()
+    assert await h.get("f") == b"precious"
+
+
+@pytest.mark.timeout(30)
+async def test_corrupt_data_from_the_store_is_served_undetected(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """Documents current behaviour, a known gap: plain objects carry no end-to-end checksum, so a
+    byte flipped on the way from the store is served, and stored in the disk cache, where it
+    outlives the fault (also for a new Filesystem on the same cache directory). Only the
+    chunked layout (hash-verified chunks, not built yet) would catch this. When a check is added,
+    this test must change to expect EIO."""
+    h = await make_fs(local_store)
+    data = data_of(CHUNK, seed=4)
+    await h.put("f", data)
+    local_store.corrupt("get_range", times=1)
+    got = await h.read_file("f")
+    assert len(got) == len(data)
+    diffs = [i for i in range(len(data)) if got[i] != data[i]]
+    assert diffs == [len(data) // 2]  # exactly the flipped byte, silently
+    etag = (await h.stat("f")).etag
+    assert etag is not None
+    with trio.fail_after(5):
+        while not h.cache.contains(Key("f"), etag, CHUNK, 0):
+            await trio.sleep(0.01)
+    await h.shutdown()
+    h2 = await make_fs(local_store, cache_dir=h.cache_dir)
+    assert await h2.read_file("f") == got != data  # the corrupt chunk came from the cache
+
+
+# -- writes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.allow_logs("close failed", "not yet durable")
+@pytest.mark.timeout(30)
+async def test_failed_put_at_flush_keeps_data_staged_until_a_later_flush(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    h = await make_fs(any_store)
+    data = data_of(300 * KiB, seed=5)
+    fh = await h.create("f")
+    for off in range(0, len(data), 64 * KiB):
+        await h.write(fh, off, data[off : off + 64 * KiB])
+    any_store.fail("put", Transient, times=1)
+    with pytest.raises(UploadFailed) as info:
+        await h.fs.flush(fh)
+    assert errno_for(info.value) == errno.EIO
+    inode = await h.lookup("f")
+    assert inode.staged is not None and inode.staged.dirty
+    assert inode.staged.path.exists()
+    assert await _head_or_none(any_store, "f") is None  # nothing half-visible
+    assert await h.read(fh, 0, len(data)) == data  # still readable from staging
+
+    await h.fs.flush(fh)  # the fault has cleared: the same handle's next flush commits
+    await h.fs.release(fh)
+    assert inode.staged is None
+    assert await h.get("f") == data
+    assert list(h.staging_dir.iterdir()) == []
+
+
+@pytest.mark.allow_logs("not yet durable")
+@pytest.mark.timeout(30)
+async def test_failed_close_keeps_data_staged_and_flush_all_commits_it(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store)
+    local_store.fail("put", Transient, times=3)
+    with pytest.raises(UploadFailed):
+        await h.write_file("f", b"keep me")
+    assert await _head_or_none(local_store, "f") is None
+    assert (await h.stat("f")).size == 7  # still there, served from staging
+    assert await h.read_file("f") == b"keep me"
+    assert await h.listdir("") == ["f"]
+    local_store.clear()
+    await h.fs.flush_all()
+    assert await h.get("f") == b"keep me"
+    assert list(h.staging_dir.iterdir()) == []
+
+
+@pytest.mark.allow_logs("not yet durable", "streaming upload of big failed")
+@pytest.mark.timeout(60)
+async def test_failed_multipart_completion_keeps_data_and_retries_right(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store)
+    data = data_of(2 * PART + 123 * KiB, seed=6)
+    # the streamed upload's completion fails, and so does the whole-file fallback's
+    local_store.fail("complete_multipart", Transient, times=2)
+    with pytest.raises(UploadFailed):
+        await h.write_file("big", data)
+    assert await _head_or_none(local_store, "big") is None
+    local_store.clear()
+    await h.fs.flush_all()
+    assert await h.get("big") == data
+    assert await h.read_file("big") == data
+    # the failed uploads were aborted, not left to hold parts in the store
+    with trio.fail_after(5):
+        while local_store.calls["abort_multipart"] < 2:
+            await trio.sleep(0.01)
+    uploads = os.path.join(local_store.inner.root, ".fusionfs-tmp", "uploads")  # type: ignore[attr-defined]
+    assert not os.path.isdir(uploads) or os.listdir(uploads) == []
+
+
+@pytest.mark.timeout(60)
+async def test_no_upload_part_copy_falls_back_to_uploading(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    # s3rver answers 501 to UploadPartCopy: the unchanged parts must then be uploaded
+    h = await make_fs(local_store)
+    base = data_of(2 * PART + 7 * CHUNK + 5, seed=7)  # three parts
+    await h.put("big", base)
+    local_store.fail("upload_part_copy", NotSupported, times=100)
+    fh = await h.open("big", os.O_WRONLY | os.O_APPEND)
+    tail = data_of(200 * KiB, seed=8)
+    await h.write(fh, len(base), tail)
+    await h.close(fh)
+    assert local_store.calls["upload_part_copy"] >= 1
+    assert h.uploader.part_copy_supported is False
+    assert local_store.calls["upload_part"] >= 3
+    assert await h.get("big") == base + tail
+    h2 = await make_fs(local_store)
+    assert await h2.read_file("big") == base + tail
+
+
+# -- crash recovery -----------------------------------------------------------------------------
+
+
+@pytest.mark.allow_logs("unsaved data")
+@pytest.mark.timeout(60)
+async def test_crash_recovery_keeps_staged_data_and_aborts_the_upload(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    h = await make_fs(local_store)
+    big = data_of(2 * PART + 50 * KiB, seed=9)
+    fh = await h.create("big")
+    for off in range(0, len(big), 128 * KiB):
+        await h.write(fh, off, big[off : off + 128 * KiB])
+    small_fh = await h.create("small")
+    await h.write(small_fh, 0, b"small and unsaved")
+    with trio.fail_after(5):  # the streaming upload has started and its id is on record
+        while local_store.calls["upload_part"] < 2:
+            await trio.sleep(0.01)
+    records = {}
+    for p in h.staging_dir.glob("*.json"):
+        record = json.loads(p.read_text())
+        records[record["key"]] = record
+    assert set(records) == {"big", "small"}
+    upload_id = records["big"]["upload_id"]
+    assert upload_id
+    assert records["small"]["upload_id"] is None
+
+    # the daemon dies: nothing is flushed, the files are never closed
+    await h.shutdown()
+    uploads = os.path.join(local_store.inner.root, ".fusionfs-tmp", "uploads")  # type: ignore[attr-defined]
+    assert os.listdir(uploads) != []
+
+    # the next start on the same cache directory recovers
+    aborts = local_store.calls["abort_multipart"]
+    h2 = await make_fs(local_store, cache_dir=h.cache_dir)
+    assert len(h2.recovered) == 2
+    assert any("'big'" in m for m in h2.recovered)
+    assert local_store.calls["abort_multipart"] == aborts + 1
+    assert os.listdir(uploads) == []
+    assert list(h2.staging_dir.iterdir()) == []
+    recovered = h.cache_dir / "recovered"
+    kept = {}
+    for p in recovered.glob("*.json"):
+        record = json.loads(p.read_text())
+        kept[record["key"]] = (recovered / record["data"]).read_bytes()
+    assert kept == {"big": big, "small": b"small and unsaved"}
+    # not uploaded: that could overwrite a newer version written elsewhere
+    assert await h2.listdir("") == []
+    assert await _head_or_none(local_store, "big") is None
+
+
+@pytest.mark.timeout(30)
+def test_recover_leftovers_with_a_broken_record(tmp_path: Path) -> None:
+    staging = os.path.join(tmp_path, "staging")
+    os.mkdir(staging)
+    with open(os.path.join(staging, "abc.json"), "w") as f:
+        f.write("{not json")
+    with open(os.path.join(staging, "abc.data"), "wb") as f:
+        f.write(b"orphan bytes")
+    with open(os.path.join(staging, "stray.tmp"), "wb") as f:
+        f.write(b"junk")
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    store = FaultyStore(LocalStore(root))
+    messages = recover_leftovers(Path(staging), Path(tmp_path) / "recovered", store)
+    assert len(messages) == 1 and "'?'" in messages[0]
+    assert os.listdir(staging) == []
+    assert (Path(tmp_path) / "recovered" / "abc.data").read_bytes() == b"orphan bytes"
+    assert store.calls["abort_multipart"] == 0
