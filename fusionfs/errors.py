@@ -7,7 +7,9 @@ that is in neither family is a bug: ``ops`` logs it with its traceback and answe
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 
 from fusionfs.store.base import (
     NotFound,
@@ -33,6 +35,7 @@ __all__ = [
     "Stale",
     "UploadFailed",
     "errno_for",
+    "first_error",
 ]
 
 
@@ -116,6 +119,31 @@ _ERRNO: dict[type[BaseException], int] = {
     NotSupported: errno.EIO,
     StoreError: errno.EIO,
 }
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Turn an ExceptionGroup out of a nursery into its first real error.
+
+    Concurrent store calls (a HEAD and a LIST side by side, parallel copies) run in nurseries,
+    which wrap whatever fails in an ExceptionGroup; callers and the errno table want the error
+    itself. Groups holding only cancellations pass through unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        for exc in _leaves(group):
+            if isinstance(exc, Exception):
+                raise exc from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def errno_for(exc: BaseException) -> int | None:

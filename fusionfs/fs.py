@@ -24,6 +24,7 @@ the writer while uploading), which lookups and listings never take.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -50,6 +51,7 @@ from fusionfs.errors import (
     OperationNotSupported,
     ReadOnly,
     UploadFailed,
+    first_error,
 )
 from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
 from fusionfs.stats import Stats
@@ -350,6 +352,7 @@ class Filesystem:
             return self._kind_from_metadata(info.metadata), info
         dir_key = Key(file_key + "/")
         head: list[ObjectInfo | None] = [None]
+        marker: list[ObjectInfo | None] = [None]
         is_dir = [False]
 
         async def do_head() -> None:
@@ -363,12 +366,18 @@ class Filesystem:
                 functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
             )
             is_dir[0] = bool(page.objects or page.prefixes)
+            if page.objects and page.objects[0].key == dir_key:
+                # a marker made by mkdir carries the directory's mode and owner
+                with contextlib.suppress(NotFound):
+                    marker[0] = await self._call(self._store.head, dir_key,
+                                                 what=f"HEAD {dir_key}")
 
-        async with trio.open_nursery() as n:
-            n.start_soon(do_head)
-            n.start_soon(do_list)
+        with first_error():
+            async with trio.open_nursery() as n:
+                n.start_soon(do_head)
+                n.start_soon(do_list)
         if is_dir[0]:
-            return Kind.DIR, None
+            return Kind.DIR, marker[0]
         if head[0] is not None:
             return self._kind_from_metadata(head[0].metadata), head[0]
         return None
@@ -400,15 +409,21 @@ class Filesystem:
                 self._detach(child)
             raise NoEntry(name.decode(errors="replace"))
         kind, info = found
-        if child is not None and (child.kind is not kind or self._new_version(child, info)):
+        if child is not None and (
+            child.kind is not kind or (kind is not Kind.DIR and self._new_version(child, info))
+        ):
             self._detach(child)
             child = None
         if child is None:
             child = self._new_inode(parent, name, kind)
-        if info is not None:
-            self._apply_info(child, info)
-        elif kind is Kind.DIR and not child.meta_known:
+        if kind is Kind.DIR:
+            if info is not None and info.metadata is not None:
+                self._apply_metadata(child, info.metadata)
+                child.mtime_ns = child.mtime_ns or info.mtime_ns
             child.mtime_ns = child.ctime_ns = child.mtime_ns or _now_ns()
+            child.meta_known = True
+        elif info is not None:
+            self._apply_info(child, info)
         child.validated = trio.current_time()
         return child
 
@@ -706,10 +721,14 @@ class Filesystem:
             await _bounded_all([functools.partial(copy_one, k) for k in keys], 32)
         else:  # an empty directory known only here: give it its marker at the new place
             await self._call(self._store.put, new_prefix, b"", None, what=f"PUT {new_prefix}")
+        # objects first, then markers deepest first: a local-directory store can only remove a
+        # directory once it is empty
         await _bounded_all(
             [functools.partial(self._call, self._store.delete, k, what=f"DELETE {k}")
-             for k in keys], 32,
+             for k in keys if not k.endswith("/")], 32,
         )
+        for k in sorted((k for k in keys if k.endswith("/")), key=len, reverse=True):
+            await self._call(self._store.delete, k, what=f"DELETE {k}")
 
     async def _commit_below(self, directory: Inode) -> None:
         prefix = self.key_of(directory)
@@ -928,7 +947,8 @@ class Filesystem:
                 child = None
             if child is None:
                 child = self._new_inode(directory, name, Kind.DIR)
-            child.validated = listed_at
+            if child.meta_known:  # else the next lookup HEADs its marker for mode and owner
+                child.validated = listed_at
             entries[name] = child
         for name, info in files.items():
             if name in entries:
@@ -1034,7 +1054,8 @@ async def _bounded_all(jobs: Sequence[Callable[[], Any]], limit: int) -> None:
         async with sem:
             await job()
 
-    async with trio.open_nursery() as n:
-        for job in jobs:
-            n.start_soon(run, job)
+    with first_error():
+        async with trio.open_nursery() as n:
+            for job in jobs:
+                n.start_soon(run, job)
 

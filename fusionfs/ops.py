@@ -64,7 +64,7 @@ class FusionOperations(pyfuse3.Operations):
         e.st_ino = pyfuse3.InodeT(inode.ino)
         e.generation = 0
         # attributes known only from a LIST (no metadata yet) are not cached by the kernel
-        trusted = inode.meta_known or inode.kind is Kind.DIR or inode.staged is not None
+        trusted = inode.meta_known or inode.staged is not None
         ttl = self.fs.cfg.attr_timeout if trusted else 0
         e.entry_timeout = ttl
         e.attr_timeout = ttl

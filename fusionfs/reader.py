@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from fusionfs.errors import Stale
+from fusionfs.errors import Stale, first_error
 from fusionfs.stats import Stats
 from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, Transient
 
@@ -219,9 +219,10 @@ class ChunkSource:
             missing = run
             if self._cache is not None:
                 hits: dict[int, bytes] = {}
-                async with trio.open_nursery() as n:
-                    for idx in run:
-                        n.start_soon(self._cache_lookup, ref, idx, hits)
+                with first_error():
+                    async with trio.open_nursery() as n:
+                        for idx in run:
+                            n.start_soon(self._cache_lookup, ref, idx, hits)
                 missing = [i for i in run if i not in hits]
                 for idx, data in hits.items():
                     self._resolve(ref, idx, data)

@@ -46,7 +46,7 @@ from typing import TypeVar
 
 import trio
 
-from fusionfs.errors import UploadFailed
+from fusionfs.errors import UploadFailed, first_error
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
@@ -488,10 +488,11 @@ class StagedFile:
         )
         results: dict[int, UploadPart] = {}
         try:
-            async with trio.open_nursery() as nursery:
-                for number, start, length in self._plan():
-                    nursery.start_soon(self._upload_part, key, upload_id, number, start, length,
-                                       results)
+            with first_error():
+                async with trio.open_nursery() as nursery:
+                    for number, start, length in self._plan():
+                        nursery.start_soon(self._upload_part, key, upload_id, number, start,
+                                           length, results)
             parts = [results[n] for n in sorted(results)]
             return await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),

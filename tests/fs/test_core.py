@@ -209,13 +209,6 @@ class _SlowFileDeletes(FaultyStore):
         super().delete(key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fs.py _rename_dir deletes every old key at once, directory markers included; "
-    "on LocalStore a marker's delete is a no-op while its directory still has files, so the "
-    "old directory stays behind (and LocalStore.delete can raise NotFound when a concurrent "
-    "rmdir removed the parent it fsyncs)",
-)
 @pytest.mark.timeout(30)
 async def test_rename_directory_tree_local(make_fs: FsFactory, tmp_path: Path) -> None:
     root = tmp_path / "slow-store"
@@ -274,11 +267,6 @@ async def test_chmod_chown_utimens_kept_in_metadata(
     assert await h3.read_file("f") == b"new"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fs.py _resolve/_probe never read a directory marker's metadata, so mkdir's "
-    "mode and a chmod/chown of a directory are lost on a fresh Filesystem",
-)
 @pytest.mark.timeout(30)
 async def test_directory_mode_kept_in_metadata(
     make_fs: FsFactory, any_store: FaultyStore
