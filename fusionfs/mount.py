@@ -203,13 +203,20 @@ async def _serve(
         if cfg.read_only:
             options.add("ro")
         mountpoint = os.path.realpath(cfg.mountpoint)  # resolve before it becomes ours
+        initialized = trio.Event()
         try:
-            pyfuse3.init(FusionOperations(fs), mountpoint, options)
+            pyfuse3.init(FusionOperations(fs, on_init=initialized.set), mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"cannot mount on {cfg.mountpoint}: {e}") from None
         session = _Session()
         stack.callback(session.close)
-        _raise_readahead(Path(mountpoint), cfg.max_readahead)
+
+        async def tune_readahead() -> None:
+            # INIT resets the bdi's read-ahead to what was negotiated (128 KiB): raise it after
+            await initialized.wait()
+            await trio.to_thread.run_sync(_raise_readahead, Path(mountpoint), cfg.max_readahead)
+
+        nursery.start_soon(tune_readahead)
 
         nursery.start_soon(fs.retry_loop)
         nursery.start_soon(_on_signals, fs, session)

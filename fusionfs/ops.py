@@ -55,9 +55,15 @@ class FusionOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = False
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, on_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self._on_init = on_init
+
+    def init(self) -> None:
+        """The kernel's INIT was answered: the session is live."""
+        if self._on_init is not None:
+            self._on_init()
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
