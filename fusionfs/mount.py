@@ -168,6 +168,9 @@ async def _serve(
     ):
         log.warning("%s", message)
     async with contextlib.AsyncExitStack() as stack:
+        close_store = getattr(store, "close", None)
+        if callable(close_store):
+            stack.callback(close_store)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
 
