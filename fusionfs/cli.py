@@ -45,12 +45,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus a pointer to --help), not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fusionfs", description="Mount S3 (or a local directory) as a filesystem."
     )
     p.add_argument("--version", action="version", version=f"fusionfs {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT",
                        description="SOURCE is s3://BUCKET[/PREFIX], file:///abs/path or a "
