@@ -339,48 +339,35 @@ class Filesystem:
     async def _probe(self, parent: Inode, name: bytes) -> tuple[Kind, ObjectInfo | None] | None:
         """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing.
 
-        HEAD of the key and LIST of ``key/`` go out together; while the parent's listing is
-        fresh and shows ``name`` as an object and not a prefix, the HEAD alone is enough.
+        A HEAD of the key comes first, so a file (the common case) costs one request. Only when
+        there is no such object does a LIST of ``key/`` look for a directory (and a HEAD of its
+        marker, when it has one, gives its mode and owner). While the parent's listing is fresh
+        and shows ``name`` as a directory, the directory is checked first (S-MAP-3).
         """
         file_key = self._child_key(parent, name, Kind.FILE)
+        dir_key = Key(file_key + "/")
         listing_fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
-        if listing_fresh and name in parent.listed_names and name not in parent.listed_dirs:
+        if not (listing_fresh and name in parent.listed_dirs):
             try:
                 info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
+                return self._kind_from_metadata(info.metadata), info
             except NotFound:
-                return None
-            return self._kind_from_metadata(info.metadata), info
-        dir_key = Key(file_key + "/")
-        head: list[ObjectInfo | None] = [None]
-        marker: list[ObjectInfo | None] = [None]
-        is_dir = [False]
-
-        async def do_head() -> None:
-            try:
-                head[0] = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
-            except NotFound:
-                pass
-
-        async def do_list() -> None:
-            page = await self._call(
-                functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
-            )
-            is_dir[0] = bool(page.objects or page.prefixes)
-            if page.objects and page.objects[0].key == dir_key:
-                # a marker made by mkdir carries the directory's mode and owner
+                if listing_fresh and name in parent.listed_names:
+                    return None  # was a file a moment ago, and is gone
+        page = await self._call(
+            functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
+        )
+        if not (page.objects or page.prefixes):
+            if listing_fresh and name in parent.listed_dirs:  # the directory went: a file now?
                 with contextlib.suppress(NotFound):
-                    marker[0] = await self._call(self._store.head, dir_key,
-                                                 what=f"HEAD {dir_key}")
-
-        with first_error():
-            async with trio.open_nursery() as n:
-                n.start_soon(do_head)
-                n.start_soon(do_list)
-        if is_dir[0]:
-            return Kind.DIR, marker[0]
-        if head[0] is not None:
-            return self._kind_from_metadata(head[0].metadata), head[0]
-        return None
+                    info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
+                    return self._kind_from_metadata(info.metadata), info
+            return None
+        marker = None
+        if page.objects and page.objects[0].key == dir_key:
+            with contextlib.suppress(NotFound):
+                marker = await self._call(self._store.head, dir_key, what=f"HEAD {dir_key}")
+        return Kind.DIR, marker
 
     async def _resolve(self, parent: Inode, name: bytes) -> Inode:
         """The child ``name`` of ``parent``, revalidated against the store if stale."""

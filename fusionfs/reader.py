@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from fusionfs.errors import Stale, first_error
+from fusionfs.errors import Stale
 from fusionfs.stats import Stats
 from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, Transient
 
@@ -121,7 +121,7 @@ class ChunkSource:
         # Cache writes happen in the background, off the read's critical path; bounded so a slow
         # cache disk cannot make memory grow without limit (excess writes are simply skipped).
         self._cache_limiter = trio.CapacityLimiter(2)
-        self._cache_read_limiter = trio.CapacityLimiter(8)
+        self._cache_read_limiter = trio.CapacityLimiter(2)
         self._cache_backlog = 0
         self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
 
@@ -218,11 +218,11 @@ class ChunkSource:
         try:
             missing = run
             if self._cache is not None:
-                hits: dict[int, bytes] = {}
-                with first_error():
-                    async with trio.open_nursery() as n:
-                        for idx in run:
-                            n.start_soon(self._cache_lookup, ref, idx, hits)
+                # one thread hand-off for the whole run: on 2 cores the hand-off, not the
+                # read, is what costs (see docs/design/data-path.md)
+                hits = await trio.to_thread.run_sync(
+                    self._cache_lookup, ref, run, limiter=self._cache_read_limiter
+                )
                 missing = [i for i in run if i not in hits]
                 for idx, data in hits.items():
                     self._resolve(ref, idx, data)
@@ -265,14 +265,14 @@ class ChunkSource:
             self._resolve(ref, idx, data)
             self._cache_store(ref, idx, data)
 
-    async def _cache_lookup(self, ref: ObjectRef, idx: int, hits: dict[int, bytes]) -> None:
+    def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
         assert self._cache is not None
-        data = await trio.to_thread.run_sync(
-            self._cache.get, ref.key, ref.etag, self.chunk_size, idx,
-            limiter=self._cache_read_limiter,
-        )
-        if data is not None:
-            hits[idx] = data
+        hits: dict[int, bytes] = {}
+        for idx in run:
+            data = self._cache.get(ref.key, ref.etag, self.chunk_size, idx)
+            if data is not None:
+                hits[idx] = data
+        return hits
 
     def _resolve(self, ref: ObjectRef, idx: int, data: bytes) -> None:
         cid = (ref.key, ref.etag, idx)

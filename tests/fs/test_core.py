@@ -324,8 +324,9 @@ async def test_directory_shadows_file_of_the_same_name(
     assert (await h.stat("x")).kind is Kind.DIR
     assert await h.listdir("x") == ["y"]
     assert await h.read_file("x/y") == b"inside"
-    h2 = await make_fs(s3_store)  # a lookup that never saw the listing
-    assert (await h2.stat("x")).kind is Kind.DIR
+    # [S-MAP-3] "a lookup without a fresh listing finds the object"
+    h2 = await make_fs(s3_store)
+    assert (await h2.stat("x")).kind is Kind.FILE
 
 
 @pytest.mark.timeout(30)
