@@ -27,9 +27,10 @@ compression): the filesystem calls it from worker threads, never from the trio t
 ``ChunkWriter`` runs a bounded thread pool of its own; ``ChunkReader`` and ``KnownChunks`` are
 thread-safe.
 
-Garbage collection (``collect_garbage``) deletes chunk objects that no manifest references and
-that are older than a grace period; writers refresh the age of old chunks they reuse. The race
-analysis, and the one residual window, are in the design doc and in ``collect_garbage``.
+Garbage collection (``collect_garbage``) frees chunk objects that no manifest references and
+that are older than a grace period, in two phases (set aside as a *fossil*, deleted for good by
+a later run if still unreferenced); writers refresh the age of old chunks they reuse. The race
+analysis is in the design doc and in ``collect_garbage``.
 
 Caveats: chunk objects must be readable with a ranged GET of ``length`` bytes (any S3 server);
 the manifest holds at most 2**32-1 chunks of at most ``MAX_CHUNK`` bytes each.
@@ -63,6 +64,7 @@ from fusionfs.store.base import (
 
 __all__ = [
     "CHUNKS_PREFIX",
+    "FOSSILS_PREFIX",
     "GC_CLOCK_KEY",
     "LAYOUT_CHUNKED_V1",
     "LAYOUT_METADATA",
@@ -99,6 +101,8 @@ CHUNKS_PREFIX: Final = Key(".fusion/chunks/")
 #: User-metadata name and value that mark an object as a chunked-layout manifest.
 LAYOUT_METADATA: Final = "fusion-layout"
 LAYOUT_CHUNKED_V1: Final = "chunked-v1"
+#: Where garbage collection sets unreferenced chunks aside before deleting them for good.
+FOSSILS_PREFIX: Final = Key(".fusion/fossils/")
 #: Marker object whose LastModified gives garbage collection the store's clock.
 GC_CLOCK_KEY: Final = Key(".fusion/gc-clock")
 #: User-metadata name holding the logical size (LIST does not return metadata: see the doc).
@@ -393,9 +397,7 @@ class KnownChunks:
 
     def __init__(self, max_entries: int = 1 << 18) -> None:
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[bytes, tuple[int, float]] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self._max = max_entries
 
     def add(self, digest: bytes, stored: int, at: float | None = None) -> None:
@@ -472,7 +474,7 @@ class ChunkWriter:
 
     Presence: a chunk found in ``known`` (fresh) is skipped; otherwise HEAD: absent -> compress
     and PUT; present but last modified more than ``refresh_age`` seconds ago -> copied onto
-    itself, which renews its age so that a concurrent ``collect_garbage`` cannot take it.
+    itself, which renews its age so that ``collect_garbage`` does not set it aside.
     """
 
     def __init__(
@@ -525,7 +527,7 @@ class ChunkWriter:
                 f"ChunkWriter takes data sequentially: expected offset {self._fed}, got {offset}"
             )
         self._raise_error()
-        self._fed += len(data)
+        self._fed += memoryview(data).nbytes
         for chunk in self._chunker.push(data):
             self._submit(chunk)
 
@@ -647,12 +649,26 @@ def _decode_chunk(blob: bytes, entry: ChunkEntry) -> bytes | None:
     return data
 
 
-def fetch_chunk(store: ObjectStore, entry: ChunkEntry, chunks_prefix: Key = CHUNKS_PREFIX) -> bytes:
+def fetch_chunk(
+    store: ObjectStore,
+    entry: ChunkEntry,
+    chunks_prefix: Key = CHUNKS_PREFIX,
+    fossils_prefix: Key = FOSSILS_PREFIX,
+) -> bytes:
     """GET, decompress and verify one chunk. ``CorruptChunk`` if it is still wrong after one
-    re-fetch; ``NotFound`` (a ``StoreError``) if the chunk object is missing."""
+    re-fetch; ``NotFound`` (a ``StoreError``) if the chunk object is missing. A chunk that
+    garbage collection set aside as a fossil (see ``collect_garbage``) is read from there."""
     key = chunk_key(entry.digest, chunks_prefix)
     for attempt in range(_RETRIES_ON_MISMATCH + 1):
-        blob = store.get_range(key, 0, entry.length)
+        try:
+            blob = store.get_range(key, 0, entry.length)
+        except NotFound:
+            fossil = chunk_key(entry.digest, fossils_prefix)
+            try:
+                blob = store.get_range(fossil, 0, entry.length)
+            except NotFound:
+                raise NotFound(f"chunk {key} is missing from the store") from None
+            key = fossil
         data = _decode_chunk(blob, entry)
         if data is not None:
             return data
@@ -677,11 +693,13 @@ class ChunkReader:
         manifest: Manifest,
         *,
         chunks_prefix: Key = CHUNKS_PREFIX,
+        fossils_prefix: Key = FOSSILS_PREFIX,
         keep: int = 4,
     ) -> None:
         self.manifest = manifest
         self._store = store
         self._prefix = chunks_prefix
+        self._fossils = fossils_prefix
         self._keep = keep
         self._lock = threading.Lock()
         self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -692,7 +710,7 @@ class ChunkReader:
             if data is not None:
                 self._recent.move_to_end(index)
                 return data
-        data = fetch_chunk(self._store, self.manifest.chunks[index], self._prefix)
+        data = fetch_chunk(self._store, self.manifest.chunks[index], self._prefix, self._fossils)
         with self._lock:
             self._recent[index] = data
             while len(self._recent) > self._keep:
@@ -708,14 +726,19 @@ class ChunkReader:
 # -- garbage collection -----------------------------------------------------------------------
 @dataclasses.dataclass(slots=True)
 class GcStats:
+    """What one ``collect_garbage`` run found and did (with ``dry_run``: would have done)."""
+
     manifests: int = 0
     referenced: int = 0  # distinct chunks referenced by the manifests
     chunks_seen: int = 0
     kept_referenced: int = 0
     kept_young: int = 0
-    deleted: int = 0
+    fossilized: int = 0  # unreferenced old chunks set aside this run
+    resurrected: int = 0  # fossils referenced again (by a dump that raced a collection)
+    fossils_kept: int = 0  # unreferenced fossils not yet old enough to delete
+    deleted: int = 0  # fossils deleted for good
     bytes_deleted: int = 0
-    missing: int = 0  # referenced chunks not found in the listing: damage, report it
+    missing: int = 0  # referenced chunks neither stored nor fossilized: damage, report it
     cutoff_ns: int = 0
 
 
@@ -726,7 +749,7 @@ def _server_now_ns(store: ObjectStore, clock_key: Key) -> int:
 
 
 def _referenced(
-    store: ObjectStore, prefixes: Iterable[Key], skip: Key, stats: GcStats
+    store: ObjectStore, prefixes: Iterable[Key], skip: tuple[str, ...], stats: GcStats
 ) -> set[bytes]:
     refs: set[bytes] = set()
     for prefix in prefixes:
@@ -753,29 +776,48 @@ def _referenced(
     return refs
 
 
+def _list_chunks(store: ObjectStore, prefix: Key) -> Iterable[tuple[bytes, Key, int, int]]:
+    """(digest, key, mtime_ns, size) of every well-formed chunk object under ``prefix``."""
+    for page in iter_list(store, prefix, delimiter=None):
+        for obj in page.objects:
+            name = obj.key[len(prefix) :]
+            hexd = name.rpartition("/")[2]
+            try:
+                digest = bytes.fromhex(hexd)
+            except ValueError:
+                continue
+            if len(digest) == _DIGEST and name == f"{hexd[:2]}/{hexd}":
+                yield digest, obj.key, obj.mtime_ns, obj.size
+
+
 def collect_garbage(
     store: ObjectStore,
     manifest_prefixes: Key | Sequence[Key],
     chunks_prefix: Key = CHUNKS_PREFIX,
     *,
     grace_seconds: float,
+    fossils_prefix: Key = FOSSILS_PREFIX,
     clock_key: Key = GC_CLOCK_KEY,
     dry_run: bool = False,
 ) -> GcStats:
-    """Delete chunk objects that no manifest references and that are older than the grace.
+    """Free chunk objects that no manifest references, in two phases a grace period apart.
 
-    Steps: (1) ``L`` = the store's clock (a marker's LastModified); (2) list every object under
-    ``manifest_prefixes`` and read each manifest: the referenced set (an object that vanishes
-    or changes meanwhile, or a manifest that does not decode, stops the collection before it
-    deleted anything: a rename is copy-then-delete, and its references must not be missed);
-    (3) list the chunks: unreferenced ones last modified before ``L - grace`` are candidates;
-    (4) each candidate is HEADed again just before its DELETE and kept if it was modified since
-    (a writer reusing an old chunk copies it onto itself first).
+    (1) ``L`` = the store's clock (a marker's LastModified). (2) Every object under
+    ``manifest_prefixes`` is listed and each manifest read: the referenced set. An object that
+    vanishes or changes meanwhile, or a manifest that does not decode, stops the run before it
+    changed anything (a rename is copy-then-delete: its references must not be missed).
+    (3) Fossils (chunks set aside by earlier runs): referenced ones are *resurrected* (moved
+    back); unreferenced ones set aside before ``L - grace`` are deleted for good.
+    (4) Chunks: unreferenced ones last modified before ``L - grace`` become fossils (copied to
+    ``fossils_prefix``, then deleted from ``chunks_prefix``); readers find a fossil when the
+    chunk is missing (``fetch_chunk``), so a dump that reused a chunk just as it was set aside
+    loses nothing, and the next run resurrects it.
 
-    Safe against a dump in progress as long as a dump commits its manifest within
-    ``grace_seconds - refresh_age`` of the writer's checks (``ChunkWriter``): see
-    ``docs/design/chunked-layout.md`` for the argument and the residual window between step
-    (4)'s HEAD and DELETE.
+    Safe as long as ``grace_seconds`` exceeds the writers' ``refresh_age`` plus the longest
+    time between a writer's check of a chunk and its manifest's commit (about one dump): see
+    ``docs/design/chunked-layout.md`` for the argument. Space is freed by the second run at
+    least ``grace_seconds`` after the first. With ``dry_run`` nothing is changed and the
+    counts say what would have been.
     """
     if grace_seconds < 0:
         raise ValueError("grace_seconds must be >= 0")
@@ -784,41 +826,44 @@ def collect_garbage(
     now_ns = _server_now_ns(store, clock_key)
     cutoff = now_ns - int(grace_seconds * 1e9)
     stats.cutoff_ns = cutoff
-    refs = _referenced(store, [Key(p) for p in prefixes], chunks_prefix, stats)
+    skip = (chunks_prefix, fossils_prefix, clock_key)
+    refs = _referenced(store, [Key(p) for p in prefixes], skip, stats)
     stats.referenced = len(refs)
-    found: set[bytes] = set()
-    candidates: list[Key] = []
-    for page in iter_list(store, chunks_prefix, delimiter=None):
-        for obj in page.objects:
-            name = obj.key[len(chunks_prefix) :]
-            hexd = name.rpartition("/")[2]
+    present: set[bytes] = set()
+    candidates: list[tuple[Key, bytes]] = []
+    for digest, key, mtime_ns, _size in _list_chunks(store, chunks_prefix):
+        stats.chunks_seen += 1
+        if digest in refs:
+            stats.kept_referenced += 1
+            present.add(digest)
+        elif mtime_ns >= cutoff:
+            stats.kept_young += 1
+        else:
+            candidates.append((key, digest))
+    for digest, key, mtime_ns, size in list(_list_chunks(store, fossils_prefix)):
+        if digest in refs:
+            if not dry_run:
+                if digest not in present:
+                    store.copy(key, chunk_key(digest, chunks_prefix), {})
+                store.delete(key)
+            present.add(digest)
+            stats.resurrected += 1
+        elif mtime_ns < cutoff:
+            if not dry_run:
+                store.delete(key)
+            stats.deleted += 1
+            stats.bytes_deleted += size
+        else:
+            stats.fossils_kept += 1
+    for key, digest in candidates:
+        if not dry_run:
             try:
-                digest = bytes.fromhex(hexd)
-            except ValueError:
+                store.copy(key, chunk_key(digest, fossils_prefix), {})
+            except NotFound:
                 continue
-            if len(digest) != _DIGEST or name != f"{hexd[:2]}/{hexd}":
-                continue
-            stats.chunks_seen += 1
-            if digest in refs:
-                stats.kept_referenced += 1
-                found.add(digest)
-            elif obj.mtime_ns >= cutoff:
-                stats.kept_young += 1
-            else:
-                candidates.append(obj.key)
-    stats.missing = len(refs - found)
+            store.delete(key)
+        stats.fossilized += 1
+    stats.missing = len(refs - present)
     if stats.missing:
         log.error("%d referenced chunks are missing from %s", stats.missing, chunks_prefix)
-    for key in candidates:
-        try:
-            info = store.head(key)
-        except NotFound:
-            continue
-        if info.mtime_ns >= cutoff:
-            stats.kept_young += 1
-            continue
-        if not dry_run:
-            store.delete(key)
-        stats.deleted += 1
-        stats.bytes_deleted += info.size
     return stats

@@ -1,0 +1,577 @@
+"""The chunked layout (``fusionfs.layout``): manifests, chunking, writer/reader round trips,
+verification, de-duplication, and garbage collection.
+
+Most tests run on a ``LocalStore`` in a temporary directory (wrapped in a ``FaultyStore`` where
+calls are counted or faults injected); one runs the whole cycle against the moto S3 server.
+Chunk sizes are scaled down (``SMALL``) so that small data spans many chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusionfs.layout import (
+    CHUNKS_PREFIX,
+    FOSSILS_PREFIX,
+    LAYOUT_CHUNKED_V1,
+    LAYOUT_METADATA,
+    SIZE_METADATA,
+    ChunkEntry,
+    Chunker,
+    ChunkPolicy,
+    ChunkReader,
+    ChunkWriter,
+    CorruptChunk,
+    KnownChunks,
+    LayoutError,
+    Manifest,
+    ManifestError,
+    chunk_key,
+    chunk_lengths,
+    collect_garbage,
+    decode_manifest,
+    encode_manifest,
+    fetch_chunk,
+    is_chunked,
+    read_manifest,
+    write_manifest,
+)
+from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, ObjectStore, Transient
+
+PAGE = 4096
+SMALL = ChunkPolicy(page_size=PAGE, min_size=2 * PAGE, avg_size=6 * PAGE, max_size=16 * PAGE)
+HOUR = 3600.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FaultyStore:
+    return FaultyStore(LocalStore(tmp_path / "bucket"))
+
+
+@pytest.fixture
+def root(store: FaultyStore) -> Path:
+    inner = store.inner
+    assert isinstance(inner, LocalStore)
+    return Path(inner.root)
+
+
+_LOW_NIBBLE = bytes(i & 15 for i in range(256))
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed(n_pages: int, seed: int) -> bytes:
+    """Page-sized pieces of text, zeros, small integers and random bytes: compressible, with
+    distinct pages (so chunk boundaries are content-defined, not all alike)."""
+    rng = random.Random(seed)
+    out = bytearray()
+    for i in range(n_pages):
+        kind = rng.randrange(4)
+        if kind == 0:
+            line = f"record {i} {rng.randrange(10**6)} name_{rng.choice('abcdef')}\n".encode()
+            out += (line * (PAGE // len(line) + 1))[:PAGE]
+        elif kind == 1:
+            out += bytes(PAGE - 8) + i.to_bytes(8, "little")
+        elif kind == 2:
+            out += rng.randbytes(PAGE).translate(_LOW_NIBBLE)
+        else:
+            out += rng.randbytes(PAGE)
+    return bytes(out)
+
+
+def _write(
+    store: ObjectStore,
+    data: bytes,
+    *,
+    feed: int = 10_000,
+    policy: ChunkPolicy = SMALL,
+    **kwargs: object,
+) -> tuple[Manifest, ChunkWriter]:
+    writer = ChunkWriter(store, policy=policy, workers=3, **kwargs)  # type: ignore[arg-type]
+    with writer:
+        for off in range(0, len(data), feed):
+            writer.feed(off, data[off : off + feed])
+        manifest = writer.finish()
+    return manifest, writer
+
+
+def _age_all_chunks(root: Path, seconds: float, prefix: str = CHUNKS_PREFIX) -> None:
+    old = time.time() - seconds
+    for path in (root / prefix).rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+
+
+# -- manifest -----------------------------------------------------------------------------------
+_entries = st.lists(
+    st.builds(
+        ChunkEntry,
+        length=st.integers(1, 1 << 20),
+        stored=st.integers(0, 1 << 20),
+        digest=st.binary(min_size=32, max_size=32),
+    ),
+    max_size=50,
+)
+
+
+@settings(deadline=None)
+@given(_entries)
+def test_manifest_round_trip(entries: list[ChunkEntry]) -> None:
+    manifest = Manifest(entries)
+    blob = encode_manifest(manifest)
+    assert is_chunked(blob)
+    back = decode_manifest(blob)
+    assert back == manifest
+    assert back.size == sum(e.length for e in entries)
+    assert [back.offset(i) for i in range(len(entries))] == [
+        sum(e.length for e in entries[:i]) for i in range(len(entries))
+    ]
+
+
+@settings(deadline=None)
+@given(_entries.filter(bool), st.data())
+def test_manifest_corruption_is_detected(entries: list[ChunkEntry], data: st.DataObject) -> None:
+    blob = bytearray(encode_manifest(Manifest(entries)))
+    i = data.draw(st.integers(0, len(blob) - 1))
+    blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(ManifestError):
+        decode_manifest(bytes(blob))
+    with pytest.raises(ManifestError):
+        decode_manifest(bytes(blob[:-1]))
+
+
+def test_manifest_rejects_other_objects_and_versions() -> None:
+    blob = encode_manifest(Manifest([ChunkEntry(5, 5, bytes(32))]))
+    with pytest.raises(ManifestError, match="not a chunked-layout manifest"):
+        decode_manifest(b"plain file contents, not a manifest at all.........")
+    with pytest.raises(ManifestError, match="version 2"):
+        decode_manifest(blob[:8] + b"\x02" + blob[9:])
+    assert not is_chunked(b"\x7fELF....")
+    assert not is_chunked(None)
+    assert is_chunked({LAYOUT_METADATA: LAYOUT_CHUNKED_V1})
+    assert not is_chunked({LAYOUT_METADATA: "chunked-v9"})
+    assert not is_chunked({})
+
+
+def test_large_manifest_is_read_whole(store: FaultyStore) -> None:
+    manifest = Manifest(
+        [ChunkEntry(4096 + i, 100 + i, blake3.blake3(b"%d" % i).digest()) for i in range(3000)]
+    )
+    assert len(encode_manifest(manifest)) > 1 << 16  # more than read_manifest's first GET
+    key = Key("snapshots/t/1/pages-9.img")
+    write_manifest(store, key, manifest, {"other": "kept"})
+    info = store.head(key)
+    assert info.metadata == {
+        "other": "kept",
+        LAYOUT_METADATA: LAYOUT_CHUNKED_V1,
+        SIZE_METADATA: str(manifest.size),
+    }
+    assert read_manifest(store, key, info.etag) == manifest
+    assert manifest.stored_bytes == sum(100 + i for i in range(3000))
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=20), st.data())
+def test_span_matches_a_slice_model(lengths: list[int], data: st.DataObject) -> None:
+    manifest = Manifest([ChunkEntry(n, n, bytes(32)) for n in lengths])
+    content = b"".join(bytes([i % 256]) * n for i, n in enumerate(lengths))
+    off = data.draw(st.integers(0, manifest.size + 5))
+    length = data.draw(st.integers(0, manifest.size + 5))
+    pieces = [bytes([i % 256]) * lengths[i] for i in range(len(lengths))]
+    got = b"".join(pieces[i][lo:hi] for i, lo, hi in manifest.span(off, length))
+    assert got == content[off : off + length]
+
+
+# -- chunking -----------------------------------------------------------------------------------
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError):
+        ChunkPolicy(page_size=4096, min_size=5000)
+    with pytest.raises(ValueError):
+        ChunkPolicy(min_size=1 << 20, avg_size=1 << 20)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.integers(0, 120), st.lists(st.integers(1, 70_000), max_size=12), st.integers(0, 99))
+def test_chunks_do_not_depend_on_how_data_is_fed(n_pages: int, cuts: list[int], seed: int) -> None:
+    data = _mixed(n_pages, seed) + b"tail"[: seed % 5]
+    whole = chunk_lengths(data, SMALL)
+    chunker = Chunker(SMALL)
+    pieces: list[bytes] = []
+    pos = 0
+    for step in cuts:
+        pieces += chunker.push(data[pos : pos + step])
+        pos += step
+    pieces += chunker.push(data[pos:])
+    tail = chunker.flush()
+    if tail is not None:
+        pieces.append(tail)
+    assert [len(p) for p in pieces] == whole
+    assert b"".join(pieces) == data
+    for n in whole[:-1]:  # all but the last: page multiples within the bounds
+        assert n % PAGE == 0 and SMALL.min_size <= n <= SMALL.max_size
+    if whole:
+        assert whole[-1] <= SMALL.max_size
+
+
+def test_default_policy_averages_near_its_target() -> None:
+    data = random.Random(3).randbytes(32 << 20)
+    lengths = chunk_lengths(data)
+    mean = sum(lengths) / len(lengths)
+    assert 100 << 10 <= mean <= 160 << 10, mean
+
+
+def test_unchanged_pages_dedup_after_an_insertion_before_them() -> None:
+    base = _mixed(600, seed=1)
+    shifted = _mixed(37, seed=2) + base  # a new region inserted at the start
+
+    def hashes(data: bytes) -> dict[bytes, int]:
+        out, pos = {}, 0
+        for n in chunk_lengths(data, SMALL):
+            out[blake3.blake3(data[pos : pos + n]).digest()] = n
+            pos += n
+        return out
+
+    old = hashes(base)
+    new = hashes(shifted)
+    shared = sum(n for h, n in new.items() if h in old)
+    assert shared >= 0.9 * len(base), shared / len(base)
+
+
+# -- writer and reader --------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 60),
+    st.integers(0, 4095),
+    st.integers(0, 2**32),
+    st.lists(st.tuples(st.integers(0, 400_000), st.integers(0, 100_000)), max_size=8),
+    st.sampled_from([1, 4096, 65_537]),
+)
+def test_round_trip_with_random_reads(
+    n_pages: int, extra: int, seed: int, reads: list[tuple[int, int]], feed: int
+) -> None:
+    data = _mixed(n_pages, seed % 1000) + random.Random(seed).randbytes(extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(tmp)
+        manifest, _ = _write(store, data, feed=feed)
+        key = Key("snapshots/t/1/pages-1.img")
+        write_manifest(store, key, manifest)
+        info = store.head(key)
+        assert info.metadata is not None and is_chunked(info.metadata)
+        assert info.metadata[SIZE_METADATA] == str(len(data))
+        back = read_manifest(store, key, info.etag)
+        assert back == manifest and back.size == len(data)
+        reader = ChunkReader(store, back)
+        assert reader.read(0, len(data) + 10) == data
+        for off, length in reads:
+            assert reader.read(off, length) == data[off : off + length]
+
+
+def test_reader_fetches_only_the_chunks_touched(store: FaultyStore) -> None:
+    data = _mixed(200, seed=5)
+    manifest, _ = _write(store, data)
+    assert len(manifest.chunks) > 10
+    before = store.calls["get_range"]
+    reader = ChunkReader(store, manifest)
+    off = manifest.offset(5) + 100
+    assert reader.read(off, 10) == data[off : off + 10]
+    assert store.calls["get_range"] - before == 1
+    assert reader.read(off + 10, 10) == data[off + 10 : off + 20]  # kept in memory
+    assert store.calls["get_range"] - before == 1
+
+
+def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed(
+    store: FaultyStore,
+) -> None:
+    noise = random.Random(1).randbytes(SMALL.max_size)
+    zeros = bytes(SMALL.max_size)
+    manifest, writer = _write(store, noise + zeros)
+    by_digest = {e.digest: e for e in manifest.chunks}
+    raw = [e for e in by_digest.values() if not e.compressed]
+    packed = [e for e in by_digest.values() if e.compressed]
+    assert raw and packed
+    for entry in raw:
+        assert store.head(chunk_key(entry.digest)).size == entry.length
+    for entry in packed:
+        assert store.head(chunk_key(entry.digest)).size == entry.stored < entry.length
+    assert any(e.stored < e.length // 10 for e in packed)  # the all-zero chunk
+    assert ChunkReader(store, manifest).read(0, manifest.size) == noise + zeros
+    assert writer.stats.new_stored < len(noise) + len(zeros) // 10
+
+
+def test_level_zero_stores_everything_raw(store: FaultyStore) -> None:
+    data = bytes(64 * PAGE)
+    manifest, _ = _write(store, data, level=0)
+    assert all(not e.compressed for e in manifest.chunks)
+    assert ChunkReader(store, manifest).read(0, len(data)) == data
+
+
+def test_second_identical_write_uploads_nothing(store: FaultyStore) -> None:
+    data = _mixed(150, seed=7)
+    first, w1 = _write(store, data)
+    assert w1.stats.new_chunks > 0 and w1.stats.reused_logical < len(data)
+    puts = store.calls["put"]
+    second, w2 = _write(store, data)
+    assert second == first
+    assert store.calls["put"] == puts
+    assert w2.stats.new_chunks == 0 and w2.stats.reused_logical == len(data)
+
+
+def test_known_chunks_skip_the_head(store: FaultyStore) -> None:
+    data = _mixed(100, seed=8)
+    known = KnownChunks()
+    _write(store, data, known=known)
+    heads, puts = store.calls["head"], store.calls["put"]
+    _, writer = _write(store, data, known=known)
+    assert store.calls["head"] == heads and store.calls["put"] == puts
+    assert writer.stats.reused_chunks == writer.stats.chunks
+
+
+def test_shifted_content_reuses_chunks(store: FaultyStore) -> None:
+    base = _mixed(400, seed=9)
+    _, w1 = _write(store, base)
+    _, w2 = _write(store, _mixed(21, seed=10) + base)
+    assert w2.stats.reused_logical >= 0.85 * len(base)
+    assert w2.stats.new_stored < 0.25 * w1.stats.new_stored
+
+
+def test_reused_old_chunk_is_refreshed(store: FaultyStore, root: Path) -> None:
+    data = _mixed(60, seed=11)
+    manifest, _ = _write(store, data)
+    _age_all_chunks(root, 2 * HOUR)
+    copies = store.calls["copy"]
+    _, writer = _write(store, data, refresh_age=HOUR)
+    assert writer.stats.touched == len(manifest.digests())
+    assert store.calls["copy"] - copies == len(manifest.digests())
+    for digest in manifest.digests():
+        assert time.time() - store.head(chunk_key(digest)).mtime_ns / 1e9 < 60
+
+
+def test_feed_must_be_sequential(store: FaultyStore) -> None:
+    with ChunkWriter(store, policy=SMALL) as writer:
+        writer.feed(0, b"abc")
+        with pytest.raises(ValueError, match="expected offset 3, got 5"):
+            writer.feed(5, b"x")
+    with pytest.raises(ValueError, match="finished or closed"):
+        writer.feed(3, b"x")
+
+
+def test_empty_file(store: FaultyStore) -> None:
+    manifest, _ = _write(store, b"")
+    assert manifest.size == 0 and manifest.chunks == ()
+    assert decode_manifest(encode_manifest(manifest)) == manifest
+    assert ChunkReader(store, manifest).read(0, 100) == b""
+
+
+def test_upload_failure_is_raised_by_finish(store: FaultyStore) -> None:
+    store.fail("put", Transient, nth=3)
+    with pytest.raises(Transient):
+        _write(store, _mixed(100, seed=12))
+
+
+# -- verification -------------------------------------------------------------------------------
+@pytest.mark.allow_logs("failed verification; fetching it again")
+def test_chunk_with_wrong_content_is_never_served(store: FaultyStore, root: Path) -> None:
+    data = random.Random(2).randbytes(40 * PAGE)  # raw chunks: easy to tamper with in place
+    manifest, _ = _write(store, data)
+    victim = manifest.chunks[1]
+    path = root / chunk_key(victim.digest)
+    tampered = bytearray(path.read_bytes())
+    tampered[7] ^= 0x40
+    path.write_bytes(bytes(tampered))
+    reader = ChunkReader(store, manifest)
+    assert reader.read(0, 10) == data[:10]  # other chunks are fine
+    with pytest.raises(CorruptChunk, match="does not match its BLAKE3 hash") as info:
+        reader.read(manifest.offset(1), 1)
+    assert isinstance(info.value, LayoutError)
+
+
+@pytest.mark.allow_logs("failed verification; fetching it again")
+def test_truncated_compressed_chunk_is_corrupt(store: FaultyStore, root: Path) -> None:
+    data = bytes(8 * PAGE) + _mixed(4, seed=1)
+    manifest, _ = _write(store, data, policy=ChunkPolicy(PAGE, 4 * PAGE, 8 * PAGE, 64 * PAGE))
+    entry = manifest.chunks[0]
+    assert entry.compressed
+    path = root / chunk_key(entry.digest)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CorruptChunk):
+        fetch_chunk(store, entry)
+
+
+@pytest.mark.allow_logs("failed verification; fetching it again")
+def test_corruption_in_transit_is_refetched(store: FaultyStore) -> None:
+    data = _mixed(50, seed=13)
+    manifest, _ = _write(store, data)
+    store.corrupt("get_range", times=1)
+    assert ChunkReader(store, manifest).read(0, manifest.size) == data
+
+
+@pytest.mark.allow_logs("failed verification; fetching it again")
+def test_persistent_corruption_in_transit_raises(store: FaultyStore) -> None:
+    data = _mixed(50, seed=14)
+    manifest, _ = _write(store, data)
+    store.corrupt("get_range")
+    with pytest.raises(CorruptChunk):
+        ChunkReader(store, manifest).read(0, 1)
+
+
+def test_missing_chunk_is_not_found(store: FaultyStore, root: Path) -> None:
+    manifest, _ = _write(store, _mixed(20, seed=15))
+    (root / chunk_key(manifest.chunks[0].digest)).unlink()
+    with pytest.raises(NotFound):
+        ChunkReader(store, manifest).read(0, 1)
+
+
+# -- garbage collection -------------------------------------------------------------------------
+def _commit(store: ObjectStore, key: str, data: bytes) -> Manifest:
+    manifest, _ = _write(store, data)
+    write_manifest(store, Key(key), manifest)
+    return manifest
+
+
+def _digests(root: Path, prefix: str = CHUNKS_PREFIX) -> set[bytes]:
+    return {bytes.fromhex(p.name) for p in (root / prefix).rglob("*") if p.is_file()}
+
+
+def test_gc_sets_aside_then_deletes_old_unreferenced_chunks_only(
+    store: FaultyStore, root: Path
+) -> None:
+    keep = _commit(store, "snapshots/t/1/pages-1.img", _mixed(80, seed=20))
+    gone = _commit(store, "snapshots/t/2/pages-1.img", _mixed(80, seed=21))
+    store.put(Key("snapshots/t/1/core-1.img"), b"plain object, not a manifest")
+    store.put(Key("snapshots/t/1.json"), b"{}")
+    store.delete(Key("snapshots/t/2/pages-1.img"))
+    _age_all_chunks(root, 2 * HOUR)
+    young, _ = _write(store, _mixed(30, seed=22))  # a dump in progress: not committed yet
+    only_gone = gone.digests() - keep.digests() - young.digests()
+    assert only_gone
+    everything = _digests(root)
+
+    dry = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR, dry_run=True)
+    assert dry.fossilized == len(only_gone) and _digests(root) == everything
+
+    first = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert first.manifests == 1 and first.missing == 0
+    assert first.fossilized == len(only_gone) and first.deleted == 0
+    assert _digests(root) == everything - only_gone
+    assert _digests(root, FOSSILS_PREFIX) == only_gone
+
+    again = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert again.fossils_kept == len(only_gone) and again.deleted == 0  # set aside too recently
+
+    _age_all_chunks(root, 2 * HOUR, FOSSILS_PREFIX)
+    last = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert last.deleted == len(only_gone) and last.bytes_deleted > 0
+    assert not _digests(root, FOSSILS_PREFIX)
+    assert keep.digests() | young.digests() <= _digests(root)
+    reader = ChunkReader(store, read_manifest(store, Key("snapshots/t/1/pages-1.img")))
+    assert reader.read(0, keep.size) == _mixed(80, seed=20)
+
+
+def test_gc_keeps_an_old_chunk_that_a_dump_refreshed(store: FaultyStore, root: Path) -> None:
+    """The rm-during-dump race: the only manifest referencing old chunks is removed while a new
+    dump reuses them (skipping their upload); the writer's refresh keeps them young."""
+    data = _mixed(60, seed=23)
+    _commit(store, "snapshots/t/1/pages-1.img", data)
+    _age_all_chunks(root, 2 * HOUR)
+    manifest, writer = _write(store, data, refresh_age=HOUR / 2)  # dump 2 reuses every chunk
+    assert writer.stats.new_chunks == 0 and writer.stats.touched > 0
+    store.delete(Key("snapshots/t/1/pages-1.img"))  # snapstore rm of snapshot 1
+    stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)  # before dump 2 commits
+    assert stats.fossilized == 0 and stats.kept_young == len(manifest.digests())
+    write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)
+    assert ChunkReader(store, manifest).read(0, len(data)) == data
+
+
+def test_dump_racing_a_collection_loses_nothing(store: FaultyStore, root: Path) -> None:
+    """Worst case: the dump checked old chunks without refreshing them, then a collection set
+    them aside before the dump committed. Readers find the fossils; the next run moves them
+    back instead of deleting them."""
+    data = _mixed(40, seed=24)
+    _commit(store, "snapshots/t/1/pages-1.img", data)
+    _age_all_chunks(root, 2 * HOUR)
+    manifest, writer = _write(store, data, refresh_age=10 * HOUR)  # checked, not refreshed
+    assert writer.stats.new_chunks == 0 and writer.stats.touched == 0
+    store.delete(Key("snapshots/t/1/pages-1.img"))
+    first = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert first.fossilized == len(manifest.digests())
+    write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)  # the dump commits
+    assert ChunkReader(store, manifest).read(0, len(data)) == data  # served from the fossils
+    _age_all_chunks(root, 2 * HOUR, FOSSILS_PREFIX)
+    second = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert second.resurrected == len(manifest.digests())
+    assert second.deleted == 0 and second.missing == 0
+    assert _digests(root) == manifest.digests() and not _digests(root, FOSSILS_PREFIX)
+    assert ChunkReader(store, manifest).read(0, len(data)) == data
+
+
+def test_gc_stops_on_an_undecodable_manifest(store: FaultyStore, root: Path) -> None:
+    manifest = _commit(store, "snapshots/t/1/pages-1.img", _mixed(30, seed=25))
+    _commit(store, "snapshots/t/2/pages-1.img", _mixed(30, seed=26))
+    blob = bytearray(encode_manifest(manifest))
+    blob[-1] ^= 1
+    store.put(Key("snapshots/t/2/pages-1.img"), bytes(blob))
+    _age_all_chunks(root, 2 * HOUR)
+    before = _digests(root)
+    with pytest.raises(LayoutError, match="nothing was deleted"):
+        collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert _digests(root) == before
+
+
+@pytest.mark.allow_logs("referenced chunks are missing")
+def test_gc_reports_missing_referenced_chunks(store: FaultyStore, root: Path) -> None:
+    manifest = _commit(store, "snapshots/t/1/pages-1.img", _mixed(30, seed=27))
+    (root / chunk_key(manifest.chunks[0].digest)).unlink()
+    stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert stats.missing == 1 and stats.fossilized == 0
+
+
+# -- a real S3 server ---------------------------------------------------------------------------
+@pytest.fixture
+def s3_store(s3_bucket: object) -> Iterator[ObjectStore]:
+    from fusionfs.store.s3 import S3Store
+
+    yield S3Store(
+        s3_bucket.name,  # type: ignore[attr-defined]
+        "prefix",
+        endpoint_url=s3_bucket.endpoint,  # type: ignore[attr-defined]
+        region="us-east-1",
+        deadline_s=10,
+    )
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(60)
+def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
+    data = _mixed(120, seed=30)
+    key = Key("snapshots/t/1/pages-1.img")
+    manifest = _commit(s3_store, str(key), data)
+    info = s3_store.head(key)
+    assert info.metadata is not None and info.metadata[LAYOUT_METADATA] == LAYOUT_CHUNKED_V1
+    reader = ChunkReader(s3_store, read_manifest(s3_store, key, info.etag))
+    assert reader.read(0, len(data)) == data
+    assert reader.read(12_345, 50_000) == data[12_345:62_345]
+    # a second, shifted dump reuses most chunks; an old chunk is refreshed by copy onto itself
+    _, writer = _write(s3_store, _mixed(7, seed=31) + data, refresh_age=0.0)
+    assert writer.stats.reused_logical >= 0.8 * len(data)
+    assert writer.stats.touched == writer.stats.reused_chunks > 0
+    # nothing is old enough to collect; with no grace, the unreferenced shifted chunks are set
+    # aside by one run and deleted by the next
+    assert collect_garbage(s3_store, Key("snapshots/"), grace_seconds=HOUR).fossilized == 0
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    first = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
+    assert first.fossilized == writer.stats.new_chunks > 0
+    assert first.missing == 0
+    time.sleep(1.1)
+    second = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
+    assert second.deleted == writer.stats.new_chunks and second.resurrected == 0
+    assert ChunkReader(s3_store, manifest).read(0, len(data)) == data
