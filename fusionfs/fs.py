@@ -78,6 +78,7 @@ ROOT_INODE = InodeNo(1)
 CONTROL_INFO = b"user.fusionfs.info"
 CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
+CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
 
 _MAX_NAME = 255
 _MAX_KEY = 1024
@@ -130,6 +131,7 @@ class Inode:
     listed_at: float = float("-inf")  # directories: when the listing below was fetched
     listed_names: frozenset[bytes] = frozenset()
     listed_dirs: frozenset[bytes] = frozenset()
+    write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
 
     @property
     def st_mode(self) -> int:
@@ -864,8 +866,34 @@ class Filesystem:
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: commit if this handle could have written."""
         h = self.handle(fh)
-        if h.writable:
-            await self._commit(h.inode)
+        if not h.writable:
+            return
+        if self._in_write_behind_dir(h.inode):
+            self._nursery.start_soon(self._background_commit, h.inode)
+            return
+        await self._commit(h.inode)
+
+    def _in_write_behind_dir(self, inode: Inode) -> bool:
+        while inode.ino != ROOT_INODE:
+            parent = self._inodes.get(inode.parent)
+            if parent is None:
+                return False
+            if parent.write_behind:
+                return True
+            inode = parent
+        return False
+
+    async def _background_commit(self, inode: Inode) -> None:
+        """Write-behind close: commit now, off the caller's path; fsync/flush wait for it."""
+        try:
+            await self._commit(inode)
+        except (FsError, StoreError) as e:
+            log.warning("%s: background commit failed (kept staged, retried): %s",
+                        self._path(inode), e)
+            return
+        staged = inode.staged
+        if staged is not None and inode.writers == 0 and not staged.dirty:
+            await self._unstage(inode)
 
     async def fsync(self, fh: int) -> None:
         await self._commit(self.handle(fh).inode)
@@ -883,8 +911,9 @@ class Filesystem:
             if not inode.linked or not staged.dirty:
                 await self._unstage(inode)
                 return
-            log.warning("%s: data not yet durable stays staged; retrying in the background",
-                        self._path(inode))
+            if not self._in_write_behind_dir(inode):
+                log.warning("%s: data not yet durable stays staged; retried in the background",
+                            self._path(inode))
         self._maybe_drop(inode)
 
     # -- directories -------------------------------------------------------------------------
@@ -973,7 +1002,9 @@ class Filesystem:
 
     # -- control interface (xattrs on the root) ---------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self.inode(ino)
+        inode = self.inode(ino)
+        if name == CONTROL_WRITE_BEHIND and inode.kind is Kind.DIR:
+            return b"1" if inode.write_behind else b"0"
         if ino == ROOT_INODE and name == CONTROL_INFO:
             return json.dumps(dict(self.cfg.info)).encode()
         if ino == ROOT_INODE and name == CONTROL_STATS:
@@ -985,27 +1016,37 @@ class Filesystem:
         return []
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.inode(ino)
+        inode = self.inode(ino)
         if ino == ROOT_INODE and name == CONTROL_FLUSH:
             await self.flush_all()
+            return
+        if name == CONTROL_WRITE_BEHIND:
+            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
+                raise InvalidArgument("write-behind is set on a directory, to 0 or 1")
+            inode.write_behind = value == b"1"
             return
         raise OperationNotSupported("extended attributes are not stored")
 
     async def flush_all(self) -> None:
-        """Commit every file with data not yet durable. Raises UploadFailed listing failures."""
+        """Commit every file with data not yet durable, several at once.
+
+        Raises UploadFailed listing the files that could not be made durable."""
         failures: list[str] = []
-        for inode in list(self._inodes.values()):
-            if inode.staged is None or not inode.linked:
-                continue
-            if not (inode.staged.dirty or inode.local_only):
-                continue
+        pending = [
+            i for i in self._inodes.values()
+            if i.staged is not None and i.linked and (i.staged.dirty or i.local_only)
+        ]
+
+        async def one(inode: Inode) -> None:
             try:
                 await self._commit(inode)
             except (FsError, StoreError) as e:
                 failures.append(f"{self._path(inode)}: {e}")
-                continue
-            if inode.writers == 0:
+                return
+            if inode.writers == 0 and inode.staged is not None:
                 await self._unstage(inode)
+
+        await _bounded_all([functools.partial(one, i) for i in pending], 16)
         if failures:
             raise UploadFailed("; ".join(failures))
 

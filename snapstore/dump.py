@@ -182,6 +182,10 @@ def dump(
 
     n = catalog.reserve(task)
     images = catalog.images_dir(task, n)
+    try:
+        root.write_behind(images)
+    except SnapstoreError as err:
+        raise DumpFailed(str(err)) from None
     progress(f"dumping PID {pid} into {images}")
     timeout = None
     if deadline_at is not None:

@@ -597,3 +597,25 @@ async def test_truncate(make_fs: FsFactory, any_store: FaultyStore) -> None:
     await h.write_file("f", b"again")
     await h.write_file("f", b"x")
     assert await h.get("f") == b"x"
+
+
+@pytest.mark.timeout(60)
+async def test_write_behind_directory_close_returns_before_commit(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    # [S-WRITE-7] "close of a file below DIR starts its commit and returns at once; fsync of the
+    # file and the user.fusionfs.flush control still return only once it is durable"
+    h = await make_fs(local_store)
+    await h.mkdir("imgs")
+    d = await h.stat("imgs")
+    await h.fs.setxattr(d.ino, b"user.fusionfs.write-behind", b"1")
+    assert h.fs.getxattr(d.ino, b"user.fusionfs.write-behind") == b"1"
+    gate = threading.Event()
+    local_store.stall("put", event=gate)
+    await h.write_file("imgs/a.img", b"x" * 1000)  # close returned although the PUT is stalled
+    with pytest.raises(NotFound):
+        local_store.inner.head(Key("imgs/a.img"))
+    gate.set()
+    local_store.release("put")
+    await h.fs.flush_all()  # waits for the background commit
+    assert local_store.inner.head(Key("imgs/a.img")).size == 1000
