@@ -50,6 +50,7 @@ from fusionfs.errors import (
     NotEmpty,
     OperationNotSupported,
     ReadOnly,
+    Stale,
     UploadFailed,
     first_error,
 )
@@ -454,7 +455,14 @@ class Filesystem:
             await self._revalidate(inode)
         return inode
 
-    async def _revalidate(self, inode: Inode) -> None:
+    async def _revalidate(self, inode: Inode, *, opening: bool = False) -> None:
+        """Check an inode against the store (getattr, open, setattr after the TTL).
+
+        A new version of the object is never applied to a kernel-visible inode in place (the
+        kernel would keep the old size, S-CONS-4): the inode is detached from its name and the
+        call fails with ESTALE, which makes the kernel redo the path walk with a fresh lookup
+        (``retry_estale``), which gives the new version a new inode. ``getattr`` of a file
+        still open (``fstat``) keeps answering for the version it opened."""
         key = self.key_of(inode)
         try:
             info = await self._call(self._store.head, key, what=f"HEAD {key}")
@@ -468,6 +476,11 @@ class Filesystem:
                 return
             self._detach(inode)
             raise NoEntry(f"{key} changed type in the store") from None
+        if self._new_version(inode, info):
+            self._detach(inode)  # the name now means the new version
+            if inode.opens > 0 and not opening:
+                return  # fstat of an open file: the version it has open
+            raise Stale(f"{key} has a new version in the store")
         self._apply_info(inode, info)
         inode.validated = trio.current_time()
 
@@ -807,7 +820,7 @@ class Filesystem:
         if writable:
             self._writable()
         if inode.staged is None and not inode.local_only and not self._fresh(inode):
-            await self._revalidate(inode)  # close-to-open: see the newest version
+            await self._revalidate(inode, opening=True)  # close-to-open: the newest version
         if writable:
             await self._stage(inode, truncate=truncate)
             if truncate:

@@ -36,6 +36,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from mount_support import Target
 
 pytestmark = pytest.mark.mount
 
@@ -83,11 +84,15 @@ def _errno(fn: Any, *args: Any) -> int | None:
 
 
 class _Context:
-    """What the test function hands the machine: the mount factory and the S3 server."""
+    """What the test function hands the machine: the mount factory and where stores go."""
 
+    kind: str = "s3"  # or "local"
     factory: Any = None
-    client: Any = None
-    endpoint: str = ""
+    client: Any = None  # s3
+    endpoint: str = ""  # s3
+    tmp: Path = Path("/nonexistent")  # local
+    examples: int = 0
+    steps: int = 0  # checks of the invariant, i.e. steps run, over all examples
 
 
 class MountModel(RuleBasedStateMachine):
@@ -97,8 +102,18 @@ class MountModel(RuleBasedStateMachine):
         super().__init__()
         self.files: dict[str, bytes] = {}
         self.markers: set[str] = set()
-        self.bucket = f"model-{uuid.uuid4().hex[:20]}"
         self.mount: Any = None
+        name = f"model-{uuid.uuid4().hex[:20]}"
+        if self.ctx.kind == "s3":
+            self.target = Target(
+                kind="s3", source=f"s3://{name}", mount_args=("--endpoint-url", self.ctx.endpoint),
+                client=self.ctx.client, bucket=name,
+            )
+        else:
+            root = self.ctx.tmp / name
+            self.target = Target(kind="local", source=str(root), mount_args=(), root=root)
+        # a local directory keeps a directory when its last file goes; S3 has no such thing
+        self.dirs_persist = self.ctx.kind == "local"
 
     # -- model helpers -----------------------------------------------------------------------
     def _dir_exists(self, d: str) -> bool:
@@ -115,6 +130,12 @@ class MountModel(RuleBasedStateMachine):
             names |= self.markers
         return names
 
+    def _add_file(self, path: str, data: bytes) -> None:
+        self.files[path] = data
+        parent = path.rpartition("/")[0]
+        if parent and self.dirs_persist:
+            self.markers.add(parent)
+
     def _p(self, rel: str) -> Path:
         path: Path = self.mount.path / rel
         return path
@@ -122,27 +143,30 @@ class MountModel(RuleBasedStateMachine):
     # -- lifecycle ---------------------------------------------------------------------------
     @initialize()
     def start(self) -> None:
-        self.ctx.client.create_bucket(Bucket=self.bucket)
-        self.mount = self.ctx.factory(
-            f"s3://{self.bucket}", ("--endpoint-url", self.ctx.endpoint, *_MOUNT_ARGS)
-        )
-        note(f"bucket {self.bucket}, mounted at {self.mount.path}")
+        self.ctx.examples += 1
+        if self.target.kind == "s3":
+            self.ctx.client.create_bucket(Bucket=self.target.bucket)
+        else:
+            assert self.target.root is not None
+            self.target.root.mkdir()
+        self.mount = self.ctx.factory(self.target.source, (*self.target.mount_args, *_MOUNT_ARGS))
+        note(f"{self.target.source} mounted at {self.mount.path}")
 
     def teardown(self) -> None:
         try:
             if self.mount is not None:
                 self.mount.unmount()
         finally:
-            client = self.ctx.client
-            try:
-                pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-                for page in pages:
-                    keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                    if keys:
-                        client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
-                client.delete_bucket(Bucket=self.bucket)
-            except client.exceptions.NoSuchBucket:
-                pass
+            if self.target.kind == "s3":
+                client, bucket = self.ctx.client, self.target.bucket
+                try:
+                    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                        if keys:
+                            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+                    client.delete_bucket(Bucket=bucket)
+                except client.exceptions.NoSuchBucket:
+                    pass
 
     # -- file operations ---------------------------------------------------------------------
     @rule(path=_files, data=_data)
@@ -151,7 +175,7 @@ class MountModel(RuleBasedStateMachine):
             assert _errno(self._p(path).write_bytes, data) == errno.ENOENT
             return
         self._p(path).write_bytes(data)
-        self.files[path] = data
+        self._add_file(path, data)
 
     @rule(path=_files, data=_data)
     def append(self, path: str, data: bytes) -> None:
@@ -200,7 +224,7 @@ class MountModel(RuleBasedStateMachine):
             assert _errno(os.rename, self._p(src), self._p(dst)) == errno.ENOENT
             return
         os.rename(self._p(src), self._p(dst))
-        self.files[dst] = self.files.pop(src)
+        self._add_file(dst, self.files.pop(src))
 
     # -- directories -------------------------------------------------------------------------
     @rule(d=_dirs)
@@ -255,13 +279,15 @@ class MountModel(RuleBasedStateMachine):
     # -- out of band and remounts ------------------------------------------------------------
     @rule(path=_files, data=_data)
     def oob_put(self, path: str, data: bytes) -> None:
-        self.ctx.client.put_object(Bucket=self.bucket, Key=path, Body=data)
-        self.files[path] = data
+        if self.target.kind == "local" and path.rpartition("/")[0] in self.files:
+            return  # not possible in a directory tree
+        self.target.put(path, data)
+        self._add_file(path, data)
 
     @rule(path=_files)
     def oob_delete(self, path: str) -> None:
         if path in self.files:
-            self.ctx.client.delete_object(Bucket=self.bucket, Key=path)
+            self.target.delete(path)
             del self.files[path]
 
     @rule(fresh=st.booleans())
@@ -273,28 +299,39 @@ class MountModel(RuleBasedStateMachine):
     def bucket_matches_model(self) -> None:
         if self.mount is None:
             return
-        client = self.ctx.client
-        keys: set[str] = set()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
-            keys.update(o["Key"] for o in page.get("Contents", []))
-        file_keys = {k for k in keys if not k.endswith("/")}
-        assert file_keys == set(self.files), "bucket objects differ from the model"
+        self.ctx.steps += 1
+        file_keys = {k for k in self.target.keys() if not k.endswith("/")}
+        assert file_keys == set(self.files), "the store's objects differ from the model"
         for path, data in self.files.items():
-            body = client.get_object(Bucket=self.bucket, Key=path)["Body"].read()
-            assert body == data, f"{path} in the bucket: {len(body)} bytes, model {len(data)}"
+            body = self.target.get(path)
+            assert body == data, f"{path} in the store: {body and len(body)} bytes, " \
+                f"model {len(data)}"
         assert set(os.listdir(self.mount.path)) == self._listing("")
 
 
 @pytest.mark.timeout(600)
-def test_mount_against_model(fusion_mount: Any, s3_bucket: Any) -> None:
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_mount_against_model(
+    fusion_mount: Any, request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
     """Random operations, out-of-band changes and remounts agree with the model."""
-    MountModel.ctx.factory = fusion_mount
-    MountModel.ctx.client = s3_bucket.client
-    MountModel.ctx.endpoint = s3_bucket.endpoint
+    ctx = MountModel.ctx = _Context()
+    ctx.kind = kind
+    ctx.factory = fusion_mount
+    ctx.tmp = tmp_path
+    if kind == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        ctx.client, ctx.endpoint = bucket.client, bucket.endpoint
     run_seed = int(os.environ.get("FUSIONFS_MODEL_SEED") or random.randrange(1 << 32))
     try:
-        run_state_machine_as_test(seed(run_seed)(MountModel), settings=_SETTINGS)
+        run_state_machine_as_test(  # type: ignore[no-untyped-call]
+            seed(run_seed)(MountModel), settings=_SETTINGS
+        )
     except BaseException:
         print(f"\nmodel test failed with seed {run_seed}: rerun with "
               f"FUSIONFS_MODEL_SEED={run_seed} python -m pytest {__file__}")
         raise
+    print(f"\nmodel: {ctx.examples} examples, {ctx.steps} steps, seed {run_seed}")
+    # the run did something: most examples got past their first few steps
+    assert ctx.examples >= _SETTINGS.max_examples
+    assert ctx.steps >= ctx.examples * 5
