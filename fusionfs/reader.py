@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ChunkId = tuple[Key, ETag, int]
+_Data = bytes | memoryview  # a chunk: its own bytes, or a view into a response buffer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: bytes | None = None
+        self.data: _Data | None = None
         self.error: BaseException | None = None
 
 
@@ -113,7 +114,7 @@ class ChunkSource:
         self.chunk_size = chunk_size
         self._run_chunks = max(1, request_size // chunk_size)
         self._max_window = max(1, max_readahead // chunk_size)
-        self._mem: OrderedDict[_ChunkId, bytes] = OrderedDict()
+        self._mem: OrderedDict[_ChunkId, _Data] = OrderedDict()
         self._mem_bytes = 0
         self._mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
         self._inflight: dict[_ChunkId, _Pending] = {}
@@ -138,7 +139,7 @@ class ChunkSource:
         self._request(ref, first, last)
         if first == last:
             data = await self._chunk(ref, first)
-            return data[off - first * cs : end - first * cs]
+            return bytes(data[off - first * cs : end - first * cs])
         parts = []
         for idx in range(first, last + 1):
             data = await self._chunk(ref, idx)
@@ -196,7 +197,7 @@ class ChunkSource:
     def _spawn(self, ref: ObjectRef, run: list[int]) -> None:
         self._nursery.start_soon(self._fetch_run, ref, list(run))
 
-    async def _chunk(self, ref: ObjectRef, idx: int) -> bytes:
+    async def _chunk(self, ref: ObjectRef, idx: int) -> _Data:
         cid = (ref.key, ref.etag, idx)
         while True:
             data = self._mem.get(cid)
@@ -259,9 +260,10 @@ class ChunkSource:
             raise Stale(f"{ref.key} changed in the store while being read") from e
         if len(blob) != length:
             raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
+        # chunks are views into the one response buffer: no copy until the reply to the kernel
         view = memoryview(blob)
         for n, idx in enumerate(stretch):
-            data = bytes(view[n * cs : (n + 1) * cs]) if len(stretch) > 1 else blob
+            data = view[n * cs : (n + 1) * cs]
             self._resolve(ref, idx, data)
             self._cache_store(ref, idx, data)
 
@@ -274,7 +276,7 @@ class ChunkSource:
                 hits[idx] = data
         return hits
 
-    def _resolve(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+    def _resolve(self, ref: ObjectRef, idx: int, data: _Data) -> None:
         cid = (ref.key, ref.etag, idx)
         old = self._mem.pop(cid, None)
         if old is not None:
@@ -289,13 +291,13 @@ class ChunkSource:
             pending.data = data
             pending.event.set()
 
-    def _cache_store(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+    def _cache_store(self, ref: ObjectRef, idx: int, data: _Data) -> None:
         if self._cache is None or self._cache_backlog + len(data) > self._cache_backlog_limit:
             return
         self._cache_backlog += len(data)
         self._nursery.start_soon(self._cache_put, ref, idx, data)
 
-    async def _cache_put(self, ref: ObjectRef, idx: int, data: bytes) -> None:
+    async def _cache_put(self, ref: ObjectRef, idx: int, data: _Data) -> None:
         assert self._cache is not None
         try:
             await trio.to_thread.run_sync(
