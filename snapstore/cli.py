@@ -1,6 +1,6 @@
 """``snapstore``: checkpoint a running task into a fusionfs mount with CRIU, and restore it.
 
-Commands: dump, restore, list, show, rm (``snapstore COMMAND --help``). Errors are one line on
+Commands: dump, restore, list, show, rm, run (``snapstore COMMAND --help``). Errors are one line on
 stderr (plus the relevant lines of CRIU's log when CRIU failed) and an exit code from
 ``snapstore.errors``; a traceback means a bug.
 
@@ -24,6 +24,7 @@ from types import FrameType
 from snapstore.catalog import Catalog, Manifest, validate_task_id
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
+    EXIT_CHECKPOINTED,
     EXIT_DUMP_FAILED,
     EXIT_RESTORE_FAILED,
     EXIT_USAGE,
@@ -32,6 +33,8 @@ from snapstore.errors import (
 )
 from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
+from snapstore.supervisor import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, RunOptions
+from snapstore.supervisor import run as supervise
 
 __all__ = ["build_parser", "main"]
 
@@ -45,7 +48,10 @@ exit codes:
        deadline passed, the snapshot could not be made durable (nothing committed)
   {EXIT_RESTORE_FAILED}  restore failed: CRIU missing or too old, the task's PID is in use,
        damaged snapshot, CRIU could not restore
-  restore without --detach exits with the task's own exit status (128+N if killed by signal N)
+  {EXIT_CHECKPOINTED}   run: the task was checkpointed and committed (spot notice or SIGTERM);
+       run the same command again to resume it
+  restore without --detach, and run, exit with the task's own exit status (128+N if killed
+  by signal N) when the task ends by itself
 
 --root defaults to ${ROOT_ENV}, else {DEFAULT_ROOT}. Testing aid: {ALLOW_ANY_ROOT_ENV}=1 accepts
 a root that is not on a fusionfs mount.
@@ -81,6 +87,36 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"the deadline must be positive, not {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
     return value
 
 
@@ -198,6 +234,90 @@ def build_parser() -> argparse.ArgumentParser:
         help="snapshot number (default: the latest committed)",
     )
     p.add_argument("--json", action="store_true", help="the manifest as stored")
+
+    p = sub.add_parser(
+        "run",
+        help="run a task; checkpoint it on a spot notice or SIGTERM; resume it when run again",
+        usage="snapstore run --task ID [options] -- COMMAND [ARGS...]",
+        description="If task ID has a committed snapshot, restore the latest and wait for it; "
+        "else start COMMAND (in its own session, stdout/stderr to files under --log-dir, "
+        "copied to ours). On a reclamation notice or SIGTERM, checkpoint it within the window "
+        f"and exit {EXIT_CHECKPOINTED}; run the same line again to resume. When the task ends "
+        "by itself, its snapshots are removed and its exit status returned.",
+        epilog=_EXIT_CODES,
+        formatter_class=fmt,
+    )
+    common(p)
+    p.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="auto",
+        help="whose reclamation notice to poll (default auto: AWS, else GCP, else none, "
+        "probed with short timeouts); SIGTERM always counts as a notice",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        metavar="S",
+        help="also take a --leave-running snapshot every S seconds",
+    )
+    p.add_argument(
+        "--keep",
+        type=_count,
+        default=DEFAULT_KEEP,
+        metavar="N",
+        help=f"keep the last N committed snapshots (default {DEFAULT_KEEP})",
+    )
+    p.add_argument(
+        "--window",
+        type=_positive,
+        metavar="S",
+        help=f"seconds from notice to stop (default: AWS 120, GCP 30, SIGTERM "
+        f"{SIGTERM_WINDOW_S:g})",
+    )
+    p.add_argument(
+        "--deadline-margin",
+        type=_non_negative,
+        metavar="S",
+        help="seconds kept free at the end of the window (default 10%% of it, at least 1)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=_positive,
+        metavar="S",
+        help="seconds between metadata polls (default AWS 5, GCP 1)",
+    )
+    p.add_argument(
+        "--aws-endpoint",
+        metavar="URL",
+        help="IMDS base URL (default $AWS_EC2_METADATA_SERVICE_ENDPOINT, else "
+        "http://169.254.169.254)",
+    )
+    p.add_argument(
+        "--gcp-host",
+        metavar="HOST[:PORT]",
+        help="GCP metadata host (default $GCE_METADATA_HOST, else metadata.google.internal)",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the task's stdout and stderr go, as TASK.stdout and TASK.stderr (default "
+        "ROOT/.logs; must be on the mount, the task keeps them open across machines)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lazy",
+        dest="lazy",
+        action="store_const",
+        const=True,
+        default=None,
+        help="restore lazily (default where userfaultfd exists)",
+    )
+    mode.add_argument(
+        "--eager", dest="lazy", action="store_const", const=False, help="restore eagerly"
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
     p = sub.add_parser("rm", help="remove a snapshot (manifest first), or a whole task")
     common(p)
@@ -380,12 +500,37 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no command given: snapstore run --task ID [options] -- COMMAND")
+    opts = RunOptions(
+        task=validate_task_id(args.task),
+        command=command,
+        root=args.root,
+        provider=args.provider,
+        checkpoint_interval=args.checkpoint_interval,
+        window=args.window,
+        deadline_margin=args.deadline_margin,
+        keep=args.keep,
+        poll_interval=args.poll_interval,
+        log_dir=args.log_dir,
+        lazy=args.lazy,
+        aws_endpoint=args.aws_endpoint,
+        gcp_host=args.gcp_host,
+    )
+    return supervise(opts, _note)
+
+
 _COMMANDS = {
     "dump": (_cmd_dump, EXIT_DUMP_FAILED),
     "restore": (_cmd_restore, EXIT_RESTORE_FAILED),
     "list": (_cmd_list, 1),
     "show": (_cmd_show, 1),
     "rm": (_cmd_rm, 1),
+    "run": (_cmd_run, 1),
 }
 
 

@@ -35,8 +35,10 @@ __all__ = [
     "MIN_VERSION",
     "Criu",
     "CriuRun",
+    "RegFile",
     "find_criu",
     "log_excerpt",
+    "read_reg_files",
     "read_stats",
 ]
 
@@ -46,6 +48,9 @@ MIN_VERSION = (4, 0)
 _HARMLESS = ("Can't setup RLIMIT_NOFILE",)
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
+_IMG_COMMON_MAGIC = 0x54564319
+_FILES_MAGIC = 0x56303138
+_FD_TYPE_REG = 1  # fd_types.REG in images/fdinfo.proto
 
 # field numbers of stats.proto (images/stats.proto in CRIU's source)
 _DUMP_FIELDS = {
@@ -240,3 +245,60 @@ def read_stats(path: Path) -> dict[str, int]:
         return result
     except (OSError, ValueError, IndexError, struct.error):
         return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegFile:
+    """A regular file the dumped tree had open, as CRIU recorded it (``files.img``).
+
+    ``size`` is what CRIU checks on restore; it records none for files opened write-only with
+    O_APPEND (logs), whose ``pos`` is then the best guess of the size at the dump.
+    """
+
+    name: str
+    flags: int
+    pos: int
+    size: int | None
+
+
+def read_reg_files(images: Path) -> list[RegFile]:
+    """The regular files recorded in an images dir's ``files.img`` (file_entry.reg).
+
+    Raises ValueError if the image is missing or not a CRIU files image.
+    """
+    try:
+        raw = (images / "files.img").read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {images / 'files.img'}: {err.strerror}") from None
+    try:
+        magic1, magic2 = struct.unpack_from("<II", raw, 0)
+    except struct.error:
+        raise ValueError(f"{images / 'files.img'} is too short") from None
+    if magic1 != _IMG_COMMON_MAGIC or magic2 != _FILES_MAGIC:
+        raise ValueError(f"{images / 'files.img'} is not a CRIU files image")
+    found: list[RegFile] = []
+    pos = 8
+    try:
+        while pos < len(raw):
+            (size,) = struct.unpack_from("<I", raw, pos)
+            entry = _varints(raw[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            reg = entry.get(3)
+            if entry.get(1) != _FD_TYPE_REG or not isinstance(reg, bytes):
+                continue
+            fields = _varints(reg)
+            name, flags, offset = fields.get(6), fields.get(2, 0), fields.get(3, 0)
+            length = fields.get(8)
+            if not isinstance(name, bytes) or isinstance(flags, bytes):
+                continue
+            found.append(
+                RegFile(
+                    name.decode(errors="surrogateescape"),
+                    int(flags),
+                    offset if isinstance(offset, int) else 0,
+                    length if isinstance(length, int) else None,
+                )
+            )
+    except (struct.error, IndexError) as err:
+        raise ValueError(f"{images / 'files.img'} is damaged: {err}") from None
+    return found

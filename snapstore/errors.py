@@ -7,11 +7,20 @@ stderr (plus ``err.details``, indented, when CRIU's log has something to say) an
 Exit codes follow Fusion Snapshots' convention so workflow engines configured for it retry the
 same way: 175 when a dump fails, 176 when a restore fails. 2 is bad usage or input (which a
 retry will not fix). ``restore`` without ``--detach`` exits with the task's own status instead.
+
+``run`` adds 75 (``EXIT_CHECKPOINTED``): the task was checkpointed and committed because the
+machine is going away (a spot notice or SIGTERM); run the same command again to resume it. 75 is
+``EX_TEMPFAIL`` of sysexits.h ("temporary failure; the user is invited to retry"), which is what
+it means; it is below 126, so no shell or engine reads it as "killed by a signal" (128+N, e.g.
+143 for SIGTERM, which says nothing about whether a snapshot exists), and it differs from 175
+(checkpoint failed) and 176 (restore failed) so the three outcomes stay apart in reports while
+one retry rule (``exit status in 75, 175, 176``) covers them all.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CHECKPOINTED",
     "EXIT_DUMP_FAILED",
     "EXIT_ERROR",
     "EXIT_RESTORE_FAILED",
@@ -27,6 +36,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DUMP_FAILED = 175
 EXIT_RESTORE_FAILED = 176
+EXIT_CHECKPOINTED = 75
 
 
 class SnapstoreError(Exception):

@@ -160,10 +160,13 @@ def _start_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> int:
         os.close(r)
     if not ready:
         _stop_daemon(pid)
-        raise RestoreFailed(
-            "criu lazy-pages did not become ready; log: " + str(workdir / "lazy-pages.log"),
-            details=log_excerpt(workdir / "lazy-pages.log"),
-        )
+        log = workdir / "lazy-pages.log"
+        details = log_excerpt(log) if log.exists() else []
+        try:  # what CRIU printed before it had a log (option or work dir errors)
+            details += Path(out).read_text(errors="replace").strip().splitlines()[-5:]
+        except OSError:
+            pass
+        raise RestoreFailed(f"criu lazy-pages did not become ready; log: {log}", details=details)
     return pid
 
 

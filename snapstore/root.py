@@ -49,7 +49,6 @@ class Root:
                 f"{err.strerror or err}; some data is not durable in the store"
             ) from err
 
-
     def write_behind(self, directory: Path) -> None:
         """Ask fusionfs not to make CRIU's every close wait for its upload: the dump fsyncs
         each image and flushes the mount before committing, so durability is unchanged, and
