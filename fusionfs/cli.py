@@ -74,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="free space to leave on the cache's filesystem (default 1G)")
     m.add_argument("--chunk-size", type=parse_size, default=parse_size("1M"),
                    help="read and cache granularity (default 1M)")
-    m.add_argument("--read-request-size", type=parse_size, default=parse_size("8M"),
-                   help="largest ranged GET (default 8M)")
-    m.add_argument("--max-readahead", type=parse_size, default=parse_size("64M"),
-                   help="read-ahead window for sequential reads (default 64M)")
+    m.add_argument("--read-request-size", type=parse_size, default=parse_size("16M"),
+                   help="largest ranged GET (default 16M)")
+    m.add_argument("--max-readahead", type=parse_size, default=parse_size("128M"),
+                   help="read-ahead window for sequential reads (default 128M)")
     m.add_argument("--part-size", type=parse_size, default=parse_size("16M"),
                    help="first multipart part size; grows after 1000 parts (default 16M)")
     m.add_argument("--upload-concurrency", type=int, default=8,

@@ -58,8 +58,8 @@ class MountConfig:
     cache_size: int = 10 << 30
     cache_min_free: int = 1 << 30
     chunk_size: int = 1 * MiB
-    request_size: int = 8 * MiB
-    max_readahead: int = 64 * MiB
+    request_size: int = 16 * MiB
+    max_readahead: int = 128 * MiB
     read_memory: int = 256 * MiB
     part_size: int = 16 * MiB
     upload_slots: int = 8
