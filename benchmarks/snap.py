@@ -6,16 +6,17 @@ task from ``tests/snap/memtask.py`` holding that much known memory is:
 
 1. dumped by ``criu dump --leave-stopped`` to local disk (wall time; then the same plus an fsync
    of every image file and the directory: "until durable"), then resumed with SIGCONT;
-2. not touched while the same image files are uploaded with boto3 twice: one object per file
+2. left running while the same image files are uploaded with boto3 twice: one object per file
    (multipart, 8 threads x 16 MiB parts: the layout fusionfs writes, fs.py's direct reference),
    and as 8 MiB objects with 8 threads (parallel PUTs: the server's ceiling, DESIGN.md);
 3. dumped by ``snapstore dump`` into a fusionfs mount of the server: the wall time of the command
    until it exits (the manifest is committed, so the snapshot is durable), with snapstore's own
    breakdown (CRIU's frozen time, CRIU's wall time, flush) in the details; snapstore kills it;
-4. restored eagerly from the local images (``criu restore -d --restore-sibling``), then, each on a
-   fresh mount with an empty cache dir ("another machine"), by ``snapstore restore --eager`` and
-   ``snapstore restore --lazy`` (``--detach --json``). After each restore the task verifies its
-   whole memory (SIGUSR1 -> ``verify.json``) and is killed.
+4. restored from the local images by CRIU alone, eagerly (``criu restore -d --restore-sibling``)
+   and lazily (``criu lazy-pages`` + ``criu restore --lazy-pages``, as snapstore drives them),
+   then, each on a fresh mount with an empty cache dir ("another machine"), by ``snapstore
+   restore --eager`` and ``snapstore restore --lazy`` (``--detach --json``). After each
+   restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed.
 
 Figures are seconds (lower is better), the median of ``--runs`` with min and max; ratios are
 computed per run, then summarised. The naive way (dump to local disk, then upload) is the sum of
@@ -26,14 +27,20 @@ Caveats:
   lazy-pages daemon included, until ``criu restore`` returns); the command's wall time (Python
   start, manifest read, file checks) is in the details. "all pages in" is ``resume_s`` plus the
   time from the command's return until the lazy-pages daemon exited (we are its subreaper).
-- "fetched before resume" is ``fusionfs stats`` read right after the restore command returns; the
-  lazy daemon starts pushing the remaining pages at once, so it over-counts a little.
+- "fetched before resume" is the mount's ``bytes_fetched`` (the counters ``fusionfs stats
+  --json`` prints, read in-process through ``fusionfs.client.stats``) sampled every 5 ms while
+  the restore runs, taken when CRIU's pidfile appears in snapstore's work dir (CRIU writes it at
+  the end of the restore); the value after the command returned is in the details
+  (``fetched_at_return_mb``): the lazy daemon pushes the remaining pages from the start, so that
+  one over-counts.
 - Before each restore the page cache is dropped (local images are read from disk); before the
   fusionfs restores the server's copy is warmed by an unmeasured direct GET of the snapshot's
   objects, so "empty cache" means the client side, as in fs.py.
 - The benchmark makes itself a child subreaper (``PR_SET_CHILD_SUBREAPER``) so that restored
   tasks, lazy-pages daemons and fusionfs daemons become its children and are reaped at once:
   PID 1 reaps orphans slowly here, and a restore needs the task's original PID free.
+- The store set-up (local s3rver, proxy, run prefix and its deletion) and the fusionfs mounter
+  are ``benchmarks.fs``'s, imported from there.
 - Needs root, FUSE, a CRIU >= 4.0 (``$CRIU``, PATH or /opt/fusionfs/criu/bin/criu) and
   userfaultfd for the lazy rows.
 """
@@ -45,11 +52,13 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -100,6 +109,9 @@ _NAIVE = "naive: dump + fsync + upload (multipart)"
 _NAIVE_PUT = "naive: dump + fsync + upload (PUTs)"
 _OURS = "snapstore dump via fusionfs"
 _R_LOCAL = "criu restore eager, local disk"
+_R_LOCAL_LAZY = "criu restore lazy, local disk"
+_R_LOCAL_PAGES = "criu lazy, local disk: all pages in"
+_R_DIRECT = "direct GET of the images, 8 x 8 MiB"
 _R_EAGER = "snapstore restore eager, fusionfs"
 _R_LAZY = "snapstore restore lazy, fusionfs"
 _R_PAGES = "snapstore lazy: all pages in"
@@ -189,6 +201,45 @@ def _reap(pid: int, timeout: float) -> int | None:
         if time.monotonic() >= end:
             raise BenchError(f"process {pid} still exists after {timeout:.0f} s")
         time.sleep(0.005)
+
+
+def _stderr(proc: subprocess.CompletedProcess[str]) -> str:
+    """A failed command's whole error output on one line (snapstore's error line is followed by
+    CRIU's log lines), bounded."""
+    text = " | ".join(line.strip() for line in (proc.stderr or "").splitlines() if line.strip())
+    return text[:1500] or last_line(proc)
+
+
+class _FetchSampler:
+    """Reads the mount's ``bytes_fetched`` every few ms while a restore command runs and keeps
+    the value seen when CRIU's pidfile appears in snapstore's work dir (CRIU writes it as the
+    restored task is let go): the bytes fetched before the task resumed."""
+
+    def __init__(self, bench: _Bench, mountpoint: Path, task_id: str) -> None:
+        self._bench = bench
+        self._mountpoint = mountpoint
+        self._pattern = f"snapstore-restore-{task_id}-*/restore.pid"
+        self._tmp = Path(tempfile.gettempdir())
+        self._before = {p.parent for p in self._tmp.glob(self._pattern)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fetch-sampler", daemon=True)
+        self.at_pidfile: int | None = None
+
+    def __enter__(self) -> _FetchSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if any(p.parent not in self._before for p in self._tmp.glob(self._pattern)):
+                # read after the pidfile was seen: an upper bound, at most one interval late
+                self.at_pidfile = int(self._bench.stats(self._mountpoint).get("bytes_fetched", 0))
+                return
+            self._stop.wait(0.005)
 
 
 class _RunFailed(Exception):
@@ -296,7 +347,14 @@ class _Bench:
                 shutil.rmtree(cache, ignore_errors=True)
 
     def stats(self, mountpoint: Path) -> dict[str, Any]:
-        return self.fusionfs.stats(mountpoint) or {}
+        """The mount's counters (what ``fusionfs stats --json`` prints), read in-process: the
+        command takes a few hundred ms to start, during which a lazy restore goes on fetching."""
+        from fusionfs import client
+
+        try:
+            return client.stats(mountpoint)
+        except (OSError, ValueError):
+            return {}
 
     # -- the task ------------------------------------------------------------------------
 
@@ -469,9 +527,11 @@ class _Bench:
             if keys:
                 self.setup_client.delete_objects(Bucket=self.store.bucket, Delete={"Objects": keys})
 
-    def warm_server(self, key_prefix: str) -> None:
-        """One unmeasured parallel GET of every object under ``key_prefix`` (after a page
-        cache drop: the server's own files back in its cache; "cold" means the client side)."""
+    def warm_server(self, key_prefix: str, client: Any = None) -> None:
+        """A parallel ranged GET (8 threads x 8 MiB) of every object under ``key_prefix``.
+        Unmeasured after a page cache drop: the server's own files back in its cache ("cold"
+        means the client side); timed, with ``client`` (through the proxy, if any), as the
+        download reference of the restores."""
         paginator = self.setup_client.get_paginator("list_objects_v2")
         jobs: list[tuple[str, int, int]] = []
         for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
@@ -483,7 +543,7 @@ class _Bench:
             key, off, end = job
             if end < off:
                 return
-            body = self.setup_client.get_object(
+            body = (client or self.setup_client).get_object(
                 Bucket=self.store.bucket, Key=key, Range=f"bytes={off}-{end}"
             )["Body"]
             for _chunk in body.iter_chunks(_MIB):
@@ -549,7 +609,7 @@ class _Bench:
                 )
                 ours = time.perf_counter() - t0
                 if res.returncode != 0:
-                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {last_line(res)}")
+                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
                 manifest = json.loads(res.stdout)
                 stats = self.stats(mnt)
             proc.wait(30)  # snapstore killed it after the commit
@@ -597,13 +657,38 @@ class _Bench:
 
             # 4. restores
             self.step(f"{label} run {run + 1}: criu restore from local disk")
-            local_eager = self.restore_local(images, pid, state, mib)
+            local_eager, _ = self.restore_local(images, pid, state, mib, lazy=False)
             self.record(rest_sc, _R_LOCAL, run, local_eager, "s")
+            if self.uffd:
+                self.step(f"{label} run {run + 1}: criu restore --lazy-pages from local disk")
+                try:
+                    local_lazy, local_pages = self.restore_local(images, pid, state, mib, lazy=True)
+                    self.record(rest_sc, _R_LOCAL_LAZY, run, local_lazy, "s")
+                    if local_pages is not None:
+                        self.record(rest_sc, _R_LOCAL_PAGES, run, local_pages, "s")
+                    self.record(
+                        rest_ratio,
+                        "lazy resume / eager resume (local disk)",
+                        run,
+                        local_lazy / local_eager,
+                        "x",
+                    )
+                except _RunFailed as exc:
+                    self.results.mark_unavailable(rest_sc, _R_LOCAL_LAZY, str(exc))
+                    self.log(f"[red]{exc}")
             eager = lazy = None
             self.step(f"{label} run {run + 1}: snapstore restore --eager, empty cache")
             try:
                 eager = self.restore_fusion(
-                    task_id, snap_prefix, pid, state, mib, lazy=False, run=run, label=label
+                    task_id,
+                    snap_prefix,
+                    pid,
+                    state,
+                    mib,
+                    manifest["total_bytes"],
+                    lazy=False,
+                    run=run,
+                    label=label,
                 )
             except (_RunFailed, MountError, BenchError) as exc:
                 self.results.mark_unavailable(rest_sc, _R_EAGER, str(exc))
@@ -612,7 +697,15 @@ class _Bench:
                 self.step(f"{label} run {run + 1}: snapstore restore --lazy, empty cache")
                 try:
                     lazy = self.restore_fusion(
-                        task_id, snap_prefix, pid, state, mib, lazy=True, run=run, label=label
+                        task_id,
+                        snap_prefix,
+                        pid,
+                        state,
+                        mib,
+                        manifest["total_bytes"],
+                        lazy=True,
+                        run=run,
+                        label=label,
                     )
                 except (_RunFailed, MountError, BenchError) as exc:
                     self.results.mark_unavailable(rest_sc, _R_LAZY, str(exc))
@@ -640,27 +733,83 @@ class _Bench:
             with contextlib.suppress(Exception):
                 self.delete_under(snap_prefix)
 
-    def restore_local(self, images: Path, pid: int, state: Path, mib: int) -> float:
+    def restore_local(
+        self, images: Path, pid: int, state: Path, mib: int, *, lazy: bool
+    ) -> tuple[float, float | None]:
+        """CRIU alone on the local images, as snapstore drives it: (time to resume, time until
+        all pages are in (lazy) or None)."""
         _reap(pid, 30)
         if self.can_drop:
             drop_page_cache()
         workdir = Path(tempfile.mkdtemp(prefix="restore-local-", dir=self.work))
         args = ["restore", "-D", str(images), "-W", str(workdir), "-o", "restore.log", "-v4"]
         args += ["-d", "--restore-sibling", "--pidfile", "restore.pid"]
+        daemon: subprocess.Popen[bytes] | None = None
         t0 = time.perf_counter()
-        proc = run_cmd(self.criu.argv(*args), timeout=_CMD_TIMEOUT)
-        seconds = time.perf_counter() - t0
-        pidfile = workdir / "restore.pid"
-        if proc.returncode != 0 or not pidfile.exists():
-            raise _RunFailed(f"criu restore failed ({proc.returncode}); log {workdir}/restore.log")
-        restored = int(pidfile.read_text().split()[0])
-        self.live.add(restored)
-        if restored != pid:
-            self.kill(restored)
-            raise _RunFailed(f"criu restored pid {restored}, expected {pid}")
-        self.verify_and_kill(restored, state, mib, "local restore")
+        try:
+            if lazy:
+                daemon = self.start_lazy_daemon(images, workdir)
+                args.append("--lazy-pages")
+            proc = run_cmd(self.criu.argv(*args), timeout=_CMD_TIMEOUT)
+            resumed = time.perf_counter()
+            pidfile = workdir / "restore.pid"
+            if proc.returncode != 0 or not pidfile.exists():
+                raise _RunFailed(
+                    f"criu restore failed ({proc.returncode}); log {workdir}/restore.log"
+                )
+            restored = int(pidfile.read_text().split()[0])
+            self.live.add(restored)
+            if restored != pid:
+                self.kill(restored)
+                raise _RunFailed(f"criu restored pid {restored}, expected {pid}")
+            pages = None
+            if daemon is not None:
+                code = daemon.wait(_CMD_TIMEOUT)
+                pages = time.perf_counter() - t0
+                if code != 0:
+                    raise _RunFailed(f"criu lazy-pages exited {code}; log {workdir}")
+            self.verify_and_kill(restored, state, mib, "local restore")
+        finally:
+            if daemon is not None and daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
-        return seconds
+        return resumed - t0, pages
+
+    def start_lazy_daemon(self, images: Path, workdir: Path) -> subprocess.Popen[bytes]:
+        """``criu lazy-pages`` in its own session, returned once it reports ready (a NUL byte on
+        its --status-fd), as snapstore starts it."""
+        r, w = os.pipe()
+        try:
+            args = ["lazy-pages", "-D", str(images), "-W", str(workdir), "-o", "lazy-pages.log"]
+            args += ["--status-fd", str(w)]
+            with open(workdir / "lazy-pages.out", "wb") as log:
+                daemon = subprocess.Popen(
+                    self.criu.argv(*args),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(w,),
+                    start_new_session=True,
+                )
+        finally:
+            os.close(w)
+        try:
+            end = time.monotonic() + 30
+            ready = False
+            while not ready and (left := end - time.monotonic()) > 0:
+                readable, _, _ = select.select([r], [], [], left)
+                chunk = os.read(r, 16) if readable else b""
+                if not chunk:
+                    break
+                ready = b"\0" in chunk
+        finally:
+            os.close(r)
+        if not ready:
+            daemon.kill()
+            daemon.wait(30)
+            raise _RunFailed(f"criu lazy-pages did not become ready; log {workdir}")
+        return daemon
 
     def restore_fusion(
         self,
@@ -669,6 +818,7 @@ class _Bench:
         pid: int,
         state: Path,
         mib: int,
+        image_bytes: int,
         *,
         lazy: bool,
         run: int,
@@ -682,39 +832,54 @@ class _Bench:
             if self.can_drop:
                 drop_page_cache()
             self.warm_server(snap_prefix)
+            got = 0.0
+            if not lazy:  # the download ceiling of an eager restore, same run, server warm
+                t0 = time.perf_counter()
+                self.warm_server(snap_prefix, client=self.client)
+                got = time.perf_counter() - t0
+                self.record(rest_sc, _R_DIRECT, run, got, "s", mb_per_s=image_bytes / got / 1e6)
             os.sync()
             before = self.stats(mnt).get("bytes_fetched", 0)
             root_args = ["--root", str(mnt / "snapshots")]
             flags = [f"--{mode}", "--detach", "--json"]
             t0 = time.perf_counter()
-            res = run_cmd(
-                [*self.snapstore, "restore", "--task", task_id, *root_args, *flags],
-                timeout=_CMD_TIMEOUT,
-                env=self.env(),
-            )
-            returned = time.perf_counter()
+            with _FetchSampler(self, mnt, task_id) as sampler:
+                res = run_cmd(
+                    [*self.snapstore, "restore", "--task", task_id, *root_args, *flags],
+                    timeout=_CMD_TIMEOUT,
+                    env=self.env(),
+                )
+                returned = time.perf_counter()
             wall = returned - t0
             fetched = self.stats(mnt).get("bytes_fetched", 0) - before
             if res.returncode != 0:
                 raise _RunFailed(
-                    f"snapstore restore --{mode} exited {res.returncode}: {last_line(res)}"
+                    f"snapstore restore --{mode} exited {res.returncode}: {_stderr(res)}"
                 )
             out = json.loads(res.stdout)
             restored = int(out["pid"])
             self.live.add(restored)
+            if out.get("lazy_pid"):
+                self.live.add(int(out["lazy_pid"]))  # killed and reaped if anything fails
             if restored != pid:
                 self.kill(restored)
                 raise _RunFailed(f"snapstore restored pid {restored}, expected {pid}")
             resume = float(out["resume_s"])
-            image = self.image_size(mnt / "snapshots" / task_id)
-            share = 100.0 * fetched / image if image else 0.0
-            extras = {"wall_s": wall, "fetched_mb": fetched / 1e6, "fetched_pct": share}
+            at_resume = fetched if sampler.at_pidfile is None else sampler.at_pidfile - before
+            share = 100.0 * at_resume / image_bytes
+            extras = {
+                "wall_s": wall,
+                "fetched_mb": at_resume / 1e6,
+                "fetched_pct": share,
+                "fetched_at_return_mb": fetched / 1e6,
+            }
             try:
                 if lazy:
                     lazy_pid = out.get("lazy_pid")
                     if lazy_pid:
                         code = _reap(int(lazy_pid), _CMD_TIMEOUT)
                         pages = resume + (time.perf_counter() - returned)
+                        self.live.discard(int(lazy_pid))
                         if code not in (0, None):
                             raise _RunFailed(f"criu lazy-pages exited with status {code}")
                         total = self.stats(mnt).get("bytes_fetched", 0) - before
@@ -729,6 +894,8 @@ class _Bench:
                         target=10.0,
                     )
                 self.record(rest_sc, _R_LAZY if lazy else _R_EAGER, run, resume, "s", **extras)
+                if not lazy:
+                    self.record(rest_ratio, "eager fusionfs / direct GET", run, resume / got, "x")
                 self.verify_and_kill(restored, state, mib, f"{mode} restore")
             finally:
                 if restored in self.live:
@@ -743,10 +910,6 @@ class _Bench:
                 }
             )
         return resume
-
-    @staticmethod
-    def image_size(images: Path) -> int:
-        return sum(p.stat().st_size for p in images.iterdir() if p.is_file())
 
     # -- driver --------------------------------------------------------------------------
 
@@ -877,8 +1040,9 @@ def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
         "restore --detach --json on a fresh mount with an empty cache dir: its resume_s "
         "(command wall time in wall_s); all pages in = resume_s + time until the lazy-pages "
         "daemon exited after the command returned",
-        "fetched_pct: bytes_fetched (fusionfs stats) read right after the restore command "
-        "returned, over the image size; the lazy daemon keeps fetching meanwhile",
+        "fetched_pct: bytes_fetched (fusionfs stats) when CRIU's pidfile appeared (end of the "
+        "restore), over the image size; fetched_at_return_mb: the same once the command "
+        "returned (the lazy daemon keeps fetching meanwhile)",
         "every restored task verified its whole memory (SIGUSR1 -> verify.json) and was killed",
     ]
     notes.append(
