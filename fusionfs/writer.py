@@ -25,14 +25,17 @@ write that fails (disk full) makes the next write and the commit fail with ``Upl
 Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
 threads. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
 may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
-if no write happened meanwhile. A write into a part that has already been sent invalidates the
-stream, and the commit then uploads from the staging file instead. Memory is bounded: a part is
+if no write happened meanwhile. A write into a part that has already been sent (the kernel's
+writeback re-sends pages that were dirtied again) marks that part to be sent again before the
+upload completes; only a truncate below the sent parts abandons the stream, and the commit then
+uploads from the staging file instead. Memory is bounded: a part is
 read from the staging file only once an upload slot is free, so at most ``upload_slots`` parts
 are in memory at once, whatever the file size.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import json
@@ -123,6 +126,8 @@ class _Stream:
         self.created = trio.Event()
         self.create_error: BaseException | None = None
         self.parts: dict[int, UploadPart] = {}
+        self.starts: list[int] = []  # starts[n - 1]: first byte of part n
+        self.resend: set[int] = set()  # parts written to again after they were sent
         self.started_until = 0  # bytes [0, started_until) are in parts sent or being sent
         self.next_number = 1
         self.in_flight = 0
@@ -177,7 +182,11 @@ class StagedFile:
         self.filled.update(range(off // cs, (end - 1) // cs + 1))
         stream = self._stream
         if stream is not None and off < stream.started_until:
-            self._invalidate_stream("a write landed in a part already sent")
+            # a page written again after its part went up (the kernel's writeback re-sends a
+            # page that was re-dirtied): that part is sent once more before completing
+            first = bisect.bisect_right(stream.starts, off)
+            last = bisect.bisect_right(stream.starts, min(end, stream.started_until) - 1)
+            stream.resend.update(range(first, last + 1))
         self.size = max(self.size, end)
         await self._touch()
         self._maybe_send_parts()
@@ -299,6 +308,7 @@ class StagedFile:
             if self.size - stream.started_until <= length or stream.next_number >= _MAX_PARTS:
                 return
             number, start = stream.next_number, stream.started_until
+            stream.starts.append(start)
             stream.next_number += 1
             stream.started_until += length
             stream.in_flight += 1
@@ -443,6 +453,15 @@ class StagedFile:
             if stream.error is not None or not stream.valid:
                 raise stream.error or UploadFailed("stream invalidated")
             upload_id = await self._ensure_upload(stream)
+            for number in sorted(stream.resend):
+                start = stream.starts[number - 1]
+                length = part_size_for(number, self._up.part_size)
+                stream.in_flight += 1
+                stream.idle = trio.Event()
+                await self._send_part(stream, number, start, length)
+                if stream.error is not None:
+                    raise stream.error
+            stream.resend.clear()
             if self.size > stream.started_until:
                 number = stream.next_number
                 stream.in_flight += 1

@@ -619,3 +619,25 @@ async def test_write_behind_directory_close_returns_before_commit(
     local_store.release("put")
     await h.fs.flush_all()  # waits for the background commit
     assert local_store.inner.head(Key("imgs/a.img")).size == 1000
+
+
+@pytest.mark.timeout(60)
+async def test_rewrite_of_a_streamed_part_resends_only_that_part(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    # [S-WRITE-3] a write into a part already sent keeps the stream: that part goes up again
+    h = await make_fs(local_store)
+    data = bytearray(data_of(3 * PART + 1000, seed=7))
+    fh = await h.create("f")
+    for off in range(0, len(data), 1 << 20):
+        await h.write(fh, off, bytes(data[off : off + (1 << 20)]))
+    await trio.sleep(0.2)
+    sent = local_store.calls["upload_part"]
+    assert sent >= 2  # the first parts streamed during the writes
+    patch = b"Z" * 4096
+    await h.write(fh, 100, patch)  # inside part 1, already sent
+    data[100 : 100 + len(patch)] = patch
+    await h.close(fh)
+    assert local_store.calls["create_multipart"] == 1  # the stream was kept, not restarted
+    assert local_store.calls["upload_part"] <= 3 + 1 + 1  # parts + tail + one resend
+    assert await h.get("f") == bytes(data)
