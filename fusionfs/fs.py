@@ -831,9 +831,10 @@ class Filesystem:
         inode.kernel_etag = inode.etag
         return handle, keep
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handle(fh)
         inode = h.inode
+        data: bytes | memoryview
         if inode.staged is not None:
             data = await inode.staged.read(off, size)
         elif h.ref is None:

@@ -204,7 +204,8 @@ class FusionOperations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        return await self.fs.read(fh, off, size)
+        # pyfuse3 replies from any contiguous buffer: a memoryview saves a copy of each chunk
+        return cast(bytes, await self.fs.read(fh, off, size))
 
     @_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:

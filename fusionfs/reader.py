@@ -127,8 +127,13 @@ class ChunkSource:
         self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
 
     # -- public -----------------------------------------------------------------------------
-    async def read(self, ref: ObjectRef, off: int, size: int, state: ReadState | None) -> bytes:
-        """``size`` bytes of ``ref`` from ``off`` (short only at the end of the object)."""
+    async def read(
+        self, ref: ObjectRef, off: int, size: int, state: ReadState | None
+    ) -> bytes | memoryview:
+        """``size`` bytes of ``ref`` from ``off`` (short only at the end of the object).
+
+        A read within one chunk returns a view into the chunk, not a copy: pyfuse3 answers the
+        kernel from any buffer, so the bytes are copied once, into the kernel."""
         if size <= 0 or off >= ref.size:
             return b""
         end = min(off + size, ref.size)
@@ -139,7 +144,7 @@ class ChunkSource:
         self._request(ref, first, last)
         if first == last:
             data = await self._chunk(ref, first)
-            return bytes(data[off - first * cs : end - first * cs])
+            return memoryview(data)[off - first * cs : end - first * cs]
         parts = []
         for idx in range(first, last + 1):
             data = await self._chunk(ref, idx)
