@@ -17,6 +17,7 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -100,19 +101,28 @@ class Criu:
         Its stdout and stderr are inherited; callers pass ``-o LOG`` for the real log.
         """
         start = time.monotonic()
-        proc = subprocess.Popen(self.argv(*args), stdin=subprocess.DEVNULL, close_fds=True)
+        # its own process group, so a kill also takes the helpers CRIU forks: a surviving helper
+        # would keep our stdout/stderr open and hang whoever reads them
+        proc = subprocess.Popen(
+            self.argv(*args), stdin=subprocess.DEVNULL, close_fds=True, process_group=0
+        )
         try:
             code: int | None = proc.wait(timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
             code, timed_out = None, True
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _kill_group(proc)
             raise
         return CriuRun(code, time.monotonic() - start, timed_out)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
