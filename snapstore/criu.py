@@ -192,8 +192,14 @@ def log_excerpt(log: Path, limit: int = 12) -> list[str]:
     except OSError as err:
         return [f"(cannot read {log}: {err})"]
     useful = [ln for ln in lines if not any(h in ln for h in _HARMLESS)]
-    errors = [ln for ln in useful if "Error" in ln or "Warn" in ln]
-    picked = errors[-limit:] if errors else useful[-limit:]
+    errors = [ln for ln in useful if "Error (" in ln]
+    if errors:
+        # the first errors are the cause; later ones ("Dumping FAILED.") are consequences,
+        # and warnings (one per interrupted thread, say) would crowd the cause out
+        picked = errors[:limit]
+    else:
+        warnings = [ln for ln in useful if "Warn " in ln]
+        picked = warnings[-limit:] if warnings else useful[-limit:]
     return [ln.strip() for ln in picked]
 
 

@@ -128,3 +128,25 @@ def test_log_excerpt_shows_errors_without_the_harmless_rlimit_line(tmp_path: Pat
         "(00.06) Error (criu/pstree.c:300): The root process 7 is not a session leader.",
         "(00.07) Error (criu/cr-dump.c:2111): Dumping FAILED.",
     ]
+
+
+def test_log_excerpt_keeps_the_first_error_when_warnings_and_errors_crowd_it(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "dump.log"
+    lines = ["(00.01) Warn  (compel/infect.c:418): Will restore 9 with interrupted system call"]
+    lines.append("(00.02) Error (criu/pstree.c:300): The root process 7 is not a session leader.")
+    lines += [f"(00.03) Warn  (criu/x.c:1): thread {n} left running" for n in range(30)]
+    lines += [f"(00.04) Error (criu/y.c:2): cascade {n}" for n in range(30)]
+    log.write_text("\n".join(lines) + "\n")
+    excerpt = log_excerpt(log, limit=5)
+    assert excerpt[0].endswith("is not a session leader.")
+    assert len(excerpt) == 5 and all("Error (" in ln for ln in excerpt)
+
+
+def test_log_excerpt_without_errors_shows_the_last_warnings_then_the_tail(tmp_path: Path) -> None:
+    log = tmp_path / "dump.log"
+    log.write_text("(1) Warn  (a.c:1): first\n(2) info\n(3) Warn  (b.c:2): second\n")
+    assert log_excerpt(log) == ["(1) Warn  (a.c:1): first", "(3) Warn  (b.c:2): second"]
+    log.write_text("(1) one\n(2) two\n")
+    assert log_excerpt(log, limit=1) == ["(2) two"]
