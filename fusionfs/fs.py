@@ -751,7 +751,7 @@ class Filesystem:
         base = None
         if not truncate and inode.etag is not None and inode.size > 0:
             base = ObjectRef(key, inode.etag, inode.size)
-        staged = self._uploader.new_staged(key, base)
+        staged = await self._uploader.new_staged(key, base)
         staged.set_metadata_hint(self._metadata(inode))
         if truncate and inode.size > 0:
             await staged.truncate(0)
@@ -779,7 +779,7 @@ class Filesystem:
         inode = self._new_inode(parent, name, Kind.FILE, mode=mode & 0o7777, uid=uid, gid=gid,
                                 mtime_ns=now, ctime_ns=now, meta_known=True, local_only=True)
         inode.validated = trio.current_time()
-        staged = self._uploader.new_staged(key, None)
+        staged = await self._uploader.new_staged(key, None)
         staged.set_metadata_hint(self._metadata(inode))
         await staged.truncate(0)  # marks it dirty: an empty new file is committed at close
         inode.staged = staged

@@ -113,8 +113,13 @@ class Uploader:
             fn, limiter=self.limiter, timeout=timeout or self.call_timeout, what=what
         )
 
-    def new_staged(self, key: Key, base: ObjectRef | None) -> StagedFile:
-        return StagedFile(self, key, base)
+    async def new_staged(self, key: Key, base: ObjectRef | None) -> StagedFile:
+        """A new staging file for ``key`` (created in a worker thread: it is disk I/O)."""
+        name = uuid.uuid4().hex
+        path = self.staging_dir / f"{name}.data"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = await trio.to_thread.run_sync(os.open, path, flags, 0o600)
+        return StagedFile(self, key, base, name=name, fd=fd)
 
 
 class _Stream:
@@ -141,7 +146,9 @@ class _Stream:
 class StagedFile:
     """The local state of one inode open for writing. Not thread-safe: trio thread only."""
 
-    def __init__(self, up: Uploader, key: Key, base: ObjectRef | None) -> None:
+    def __init__(
+        self, up: Uploader, key: Key, base: ObjectRef | None, *, name: str, fd: int
+    ) -> None:
         self._up = up
         self.key = key
         self.base = base
@@ -153,11 +160,10 @@ class StagedFile:
         self.dirty = False
         self.commit_lock = trio.Lock()
         self._stream: _Stream | None = None
-        self._id = uuid.uuid4().hex
-        self.path = up.staging_dir / f"{self._id}.data"
-        self._record = up.staging_dir / f"{self._id}.json"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags, 0o600)
+        self._id = name
+        self.path = up.staging_dir / f"{name}.data"
+        self._record = up.staging_dir / f"{name}.json"
+        self._fd = fd
         self.closed = False
         # write-behind: writes are queued in memory and written to the staging file by one
         # background drain at a time, so a FUSE write costs a memcpy, not a thread hand-off
@@ -594,8 +600,7 @@ class StagedFile:
                 stream.valid = False
                 await stream.idle.wait()
                 self._up.nursery.start_soon(self._abort_stream, stream)
-            os.close(self._fd)
-        await trio.to_thread.run_sync(_remove_quietly, self.path, self._record)
+        await trio.to_thread.run_sync(_close_and_remove, self._fd, self.path, self._record)
 
 
 def _write_batch(fd: int, batch: list[tuple[int, bytes]]) -> None:
@@ -617,6 +622,11 @@ def _write_batch(fd: int, batch: list[tuple[int, bytes]]) -> None:
                 n = os.pwrite(fd, rest, off + written)
                 written += n
                 rest = rest[n:]
+
+
+def _close_and_remove(fd: int, *paths: Path) -> None:
+    os.close(fd)
+    _remove_quietly(*paths)
 
 
 def _write_json(path: Path, record: dict[str, object]) -> None:
