@@ -11,9 +11,13 @@ Caveats:
   vanished file) degrades to a miss or to "not stored"; only ``open()`` raises ``OSError`` (it
   cannot create its directories), and only for bad arguments does anything raise ``ValueError``.
 - The size bound counts file sizes (a 64-byte header plus the data), not allocated blocks.
-- Chunks are not fsynced. A power loss can leave a chunk with a final name but garbage content;
-  every chunk is therefore hash-verified (blake3) the first time it is read after ``open()``, and
-  trusted afterwards. A chunk modified behind our back *after* it was verified is not detected.
+- Chunks are not fsynced as they are written. A power loss can leave a chunk with a final name
+  but garbage content; every chunk is therefore hash-verified (blake3) the first time it is read
+  after ``open()``, and trusted afterwards -- unless the previous instance shut down cleanly:
+  ``close()`` syncs the cache's filesystem and leaves a ``CLEAN`` marker, and an ``open()`` that
+  finds it (and durably deletes it before anything new is written) trusts the files it scans.
+  A chunk modified behind our back (after verification, or between a clean close and the next
+  open) is not detected.
 - LRU order survives a remount only approximately: ``open()`` orders chunks by the later of
   atime and mtime, and with ``relatime`` a read updates atime at most once a day.
 - Under heavy concurrent ``put`` into a nearly full small cache, a ``put`` that cannot find
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -183,6 +188,7 @@ class ChunkCache:
             finally:
                 os.close(fd)
 
+        trusted = self._take_clean_marker()
         removed_tmp = 0
         with os.scandir(self._tmp) as it:
             for de in it:
@@ -227,7 +233,7 @@ class ChunkCache:
             gen, used = self._gen, self._used
             for _, name, size in found:
                 gen += 1
-                lru[name] = _Entry(size, gen, False)
+                lru[name] = _Entry(size, gen, trusted)
                 tag = name[33:]
                 names = by_key.get(tag)
                 if names is None:
@@ -241,20 +247,26 @@ class ChunkCache:
         self._stats.add("cache_bytes", used)
         self._stats.add("cache_chunks", n)
         _log.debug(
-            "cache: opened %s: %d chunks, %d bytes in %.3f s (%d temp and %d bad files removed)",
+            "cache: opened %s: %d chunks, %d bytes in %.3f s (%d temp and %d bad files removed; "
+            "%s)",
             self._root,
             n,
             used,
             time.monotonic() - t0,
             removed_tmp,
             bad,
+            "clean shutdown: trusted" if trusted else "verified on first read",
         )
         self._refresh_free(force=True)
         # Shrink to a lowered limit or to the free-space minimum.
         self._make_room(0, want_name=None)
 
-    def close(self) -> None:
-        """Forget the index (the files stay for the next ``open``). Safe to call twice."""
+    def close(self, *, mark_clean: bool = True) -> None:
+        """Forget the index (the files stay for the next ``open``). Safe to call twice.
+
+        With ``mark_clean`` (the default), sync the cache's filesystem and leave the ``CLEAN``
+        marker, so that the next ``open`` trusts the chunks without hashing each on first read.
+        """
         with self._lock:
             if self._state == _CLOSED:
                 return
@@ -267,6 +279,57 @@ class ChunkCache:
         if was_open:
             self._stats.add("cache_bytes", -used)
             self._stats.add("cache_chunks", -n)
+            if mark_clean:
+                self._mark_clean()
+
+    # ---------------------------------------------------------------- clean-shutdown marker
+
+    def _take_clean_marker(self) -> bool:
+        """True if the last instance closed cleanly; the marker is durably gone on return."""
+        marker = self._root / _CLEAN_MARKER
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            _log.debug("cache: cannot remove %s: %s", marker, exc)
+            return False
+        try:
+            # the deletion must be durable before any new (unsynced) chunk is written, or a
+            # crash later would leave a stale marker vouching for it
+            _fsync_dir(self._root)
+        except OSError as exc:
+            _log.debug("cache: cannot sync %s: %s", self._root, exc)
+            return False
+        return True
+
+    def _mark_clean(self) -> None:
+        deadline = time.monotonic() + _CLEAN_WAIT
+        while True:  # a put that checked the state before close() may still be renaming
+            with self._lock:
+                busy = bool(self._inflight)
+            if not busy:
+                break
+            if time.monotonic() > deadline:
+                _log.debug("cache: writes still in flight at close: no clean marker")
+                return
+            time.sleep(0.01)
+        marker = self._root / _CLEAN_MARKER
+        tmp = self._tmp / (_CLEAN_MARKER + _TMP_SUFFIX)
+        try:
+            _syncfs(self._chunks)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"closed cleanly; chunks synced\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, marker)
+            _fsync_dir(self._root)
+        except OSError as exc:
+            _log.debug("cache: cannot leave the clean marker: %s", exc)
+            self._unlink_quietly(str(tmp))
+            self._unlink_quietly(str(marker))
 
     @property
     def used_bytes(self) -> int:
@@ -634,6 +697,33 @@ class ChunkCache:
             pass
         except OSError as exc:
             _log.debug("cache: cannot delete %s: %s", path, exc)
+
+
+_CLEAN_MARKER = "CLEAN"
+_CLEAN_WAIT = 5.0  # seconds close() waits for in-flight writes before giving up on the marker
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(path: pathlib.Path) -> None:
+    """Flush the filesystem holding ``path`` (``syncfs``; ``sync`` where libc lacks it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs = getattr(libc, "syncfs", None)
+        if syncfs is None:
+            os.sync()
+        elif syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 class _Closed(Exception):

@@ -50,7 +50,8 @@ def chunk_files(root: pathlib.Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def opened(root: pathlib.Path, **kw: Any) -> Iterator[ChunkCache]:
+def opened(root: pathlib.Path, *, crashed: bool = False, **kw: Any) -> Iterator[ChunkCache]:
+    """An open cache; ``crashed``: end it as a killed daemon would (no clean-shutdown marker)."""
     kw.setdefault("max_bytes", 1 << 30)
     kw.setdefault("min_free_bytes", 0)
     cache = ChunkCache(root, **kw)
@@ -58,7 +59,7 @@ def opened(root: pathlib.Path, **kw: Any) -> Iterator[ChunkCache]:
     try:
         yield cache
     finally:
-        cache.close()
+        cache.close(mark_clean=not crashed)
 
 
 def put(c: ChunkCache, key: str, index: int, n: int = 1000, etag: str = "e1") -> bool:
@@ -229,6 +230,58 @@ def test_survives_reopen(tmp_path: pathlib.Path) -> None:
         assert stats.cache_hits == 20 and stats.cache_misses == 0
 
 
+class _CountingBlake3:
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        self.calls += 1
+        return self.real(*args, **kw)
+
+
+def test_clean_close_lets_the_next_open_trust_chunks_without_hashing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fusionfs.cache as cache_mod
+
+    with opened(tmp_path) as c:
+        for i in range(4):
+            assert put(c, "obj", i)
+    assert (tmp_path / "CLEAN").exists(), "a clean close leaves the marker"
+    counter = _CountingBlake3(cache_mod.blake3.blake3)
+    monkeypatch.setattr(cache_mod.blake3, "blake3", counter)
+    with opened(tmp_path, crashed=True) as c:
+        assert not (tmp_path / "CLEAN").exists(), "open() takes the marker before serving"
+        for i in range(4):
+            assert get(c, "obj", i) == payload("obj", "e1", i, 1000)
+        assert counter.calls == 0, "chunks synced at a clean close are not hashed again"
+    # that instance "crashed" (no marker): the next one verifies every chunk on first read
+    with opened(tmp_path) as c:
+        for i in range(4):
+            assert get(c, "obj", i) == payload("obj", "e1", i, 1000)
+        assert counter.calls == 4
+
+
+@pytest.mark.allow_logs("dropping corrupt chunk")
+def test_chunk_written_after_a_trusted_open_is_verified_after_a_crash(
+    tmp_path: pathlib.Path,
+) -> None:
+    with opened(tmp_path) as c:
+        assert put(c, "old", 0)
+    with opened(tmp_path, crashed=True) as c:  # trusted open, then new writes, then a crash
+        assert put(c, "new", 0)
+    new = next(
+        p for p in (tmp_path / "chunks").glob("*/*")
+        if p.read_bytes()[HDR:] == payload("new", "e1", 0, 1000)
+    )
+    raw = bytearray(new.read_bytes())
+    raw[HDR + 10] ^= 0x40  # what a power loss can leave under a final name
+    new.write_bytes(raw)
+    with opened(tmp_path) as c:
+        assert get(c, "new", 0) is None, "garbage after a crash is never served"
+        assert get(c, "old", 0) == payload("old", "e1", 0, 1000)
+
+
 def test_reopen_with_lower_limit_evicts_oldest(tmp_path: pathlib.Path) -> None:
     with opened(tmp_path) as c:
         for i in range(6):
@@ -277,7 +330,7 @@ def _corrupt_cases() -> list[str]:
 def test_corrupt_chunk_never_served(
     tmp_path: pathlib.Path, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with opened(tmp_path) as c:
+    with opened(tmp_path, crashed=True) as c:
         assert put(c, "a", 0, 1000)
         if case == "wrong_name":
             assert put(c, "b", 0, 1000)
@@ -599,7 +652,7 @@ def test_put_while_same_chunk_is_being_deleted(
 def test_slow_reader_of_corrupt_chunk_keeps_newer_copy(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with opened(tmp_path) as c:
+    with opened(tmp_path, crashed=True) as c:
         assert put(c, "a", 0)
     path = the_file(tmp_path)
     raw = bytearray(path.read_bytes())
