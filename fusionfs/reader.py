@@ -267,10 +267,12 @@ class ChunkSource:
             raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
         # chunks are views into the one response buffer: no copy until the reply to the kernel
         view = memoryview(blob)
-        for n, idx in enumerate(stretch):
-            data = view[n * cs : (n + 1) * cs]
+        fetched: list[tuple[int, _Data]] = [
+            (idx, view[n * cs : (n + 1) * cs]) for n, idx in enumerate(stretch)
+        ]
+        for idx, data in fetched:
             self._resolve(ref, idx, data)
-            self._cache_store(ref, idx, data)
+        self._cache_store(ref, fetched)
 
     def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
         assert self._cache is not None
@@ -296,20 +298,34 @@ class ChunkSource:
             pending.data = data
             pending.event.set()
 
-    def _cache_store(self, ref: ObjectRef, idx: int, data: _Data) -> None:
-        if self._cache is None or self._cache_backlog + len(data) > self._cache_backlog_limit:
-            return
-        self._cache_backlog += len(data)
-        self._nursery.start_soon(self._cache_put, ref, idx, data)
+    def _cache_store(self, ref: ObjectRef, chunks: list[tuple[int, _Data]]) -> None:
+        """Write a fetched stretch to the disk cache in the background, in one thread hand-off.
 
-    async def _cache_put(self, ref: ObjectRef, idx: int, data: _Data) -> None:
-        assert self._cache is not None
+        Chunks beyond the backlog bound are not cached (a cache is never worth stalling reads).
+        """
+        if self._cache is None:
+            return
+        taken: list[tuple[int, _Data]] = []
+        for idx, data in chunks:
+            if self._cache_backlog + len(data) > self._cache_backlog_limit:
+                break
+            self._cache_backlog += len(data)
+            taken.append((idx, data))
+        if taken:
+            self._nursery.start_soon(self._cache_put, ref, taken)
+
+    async def _cache_put(self, ref: ObjectRef, chunks: list[tuple[int, _Data]]) -> None:
+        cache = self._cache
+        assert cache is not None
+        chunk_size = self.chunk_size
+
+        def put_all() -> None:
+            for idx, data in chunks:
+                cache.put(ref.key, ref.etag, chunk_size, idx, data)
+
         try:
-            await trio.to_thread.run_sync(
-                self._cache.put, ref.key, ref.etag, self.chunk_size, idx, data,
-                limiter=self._cache_limiter,
-            )
+            await trio.to_thread.run_sync(put_all, limiter=self._cache_limiter)
         except Exception:
             log.exception("chunk cache write failed")
         finally:
-            self._cache_backlog -= len(data)
+            self._cache_backlog -= sum(len(data) for _, data in chunks)
