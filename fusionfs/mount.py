@@ -163,6 +163,7 @@ async def _serve(
 ) -> None:
     staging = cfg.cache_dir / "staging"
     staging.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(staging, 0o700)
     for message in await trio.to_thread.run_sync(
         recover_leftovers, staging, cfg.cache_dir / "recovered", store
     ):
