@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     fs.add_argument("--size-mib", type=int, help="object size in MiB (default 1024; quick 256)")
     fs.add_argument("--objects", type=int, help="objects for stat/list (default 10000; quick 2000)")
     fs.add_argument(
+        "--small-files",
+        type=int,
+        help="4 KiB files for the small-files scenario (default 10000; quick 2000)",
+    )
+    fs.add_argument(
         "--no-peers", action="store_true", help="skip s3fs and rclone even if installed"
     )
     snap = sub.add_parser("snap", help="snapstore checkpoint/restore")
@@ -89,6 +94,7 @@ def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
         size_mib=getattr(args, "size_mib", None),
         objects=getattr(args, "objects", None),
         peers=not getattr(args, "no_peers", False),
+        small_files=getattr(args, "small_files", None),
     )
 
 
@@ -117,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--error-rate must be within [0, 1]")
     if args.latency_ms < 0 or args.bandwidth_mbps < 0:
         parser.error("--latency-ms and --bandwidth-mbps must be >= 0")
+    for flag in ("size_mib", "objects", "small_files"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.endpoint_url and not args.bucket:
         parser.error("--endpoint-url needs --bucket")
     # SIGTERM unwinds like Ctrl-C, so mounts are unmounted and servers stopped.

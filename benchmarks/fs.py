@@ -16,6 +16,13 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
 - ``stat objects`` / ``list objects``: stat of each of 10 000 small objects (quick: 2000), one
   after another, and one listing of their directory, each on a fresh mount; against HEAD of
   each / ``list_objects_v2``.
+- ``small files create`` / ``small files read``: 10 000 files of 4 KiB (quick: 2000; distinct
+  contents), by 8 workers at once for every tool: created through a mount until durable (each
+  ``close`` returns once the object is committed; rclone's clock runs until a listing shows all
+  of them), then read back (``listdir`` + read each) on a fresh mount with an empty cache dir;
+  against direct boto3 (8 threads: PUT each, then LIST + GET each) and local disk (write +
+  fsync each + fsync of the dir; read after dropping the page cache). Files per second; every
+  byte read back is compared.
 
 Caveats: against the local s3rver the server is the ceiling (DESIGN.md), and its multipart
 completion is slow; the server's object file is warmed by an unmeasured GET before the cold reads
@@ -65,6 +72,10 @@ _UNMOUNT_TIMEOUT = 180.0
 _DIRECT = "direct boto3"
 _DISK = "local disk"
 _FUSIONFS = "fusionfs"
+_SMALL_CREATE = "small files create"
+_SMALL_READ = "small files read"
+_SMALL_SIZE = 4096
+_SMALL_WORKERS = 8  # every tool gets the same number of files in flight
 
 
 @dataclass
@@ -80,6 +91,7 @@ class FsConfig:
     size_mib: int | None = None
     objects: int | None = None
     peers: bool = True
+    small_files: int | None = None
 
     @property
     def size(self) -> int:
@@ -88,6 +100,10 @@ class FsConfig:
     @property
     def n_objects(self) -> int:
         return self.objects or (2000 if self.quick else 10000)
+
+    @property
+    def n_small(self) -> int:
+        return self.small_files or (2000 if self.quick else 10000)
 
     @property
     def proxied(self) -> bool:
@@ -101,11 +117,44 @@ class BenchError(Exception):
 # -- data -------------------------------------------------------------------------------------
 
 
-def _make_data(size: int) -> bytes:
-    """``size`` incompressible bytes, the same for the same size on every machine."""
+def _make_data(size: int, seed: int = _SEED) -> bytes:
+    """``size`` incompressible bytes, the same for the same size and seed on every machine."""
     import blake3
 
-    return bytes(blake3.blake3(_SEED.to_bytes(8, "little")).digest(length=size))
+    return bytes(blake3.blake3(seed.to_bytes(8, "little")).digest(length=size))
+
+
+def small_files_figures(
+    files: int, file_size: int, seconds: float, workers: int
+) -> tuple[float, dict[str, float]]:
+    """The primary figure (files per second) and the details of one small-files measurement."""
+    if files <= 0 or seconds <= 0:
+        raise ValueError(f"no small-files figure for {files} files in {seconds} s")
+    details = {
+        "seconds": seconds,
+        "files": float(files),
+        "mb_per_s": files * file_size / seconds / 1e6,
+        "workers": float(workers),
+    }
+    return files / seconds, details
+
+
+def small_files_summary(results: Results) -> list[str]:
+    """One sentence per tool of the small-files scenarios: files/s (median) and how that
+    compares with direct boto3 in the same runs. Pure: reads ``results.summary()`` only."""
+    lines = []
+    for row in results.summary():
+        if row.scenario not in (_SMALL_CREATE, _SMALL_READ) or row.tool == _DIRECT:
+            continue
+        verb = "created until durable" if row.scenario == _SMALL_CREATE else "read back"
+        files = int(row.extras.get("files", 0))
+        text = f"{row.tool}: {files} files of 4 KiB {verb} at {row.median:.0f} files/s"
+        ratio = row.ratios.get(_DIRECT)
+        if ratio is not None:
+            text += f" ({ratio[0]:.2f}x direct boto3"
+            text += f", {ratio[1]:.2f}-{ratio[2]:.2f})" if row.runs > 1 else ")"
+        lines.append(text)
+    return lines
 
 
 # -- the store: a server, maybe behind the proxy ---------------------------------------------
@@ -267,6 +316,9 @@ class _Mounter:
 
     def after_close(self, key: str, size: int) -> None:
         """Returns once the object written under ``key`` is durable (for async uploaders)."""
+
+    def after_close_all(self, prefix: str, count: int, size: int) -> None:
+        """Returns once ``count`` objects of ``size`` bytes under ``prefix`` are durable."""
 
     def _wait_mounted(self, mountpoint: Path, what: Callable[[], str | None]) -> None:
         end = time.monotonic() + _MOUNT_TIMEOUT
@@ -434,6 +486,33 @@ class _Rclone(_Mounter):
             time.sleep(0.05)
         raise MountError(f"rclone: {key} not uploaded within 600 s of close")
 
+    def after_close_all(self, prefix: str, count: int, size: int) -> None:
+        client = self.store.client(self.store.setup_url)
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):
+                if _count_objects(client, self.store.bucket, prefix, size) >= count:
+                    return
+            time.sleep(0.1)
+        raise MountError(f"rclone: {count} files under {prefix} not uploaded within 600 s")
+
+
+def _count_objects(client: Any, bucket: str, prefix: str, size: int | None = None) -> int:
+    """Objects under ``prefix`` (of ``size`` bytes, if given), directory markers not counted."""
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/") and (size is None or obj["Size"] == size):
+                n += 1
+    return n
+
+
+def _delete_under(client: Any, bucket: str, prefix: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
+
 
 # -- the benchmark -----------------------------------------------------------------------------
 
@@ -448,6 +527,7 @@ class _Bench:
         self.console = console
         self.work = work
         self.data = b""
+        self.small_data = b""
         self.key = store.prefix + "seq/data.bin"
         self.src_file = work / "source.bin"
         self.client = store.client()
@@ -521,8 +601,16 @@ class _Bench:
         self.step("generating data")
         self.data = _make_data(cfg.size)
         self.src_file.write_bytes(self.data)
+        self.small_data = _make_data(cfg.n_small * _SMALL_SIZE, _SEED + 1)
         self.step(f"uploading the {cfg.size // _MIB} MiB test object")
         self._multipart(self.setup_client, self.key, 8, 16 * _MIB)
+        # s3rver 3.7.1 leaves CommonPrefixes out of a delimited listing of the run prefix when
+        # nothing lies directly in it, so rclone would see an empty root: one object there.
+        self.setup_client.put_object(
+            Bucket=self.store.bucket,
+            Key=f"{self.store.prefix}fusionfs-bench.txt",
+            Body=b"benchmark run prefix: deleted at the end of the run\n",
+        )
         self.step(f"creating {cfg.n_objects} small objects")
         body = b"x" * 16
 
@@ -538,7 +626,7 @@ class _Bench:
                 continue
             reason = mounter.unavailable()
             if reason:
-                for scenario in ("seq read cold", "seq write"):
+                for scenario in ("seq read cold", "seq write", _SMALL_CREATE):
                     self.results.mark_unavailable(scenario, mounter.name, reason)
                 self.log(f"[yellow]{mounter.name}: not available: {reason}")
             else:
@@ -844,6 +932,144 @@ class _Bench:
             )
         shutil.rmtree(cache, ignore_errors=True)
 
+    # -- many small files ----------------------------------------------------------------
+
+    def _small_names(self) -> list[str]:
+        return [f"f{i:05d}" for i in range(self.cfg.n_small)]
+
+    def _small_body(self, i: int) -> bytes:
+        return self.small_data[i * _SMALL_SIZE : (i + 1) * _SMALL_SIZE]
+
+    def _record_small(self, scenario: str, tool: str, run: int, seconds: float) -> None:
+        value, details = small_files_figures(self.cfg.n_small, _SMALL_SIZE, seconds, _SMALL_WORKERS)
+        self.record(scenario, tool, run, value, "files/s", **details)
+
+    def _parallel(self, fn: Callable[[int], None]) -> None:
+        """``fn(i)`` for every small file, ``_SMALL_WORKERS`` at a time; the first error raises."""
+        with cf.ThreadPoolExecutor(_SMALL_WORKERS) as pool:
+            for fut in [pool.submit(fn, i) for i in range(self.cfg.n_small)]:
+                fut.result()
+
+    def _check_small(self, names: list[str], where: str) -> None:
+        if sorted(names) != self._small_names():
+            raise MountError(
+                f"{where}: listing has {len(names)} entries, expected the {self.cfg.n_small} files"
+            )
+
+    def small_files(self, run: int) -> None:
+        n = self.cfg.n_small
+        names = self._small_names()
+        # local disk: write + fsync each file, then the dir; read after a page-cache drop
+        self.step(f"run {run + 1}: small files, local disk create x {n}")
+        local = self.fresh_dir(f"small-local-{run}")
+
+        def write_local(i: int) -> None:
+            fd = os.open(local / names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, self._small_body(i))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        t0 = time.perf_counter()
+        self._parallel(write_local)
+        dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._record_small(_SMALL_CREATE, _DISK, run, time.perf_counter() - t0)
+        self._drop()
+        self.step(f"run {run + 1}: small files, local disk read x {n}")
+        t0 = time.perf_counter()
+        self._check_small(os.listdir(local), "local disk")
+        self._parallel(lambda i: self._read_small(local / names[i], i, "local disk"))
+        self._record_small(_SMALL_READ, _DISK, run, time.perf_counter() - t0)
+        shutil.rmtree(local, ignore_errors=True)
+
+        # direct boto3: PUT each, then LIST + GET each, same number in flight
+        bucket = self.store.bucket
+        prefix = f"{self.store.prefix}small/direct-{run}/"
+        self.step(f"run {run + 1}: small files, direct boto3 PUT x {n}")
+
+        def put(i: int) -> None:
+            self.client.put_object(Bucket=bucket, Key=prefix + names[i], Body=self._small_body(i))
+
+        t0 = time.perf_counter()
+        self._parallel(put)
+        self._record_small(_SMALL_CREATE, _DIRECT, run, time.perf_counter() - t0)
+        self.step(f"run {run + 1}: small files, direct boto3 LIST + GET x {n}")
+
+        def get(i: int) -> None:
+            body = self.client.get_object(Bucket=bucket, Key=prefix + names[i])["Body"].read()
+            if body != self._small_body(i):
+                raise BenchError(f"direct GET of {names[i]} returned wrong bytes")
+
+        t0 = time.perf_counter()
+        listed = [
+            o["Key"][len(prefix) :]
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            )
+            for o in page.get("Contents", [])
+        ]
+        self._check_small(listed, "direct LIST")
+        self._parallel(get)
+        self._record_small(_SMALL_READ, _DIRECT, run, time.perf_counter() - t0)
+        _delete_under(self.setup_client, bucket, prefix)
+
+        for mounter in self.mounters:
+            self.step(f"run {run + 1}: small files, {mounter.name} create x {n}")
+            stage = [_SMALL_CREATE]
+            try:
+                self._mount_small(mounter, run, stage)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(stage[0], mounter.name, str(exc))
+                self.log(f"[red]{mounter.name}: {stage[0]}: {exc}")
+            finally:
+                with contextlib.suppress(Exception):
+                    _delete_under(self.setup_client, bucket, f"{self.store.prefix}small/")
+
+    def _read_small(self, path: Path, i: int, who: str) -> None:
+        with open(path, "rb", buffering=0) as f:
+            got = f.read()
+        if got != self._small_body(i):
+            raise MountError(f"{who}: {path.name} has wrong contents ({len(got)} bytes)")
+
+    def _mount_small(self, mounter: _Mounter, run: int, stage: list[str]) -> None:
+        """Creates the files through one mount, then reads them back through a fresh one;
+        ``stage[0]`` says which scenario is going (for the error report)."""
+        names = self._small_names()
+        rel = f"small/{mounter.name}-{run}"
+        prefix = f"{self.store.prefix}{rel}/"
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        with self.mount(mounter, cache) as mnt:
+            (mnt / rel).mkdir(parents=True, exist_ok=True)
+
+            def create(i: int) -> None:
+                with open(mnt / rel / names[i], "wb", buffering=0) as f:
+                    f.write(self._small_body(i))
+
+            t0 = time.perf_counter()
+            self._parallel(create)  # close returns once committed (fusionfs, s3fs)
+            mounter.after_close_all(prefix, self.cfg.n_small, _SMALL_SIZE)  # rclone: uploaded
+            dt = time.perf_counter() - t0
+        stored = _count_objects(self.setup_client, self.store.bucket, prefix, _SMALL_SIZE)
+        if stored != self.cfg.n_small:
+            raise MountError(f"{mounter.name}: {stored} of {self.cfg.n_small} files in the bucket")
+        self._record_small(_SMALL_CREATE, mounter.name, run, dt)
+        stage[0] = _SMALL_READ
+        self.step(f"run {run + 1}: small files, {mounter.name} read x {self.cfg.n_small}")
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        self._drop()
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            self._check_small(os.listdir(mnt / rel), mounter.name)
+            self._parallel(lambda i: self._read_small(mnt / rel / names[i], i, mounter.name))
+            dt = time.perf_counter() - t0
+        self._record_small(_SMALL_READ, mounter.name, run, dt)
+        shutil.rmtree(cache, ignore_errors=True)
+
     # -- driver --------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -853,6 +1079,7 @@ class _Bench:
             self.random_reads,
             self.seq_writes,
             self.metadata,
+            self.small_files,
         ]
         with Progress(
             TextColumn("[bold]fs[/bold] {task.description}"),
@@ -888,6 +1115,9 @@ def _settings(cfg: FsConfig) -> dict[str, Any]:
     settings["out"] = str(cfg.out) if cfg.out else None
     settings["size_bytes"] = cfg.size
     settings["n_objects"] = cfg.n_objects
+    settings["n_small_files"] = cfg.n_small
+    settings["small_file_bytes"] = _SMALL_SIZE
+    settings["small_files_workers"] = _SMALL_WORKERS
     settings["bandwidth_unit"] = "megabits per second per connection and direction"
     settings["seed"] = _SEED
     return settings
@@ -923,6 +1153,8 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
     ]
     for scenario in ("stat objects", "list objects"):
         results.references[scenario] = [_DIRECT]
+    for scenario in (_SMALL_CREATE, _SMALL_READ):
+        results.references[scenario] = [_DIRECT, _DISK]
     work = Path(tempfile.mkdtemp(prefix="fusionfs-bench-"))
     status = 0
     try:
@@ -952,7 +1184,15 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
             except KeyboardInterrupt:
                 results.notes.append("interrupted: partial results")
                 status = 130
-            results.extra["verified"] = "64 sampled 4 KiB blocks per mounted read"
+            results.extra["verified"] = (
+                "64 sampled 4 KiB blocks per mounted read; every byte of every small file"
+            )
+            results.notes.append(
+                f"small files: {cfg.n_small} files of 4 KiB, {_SMALL_WORKERS} at a time for "
+                "every tool; create until durable (close commits; rclone: until a listing "
+                "shows all), read back = listdir + read each on a fresh mount, empty cache"
+            )
+            results.notes += small_files_summary(results)
     except BenchError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
