@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         help="4 KiB files for the small-files scenario (default 10000; quick 2000)",
     )
     fs.add_argument(
+        "--no-sweeps",
+        action="store_true",
+        help="skip the read sweeps (chunk size, threads, concurrent files) behind the read plot",
+    )
+    fs.add_argument(
         "--no-peers", action="store_true", help="skip s3fs and rclone even if installed"
     )
     snap = sub.add_parser("snap", help="snapstore checkpoint/restore")
@@ -95,6 +100,7 @@ def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
         objects=getattr(args, "objects", None),
         peers=not getattr(args, "no_peers", False),
         small_files=getattr(args, "small_files", None),
+        sweeps=not getattr(args, "no_sweeps", False),
     )
 
 

@@ -23,6 +23,12 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
   against direct boto3 (8 threads: PUT each, then LIST + GET each) and local disk (write +
   fsync each + fsync of the dir; read after dropping the page cache). Files per second; every
   byte read back is compared.
+- Read sweeps, for the plot of read throughput against concurrency and chunk size (``--no-sweeps``
+  skips them): ``read vs chunk size``: the cold sequential read through fusionfs mounted with
+  ``--chunk-size`` 256K, 1M and 4M; ``read vs threads``: direct boto3 ranged GETs of 8 MiB with
+  1, 2, 4, 8 and 16 threads; ``read vs readers``: 1, 2 and 4 files (each a quarter of the object
+  size) read at once, each by its own thread in 1 MiB reads, through one fresh fusionfs mount:
+  their total MB/s.
 
 Caveats: against the local s3rver the server is the ceiling (DESIGN.md), and its multipart
 completion is slow; the server's object file is warmed by an unmeasured GET before the cold reads
@@ -76,6 +82,12 @@ _SMALL_CREATE = "small files create"
 _SMALL_READ = "small files read"
 _SMALL_SIZE = 4096
 _SMALL_WORKERS = 8  # every tool gets the same number of files in flight
+_SWEEP_CHUNK = "read vs chunk size"
+_SWEEP_THREADS = "read vs threads"
+_SWEEP_READERS = "read vs readers"
+_CHUNK_SIZES_KIB = (256, 1024, 4096)
+_THREAD_COUNTS = (1, 2, 4, 8, 16)
+_READER_COUNTS = (1, 2, 4)
 
 
 @dataclass
@@ -92,6 +104,7 @@ class FsConfig:
     objects: int | None = None
     peers: bool = True
     small_files: int | None = None
+    sweeps: bool = True
 
     @property
     def size(self) -> int:
@@ -335,10 +348,11 @@ class _Mounter:
 class _Fusionfs(_Mounter):
     name = _FUSIONFS
 
-    def __init__(self, store: _Store) -> None:
+    def __init__(self, store: _Store, extra_args: list[str] | None = None) -> None:
         super().__init__(store)
         exe = shutil.which("fusionfs")
         self.cmd = [exe] if exe else [sys.executable, "-m", "fusionfs"]
+        self.extra_args = list(extra_args or [])
 
     def unavailable(self) -> str | None:
         proc = run_cmd([*self.cmd, "mount", "--help"], timeout=30, env=self.store.env)
@@ -349,7 +363,7 @@ class _Fusionfs(_Mounter):
     def mount(self, mountpoint: Path, cache_dir: Path) -> None:
         source = f"s3://{self.store.bucket}/{self.store.prefix.rstrip('/')}"
         cmd = [*self.cmd, "mount", source, str(mountpoint), "--cache-dir", str(cache_dir)]
-        cmd += ["--endpoint-url", self.store.url]
+        cmd += ["--endpoint-url", self.store.url, *self.extra_args]
         proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=self.store.env)
         if proc.returncode != 0:
             log = cache_dir / "fusionfs.log"
@@ -604,13 +618,13 @@ class _Bench:
         self.small_data = _make_data(cfg.n_small * _SMALL_SIZE, _SEED + 1)
         self.step(f"uploading the {cfg.size // _MIB} MiB test object")
         self._multipart(self.setup_client, self.key, 8, 16 * _MIB)
-        # s3rver 3.7.1 leaves CommonPrefixes out of a delimited listing of the run prefix when
-        # nothing lies directly in it, so rclone would see an empty root: one object there.
-        self.setup_client.put_object(
-            Bucket=self.store.bucket,
-            Key=f"{self.store.prefix}fusionfs-bench.txt",
-            Body=b"benchmark run prefix: deleted at the end of the run\n",
-        )
+        if cfg.sweeps:
+            self.step("uploading the objects of the concurrent-readers sweep")
+            for k in range(max(_READER_COUNTS)):
+                lo, hi = self._part_range(k)
+                self.setup_client.put_object(
+                    Bucket=self.store.bucket, Key=self._part_key(k), Body=self.data[lo:hi]
+                )
         self.step(f"creating {cfg.n_objects} small objects")
         body = b"x" * 16
 
@@ -676,17 +690,21 @@ class _Bench:
         finally:
             os.close(fd)
 
-    def _verify(self, path: Path, run: int) -> None:
+    def _verify(self, path: Path, run: int, span: tuple[int, int] | None = None) -> None:
+        """64 sampled 4 KiB blocks of ``path`` against ``self.data[span]`` (default: all)."""
         rng = random.Random(_SEED + run)
-        size = len(self.data)
+        base, end = span or (0, len(self.data))
+        size = end - base
         with open(path, "rb", buffering=0) as f:
             for _ in range(64):
                 off = rng.randrange(0, size - 4096) // 4096 * 4096
                 got = os.pread(f.fileno(), 4096, off)
-                if got != self.data[off : off + 4096]:
+                if got != self.data[base + off : base + off + 4096]:
                     raise MountError(f"{path.name}: wrong bytes at offset {off}")
 
-    def _get_range(self, client: Any, off: int, end: int, keep: bool = False) -> tuple[int, bytes]:
+    def _get_range(
+        self, client: Any, off: int, end: int, keep: bool = False, key: str | None = None
+    ) -> tuple[int, bytes]:
         """One ranged GET; botocore retries the request, but not a body cut by a reset, so
         the body is retried here (bounded), as any real client must."""
         from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -695,7 +713,7 @@ class _Bench:
         for attempt in range(5):
             try:
                 resp = client.get_object(
-                    Bucket=self.store.bucket, Key=self.key, Range=f"bytes={off}-{end}"
+                    Bucket=self.store.bucket, Key=key or self.key, Range=f"bytes={off}-{end}"
                 )
                 if keep:
                     data = resp["Body"].read()
@@ -710,12 +728,23 @@ class _Bench:
                 time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _direct_read(self, client: Any, threads: int = 8, part: int = 8 * _MIB) -> int:
+    def _direct_read(
+        self,
+        client: Any,
+        threads: int = 8,
+        part: int = 8 * _MIB,
+        key: str | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> int:
+        """Parallel ranged GETs of the whole object ``key`` (default: the test object), whose
+        size is that of ``span`` of the data (default: all)."""
+        size = (span[1] - span[0]) if span else len(self.data)
+
         def get(off: int) -> int:
-            return self._get_range(client, off, min(off + part, len(self.data)) - 1)[0]
+            return self._get_range(client, off, min(off + part, size) - 1, key=key)[0]
 
         with cf.ThreadPoolExecutor(threads) as pool:
-            return sum(pool.map(get, range(0, len(self.data), part)))
+            return sum(pool.map(get, range(0, size, part)))
 
     def _drop(self) -> None:
         if self.can_drop:
@@ -932,6 +961,89 @@ class _Bench:
             )
         shutil.rmtree(cache, ignore_errors=True)
 
+    # -- read sweeps (for the read-throughput plot) ---------------------------------------
+
+    def _part_key(self, k: int) -> str:
+        return f"{self.store.prefix}seq/part-{k}.bin"
+
+    def _part_range(self, k: int) -> tuple[int, int]:
+        q = len(self.data) // max(_READER_COUNTS)
+        return k * q, (k + 1) * q
+
+    def read_sweeps(self, run: int) -> None:
+        if not self.cfg.sweeps:
+            return
+        size = len(self.data)
+        self.step(f"run {run + 1}: read sweeps: warming the server")
+        self._drop()
+        self._direct_read(self.client)  # unmeasured, as before the cold reads
+        for threads in _THREAD_COUNTS:
+            self.step(f"run {run + 1}: read vs threads: direct boto3, {threads} threads")
+            t0 = time.perf_counter()
+            n = self._direct_read(self.client, threads=threads)
+            if n != size:
+                raise BenchError(f"direct read with {threads} threads got {n} of {size} bytes")
+            value = mb_per_s(n, time.perf_counter() - t0)
+            self.record(
+                _SWEEP_THREADS,
+                f"direct boto3, {threads} threads",
+                run,
+                value,
+                "MB/s",
+                threads=threads,
+            )
+        fusion = next((m for m in self.mounters if m.name == _FUSIONFS), None)
+        if fusion is None:
+            return
+        rel = self.key[len(self.store.prefix) :]
+        for kib in _CHUNK_SIZES_KIB:
+            tool = (
+                f"fusionfs --chunk-size {kib // 1024}M"
+                if kib >= 1024
+                else f"fusionfs --chunk-size {kib}K"
+            )
+            self.step(f"run {run + 1}: read vs chunk size: {tool}")
+            mounter = _Fusionfs(self.store, ["--chunk-size", f"{kib}K"])
+            cache = self.fresh_dir("cache-sweep")
+            try:
+                with self.mount(mounter, cache) as mnt:
+                    t0 = time.perf_counter()
+                    n = self._read_file(mnt / rel)
+                    dt = time.perf_counter() - t0
+                    if n != size:
+                        raise MountError(f"{tool}: read {n} bytes, expected {size}")
+                    self._verify(mnt / rel, run)
+                self.record(_SWEEP_CHUNK, tool, run, mb_per_s(n, dt), "MB/s", chunk_kib=kib)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(_SWEEP_CHUNK, tool, str(exc))
+                self.log(f"[red]{exc}")
+        for k in range(max(_READER_COUNTS)):  # unmeasured: warm the server's copies
+            self._direct_read(self.client, key=self._part_key(k), span=self._part_range(k))
+        for readers in _READER_COUNTS:
+            tool = f"fusionfs, {readers} file{'s' if readers > 1 else ''} at once"
+            self.step(f"run {run + 1}: read vs readers: {tool}")
+            cache = self.fresh_dir("cache-sweep")
+            try:
+                with self.mount(fusion, cache) as mnt:
+                    t0 = time.perf_counter()
+                    with cf.ThreadPoolExecutor(readers) as pool:
+                        paths = [
+                            mnt / self._part_key(k)[len(self.store.prefix) :]
+                            for k in range(readers)
+                        ]
+                        n = sum(pool.map(self._read_file, paths))
+                    dt = time.perf_counter() - t0
+                    lo, hi = self._part_range(0)
+                    if n != readers * (hi - lo):
+                        raise MountError(f"{tool}: read {n} bytes, expected {readers * (hi - lo)}")
+                    for k in range(readers):
+                        self._verify(paths[k], run, span=self._part_range(k))
+                self.record(_SWEEP_READERS, tool, run, mb_per_s(n, dt), "MB/s", readers=readers)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(_SWEEP_READERS, tool, str(exc))
+                self.log(f"[red]{exc}")
+        shutil.rmtree(self.work / "cache-sweep", ignore_errors=True)
+
     # -- many small files ----------------------------------------------------------------
 
     def _small_names(self) -> list[str]:
@@ -989,7 +1101,7 @@ class _Bench:
 
         # direct boto3: PUT each, then LIST + GET each, same number in flight
         bucket = self.store.bucket
-        prefix = f"{self.store.prefix}small/direct-{run}/"
+        prefix = f"{self.store.prefix}small-direct-{run}/"
         self.step(f"run {run + 1}: small files, direct boto3 PUT x {n}")
 
         def put(i: int) -> None:
@@ -1028,7 +1140,7 @@ class _Bench:
                 self.log(f"[red]{mounter.name}: {stage[0]}: {exc}")
             finally:
                 with contextlib.suppress(Exception):
-                    _delete_under(self.setup_client, bucket, f"{self.store.prefix}small/")
+                    _delete_under(self.setup_client, bucket, f"{self.store.prefix}small-")
 
     def _read_small(self, path: Path, i: int, who: str) -> None:
         with open(path, "rb", buffering=0) as f:
@@ -1040,11 +1152,13 @@ class _Bench:
         """Creates the files through one mount, then reads them back through a fresh one;
         ``stage[0]`` says which scenario is going (for the error report)."""
         names = self._small_names()
-        rel = f"small/{mounter.name}-{run}"
+        # One level below the run prefix: s3rver 3.7.1 lists a common prefix only when objects
+        # lie directly in it, so rclone would not find small/<tool>/ on a fresh mount.
+        rel = f"small-{mounter.name}-{run}"
         prefix = f"{self.store.prefix}{rel}/"
         cache = self.fresh_dir(f"cache-{mounter.name}")
         with self.mount(mounter, cache) as mnt:
-            (mnt / rel).mkdir(parents=True, exist_ok=True)
+            (mnt / rel).mkdir(exist_ok=True)
 
             def create(i: int) -> None:
                 with open(mnt / rel / names[i], "wb", buffering=0) as f:
@@ -1080,6 +1194,7 @@ class _Bench:
             self.seq_writes,
             self.metadata,
             self.small_files,
+            self.read_sweeps,
         ]
         with Progress(
             TextColumn("[bold]fs[/bold] {task.description}"),

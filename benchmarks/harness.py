@@ -190,6 +190,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)  # extra Markdown blocks, after the table
     started: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     def add(self, m: Measurement) -> None:
@@ -301,6 +302,8 @@ class Results:
         lines.append("|" + "---|" * len(header))
         for row in body:
             lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+        for section in self.sections:
+            lines += ["", section.rstrip("\n")]
         if self.notes:
             lines += ["", "Notes:", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -316,17 +319,30 @@ class Results:
             "summary": [asdict(r) for r in self.summary()],
             "unavailable": self.unavailable,
             "notes": self.notes,
+            "sections": self.sections,
             "extra": self.extra,
         }
 
     def write(self, out_dir: Path, console: Console) -> None:
+        from benchmarks.plots import write_plots
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        report = self.to_json()
+        (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "results.md").write_text(self.markdown())
         console.print(self.rich_table())
+        for section in self.sections:
+            console.print(section, markup=False, highlight=False)
         for note in self.notes:
             console.print(f"[dim]note:[/dim] {note}")
         console.print(f"results written to {out_dir}/results.json and results.md")
+        try:
+            plots = write_plots(report, out_dir, lambda line: console.print(line, markup=False))
+        except Exception as exc:  # a plot must never cost the results
+            console.print(f"plots failed: {exc!r}", markup=False)
+            plots = []
+        if plots:
+            console.print(f"plots: {', '.join(str(p) for p in plots)}", markup=False)
 
 
 def _fmt(value: float) -> str:
