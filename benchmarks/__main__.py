@@ -49,6 +49,16 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _latencies(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of milliseconds: {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"latencies must be >= 0 ms: {text!r}")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="fusionfs and snapstore benchmarks"
@@ -76,8 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     snap.add_argument(
         "--sizes-mib",
         type=_sizes,
-        help="task sizes in MiB, comma-separated (default 1024,4096 where memory allows; "
+        help="task sizes in MiB, comma-separated (default 256,1024,4096 where memory allows; "
         "quick 256)",
+    )
+    snap.add_argument(
+        "--resume-latencies-ms",
+        type=_latencies,
+        help="first-byte latencies (ms) of the resume-against-latency restores "
+        "(default: 0 and --latency-ms if set, else 0,30)",
     )
     everything = sub.add_parser("all", help="every benchmark")
     _add_common(everything)
@@ -117,6 +133,7 @@ def _snap_config(args: argparse.Namespace, out: Path | None) -> object:
         out=out,
         quick=args.quick,
         sizes_mib=getattr(args, "sizes_mib", None) or [],
+        resume_latencies_ms=getattr(args, "resume_latencies_ms", None) or [],
     )
 
 
