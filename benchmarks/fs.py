@@ -55,12 +55,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.harness import (
     Measurement,
     ProxyProcess,
     Results,
+    Steps,
     drop_page_cache,
     last_line,
     mb_per_s,
@@ -549,8 +549,7 @@ class _Bench:
         self.mounters: list[_Mounter] = []
         self.mounted: list[tuple[_Mounter, Path]] = []
         self.can_drop = drop_page_cache()
-        self._progress: Progress | None = None
-        self._task: Any = None
+        self._steps: Steps | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -562,18 +561,18 @@ class _Bench:
         self.log(f"{scenario:<16} {tool:<14} run {run + 1}: {value:10.1f} {unit}{detail}")
 
     def log(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text)
+        if self._steps is not None:
+            self._steps.log(text)
         else:
             self.console.print(text)
 
     def step(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
+        if self._steps is not None:
+            self._steps.step(text)
 
     def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        if self._steps is not None:
+            self._steps.advance()
 
     @contextlib.contextmanager
     def mount(self, mounter: _Mounter, cache_dir: Path) -> Iterator[Path]:
@@ -1196,16 +1195,9 @@ class _Bench:
             self.small_files,
             self.read_sweeps,
         ]
-        with Progress(
-            TextColumn("[bold]fs[/bold] {task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        ) as progress:
-            self._progress = progress
-            self._task = progress.add_task("setting up", total=1 + cfg.runs * len(phases))
+        with Steps(self.console, "fs", 1 + cfg.runs * len(phases)) as steps:
+            self._steps = steps
+            self.step("setting up")
             try:
                 self.prepare()
                 self.advance()
@@ -1222,7 +1214,7 @@ class _Bench:
                         self.advance()
             finally:
                 self.unmount_all()
-                self._progress = None
+                self._steps = None
 
 
 def _settings(cfg: FsConfig) -> dict[str, Any]:

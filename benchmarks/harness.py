@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "Measurement",
     "ProxyProcess",
     "Results",
+    "Steps",
     "SummaryRow",
     "drop_page_cache",
     "last_line",
@@ -418,3 +421,74 @@ def timed() -> Iterator[list[float]]:
 
 def mb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / _MB if seconds > 0 else float("inf")
+
+
+class _StepElapsed(ProgressColumn):
+    """Seconds since the current step began (the task's ``step_t0`` field)."""
+
+    def render(self, task: Task) -> Text:
+        t0 = task.fields.get("step_t0")
+        if t0 is None:
+            return Text("")
+        return Text(f"(this step {time.monotonic() - t0:.0f} s)", style="dim")
+
+
+class Steps:
+    """What a benchmark is doing now (scenario, tool, run) and for how long.
+
+    On a terminal: a rich progress bar with the current step, steps done out of all, the time
+    since the start and the time in the current step. Otherwise (a pipe, a log file): one plain
+    line per step, ``[mm:ss] name: step``, and no cursor movement, so logs stay readable.
+    ``log`` prints a line above the bar (or plainly)."""
+
+    def __init__(self, console: Console, name: str, total: int) -> None:
+        self.console = console
+        self.name = name
+        self.total = total
+        self._start = time.monotonic()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> Steps:
+        self._start = time.monotonic()
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn(f"[bold]{self.name}[/bold] {{task.description}}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                _StepElapsed(),
+                console=self.console,
+                transient=False,
+                refresh_per_second=2,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "setting up", total=self.total, step_t0=time.monotonic()
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def elapsed(self) -> str:
+        seconds = int(time.monotonic() - self._start)
+        return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+    def step(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text, step_t0=time.monotonic())
+        else:
+            self.console.print(f"[{self.elapsed()}] {self.name}: {text}", markup=False)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def log(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            self.console.print(text)

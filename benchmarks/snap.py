@@ -66,7 +66,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.fs import (
     BenchError,
@@ -82,6 +81,7 @@ from benchmarks.harness import (
     Measurement,
     ProxyProcess,
     Results,
+    Steps,
     drop_page_cache,
     last_line,
     run_cmd,
@@ -292,8 +292,7 @@ class _Bench:
         )
         self.live: set[int] = set()  # tasks we must kill and reap in the end
         self.mounts: list[tuple[Path, int]] = []  # (mountpoint, daemon pid)
-        self._progress: Progress | None = None
-        self._task: Any = None
+        self._steps: Steps | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -305,18 +304,18 @@ class _Bench:
         self.log(f"{scenario:<18} {tool:<40} run {run + 1}: {value:9.3f} {unit}{detail}")
 
     def log(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text)
+        if self._steps is not None:
+            self._steps.log(text)
         else:
             self.console.print(text)
 
     def step(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
+        if self._steps is not None:
+            self._steps.step(text)
 
     def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        if self._steps is not None:
+            self._steps.advance()
 
     def env(self) -> dict[str, str]:
         env = dict(self.store.env)
@@ -984,16 +983,9 @@ class _Bench:
 
     def run(self) -> None:
         cfg = self.cfg
-        with Progress(
-            TextColumn("[bold]snap[/bold] {task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        ) as progress:
-            self._progress = progress
-            self._task = progress.add_task("setting up", total=2 * cfg.runs * len(self.sizes))
+        with Steps(self.console, "snap", 2 * cfg.runs * len(self.sizes)) as steps:
+            self._steps = steps
+            self.step("setting up")
             proxies = contextlib.ExitStack()
             try:
                 reason = self.fusionfs.unavailable()
@@ -1022,7 +1014,7 @@ class _Bench:
                             _reap(daemon, 10)
                 self.mounts.clear()
                 proxies.close()
-                self._progress = None
+                self._steps = None
 
     def open_latency_endpoints(self, stack: contextlib.ExitStack) -> None:
         """One endpoint per latency of the resume series other than the run's own: the server

@@ -224,3 +224,41 @@ def test_bad_flags_exit_non_zero_with_one_error_line(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+
+def test_steps_without_a_terminal_print_plain_lines() -> None:
+    import io
+
+    from rich.console import Console
+
+    from benchmarks.harness import Steps
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120)
+    assert not console.is_terminal
+    with Steps(console, "fs", 3) as steps:
+        steps.step("run 1: [fusionfs] seq read")
+        steps.log("a result line")
+        steps.advance()
+    lines = buf.getvalue().splitlines()
+    assert lines == ["[00:00] fs: run 1: [fusionfs] seq read", "a result line"]
+    assert "\x1b" not in buf.getvalue()
+
+
+def test_steps_on_a_terminal_show_a_bar() -> None:
+    import io
+
+    from rich.console import Console
+
+    from benchmarks.harness import Steps
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120, force_terminal=True)
+    with Steps(console, "snap", 2) as steps:
+        steps.step("1 GiB run 1: criu dump to local disk")
+        steps.advance()
+    text = buf.getvalue()
+    assert "criu dump to local disk" in text and "1/2" in text and "this step" in text
