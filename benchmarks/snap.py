@@ -1,8 +1,8 @@
 """The ``snap`` benchmark: snapstore checkpoint/restore through fusionfs, beside CRIU on local disk
 and a direct boto3 upload of the same image files, on one S3 server.
 
-For each size (1 GiB, and 4 GiB when free memory allows; ``--quick`` 256 MiB) and each run, one
-task from ``tests/snap/memtask.py`` holding that much known memory is:
+For each size (256 MiB, 1 GiB and 4 GiB, each when free memory allows; ``--quick`` 256 MiB) and
+each run, one task from ``tests/snap/memtask.py`` holding that much known memory is:
 
 1. dumped by ``criu dump --leave-stopped`` to local disk (wall time; then the same plus an fsync
    of every image file and the directory: "until durable"), then resumed with SIGCONT;
@@ -16,7 +16,18 @@ task from ``tests/snap/memtask.py`` holding that much known memory is:
    and lazily (``criu lazy-pages`` + ``criu restore --lazy-pages``, as snapstore drives them),
    then, each on a fresh mount with an empty cache dir ("another machine"), by ``snapstore
    restore --eager`` and ``snapstore restore --lazy`` (``--detach --json``). After each
-   restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed.
+   restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed;
+5. restored again by ``snapstore restore --eager`` and ``--lazy`` on fresh mounts whose endpoint
+   adds each other first-byte latency of ``--resume-latencies-ms`` (default 0 and
+   ``--latency-ms`` when set, else 0 and 30): a proxy of its own with the run's bandwidth cap
+   and error rate (or the server itself for 0 ms when nothing is emulated). These and the
+   restores of step 4 (at the run's own ``--latency-ms``) form the ``resume vs latency, <size>``
+   rows, plotted as time to resume against latency.
+
+The dump-until-durable times per size also give the reclamation window fit
+(``benchmarks/window.py``): the largest process whose checkpoint fits AWS's 120 s and GCP's 30 s
+notice, a section of its own in results.md. With matplotlib, ``checkpoint_time.png`` and
+``resume_latency.png`` are written into ``--out``.
 
 Figures are seconds (lower is better), the median of ``--runs`` with min and max; ratios are
 computed per run, then summarised. The naive way (dump to local disk, then upload) is the sum of
