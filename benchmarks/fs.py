@@ -985,7 +985,7 @@ class _Bench:
             value = mb_per_s(n, time.perf_counter() - t0)
             self.record(
                 _SWEEP_THREADS,
-                f"direct boto3, {threads} threads",
+                f"direct boto3, {threads} thread{'s' if threads > 1 else ''}",
                 run,
                 value,
                 "MB/s",

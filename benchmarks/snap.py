@@ -1049,14 +1049,15 @@ class _Bench:
                 args = ["--latency-ms", str(latency), "--bandwidth-mbps", str(cfg.bandwidth_mbps)]
                 args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
                 proxy = ProxyProcess((parsed.hostname, parsed.port or 80), args)
-                stack.callback(
-                    lambda p=proxy, ms=latency: self.results.extra.setdefault(
-                        "resume_proxy_stats", {}
-                    ).update({f"{ms:g}": p.stats})
-                )
+                stack.callback(self._keep_proxy_stats, proxy, latency)
                 stack.enter_context(proxy)
                 url = proxy.endpoint_url
             self.latency_mounters[latency] = _Fusionfs(replace(self.store, url=url))
+
+    def _keep_proxy_stats(self, proxy: ProxyProcess, latency: float) -> None:
+        """Runs after the proxy stopped: its counters go into results.json."""
+        stats = self.results.extra.setdefault("resume_proxy_stats", {})
+        stats[f"{latency:g} ms"] = proxy.stats
 
 
 def _settings(cfg: SnapConfig, sizes: list[int]) -> dict[str, Any]:

@@ -108,7 +108,7 @@ _FAKE = {
     "name": "fake",
     "started": "2026-01-01T00:00:00",
     "summary": [
-        _row("read vs threads", "direct boto3, 1 threads", 300, threads=1),
+        _row("read vs threads", "direct boto3, 1 thread", 300, threads=1),
         _row("read vs threads", "direct boto3, 8 threads", 900, threads=8),
         _row("read vs readers", "fusionfs, 1 file at once", 250, readers=1),
         _row("read vs readers", "fusionfs, 4 files at once", 500, readers=4),
@@ -139,7 +139,7 @@ def test_plots_are_written_for_the_rows_present(tmp_path: Path) -> None:
 
 def test_plots_skip_what_has_no_rows(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    only_reads = {"summary": _FAKE["summary"][:6]}  # type: ignore[index]
+    only_reads = {"summary": _FAKE["summary"][:6]}
     written = plots.write_plots(only_reads, tmp_path, print)
     assert [p.name for p in written] == ["read_throughput.png"]
     assert plots.write_plots({"summary": []}, tmp_path, print) == []
