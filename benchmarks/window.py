@@ -54,6 +54,7 @@ class FitRow:
     dump_s: float  # median dump-until-durable time
     mem_mb_per_s: float  # median R, MB (10**6 bytes) of task memory per second
     efficiency: float | None  # median T_upload / T, None without the upload rows
+    upload_mb_per_s: float | None  # median I / T_upload: the bandwidth measured to the store
     measured: dict[str, float]  # window name -> largest process in bytes, measured bandwidth
     emulated: dict[str, float] | None  # the same at the emulated link, None without one
     fits_as_measured: dict[str, bool]  # window name -> did the measured size itself fit
@@ -97,6 +98,11 @@ def fit_rows(
         per_run = ours[mib]
         rates = [mem / t for t, _ in per_run.values()]
         effs = [upload[mib][r] / t for r, (t, _) in per_run.items() if r in upload.get(mib, {})]
+        up_rates = [
+            image / upload[mib][r] / 1e6
+            for r, (_, image) in per_run.items()
+            if image > 0 and r in upload.get(mib, {})
+        ]
         emulated_rates = [
             link * (upload[mib][r] / t) * (mem / image)
             for r, (t, image) in per_run.items()
@@ -111,6 +117,7 @@ def fit_rows(
                 dump_s=dump_s,
                 mem_mb_per_s=rate / 1e6,
                 efficiency=statistics.median(effs) if effs else None,
+                upload_mb_per_s=statistics.median(up_rates) if up_rates else None,
                 measured={w: largest_fit(s, rate) for w, s in WINDOWS.items()},
                 emulated=(
                     {
@@ -145,7 +152,7 @@ def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: in
     header += [f"largest in {n} (measured)" for n in names]
     if bandwidth_mbps > 0:
         header += [f"largest in {n} (emulated {link / 1e6:.0f} MB/s link)" for n in names]
-    header += ["efficiency vs direct upload", "measured size fits"]
+    header += ["direct upload MB/s", "efficiency vs direct upload", "measured size fits"]
     lines = [
         "## Reclamation window fit",
         "",
@@ -158,6 +165,8 @@ def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: in
         "connections), `e = T_upload / T` (direct multipart upload of the same images, same "
         "run), `I` the image bytes"
         + ("" if bandwidth_mbps > 0 else "; not computed: run with `--bandwidth-mbps`"),
+        "- the emulated figure assumes the link, not the server, limits the upload: compare the "
+        "emulated link with the direct upload MB/s measured in this run",
         "- a straight-line extrapolation: fixed costs weigh more in short windows; only a "
         "measured size that fits is a guarantee",
         "",
@@ -169,6 +178,7 @@ def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: in
         cells += [_gib(row.measured[n]) for n in names]
         if bandwidth_mbps > 0:
             cells += [_gib(row.emulated[n]) if row.emulated else "-" for n in names]
+        cells.append(f"{row.upload_mb_per_s:.0f}" if row.upload_mb_per_s is not None else "-")
         cells.append(f"{row.efficiency:.2f}" if row.efficiency is not None else "-")
         cells.append(
             ", ".join(

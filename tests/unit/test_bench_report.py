@@ -38,6 +38,7 @@ def test_window_fit_at_measured_bandwidth_is_window_times_memory_over_time() -> 
     assert row.measured["AWS spot, 120 s"] == pytest.approx(12 * _GIB)
     assert row.measured["GCP preemption, 30 s"] == pytest.approx(3 * _GIB)
     assert row.efficiency == pytest.approx(0.8)
+    assert row.upload_mb_per_s == pytest.approx(1000 / 8.0)
     assert row.emulated is None  # no --bandwidth-mbps
     assert row.fits_as_measured == {"AWS spot, 120 s": True, "GCP preemption, 30 s": True}
 
