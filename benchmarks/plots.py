@@ -83,12 +83,16 @@ def _extra(key: str) -> Callable[[Row], float | None]:
     return get
 
 
-def _draw(ax: Any, data: dict[str, list[Point]]) -> None:
+def _draw(
+    ax: Any, data: dict[str, list[Point]], style: Callable[[str], dict[str, Any]] | None = None
+) -> None:
     for name, points in data.items():
         xs = [p[0] for p in points]
         med = [p[1] for p in points]
         err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=name)
+        kwargs: dict[str, Any] = {"marker": "o", "capsize": 3}
+        kwargs.update(style(name) if style else {})
+        ax.errorbar(xs, med, yerr=err, label=name, **kwargs)
     ax.grid(True, alpha=0.3)
     ax.set_ylim(bottom=0)
     if data:
@@ -178,8 +182,20 @@ def _latency_plot(plt: Any, summary: Sequence[Row], path: Path, title: str) -> b
     data = series(summary, _extra("latency_ms"), name)
     if not data:
         return False
+    kinds = sorted({n.split(" (")[0] for n in data})
+    sizes = sorted({n.partition(" (")[2] for n in data})
+    colors = [f"C{i}" for i in range(10)]
+    lines = ["-", "--", ":", "-."]
+
+    def style(series_name: str) -> dict[str, Any]:
+        kind, _, size = series_name.partition(" (")
+        return {
+            "color": colors[kinds.index(kind) % len(colors)],
+            "linestyle": lines[sizes.index(size) % len(lines)],
+        }
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    _draw(ax, data)
+    _draw(ax, data, style)
     ax.set_xlabel("added first-byte latency per request (ms)")
     ax.set_ylabel("seconds (median, min-max)")
     ax.set_title("time to resume on an empty cache: lazy against eager")
