@@ -6,8 +6,9 @@ machine they run on (compare ratios measured inside one run, not absolute figure
 and against the local s3rver the server itself is often the ceiling (see ``docs`` in the README).
 
 Modules: ``s3rver`` (a local S3 server for a run), ``proxy`` (a TCP proxy that adds latency,
-bandwidth caps and faults), ``harness`` (timing, statistics, output), ``fs`` (the filesystem
-benchmark), ``__main__`` (the command line).
+bandwidth caps and faults), ``harness`` (timing, statistics, output, progress), ``fs`` (the
+filesystem benchmark), ``snap`` (checkpoint/restore), ``window`` (reclamation window fit),
+``plots`` (PNG plots of a run), ``__main__`` (the command line).
 """
 
 __all__: list[str] = []

@@ -49,6 +49,16 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _latencies(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of milliseconds: {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"latencies must be >= 0 ms: {text!r}")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="fusionfs and snapstore benchmarks"
@@ -59,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     fs.add_argument("--size-mib", type=int, help="object size in MiB (default 1024; quick 256)")
     fs.add_argument("--objects", type=int, help="objects for stat/list (default 10000; quick 2000)")
     fs.add_argument(
+        "--small-files",
+        type=int,
+        help="4 KiB files for the small-files scenario (default 10000; quick 2000)",
+    )
+    fs.add_argument(
+        "--no-sweeps",
+        action="store_true",
+        help="skip the read sweeps (chunk size, threads, concurrent files) behind the read plot",
+    )
+    fs.add_argument(
         "--no-peers", action="store_true", help="skip s3fs and rclone even if installed"
     )
     snap = sub.add_parser("snap", help="snapstore checkpoint/restore")
@@ -66,8 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     snap.add_argument(
         "--sizes-mib",
         type=_sizes,
-        help="task sizes in MiB, comma-separated (default 1024,4096 where memory allows; "
+        help="task sizes in MiB, comma-separated (default 256,1024,4096 where memory allows; "
         "quick 256)",
+    )
+    snap.add_argument(
+        "--resume-latencies-ms",
+        type=_latencies,
+        help="first-byte latencies (ms) of the resume-against-latency restores "
+        "(default: 0 and --latency-ms if set, else 0,30)",
     )
     everything = sub.add_parser("all", help="every benchmark")
     _add_common(everything)
@@ -89,6 +115,8 @@ def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
         size_mib=getattr(args, "size_mib", None),
         objects=getattr(args, "objects", None),
         peers=not getattr(args, "no_peers", False),
+        small_files=getattr(args, "small_files", None),
+        sweeps=not getattr(args, "no_sweeps", False),
     )
 
 
@@ -105,6 +133,7 @@ def _snap_config(args: argparse.Namespace, out: Path | None) -> object:
         out=out,
         quick=args.quick,
         sizes_mib=getattr(args, "sizes_mib", None) or [],
+        resume_latencies_ms=getattr(args, "resume_latencies_ms", None) or [],
     )
 
 
@@ -117,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--error-rate must be within [0, 1]")
     if args.latency_ms < 0 or args.bandwidth_mbps < 0:
         parser.error("--latency-ms and --bandwidth-mbps must be >= 0")
+    for flag in ("size_mib", "objects", "small_files"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.endpoint_url and not args.bucket:
         parser.error("--endpoint-url needs --bucket")
     # SIGTERM unwinds like Ctrl-C, so mounts are unmounted and servers stopped.

@@ -16,6 +16,19 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
 - ``stat objects`` / ``list objects``: stat of each of 10 000 small objects (quick: 2000), one
   after another, and one listing of their directory, each on a fresh mount; against HEAD of
   each / ``list_objects_v2``.
+- ``small files create`` / ``small files read``: 10 000 files of 4 KiB (quick: 2000; distinct
+  contents), by 8 workers at once for every tool: created through a mount until durable (each
+  ``close`` returns once the object is committed; rclone's clock runs until a listing shows all
+  of them), then read back (``listdir`` + read each) on a fresh mount with an empty cache dir;
+  against direct boto3 (8 threads: PUT each, then LIST + GET each) and local disk (write +
+  fsync each + fsync of the dir; read after dropping the page cache). Files per second; every
+  byte read back is compared.
+- Read sweeps, for the plot of read throughput against concurrency and chunk size (``--no-sweeps``
+  skips them): ``read vs chunk size``: the cold sequential read through fusionfs mounted with
+  ``--chunk-size`` 256K, 1M and 4M; ``read vs threads``: direct boto3 ranged GETs of 8 MiB with
+  1, 2, 4, 8 and 16 threads; ``read vs readers``: 1, 2 and 4 files (each a quarter of the object
+  size) read at once, each by its own thread in 1 MiB reads, through one fresh fusionfs mount:
+  their total MB/s.
 
 Caveats: against the local s3rver the server is the ceiling (DESIGN.md), and its multipart
 completion is slow; the server's object file is warmed by an unmeasured GET before the cold reads
@@ -42,12 +55,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.harness import (
     Measurement,
     ProxyProcess,
     Results,
+    Steps,
     drop_page_cache,
     last_line,
     mb_per_s,
@@ -65,6 +78,16 @@ _UNMOUNT_TIMEOUT = 180.0
 _DIRECT = "direct boto3"
 _DISK = "local disk"
 _FUSIONFS = "fusionfs"
+_SMALL_CREATE = "small files create"
+_SMALL_READ = "small files read"
+_SMALL_SIZE = 4096
+_SMALL_WORKERS = 8  # every tool gets the same number of files in flight
+_SWEEP_CHUNK = "read vs chunk size"
+_SWEEP_THREADS = "read vs threads"
+_SWEEP_READERS = "read vs readers"
+_CHUNK_SIZES_KIB = (256, 1024, 4096)
+_THREAD_COUNTS = (1, 2, 4, 8, 16)
+_READER_COUNTS = (1, 2, 4)
 
 
 @dataclass
@@ -80,6 +103,8 @@ class FsConfig:
     size_mib: int | None = None
     objects: int | None = None
     peers: bool = True
+    small_files: int | None = None
+    sweeps: bool = True
 
     @property
     def size(self) -> int:
@@ -88,6 +113,10 @@ class FsConfig:
     @property
     def n_objects(self) -> int:
         return self.objects or (2000 if self.quick else 10000)
+
+    @property
+    def n_small(self) -> int:
+        return self.small_files or (2000 if self.quick else 10000)
 
     @property
     def proxied(self) -> bool:
@@ -101,11 +130,44 @@ class BenchError(Exception):
 # -- data -------------------------------------------------------------------------------------
 
 
-def _make_data(size: int) -> bytes:
-    """``size`` incompressible bytes, the same for the same size on every machine."""
+def _make_data(size: int, seed: int = _SEED) -> bytes:
+    """``size`` incompressible bytes, the same for the same size and seed on every machine."""
     import blake3
 
-    return bytes(blake3.blake3(_SEED.to_bytes(8, "little")).digest(length=size))
+    return bytes(blake3.blake3(seed.to_bytes(8, "little")).digest(length=size))
+
+
+def small_files_figures(
+    files: int, file_size: int, seconds: float, workers: int
+) -> tuple[float, dict[str, float]]:
+    """The primary figure (files per second) and the details of one small-files measurement."""
+    if files <= 0 or seconds <= 0:
+        raise ValueError(f"no small-files figure for {files} files in {seconds} s")
+    details = {
+        "seconds": seconds,
+        "files": float(files),
+        "mb_per_s": files * file_size / seconds / 1e6,
+        "workers": float(workers),
+    }
+    return files / seconds, details
+
+
+def small_files_summary(results: Results) -> list[str]:
+    """One sentence per tool of the small-files scenarios: files/s (median) and how that
+    compares with direct boto3 in the same runs. Pure: reads ``results.summary()`` only."""
+    lines = []
+    for row in results.summary():
+        if row.scenario not in (_SMALL_CREATE, _SMALL_READ) or row.tool == _DIRECT:
+            continue
+        verb = "created until durable" if row.scenario == _SMALL_CREATE else "read back"
+        files = int(row.extras.get("files", 0))
+        text = f"{row.tool}: {files} files of 4 KiB {verb} at {row.median:.0f} files/s"
+        ratio = row.ratios.get(_DIRECT)
+        if ratio is not None:
+            text += f" ({ratio[0]:.2f}x direct boto3"
+            text += f", {ratio[1]:.2f}-{ratio[2]:.2f})" if row.runs > 1 else ")"
+        lines.append(text)
+    return lines
 
 
 # -- the store: a server, maybe behind the proxy ---------------------------------------------
@@ -268,6 +330,9 @@ class _Mounter:
     def after_close(self, key: str, size: int) -> None:
         """Returns once the object written under ``key`` is durable (for async uploaders)."""
 
+    def after_close_all(self, prefix: str, count: int, size: int) -> None:
+        """Returns once ``count`` objects of ``size`` bytes under ``prefix`` are durable."""
+
     def _wait_mounted(self, mountpoint: Path, what: Callable[[], str | None]) -> None:
         end = time.monotonic() + _MOUNT_TIMEOUT
         while time.monotonic() < end:
@@ -283,10 +348,11 @@ class _Mounter:
 class _Fusionfs(_Mounter):
     name = _FUSIONFS
 
-    def __init__(self, store: _Store) -> None:
+    def __init__(self, store: _Store, extra_args: list[str] | None = None) -> None:
         super().__init__(store)
         exe = shutil.which("fusionfs")
         self.cmd = [exe] if exe else [sys.executable, "-m", "fusionfs"]
+        self.extra_args = list(extra_args or [])
 
     def unavailable(self) -> str | None:
         proc = run_cmd([*self.cmd, "mount", "--help"], timeout=30, env=self.store.env)
@@ -297,7 +363,7 @@ class _Fusionfs(_Mounter):
     def mount(self, mountpoint: Path, cache_dir: Path) -> None:
         source = f"s3://{self.store.bucket}/{self.store.prefix.rstrip('/')}"
         cmd = [*self.cmd, "mount", source, str(mountpoint), "--cache-dir", str(cache_dir)]
-        cmd += ["--endpoint-url", self.store.url]
+        cmd += ["--endpoint-url", self.store.url, *self.extra_args]
         proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=self.store.env)
         if proc.returncode != 0:
             log = cache_dir / "fusionfs.log"
@@ -434,6 +500,33 @@ class _Rclone(_Mounter):
             time.sleep(0.05)
         raise MountError(f"rclone: {key} not uploaded within 600 s of close")
 
+    def after_close_all(self, prefix: str, count: int, size: int) -> None:
+        client = self.store.client(self.store.setup_url)
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):
+                if _count_objects(client, self.store.bucket, prefix, size) >= count:
+                    return
+            time.sleep(0.1)
+        raise MountError(f"rclone: {count} files under {prefix} not uploaded within 600 s")
+
+
+def _count_objects(client: Any, bucket: str, prefix: str, size: int | None = None) -> int:
+    """Objects under ``prefix`` (of ``size`` bytes, if given), directory markers not counted."""
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/") and (size is None or obj["Size"] == size):
+                n += 1
+    return n
+
+
+def _delete_under(client: Any, bucket: str, prefix: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
+
 
 # -- the benchmark -----------------------------------------------------------------------------
 
@@ -448,6 +541,7 @@ class _Bench:
         self.console = console
         self.work = work
         self.data = b""
+        self.small_data = b""
         self.key = store.prefix + "seq/data.bin"
         self.src_file = work / "source.bin"
         self.client = store.client()
@@ -455,8 +549,7 @@ class _Bench:
         self.mounters: list[_Mounter] = []
         self.mounted: list[tuple[_Mounter, Path]] = []
         self.can_drop = drop_page_cache()
-        self._progress: Progress | None = None
-        self._task: Any = None
+        self._steps: Steps | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -468,18 +561,18 @@ class _Bench:
         self.log(f"{scenario:<16} {tool:<14} run {run + 1}: {value:10.1f} {unit}{detail}")
 
     def log(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text)
+        if self._steps is not None:
+            self._steps.log(text)
         else:
             self.console.print(text)
 
     def step(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
+        if self._steps is not None:
+            self._steps.step(text)
 
     def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        if self._steps is not None:
+            self._steps.advance()
 
     @contextlib.contextmanager
     def mount(self, mounter: _Mounter, cache_dir: Path) -> Iterator[Path]:
@@ -521,8 +614,16 @@ class _Bench:
         self.step("generating data")
         self.data = _make_data(cfg.size)
         self.src_file.write_bytes(self.data)
+        self.small_data = _make_data(cfg.n_small * _SMALL_SIZE, _SEED + 1)
         self.step(f"uploading the {cfg.size // _MIB} MiB test object")
         self._multipart(self.setup_client, self.key, 8, 16 * _MIB)
+        if cfg.sweeps:
+            self.step("uploading the objects of the concurrent-readers sweep")
+            for k in range(max(_READER_COUNTS)):
+                lo, hi = self._part_range(k)
+                self.setup_client.put_object(
+                    Bucket=self.store.bucket, Key=self._part_key(k), Body=self.data[lo:hi]
+                )
         self.step(f"creating {cfg.n_objects} small objects")
         body = b"x" * 16
 
@@ -538,7 +639,7 @@ class _Bench:
                 continue
             reason = mounter.unavailable()
             if reason:
-                for scenario in ("seq read cold", "seq write"):
+                for scenario in ("seq read cold", "seq write", _SMALL_CREATE):
                     self.results.mark_unavailable(scenario, mounter.name, reason)
                 self.log(f"[yellow]{mounter.name}: not available: {reason}")
             else:
@@ -588,17 +689,21 @@ class _Bench:
         finally:
             os.close(fd)
 
-    def _verify(self, path: Path, run: int) -> None:
+    def _verify(self, path: Path, run: int, span: tuple[int, int] | None = None) -> None:
+        """64 sampled 4 KiB blocks of ``path`` against ``self.data[span]`` (default: all)."""
         rng = random.Random(_SEED + run)
-        size = len(self.data)
+        base, end = span or (0, len(self.data))
+        size = end - base
         with open(path, "rb", buffering=0) as f:
             for _ in range(64):
                 off = rng.randrange(0, size - 4096) // 4096 * 4096
                 got = os.pread(f.fileno(), 4096, off)
-                if got != self.data[off : off + 4096]:
+                if got != self.data[base + off : base + off + 4096]:
                     raise MountError(f"{path.name}: wrong bytes at offset {off}")
 
-    def _get_range(self, client: Any, off: int, end: int, keep: bool = False) -> tuple[int, bytes]:
+    def _get_range(
+        self, client: Any, off: int, end: int, keep: bool = False, key: str | None = None
+    ) -> tuple[int, bytes]:
         """One ranged GET; botocore retries the request, but not a body cut by a reset, so
         the body is retried here (bounded), as any real client must."""
         from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -607,7 +712,7 @@ class _Bench:
         for attempt in range(5):
             try:
                 resp = client.get_object(
-                    Bucket=self.store.bucket, Key=self.key, Range=f"bytes={off}-{end}"
+                    Bucket=self.store.bucket, Key=key or self.key, Range=f"bytes={off}-{end}"
                 )
                 if keep:
                     data = resp["Body"].read()
@@ -622,12 +727,23 @@ class _Bench:
                 time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _direct_read(self, client: Any, threads: int = 8, part: int = 8 * _MIB) -> int:
+    def _direct_read(
+        self,
+        client: Any,
+        threads: int = 8,
+        part: int = 8 * _MIB,
+        key: str | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> int:
+        """Parallel ranged GETs of the whole object ``key`` (default: the test object), whose
+        size is that of ``span`` of the data (default: all)."""
+        size = (span[1] - span[0]) if span else len(self.data)
+
         def get(off: int) -> int:
-            return self._get_range(client, off, min(off + part, len(self.data)) - 1)[0]
+            return self._get_range(client, off, min(off + part, size) - 1, key=key)[0]
 
         with cf.ThreadPoolExecutor(threads) as pool:
-            return sum(pool.map(get, range(0, len(self.data), part)))
+            return sum(pool.map(get, range(0, size, part)))
 
     def _drop(self) -> None:
         if self.can_drop:
@@ -844,6 +960,229 @@ class _Bench:
             )
         shutil.rmtree(cache, ignore_errors=True)
 
+    # -- read sweeps (for the read-throughput plot) ---------------------------------------
+
+    def _part_key(self, k: int) -> str:
+        return f"{self.store.prefix}seq/part-{k}.bin"
+
+    def _part_range(self, k: int) -> tuple[int, int]:
+        q = len(self.data) // max(_READER_COUNTS)
+        return k * q, (k + 1) * q
+
+    def read_sweeps(self, run: int) -> None:
+        if not self.cfg.sweeps:
+            return
+        size = len(self.data)
+        self.step(f"run {run + 1}: read sweeps: warming the server")
+        self._drop()
+        self._direct_read(self.client)  # unmeasured, as before the cold reads
+        for threads in _THREAD_COUNTS:
+            self.step(f"run {run + 1}: read vs threads: direct boto3, {threads} threads")
+            t0 = time.perf_counter()
+            n = self._direct_read(self.client, threads=threads)
+            if n != size:
+                raise BenchError(f"direct read with {threads} threads got {n} of {size} bytes")
+            value = mb_per_s(n, time.perf_counter() - t0)
+            self.record(
+                _SWEEP_THREADS,
+                f"direct boto3, {threads} thread{'s' if threads > 1 else ''}",
+                run,
+                value,
+                "MB/s",
+                threads=threads,
+            )
+        fusion = next((m for m in self.mounters if m.name == _FUSIONFS), None)
+        if fusion is None:
+            return
+        rel = self.key[len(self.store.prefix) :]
+        for kib in _CHUNK_SIZES_KIB:
+            tool = (
+                f"fusionfs --chunk-size {kib // 1024}M"
+                if kib >= 1024
+                else f"fusionfs --chunk-size {kib}K"
+            )
+            self.step(f"run {run + 1}: read vs chunk size: {tool}")
+            mounter = _Fusionfs(self.store, ["--chunk-size", f"{kib}K"])
+            cache = self.fresh_dir("cache-sweep")
+            try:
+                with self.mount(mounter, cache) as mnt:
+                    t0 = time.perf_counter()
+                    n = self._read_file(mnt / rel)
+                    dt = time.perf_counter() - t0
+                    if n != size:
+                        raise MountError(f"{tool}: read {n} bytes, expected {size}")
+                    self._verify(mnt / rel, run)
+                self.record(_SWEEP_CHUNK, tool, run, mb_per_s(n, dt), "MB/s", chunk_kib=kib)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(_SWEEP_CHUNK, tool, str(exc))
+                self.log(f"[red]{exc}")
+        for k in range(max(_READER_COUNTS)):  # unmeasured: warm the server's copies
+            self._direct_read(self.client, key=self._part_key(k), span=self._part_range(k))
+        for readers in _READER_COUNTS:
+            tool = f"fusionfs, {readers} file{'s' if readers > 1 else ''} at once"
+            self.step(f"run {run + 1}: read vs readers: {tool}")
+            cache = self.fresh_dir("cache-sweep")
+            try:
+                with self.mount(fusion, cache) as mnt:
+                    t0 = time.perf_counter()
+                    with cf.ThreadPoolExecutor(readers) as pool:
+                        paths = [
+                            mnt / self._part_key(k)[len(self.store.prefix) :]
+                            for k in range(readers)
+                        ]
+                        n = sum(pool.map(self._read_file, paths))
+                    dt = time.perf_counter() - t0
+                    lo, hi = self._part_range(0)
+                    if n != readers * (hi - lo):
+                        raise MountError(f"{tool}: read {n} bytes, expected {readers * (hi - lo)}")
+                    for k in range(readers):
+                        self._verify(paths[k], run, span=self._part_range(k))
+                self.record(_SWEEP_READERS, tool, run, mb_per_s(n, dt), "MB/s", readers=readers)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(_SWEEP_READERS, tool, str(exc))
+                self.log(f"[red]{exc}")
+        shutil.rmtree(self.work / "cache-sweep", ignore_errors=True)
+
+    # -- many small files ----------------------------------------------------------------
+
+    def _small_names(self) -> list[str]:
+        return [f"f{i:05d}" for i in range(self.cfg.n_small)]
+
+    def _small_body(self, i: int) -> bytes:
+        return self.small_data[i * _SMALL_SIZE : (i + 1) * _SMALL_SIZE]
+
+    def _record_small(self, scenario: str, tool: str, run: int, seconds: float) -> None:
+        value, details = small_files_figures(self.cfg.n_small, _SMALL_SIZE, seconds, _SMALL_WORKERS)
+        self.record(scenario, tool, run, value, "files/s", **details)
+
+    def _parallel(self, fn: Callable[[int], None]) -> None:
+        """``fn(i)`` for every small file, ``_SMALL_WORKERS`` at a time; the first error raises."""
+        with cf.ThreadPoolExecutor(_SMALL_WORKERS) as pool:
+            for fut in [pool.submit(fn, i) for i in range(self.cfg.n_small)]:
+                fut.result()
+
+    def _check_small(self, names: list[str], where: str) -> None:
+        if sorted(names) != self._small_names():
+            raise MountError(
+                f"{where}: listing has {len(names)} entries, expected the {self.cfg.n_small} files"
+            )
+
+    def small_files(self, run: int) -> None:
+        n = self.cfg.n_small
+        names = self._small_names()
+        # local disk: write + fsync each file, then the dir; read after a page-cache drop
+        self.step(f"run {run + 1}: small files, local disk create x {n}")
+        local = self.fresh_dir(f"small-local-{run}")
+
+        def write_local(i: int) -> None:
+            fd = os.open(local / names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, self._small_body(i))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        t0 = time.perf_counter()
+        self._parallel(write_local)
+        dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._record_small(_SMALL_CREATE, _DISK, run, time.perf_counter() - t0)
+        self._drop()
+        self.step(f"run {run + 1}: small files, local disk read x {n}")
+        t0 = time.perf_counter()
+        self._check_small(os.listdir(local), "local disk")
+        self._parallel(lambda i: self._read_small(local / names[i], i, "local disk"))
+        self._record_small(_SMALL_READ, _DISK, run, time.perf_counter() - t0)
+        shutil.rmtree(local, ignore_errors=True)
+
+        # direct boto3: PUT each, then LIST + GET each, same number in flight
+        bucket = self.store.bucket
+        prefix = f"{self.store.prefix}small-direct-{run}/"
+        self.step(f"run {run + 1}: small files, direct boto3 PUT x {n}")
+
+        def put(i: int) -> None:
+            self.client.put_object(Bucket=bucket, Key=prefix + names[i], Body=self._small_body(i))
+
+        t0 = time.perf_counter()
+        self._parallel(put)
+        self._record_small(_SMALL_CREATE, _DIRECT, run, time.perf_counter() - t0)
+        self.step(f"run {run + 1}: small files, direct boto3 LIST + GET x {n}")
+
+        def get(i: int) -> None:
+            body = self.client.get_object(Bucket=bucket, Key=prefix + names[i])["Body"].read()
+            if body != self._small_body(i):
+                raise BenchError(f"direct GET of {names[i]} returned wrong bytes")
+
+        t0 = time.perf_counter()
+        listed = [
+            o["Key"][len(prefix) :]
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            )
+            for o in page.get("Contents", [])
+        ]
+        self._check_small(listed, "direct LIST")
+        self._parallel(get)
+        self._record_small(_SMALL_READ, _DIRECT, run, time.perf_counter() - t0)
+        _delete_under(self.setup_client, bucket, prefix)
+
+        for mounter in self.mounters:
+            self.step(f"run {run + 1}: small files, {mounter.name} create x {n}")
+            stage = [_SMALL_CREATE]
+            try:
+                self._mount_small(mounter, run, stage)
+            except (MountError, OSError) as exc:
+                self.results.mark_unavailable(stage[0], mounter.name, str(exc))
+                self.log(f"[red]{mounter.name}: {stage[0]}: {exc}")
+            finally:
+                with contextlib.suppress(Exception):
+                    _delete_under(self.setup_client, bucket, f"{self.store.prefix}small-")
+
+    def _read_small(self, path: Path, i: int, who: str) -> None:
+        with open(path, "rb", buffering=0) as f:
+            got = f.read()
+        if got != self._small_body(i):
+            raise MountError(f"{who}: {path.name} has wrong contents ({len(got)} bytes)")
+
+    def _mount_small(self, mounter: _Mounter, run: int, stage: list[str]) -> None:
+        """Creates the files through one mount, then reads them back through a fresh one;
+        ``stage[0]`` says which scenario is going (for the error report)."""
+        names = self._small_names()
+        # One level below the run prefix: s3rver 3.7.1 lists a common prefix only when objects
+        # lie directly in it, so rclone would not find small/<tool>/ on a fresh mount.
+        rel = f"small-{mounter.name}-{run}"
+        prefix = f"{self.store.prefix}{rel}/"
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        with self.mount(mounter, cache) as mnt:
+            (mnt / rel).mkdir(exist_ok=True)
+
+            def create(i: int) -> None:
+                with open(mnt / rel / names[i], "wb", buffering=0) as f:
+                    f.write(self._small_body(i))
+
+            t0 = time.perf_counter()
+            self._parallel(create)  # close returns once committed (fusionfs, s3fs)
+            mounter.after_close_all(prefix, self.cfg.n_small, _SMALL_SIZE)  # rclone: uploaded
+            dt = time.perf_counter() - t0
+        stored = _count_objects(self.setup_client, self.store.bucket, prefix, _SMALL_SIZE)
+        if stored != self.cfg.n_small:
+            raise MountError(f"{mounter.name}: {stored} of {self.cfg.n_small} files in the bucket")
+        self._record_small(_SMALL_CREATE, mounter.name, run, dt)
+        stage[0] = _SMALL_READ
+        self.step(f"run {run + 1}: small files, {mounter.name} read x {self.cfg.n_small}")
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        self._drop()
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            self._check_small(os.listdir(mnt / rel), mounter.name)
+            self._parallel(lambda i: self._read_small(mnt / rel / names[i], i, mounter.name))
+            dt = time.perf_counter() - t0
+        self._record_small(_SMALL_READ, mounter.name, run, dt)
+        shutil.rmtree(cache, ignore_errors=True)
+
     # -- driver --------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -853,17 +1192,12 @@ class _Bench:
             self.random_reads,
             self.seq_writes,
             self.metadata,
+            self.small_files,
+            self.read_sweeps,
         ]
-        with Progress(
-            TextColumn("[bold]fs[/bold] {task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        ) as progress:
-            self._progress = progress
-            self._task = progress.add_task("setting up", total=1 + cfg.runs * len(phases))
+        with Steps(self.console, "fs", 1 + cfg.runs * len(phases)) as steps:
+            self._steps = steps
+            self.step("setting up")
             try:
                 self.prepare()
                 self.advance()
@@ -880,7 +1214,7 @@ class _Bench:
                         self.advance()
             finally:
                 self.unmount_all()
-                self._progress = None
+                self._steps = None
 
 
 def _settings(cfg: FsConfig) -> dict[str, Any]:
@@ -888,6 +1222,9 @@ def _settings(cfg: FsConfig) -> dict[str, Any]:
     settings["out"] = str(cfg.out) if cfg.out else None
     settings["size_bytes"] = cfg.size
     settings["n_objects"] = cfg.n_objects
+    settings["n_small_files"] = cfg.n_small
+    settings["small_file_bytes"] = _SMALL_SIZE
+    settings["small_files_workers"] = _SMALL_WORKERS
     settings["bandwidth_unit"] = "megabits per second per connection and direction"
     settings["seed"] = _SEED
     return settings
@@ -923,6 +1260,8 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
     ]
     for scenario in ("stat objects", "list objects"):
         results.references[scenario] = [_DIRECT]
+    for scenario in (_SMALL_CREATE, _SMALL_READ):
+        results.references[scenario] = [_DIRECT, _DISK]
     work = Path(tempfile.mkdtemp(prefix="fusionfs-bench-"))
     status = 0
     try:
@@ -952,7 +1291,15 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
             except KeyboardInterrupt:
                 results.notes.append("interrupted: partial results")
                 status = 130
-            results.extra["verified"] = "64 sampled 4 KiB blocks per mounted read"
+            results.extra["verified"] = (
+                "64 sampled 4 KiB blocks per mounted read; every byte of every small file"
+            )
+            results.notes.append(
+                f"small files: {cfg.n_small} files of 4 KiB, {_SMALL_WORKERS} at a time for "
+                "every tool; create until durable (close commits; rclone: until a listing "
+                "shows all), read back = listdir + read each on a fresh mount, empty cache"
+            )
+            results.notes += small_files_summary(results)
     except BenchError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1

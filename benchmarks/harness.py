@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "Measurement",
     "ProxyProcess",
     "Results",
+    "Steps",
     "SummaryRow",
     "drop_page_cache",
     "last_line",
@@ -190,6 +193,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     references: dict[str, list[str]] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)  # extra Markdown blocks, after the table
     started: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     def add(self, m: Measurement) -> None:
@@ -301,6 +305,8 @@ class Results:
         lines.append("|" + "---|" * len(header))
         for row in body:
             lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+        for section in self.sections:
+            lines += ["", section.rstrip("\n")]
         if self.notes:
             lines += ["", "Notes:", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -316,17 +322,30 @@ class Results:
             "summary": [asdict(r) for r in self.summary()],
             "unavailable": self.unavailable,
             "notes": self.notes,
+            "sections": self.sections,
             "extra": self.extra,
         }
 
     def write(self, out_dir: Path, console: Console) -> None:
+        from benchmarks.plots import write_plots
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        report = self.to_json()
+        (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "results.md").write_text(self.markdown())
         console.print(self.rich_table())
+        for section in self.sections:
+            console.print(section, markup=False, highlight=False)
         for note in self.notes:
             console.print(f"[dim]note:[/dim] {note}")
         console.print(f"results written to {out_dir}/results.json and results.md")
+        try:
+            plots = write_plots(report, out_dir, lambda line: console.print(line, markup=False))
+        except Exception as exc:  # a plot must never cost the results
+            console.print(f"plots failed: {exc!r}", markup=False)
+            plots = []
+        if plots:
+            console.print(f"plots: {', '.join(str(p) for p in plots)}", markup=False)
 
 
 def _fmt(value: float) -> str:
@@ -402,3 +421,74 @@ def timed() -> Iterator[list[float]]:
 
 def mb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / _MB if seconds > 0 else float("inf")
+
+
+class _StepElapsed(ProgressColumn):
+    """Seconds since the current step began (the task's ``step_t0`` field)."""
+
+    def render(self, task: Task) -> Text:
+        t0 = task.fields.get("step_t0")
+        if t0 is None:
+            return Text("")
+        return Text(f"(this step {time.monotonic() - t0:.0f} s)", style="dim")
+
+
+class Steps:
+    """What a benchmark is doing now (scenario, tool, run) and for how long.
+
+    On a terminal: a rich progress bar with the current step, steps done out of all, the time
+    since the start and the time in the current step. Otherwise (a pipe, a log file): one plain
+    line per step, ``[mm:ss] name: step``, and no cursor movement, so logs stay readable.
+    ``log`` prints a line above the bar (or plainly)."""
+
+    def __init__(self, console: Console, name: str, total: int) -> None:
+        self.console = console
+        self.name = name
+        self.total = total
+        self._start = time.monotonic()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> Steps:
+        self._start = time.monotonic()
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn(f"[bold]{self.name}[/bold] {{task.description}}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                _StepElapsed(),
+                console=self.console,
+                transient=False,
+                refresh_per_second=2,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "setting up", total=self.total, step_t0=time.monotonic()
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def elapsed(self) -> str:
+        seconds = int(time.monotonic() - self._start)
+        return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+    def step(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text, step_t0=time.monotonic())
+        else:
+            self.console.print(f"[{self.elapsed()}] {self.name}: {text}", markup=False)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def log(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            self.console.print(text)

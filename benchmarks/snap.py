@@ -1,8 +1,8 @@
 """The ``snap`` benchmark: snapstore checkpoint/restore through fusionfs, beside CRIU on local disk
 and a direct boto3 upload of the same image files, on one S3 server.
 
-For each size (1 GiB, and 4 GiB when free memory allows; ``--quick`` 256 MiB) and each run, one
-task from ``tests/snap/memtask.py`` holding that much known memory is:
+For each size (256 MiB, 1 GiB and 4 GiB, each when free memory allows; ``--quick`` 256 MiB) and
+each run, one task from ``tests/snap/memtask.py`` holding that much known memory is:
 
 1. dumped by ``criu dump --leave-stopped`` to local disk (wall time; then the same plus an fsync
    of every image file and the directory: "until durable"), then resumed with SIGCONT;
@@ -16,7 +16,18 @@ task from ``tests/snap/memtask.py`` holding that much known memory is:
    and lazily (``criu lazy-pages`` + ``criu restore --lazy-pages``, as snapstore drives them),
    then, each on a fresh mount with an empty cache dir ("another machine"), by ``snapstore
    restore --eager`` and ``snapstore restore --lazy`` (``--detach --json``). After each
-   restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed.
+   restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed;
+5. restored again by ``snapstore restore --eager`` and ``--lazy`` on fresh mounts whose endpoint
+   adds each other first-byte latency of ``--resume-latencies-ms`` (default 0 and
+   ``--latency-ms`` when set, else 0 and 30): a proxy of its own with the run's bandwidth cap
+   and error rate (or the server itself for 0 ms when nothing is emulated). These and the
+   restores of step 4 (at the run's own ``--latency-ms``) form the ``resume vs latency, <size>``
+   rows, plotted as time to resume against latency.
+
+The dump-until-durable times per size also give the reclamation window fit
+(``benchmarks/window.py``): the largest process whose checkpoint fits AWS's 120 s and GCP's 30 s
+notice, a section of its own in results.md. With matplotlib, ``checkpoint_time.png`` and
+``resume_latency.png`` are written into ``--out``.
 
 Figures are seconds (lower is better), the median of ``--runs`` with min and max; ratios are
 computed per run, then summarised. The naive way (dump to local disk, then upload) is the sum of
@@ -61,12 +72,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.fs import (
     BenchError,
@@ -80,7 +90,9 @@ from benchmarks.fs import (
 )
 from benchmarks.harness import (
     Measurement,
+    ProxyProcess,
     Results,
+    Steps,
     drop_page_cache,
     last_line,
     run_cmd,
@@ -115,6 +127,7 @@ _R_DIRECT = "direct GET of the images, 8 x 8 MiB"
 _R_EAGER = "snapstore restore eager, fusionfs"
 _R_LAZY = "snapstore restore lazy, fusionfs"
 _R_PAGES = "snapstore lazy: all pages in"
+_SERIES = "resume vs latency"  # scenario prefix of the resume-against-latency series
 
 
 @dataclass
@@ -128,6 +141,7 @@ class SnapConfig:
     out: Path | None = None
     quick: bool = False
     sizes_mib: list[int] = field(default_factory=list)
+    resume_latencies_ms: list[float] = field(default_factory=list)
 
     @property
     def proxied(self) -> bool:
@@ -136,7 +150,14 @@ class SnapConfig:
     def wanted_sizes(self) -> list[int]:
         if self.sizes_mib:
             return list(self.sizes_mib)
-        return [256] if self.quick else [1024, 4096]
+        return [256] if self.quick else [256, 1024, 4096]
+
+    def resume_latencies(self) -> list[float]:
+        """First-byte latencies the restores are run at for the resume-against-latency series:
+        as given, else 0 and ``--latency-ms`` when that is set, else 0 and 30 ms."""
+        if self.resume_latencies_ms:
+            return sorted(set(self.resume_latencies_ms))
+        return sorted({0.0, self.latency_ms}) if self.latency_ms else [0.0, 30.0]
 
     def store_config(self) -> FsConfig:
         """The part of the settings that ``benchmarks.fs`` needs to open the store."""
@@ -270,6 +291,8 @@ class _Bench:
         except CriuUnavailable as exc:
             raise BenchError(str(exc)) from None
         self.fusionfs = _Fusionfs(store)
+        # latency (ms) -> a fusionfs mounter whose endpoint adds it (the run's own: self.fusionfs)
+        self.latency_mounters: dict[float, _Fusionfs] = {}
         self.snapstore = [sys.executable, "-m", "snapstore"]
         self.client = store.client(pool=_THREADS * 2)
         self.setup_client = store.client(store.setup_url, pool=_THREADS * 2)
@@ -280,8 +303,7 @@ class _Bench:
         )
         self.live: set[int] = set()  # tasks we must kill and reap in the end
         self.mounts: list[tuple[Path, int]] = []  # (mountpoint, daemon pid)
-        self._progress: Progress | None = None
-        self._task: Any = None
+        self._steps: Steps | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -293,18 +315,18 @@ class _Bench:
         self.log(f"{scenario:<18} {tool:<40} run {run + 1}: {value:9.3f} {unit}{detail}")
 
     def log(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text)
+        if self._steps is not None:
+            self._steps.log(text)
         else:
             self.console.print(text)
 
     def step(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
+        if self._steps is not None:
+            self._steps.step(text)
 
     def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        if self._steps is not None:
+            self._steps.advance()
 
     def env(self) -> dict[str, str]:
         env = dict(self.store.env)
@@ -316,16 +338,18 @@ class _Bench:
     # -- mounts --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def mount(self, name: str) -> Iterator[Path]:
+    def mount(self, name: str, mounter: _Fusionfs | None = None) -> Iterator[Path]:
         """A fresh fusionfs mount of the run prefix with an empty cache dir."""
         from fusionfs import client
+
+        fusionfs = mounter or self.fusionfs
 
         cache = self.work / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
         mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{name}-", dir=self.work))
         try:
-            self.fusionfs.mount(mountpoint, cache)
+            fusionfs.mount(mountpoint, cache)
         except BaseException:
             _force_unmount(mountpoint)
             raise
@@ -337,7 +361,7 @@ class _Bench:
         finally:
             self.mounts.remove(entry)
             try:
-                self.fusionfs.unmount(mountpoint)
+                fusionfs.unmount(mountpoint)
             finally:
                 if entry[1]:
                     with contextlib.suppress(BenchError):
@@ -725,6 +749,31 @@ class _Bench:
                     "x",
                     target=0.1,
                 )
+            for latency, mounter in self.latency_mounters.items():
+                for lazy_mode in (False, True) if self.uffd else (False,):
+                    mode = "lazy" if lazy_mode else "eager"
+                    self.step(
+                        f"{label} run {run + 1}: snapstore restore --{mode} at {latency:g} ms"
+                    )
+                    try:
+                        self.restore_fusion(
+                            task_id,
+                            snap_prefix,
+                            pid,
+                            state,
+                            mib,
+                            manifest["total_bytes"],
+                            lazy=lazy_mode,
+                            run=run,
+                            label=label,
+                            latency=latency,
+                            mounter=mounter,
+                        )
+                    except (_RunFailed, MountError, BenchError) as exc:
+                        self.results.mark_unavailable(
+                            f"{_SERIES}, {label}", f"{mode} resume @ {latency:g} ms", str(exc)
+                        )
+                        self.log(f"[red]{exc}")
             self.advance()
         finally:
             shutil.rmtree(images, ignore_errors=True)
@@ -823,17 +872,26 @@ class _Bench:
         lazy: bool,
         run: int,
         label: str,
+        latency: float | None = None,
+        mounter: _Fusionfs | None = None,
     ) -> float:
-        """``snapstore restore`` on a fresh mount with an empty cache; returns resume_s."""
+        """``snapstore restore`` on a fresh mount with an empty cache; returns resume_s.
+
+        With ``latency`` (and a ``mounter`` whose endpoint adds it) only the rows of the
+        resume-against-latency series are recorded; without, the restore rows of the run's own
+        endpoint, and the same figures as that series' points at ``--latency-ms``."""
+        series = latency is not None
         rest_sc, rest_ratio = f"restore {label}", f"restore {label}: ratios"
+        series_sc = f"{_SERIES}, {label}"
+        at_ms = self.cfg.latency_ms if latency is None else latency
         mode = "lazy" if lazy else "eager"
         _reap(pid, 30)
-        with self.mount(f"{mode}-{task_id}") as mnt:
+        with self.mount(f"{mode}-{task_id}", mounter) as mnt:
             if self.can_drop:
                 drop_page_cache()
             self.warm_server(snap_prefix)
             got = 0.0
-            if not lazy:  # the download ceiling of an eager restore, same run, server warm
+            if not lazy and not series:  # the download ceiling of an eager restore, same run
                 t0 = time.perf_counter()
                 self.warm_server(snap_prefix, client=self.client)
                 got = time.perf_counter() - t0
@@ -883,18 +941,38 @@ class _Bench:
                         if code not in (0, None):
                             raise _RunFailed(f"criu lazy-pages exited with status {code}")
                         total = self.stats(mnt).get("bytes_fetched", 0) - before
-                        self.record(rest_sc, _R_PAGES, run, pages, "s", fetched_mb=total / 1e6)
+                        if not series:
+                            self.record(rest_sc, _R_PAGES, run, pages, "s", fetched_mb=total / 1e6)
+                        self.record(
+                            series_sc,
+                            f"lazy all pages in @ {at_ms:g} ms",
+                            run,
+                            pages,
+                            "s",
+                            latency_ms=at_ms,
+                        )
                         shutil.rmtree(out.get("workdir") or "/nonexistent", ignore_errors=True)
-                    self.record(
-                        rest_ratio,
-                        "fetched before lazy resume / image",
-                        run,
-                        share,
-                        "%",
-                        target=10.0,
-                    )
-                self.record(rest_sc, _R_LAZY if lazy else _R_EAGER, run, resume, "s", **extras)
-                if not lazy:
+                    if not series:
+                        self.record(
+                            rest_ratio,
+                            "fetched before lazy resume / image",
+                            run,
+                            share,
+                            "%",
+                            target=10.0,
+                        )
+                if not series:
+                    self.record(rest_sc, _R_LAZY if lazy else _R_EAGER, run, resume, "s", **extras)
+                self.record(
+                    series_sc,
+                    f"{mode} resume @ {at_ms:g} ms",
+                    run,
+                    resume,
+                    "s",
+                    latency_ms=at_ms,
+                    fetched_pct=share,
+                )
+                if not lazy and not series:
                     self.record(rest_ratio, "eager fusionfs / direct GET", run, resume / got, "x")
                 self.verify_and_kill(restored, state, mib, f"{mode} restore")
             finally:
@@ -905,6 +983,7 @@ class _Bench:
                     "size_mib": mib,
                     "run": run,
                     "mode": mode,
+                    "latency_ms": at_ms,
                     "result": out,
                     "fusionfs_stats": self.stats(mnt),
                 }
@@ -915,20 +994,15 @@ class _Bench:
 
     def run(self) -> None:
         cfg = self.cfg
-        with Progress(
-            TextColumn("[bold]snap[/bold] {task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        ) as progress:
-            self._progress = progress
-            self._task = progress.add_task("setting up", total=2 * cfg.runs * len(self.sizes))
+        with Steps(self.console, "snap", 2 * cfg.runs * len(self.sizes)) as steps:
+            self._steps = steps
+            self.step("setting up")
+            proxies = contextlib.ExitStack()
             try:
                 reason = self.fusionfs.unavailable()
                 if reason:
                     raise BenchError(f"fusionfs is not usable: {reason}")
+                self.open_latency_endpoints(proxies)
                 for mib in self.sizes:
                     for run in range(cfg.runs):
                         try:
@@ -950,13 +1024,47 @@ class _Bench:
                         with contextlib.suppress(BenchError):
                             _reap(daemon, 10)
                 self.mounts.clear()
-                self._progress = None
+                proxies.close()
+                self._steps = None
+
+    def open_latency_endpoints(self, stack: contextlib.ExitStack) -> None:
+        """One endpoint per latency of the resume series other than the run's own: the server
+        itself for 0 ms when nothing else is emulated, else a proxy with that latency and the
+        run's bandwidth cap and error rate (closed by ``stack``)."""
+        import urllib.parse
+
+        cfg = self.cfg
+        for latency in cfg.resume_latencies():
+            if latency == cfg.latency_ms:
+                continue
+            if latency == 0 and not cfg.bandwidth_mbps and not cfg.error_rate:
+                url = self.store.setup_url
+            else:
+                parsed = urllib.parse.urlsplit(self.store.setup_url)
+                if parsed.scheme != "http" or parsed.hostname is None:
+                    self.results.notes.append(
+                        f"resume at {latency:g} ms skipped: the proxy needs an http endpoint"
+                    )
+                    continue
+                args = ["--latency-ms", str(latency), "--bandwidth-mbps", str(cfg.bandwidth_mbps)]
+                args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
+                proxy = ProxyProcess((parsed.hostname, parsed.port or 80), args)
+                stack.callback(self._keep_proxy_stats, proxy, latency)
+                stack.enter_context(proxy)
+                url = proxy.endpoint_url
+            self.latency_mounters[latency] = _Fusionfs(replace(self.store, url=url))
+
+    def _keep_proxy_stats(self, proxy: ProxyProcess, latency: float) -> None:
+        """Runs after the proxy stopped: its counters go into results.json."""
+        stats = self.results.extra.setdefault("resume_proxy_stats", {})
+        stats[f"{latency:g} ms"] = proxy.stats
 
 
 def _settings(cfg: SnapConfig, sizes: list[int]) -> dict[str, Any]:
     settings = asdict(cfg)
     settings["out"] = str(cfg.out) if cfg.out else None
     settings["sizes_mib_run"] = sizes
+    settings["resume_latencies_ms"] = cfg.resume_latencies()
     settings["bandwidth_unit"] = "megabits per second per connection and direction"
     settings["threads"] = _THREADS
     settings["multipart_part_bytes"] = _PART
@@ -1026,8 +1134,23 @@ def run_snap(cfg: SnapConfig, console: Console) -> int:
     finally:
         _remove_work_dir(work, console)
     _add_summary_notes(results)
+    _add_window_fit(results, cfg)
     results.write(out, console)
     return status
+
+
+def _add_window_fit(results: Results, cfg: SnapConfig) -> None:
+    """The reclamation-window table (benchmarks/window.py) as its own section of results.md."""
+    from benchmarks import window
+
+    rows = window.fit_rows(
+        results.measurements, bandwidth_mbps=cfg.bandwidth_mbps, connections=_THREADS
+    )
+    if rows:
+        results.sections.append(
+            window.markdown(rows, bandwidth_mbps=cfg.bandwidth_mbps, connections=_THREADS)
+        )
+        results.extra["window_fit"] = [asdict(row) for row in rows]
 
 
 def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
@@ -1056,6 +1179,11 @@ def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
             f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
             f"{cfg.bandwidth_mbps} Mbit/s per connection, error rate {cfg.error_rate}"
         )
+    notes.append(
+        "resume vs latency: the same snapshot restored eagerly and lazily on a fresh mount at "
+        f"each first-byte latency in {cfg.resume_latencies()} ms (the run's own endpoint for "
+        f"{cfg.latency_ms:g} ms, a proxy with the run's bandwidth cap and error rate otherwise)"
+    )
     return notes
 
 

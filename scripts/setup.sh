@@ -31,9 +31,9 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv with $($PY --version)"
     "$PY" -m venv .venv
 fi
-say "installing fusionfs + snapstore and test dependencies into .venv"
+say "installing fusionfs + snapstore, test and benchmark (matplotlib) dependencies into .venv"
 if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-       .venv/bin/python -m pip install -q -e '.[test]'; } >.venv/pip.log 2>&1; then
+       .venv/bin/python -m pip install -q -e '.[test,bench]'; } >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     echo "setup: pip install failed (log above)" >&2
     exit 1
