@@ -81,6 +81,8 @@ CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
 CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
 
+#: largest directory (entries) whose listing is refreshed to answer a lookup of an unknown name
+_RELIST_MAX_ENTRIES = 10_000
 _MAX_NAME = 255
 _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
@@ -188,6 +190,7 @@ class Filesystem:
         self._next_ino = 2
         self._handles: dict[FileHandleNo, Handle] = {}
         self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
+        self._relisting: dict[InodeNo, trio.Event] = {}  # directories being re-listed
         self._next_fh = 1
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -384,12 +387,21 @@ class Filesystem:
             return child
         if child is not None and self._fresh(child):
             return child
+        if child is None and self._absent_from_listing(parent, name):
+            raise NoEntry(name.decode(errors="replace"))
         if (
             child is None
-            and trio.current_time() - parent.listed_at < self.cfg.attr_timeout
-            and name not in parent.listed_names
+            and parent.listed_at > float("-inf")
+            and len(parent.listed_names) <= _RELIST_MAX_ENTRIES
         ):
-            raise NoEntry(name.decode(errors="replace"))
+            # A name this mount has not seen, in a directory it has listed (or made) before:
+            # usually a file about to be created. One LIST of the directory answers this
+            # lookup and every other one in the next attr_timeout, where a probe costs a HEAD
+            # and a LIST per name, each under the kernel's lock of the directory (S-MAP-7).
+            await self._relist(parent)
+            child = self._known_child(parent, name)
+            if child is None and self._absent_from_listing(parent, name):
+                raise NoEntry(name.decode(errors="replace"))
         found = await self._probe(parent, name)
         child = self._known_child(parent, name)  # the world may have moved while we waited
         if child is not None and (child.staged is not None or child.local_only):
@@ -549,6 +561,24 @@ class Filesystem:
                 h.ref = ObjectRef(key, etag, h.ref.size)
 
     # -- namespace changes ---------------------------------------------------------------------
+    async def _relist(self, directory: Inode) -> None:
+        """Refresh a directory's listing; concurrent lookups share one LIST."""
+        running = self._relisting.get(directory.ino)
+        if running is not None:
+            await running.wait()
+            return
+        done = self._relisting[directory.ino] = trio.Event()
+        try:
+            await self._list_dir(directory)
+        finally:
+            del self._relisting[directory.ino]
+            done.set()
+
+    def _absent_from_listing(self, parent: Inode, name: bytes) -> bool:
+        """The parent's listing is fresh and does not have ``name``."""
+        fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
+        return fresh and name not in parent.listed_names
+
     async def _ensure_absent(self, parent: Inode, name: bytes) -> None:
         try:
             await self._resolve(parent, name)
@@ -567,6 +597,9 @@ class Filesystem:
         inode = self._new_inode(parent, name, Kind.DIR, mode=mode & 0o7777, uid=uid, gid=gid,
                                 mtime_ns=now, ctime_ns=now, meta_known=True)
         inode.validated = trio.current_time()
+        # nothing was under the name (checked above): its listing is known, and empty
+        inode.listed_at = inode.validated
+        inode.listed_names = inode.listed_dirs = frozenset()
         inode.lookups += 1
         return inode
 
@@ -779,9 +812,9 @@ class Filesystem:
         inode = self._new_inode(parent, name, Kind.FILE, mode=mode & 0o7777, uid=uid, gid=gid,
                                 mtime_ns=now, ctime_ns=now, meta_known=True, local_only=True)
         inode.validated = trio.current_time()
-        staged = await self._uploader.new_staged(key, None)
+        # dirty: even if nothing is written, the new (empty) file is committed at close
+        staged = await self._uploader.new_staged(key, None, dirty=True)
         staged.set_metadata_hint(self._metadata(inode))
-        await staged.truncate(0)  # marks it dirty: an empty new file is committed at close
         inode.staged = staged
         inode.lookups += 1
         return self._open_handle(inode, writable=True), inode

@@ -113,13 +113,24 @@ class Uploader:
             fn, limiter=self.limiter, timeout=timeout or self.call_timeout, what=what
         )
 
-    async def new_staged(self, key: Key, base: ObjectRef | None) -> StagedFile:
-        """A new staging file for ``key`` (created in a worker thread: it is disk I/O)."""
+    async def new_staged(
+        self, key: Key, base: ObjectRef | None, *, dirty: bool = False
+    ) -> StagedFile:
+        """A new staging file for ``key``, created in a worker thread (it is disk I/O).
+
+        ``dirty``: the file is to be committed even if never written (a new, empty file). Its
+        crash record waits for the first write: an empty staging file holds nothing to recover
+        (``recover_leftovers`` drops it), and ``create`` stays one thread hand-off long (it runs
+        under the kernel's lock of the directory).
+        """
         name = uuid.uuid4().hex
         path = self.staging_dir / f"{name}.data"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fd = await trio.to_thread.run_sync(os.open, path, flags, 0o600)
-        return StagedFile(self, key, base, name=name, fd=fd)
+        staged = StagedFile(self, key, base, name=name, fd=fd)
+        if dirty:
+            staged.generation, staged.dirty = 1, True
+        return staged
 
 
 class _Stream:
@@ -158,6 +169,7 @@ class StagedFile:
         self.filled: set[int] = set()  # chunk indexes whose bytes in staging are authoritative
         self.generation = 0
         self.dirty = False
+        self._recorded = False  # the crash record beside the staging file is written
         self.commit_lock = trio.Lock()
         self._stream: _Stream | None = None
         self._id = name
@@ -272,7 +284,7 @@ class StagedFile:
 
     async def _touch(self) -> None:
         self.generation += 1
-        if not self.dirty:
+        if not self.dirty or not self._recorded:
             self.dirty = True
             await self._write_record()
 
@@ -580,13 +592,9 @@ class StagedFile:
     # -- records and cleanup -----------------------------------------------------------------
     async def _write_record(self) -> None:
         stream = self._stream
-        record = {
-            "key": self.key,
-            "created": time.time(),
-            "upload_id": stream.upload_id if stream else None,
-            "data": self.path.name,
-        }
+        record = _record(self.key, stream.upload_id if stream else None, self.path)
         await trio.to_thread.run_sync(_write_json, self._record, record)
+        self._recorded = True
 
     async def discard(self) -> None:
         """Drop the staged state (after a clean commit and the last close, or an unlink)."""
@@ -622,6 +630,11 @@ def _write_batch(fd: int, batch: list[tuple[int, bytes]]) -> None:
                 n = os.pwrite(fd, rest, off + written)
                 written += n
                 rest = rest[n:]
+
+
+def _record(key: Key, upload_id: str | None, data_path: Path) -> dict[str, object]:
+    """The crash record kept beside a staging file (see ``recover_leftovers``)."""
+    return {"key": key, "created": time.time(), "upload_id": upload_id, "data": data_path.name}
 
 
 def _close_and_remove(fd: int, *paths: Path) -> None:

@@ -641,3 +641,35 @@ async def test_rewrite_of_a_streamed_part_resends_only_that_part(
     assert local_store.calls["create_multipart"] == 1  # the stream was kept, not restarted
     assert local_store.calls["upload_part"] <= 3 + 1 + 1  # parts + tail + one resend
     assert await h.get("f") == bytes(data)
+
+
+@pytest.mark.timeout(30)
+async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_per_name(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    # [S-MAP-7] "a lookup of a name this mount has not seen ... refreshes that directory's listing"
+    h = await make_fs(any_store, attr_timeout=0.3)
+    await h.mkdir("d")
+
+    def lookups() -> tuple[int, int]:
+        return any_store.calls["head"], any_store.calls["list"]
+
+    before = lookups()
+    for i in range(10):  # a directory just made is known empty: no request per new name
+        await h.write_file(f"d/f{i}", b"x")
+    assert lookups() == before
+    await trio.sleep(0.35)  # the listing expires; the next unknown name re-lists, once
+    before = lookups()
+    for i in range(10, 20):
+        await h.write_file(f"d/f{i}", b"x")
+    heads, lists = (a - b for a, b in zip(lookups(), before, strict=True))
+    # "d" itself is revalidated once (HEAD d, LIST d/, HEAD of its marker), and one LIST of d/
+    # answers all ten new names; a probe per name would be a HEAD and a LIST each (20)
+    assert (heads, lists) == (2, 2)
+    # what another client adds is seen once the listing is older than the TTL (S-CONS-1)
+    await h.put("d/oob", b"from elsewhere")
+    with pytest.raises(NoEntry):
+        await h.lookup("d/oob")
+    await trio.sleep(0.35)
+    assert (await h.stat("d/oob")).size == len(b"from elsewhere")
+    assert sorted(await h.listdir("d")) == sorted([f"f{i}" for i in range(20)] + ["oob"])
