@@ -81,6 +81,8 @@ CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
 CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
 
+#: files up to this size (as last listed) are looked up with a GET that also brings their bytes
+_SMALL_FILE = 64 * 1024
 #: largest directory (entries) whose listing is refreshed to answer a lookup of an unknown name
 _RELIST_MAX_ENTRIES = 10_000
 _MAX_NAME = 255
@@ -342,7 +344,9 @@ class Filesystem:
                 pass
         return Kind.FILE
 
-    async def _probe(self, parent: Inode, name: bytes) -> tuple[Kind, ObjectInfo | None] | None:
+    async def _probe(
+        self, parent: Inode, name: bytes, *, small_file: bool = False
+    ) -> tuple[Kind, ObjectInfo | None] | None:
         """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing.
 
         A HEAD of the key comes first, so a file (the common case) costs one request. Only when
@@ -355,6 +359,17 @@ class Filesystem:
         listing_fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
         if not (listing_fresh and name in parent.listed_dirs):
             try:
+                if small_file:  # one GET answers the lookup and the read that follows (S-MAP-8)
+                    info, head = await self._call(
+                        functools.partial(
+                            self._store.get_head, file_key, self._chunks.chunk_size
+                        ),
+                        what=f"GET {file_key}",
+                    )
+                    kind = self._kind_from_metadata(info.metadata)
+                    if kind is Kind.FILE:
+                        self._chunks.prime(ObjectRef(file_key, info.etag, info.size), head)
+                    return kind, info
                 info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
                 return self._kind_from_metadata(info.metadata), info
             except NotFound:
@@ -402,7 +417,11 @@ class Filesystem:
             child = self._known_child(parent, name)
             if child is None and self._absent_from_listing(parent, name):
                 raise NoEntry(name.decode(errors="replace"))
-        found = await self._probe(parent, name)
+        small = (
+            child is not None and child.kind is Kind.FILE and child.etag is not None
+            and child.size <= _SMALL_FILE
+        )
+        found = await self._probe(parent, name, small_file=small)
         child = self._known_child(parent, name)  # the world may have moved while we waited
         if child is not None and (child.staged is not None or child.local_only):
             return child

@@ -283,6 +283,15 @@ class ChunkSource:
                 hits[idx] = data
         return hits
 
+    def prime(self, ref: ObjectRef, data: bytes) -> None:
+        """Offer the first bytes of an object, fetched along with its metadata (a small file's
+        lookup), so that the read that usually follows is served from memory."""
+        if ref.size == 0 or len(data) != min(ref.size, self.chunk_size):
+            return
+        cid = (ref.key, ref.etag, 0)
+        if cid not in self._mem and cid not in self._inflight:
+            self._resolve(ref, 0, data)
+
     def _resolve(self, ref: ObjectRef, idx: int, data: _Data) -> None:
         cid = (ref.key, ref.etag, idx)
         old = self._mem.pop(cid, None)

@@ -285,7 +285,7 @@ class StagedFile:
     async def _touch(self) -> None:
         self.generation += 1
         if not self.dirty or not self._recorded:
-            self.dirty = True
+            self.dirty = self._recorded = True  # before the await: concurrent writes write it once
             await self._write_record()
 
     async def _fill_partial(self, start: int, end: int) -> None:
@@ -594,7 +594,6 @@ class StagedFile:
         stream = self._stream
         record = _record(self.key, stream.upload_id if stream else None, self.path)
         await trio.to_thread.run_sync(_write_json, self._record, record)
-        self._recorded = True
 
     async def discard(self) -> None:
         """Drop the staged state (after a clean commit and the last close, or an unlink)."""
@@ -643,7 +642,7 @@ def _close_and_remove(fd: int, *paths: Path) -> None:
 
 
 def _write_json(path: Path, record: dict[str, object]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:12]}.tmp")  # two writers never share a temp
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps(record).encode())

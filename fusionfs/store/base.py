@@ -104,6 +104,12 @@ class ObjectStore(Protocol):
     def head(self, key: Key) -> ObjectInfo:
         """Size, ETag, mtime and user metadata of ``key``; ``NotFound`` if absent."""
 
+    def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
+        """What ``head`` returns, plus the object's first ``length`` bytes (fewer if it is
+        smaller), in one request where the store allows it: an S3 GET carries the same headers as
+        a HEAD, so a small file's lookup and its read cost one round trip. ``NotFound`` if absent.
+        """
+
     def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
         """``length`` bytes of ``key`` from ``start`` (fewer only at the end of the object).
 

@@ -41,7 +41,7 @@ __all__ = ["OPS", "FaultyStore"]
 
 #: The operation names, one per ``ObjectStore`` method.
 OPS: tuple[str, ...] = (
-    "check", "head", "get_range", "get_into", "put", "list", "delete", "copy",
+    "check", "head", "get_head", "get_range", "get_into", "put", "list", "delete", "copy",
     "create_multipart", "upload_part", "upload_part_copy", "complete_multipart",
     "abort_multipart",
 )
@@ -229,6 +229,11 @@ class FaultyStore:
     def head(self, key: Key) -> ObjectInfo:
         self._enter("head")
         return self.inner.head(key)
+
+    def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
+        self._enter("get_head")
+        info, data = self.inner.get_head(key, length)
+        return info, (_flip(data) if data and self._should_corrupt("get_range") else data)
 
     def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
         self._enter("get_range")

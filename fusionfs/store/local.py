@@ -59,6 +59,7 @@ from .base import (
     ObjectInfo,
     PreconditionFailed,
     StoreError,
+    Transient,
     UploadPart,
 )
 
@@ -415,6 +416,19 @@ class LocalStore:
         if self._stats is not None and total:
             self._stats.add("bytes_fetched", total)
         return total
+
+    def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
+        # two local calls; a replacement in between is retried (the pair must be one version)
+        for _ in range(3):
+            info = self.head(key)
+            n = min(length, info.size)
+            if n <= 0:
+                return info, b""
+            try:
+                return info, self.get_range(key, 0, n, info.etag)
+            except PreconditionFailed:
+                continue
+        raise Transient(f"get_head '{key}': the object kept changing while being read")
 
     def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
         self._count("get_range")

@@ -405,6 +405,47 @@ class S3Store:
             metadata=_lower_metadata(resp.get("Metadata")),
         )
 
+    def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
+        if length <= 0:
+            return self.head(key), b""
+
+        def fn() -> tuple[ObjectInfo, bytes] | None:
+            try:
+                resp = self.client.get_object(
+                    Bucket=self.bucket, Key=self._full(key), Range=f"bytes=0-{length - 1}"
+                )
+            except _bce.ClientError as err:
+                if _client_error_fields(err)[1] == 416:  # an empty object has no byte 0
+                    return None
+                raise
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            self._fetched(len(data))
+            content_range = resp.get("ContentRange")
+            total = _total_from_content_range(content_range) if content_range else None
+            if total is None:  # the server ignored Range and sent the whole object
+                total = len(data)
+                data = data[:length]
+            if len(data) != min(length, total):
+                raise Transient(
+                    f"get_head {self._where(key)}: body cut short ({len(data)} of "
+                    f"{min(length, total)} bytes)"
+                )
+            info = ObjectInfo(
+                key=key,
+                size=total,
+                etag=ETag(resp.get("ETag", "")),
+                mtime_ns=_mtime_ns(resp.get("LastModified")),
+                metadata=_lower_metadata(resp.get("Metadata")),
+            )
+            return info, data
+
+        got = self._call("get_head", key, fn)
+        return got if got is not None else (self.head(key), b"")
+
     def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
         if start < 0 or length < 0:
             raise ValueError(f"bad range start={start} length={length}")

@@ -673,3 +673,28 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     await trio.sleep(0.35)
     assert (await h.stat("d/oob")).size == len(b"from elsewhere")
     assert sorted(await h.listdir("d")) == sorted([f"f{i}" for i in range(20)] + ["oob"])
+
+
+@pytest.mark.timeout(30)
+async def test_a_listed_small_file_is_looked_up_and_read_with_one_request(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    # [S-MAP-8] "one ranged GET answers the lookup and the read"
+    h = await make_fs(any_store)
+    mode = str(stat.S_IFREG | 0o600)
+    for i in range(5):
+        await h.put(f"d/f{i}", f"content {i}".encode(), {"mode": mode})
+    await h.put("d/big", bytes(200_000))
+    fresh = await make_fs(any_store)  # another machine: nothing known
+    assert sorted(await fresh.listdir("d")) == ["big"] + [f"f{i}" for i in range(5)]
+    before = dict(any_store.calls)
+    for i in range(5):
+        assert (await fresh.stat(f"d/f{i}")).mode & 0o777 == 0o600  # metadata came with it
+        assert await fresh.read_file(f"d/f{i}") == f"content {i}".encode()
+    spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
+    assert spent.get("get_head", 0) == 5, spent
+    assert spent.get("head", 0) == 0 and spent.get("get_range", 0) == 0, spent
+    before = dict(any_store.calls)
+    assert len(await fresh.read_file("d/big")) == 200_000  # above the limit: HEAD, then GET
+    spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
+    assert spent.get("head", 0) == 1 and spent.get("get_range", 0) >= 1, spent

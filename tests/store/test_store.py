@@ -151,6 +151,22 @@ def test_put_head_and_metadata(store: ObjectStore) -> None:
     assert store.get_range(K("a/b.txt"), 0, 1000) == data
 
 
+def test_get_head_is_head_plus_the_first_bytes(store: ObjectStore) -> None:
+    data = _data(1000)
+    etag = store.put(K("small"), data, {"mode": "33188"})
+    info, first = store.get_head(K("small"), 4096)
+    assert (info.key, info.size, info.etag, info.metadata) == ("small", 1000, etag, {"mode": "33188"})
+    assert info == store.head(K("small"))
+    assert first == data
+    info, first = store.get_head(K("small"), 100)  # bigger than asked: the size is still whole
+    assert info.size == 1000 and first == data[:100]
+    store.put(K("empty"), b"")
+    info, first = store.get_head(K("empty"), 4096)
+    assert info.size == 0 and first == b""
+    with pytest.raises(NotFound):
+        store.get_head(K("nope"), 4096)
+
+
 def test_put_memoryview_and_empty(store: ObjectStore) -> None:
     data = _data(3000)
     store.put(K("mv"), memoryview(data)[1000:2000])
@@ -1006,6 +1022,7 @@ def _call_each(store: FaultyStore) -> dict[str, Callable[[], Any]]:
     return {
         "check": store.check,
         "head": lambda: store.head(K("src")),
+        "get_head": lambda: store.get_head(K("src"), 4096),
         "get_range": lambda: store.get_range(K("src"), 0, 1),
         "get_into": lambda: store.get_into(K("src"), 0, 1, io.BytesIO()),
         "put": lambda: store.put(K("p"), b"1"),
