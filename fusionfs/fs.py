@@ -443,6 +443,7 @@ class Filesystem:
         kind, info = found
         if child is not None and (
             child.kind is not kind or (kind is not Kind.DIR and self._new_version(child, info))
+            or self._listed_with_wrong_size(child, info)
         ):
             self._detach(child)
             child = None
@@ -458,6 +459,16 @@ class Filesystem:
             self._apply_info(child, info)
         child.validated = trio.current_time()
         return child
+
+    @staticmethod
+    def _listed_with_wrong_size(inode: Inode, info: ObjectInfo | None) -> bool:
+        """A chunked file known only from a LIST was given to the kernel with its manifest's
+        size; the kernel (writeback cache) never takes a new size for an inode it knows, so
+        the name gets a new inode with the logical size (S-CHUNK-3)."""
+        if info is None or inode.meta_known or inode.staged is not None or inode.local_only:
+            return False
+        logical = logical_size(info.metadata)
+        return logical is not None and logical != inode.size
 
     @staticmethod
     def _new_version(inode: Inode, info: ObjectInfo | None) -> bool:
