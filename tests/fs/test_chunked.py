@@ -213,6 +213,7 @@ async def test_a_failed_pack_upload_is_an_error_and_the_data_stays_staged(
 async def test_a_corrupt_pack_is_eio_never_bad_data(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """S-CHUNK-2: corrupt data is EIO, never returned."""
     h = await make_fs(local_store)
     await chunked_dir(h, "snap")
     await h.write_file("snap/f.img", random.Random(8).randbytes(300_000))
