@@ -15,6 +15,8 @@ is needed and the answer always comes from the daemon serving that exact mount:
   written next de-duplicate against the chunked files of that directory (S-CHUNK-6).
 - ``getxattr(dir, "user.fusionfs.chunk-stats")``: JSON of what chunked commits stored in
   ``dir`` since mount (logical, stored and new bytes).
+- ``setxattr(root, "user.fusionfs.gc", b"<grace seconds>")``: garbage-collect unreferenced
+  packs (two phases); ``getxattr(root, "user.fusionfs.gc")``: the last run's counts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 __all__ = [
     "MountInfo",
     "chunk_stats",
+    "collect_garbage",
     "dedup_from",
     "find_mount",
     "flush",
@@ -44,6 +47,7 @@ _WRITE_BEHIND = "user.fusionfs.write-behind"
 _LAYOUT = "user.fusionfs.layout"
 _DEDUP_FROM = "user.fusionfs.dedup-from"
 _CHUNK_STATS = "user.fusionfs.chunk-stats"
+_GC = "user.fusionfs.gc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +135,15 @@ def chunk_stats(directory: str | os.PathLike[str]) -> dict[str, Any]:
     ``new_stored_bytes`` (what was uploaded for them, de-duplication and compression done)."""
     result: dict[str, Any] = json.loads(os.getxattr(directory, _CHUNK_STATS))
     return result
+
+
+def collect_garbage(
+    path: str | os.PathLike[str], grace_seconds: float = 6 * 3600
+) -> dict[str, Any]:
+    """Run the chunked layout's garbage collection on the mount that ``path`` is on: packs no
+    manifest references and older than ``grace_seconds`` are set aside, and those set aside by
+    an earlier run at least ``grace_seconds`` before are deleted (two phases: space comes back
+    one run later). Returns the run's counts. Raises OSError."""
+    root = mount_root(path)
+    os.setxattr(root, _GC, f"{grace_seconds:g}".encode())
+    return _getxattr_json(root, _GC)

@@ -60,6 +60,7 @@ from fusionfs.layout import (
     LAYOUT_CHUNKED,
     LAYOUT_METADATA,
     SIZE_METADATA,
+    collect_garbage,
     logical_size,
 )
 from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
@@ -91,6 +92,7 @@ CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
 CONTROL_LAYOUT = b"user.fusionfs.layout"
 CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
 CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
+CONTROL_GC = b"user.fusionfs.gc"
 _RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUNK-4)
 
 _MAX_NAME = 255
@@ -203,6 +205,8 @@ class Filesystem:
         self._handles: dict[FileHandleNo, Handle] = {}
         self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
         self._next_fh = 1
+        self._gc_lock = trio.Lock()
+        self._last_gc: dict[str, int] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
     def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
@@ -1088,6 +1092,8 @@ class Filesystem:
             return b"1" if inode.write_behind else b"0"
         if name == CONTROL_LAYOUT and inode.kind is Kind.DIR:
             return b"chunked" if inode.layout_chunked else b"plain"
+        if ino == ROOT_INODE and name == CONTROL_GC:
+            return json.dumps(self._last_gc).encode()
         if name == CONTROL_CHUNK_STATS and inode.kind is Kind.DIR:
             d = self._chunks.chunked.dirs.get(self.key_of(inode))
             return json.dumps(d.as_dict() if d is not None else {}).encode()
@@ -1116,6 +1122,9 @@ class Filesystem:
             return
         if name == CONTROL_DEDUP_FROM:
             await self._dedup_from(inode, value)
+            return
+        if ino == ROOT_INODE and name == CONTROL_GC:
+            await self._collect_garbage(value)
             return
         raise OperationNotSupported("extended attributes are not stored")
 
@@ -1146,6 +1155,27 @@ class Filesystem:
             timeout=max(self.cfg.call_timeout, 300.0), what=f"dedup-from {prefix}",
         )
         log.info("dedup index primed from %s: %s", prefix, result)
+
+    async def _collect_garbage(self, value: bytes) -> None:
+        """Run the chunked layout's two-phase pack collection over the whole mount (S-CHUNK-7).
+
+        ``value`` is the grace period in seconds. Every object of the mount is a potential
+        manifest (a chunked file may have been renamed anywhere), so the run reads the first
+        bytes of each object of 72 bytes or more: its cost grows with the bucket."""
+        self._writable()
+        try:
+            grace = float(value.decode() or "21600")
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidArgument("gc takes a grace period in seconds") from None
+        if grace < 0:
+            raise InvalidArgument("gc takes a grace period in seconds")
+        async with self._gc_lock:
+            await self.flush_all()  # committed manifests are what protects their packs
+            fn = functools.partial(collect_garbage, self._store, Key(""), grace_seconds=grace)
+            result = await run_store_call(fn, limiter=self._limiter,
+                                          timeout=max(self.cfg.call_timeout, 3600.0), what="gc")
+            self._last_gc = dataclasses.asdict(result)
+        log.info("garbage collection: %s", self._last_gc)
 
     async def flush_all(self) -> None:
         """Commit every file with data not yet durable, several at once.

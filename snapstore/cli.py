@@ -504,6 +504,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     removed = Catalog(root.path).remove(args.task, args.snapshot)
     what = f"snapshot {args.snapshot}" if args.snapshot else f"{len(removed)} snapshot(s)"
     _say(f"removed {what} of task {args.task}")
+    summary = root.collect_garbage()
+    if summary is not None:
+        _say(summary)
     return 0
 
 

@@ -25,6 +25,8 @@ DEFAULT_ROOT = Path("/fusion/snapshots")
 ROOT_ENV = "SNAPSTORE_ROOT"
 ALLOW_ANY_ROOT_ENV = "SNAPSTORE_ALLOW_ANY_ROOT"
 _LAYOUT = "user.fusionfs.layout"
+GC_GRACE_ENV = "SNAPSTORE_GC_GRACE_S"
+DEFAULT_GC_GRACE_S = 6 * 3600.0
 
 
 def default_root() -> Path:
@@ -100,6 +102,24 @@ class Root:
             return {}
         keys = ("logical_bytes", "stored_bytes", "new_stored_bytes")
         return {k: int(raw[k]) for k in keys if k in raw}
+
+
+    def collect_garbage(self) -> str | None:
+        """Free the pack space of removed snapshots (fusionfs's two-phase collection; space
+        comes back one run later). Grace period: ``$SNAPSTORE_GC_GRACE_S``, default 6 h.
+        Returns a one-line summary, or None when there is no fusionfs mount."""
+        if self.mountpoint is None:
+            return None
+        grace = float(os.environ.get(GC_GRACE_ENV) or DEFAULT_GC_GRACE_S)
+        try:
+            r = fusion_client.collect_garbage(self.mountpoint, grace)
+        except (OSError, ValueError) as err:
+            return f"garbage collection failed (nothing lost, run it again): {err}"
+        return (
+            f"garbage collection: {r.get('referenced', 0)} packs in use, "
+            f"{r.get('fossilized', 0)} set aside, {r.get('deleted', 0)} deleted "
+            f"({r.get('bytes_deleted', 0) / 1e6:.1f} MB freed)"
+        )
 
 
 def _existing_ancestor(path: Path) -> Path:

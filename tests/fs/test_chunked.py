@@ -223,3 +223,31 @@ async def test_a_corrupt_pack_is_eio_never_bad_data(
     with pytest.raises(LayoutError) as info:
         await fresh.read_file("snap/f.img")
     assert errno_for(info.value) == errno.EIO
+
+
+@pytest.mark.timeout(60)
+async def test_gc_control_frees_the_packs_of_removed_files(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-CHUNK-7: two runs a grace period apart free packs no manifest references."""
+    h = await make_fs(any_store)
+    await chunked_dir(h, "snaps")
+    await h.write_file("snaps/keep.img", pages(100, seed=9))
+    await h.write_file("snaps/gone.img", pages(100, seed=10))
+    assert len(await packs(h)) == 2
+    await h.unlink("snaps/gone.img")
+    root = 1
+    await h.fs.setxattr(root, b"user.fusionfs.gc", b"3600")
+    first = json.loads(h.fs.getxattr(root, b"user.fusionfs.gc"))
+    assert first["referenced"] == 1 and first["kept_young"] == 1 and first["fossilized"] == 0
+    await trio.sleep(1.1)  # S3 LastModified has one-second resolution
+    await h.fs.setxattr(root, b"user.fusionfs.gc", b"0")
+    assert json.loads(h.fs.getxattr(root, b"user.fusionfs.gc"))["fossilized"] == 1
+    assert len(await packs(h)) == 1
+    await trio.sleep(1.1)
+    await h.fs.setxattr(root, b"user.fusionfs.gc", b"0")
+    last = json.loads(h.fs.getxattr(root, b"user.fusionfs.gc"))
+    assert last["deleted"] == 1 and last["missing"] == 0
+    fresh = await make_fs(any_store)
+    assert await fresh.read_file("snaps/keep.img") == pages(100, seed=9)
+    assert await fresh.listdir("") == ["snaps"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -70,3 +71,8 @@ def test_second_dump_uploads_only_what_changed(snap_env: SnapEnv, tasks: Tasks) 
     wait_for(lambda: not os.path.exists(f"/proc/{task.pid}"), 20, "the dumped task to go")
     _restore_and_verify(snap_env, tasks, task.pid, 2)
     _restore_and_verify(snap_env, tasks, task.pid, 1)
+
+    # rm runs the collection; with no grace, the removed snapshots' packs are set aside
+    removed = snap_env.run("rm", "--task", "job", env={"SNAPSTORE_GC_GRACE_S": "0"})
+    assert removed.returncode == 0, removed.stderr
+    assert re.search(r"garbage collection: 0 packs in use, [1-9]\d* set aside", removed.stdout)
