@@ -141,7 +141,7 @@ class ChunkedLayout:
         self._refresh_age = refresh_age
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "fusionfs-chunks")
         self._upload_pool = concurrent.futures.ThreadPoolExecutor(pack_uploads, "fusionfs-packs")
-        self.limiter = trio.CapacityLimiter(max(2, workers))  # threads feeding/finishing
+        self.limiter = trio.CapacityLimiter(max(4, 2 * workers))  # threads feeding/finishing
         self._fetch_limiter = trio.CapacityLimiter(8)
         self._cache_limiter = trio.CapacityLimiter(2)
         self._request_size = request_size
@@ -154,6 +154,7 @@ class ChunkedLayout:
         self._mem_bytes = 0
         self._mem_limit = max(memory_bytes, 4 * self.policy.max_size)
         self._inflight: dict[bytes, _Pending] = {}
+        self._cache_backlog = 0
         self.dirs: dict[str, DirStats] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -371,8 +372,10 @@ class ChunkedLayout:
             pending.event.set()
 
     def _cache_store(self, digest: bytes, data: bytes) -> None:
-        if self.cache is None or self._nursery is None:
+        # bounded: a slow cache disk makes cache writes be skipped, never memory grow
+        if self.cache is None or self._nursery is None or self._cache_backlog > 64 << 20:
             return
+        self._cache_backlog += len(data)
         self._nursery.start_soon(self._cache_put, digest, data)
 
     async def _cache_put(self, digest: bytes, data: bytes) -> None:
@@ -384,6 +387,8 @@ class ChunkedLayout:
             )
         except Exception:
             log.exception("chunk cache write failed")
+        finally:
+            self._cache_backlog -= len(data)
 
 
 class ChunkFeed:
