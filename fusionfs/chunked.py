@@ -152,7 +152,7 @@ class ChunkedLayout:
         )
         self._mem: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._mem_bytes = 0
-        self._mem_limit = max(memory_bytes, 4 * self.policy.max_size)
+        self._mem_limit = max(memory_bytes, max_readahead + request_size, 4 * self.policy.max_size)
         self._inflight: dict[bytes, _Pending] = {}
         self._cache_backlog = 0
         self.dirs: dict[str, DirStats] = {}
@@ -272,8 +272,8 @@ class ChunkedLayout:
             state.prefetched_until = stop
 
     def _request(self, manifest: Manifest, first: int, last: int) -> None:
-        """Make sure chunks first..last are in memory or being fetched, in runs of
-        consecutive indexes of at most ``request_size`` stored bytes."""
+        """Make sure chunks first..last are in memory or being fetched, in runs of chunks
+        that lie back to back in one pack, of at most ``request_size`` stored bytes each."""
         run: list[int] = []
         run_bytes = 0
         for idx in range(first, last + 1):
@@ -283,6 +283,9 @@ class ChunkedLayout:
                     self._spawn(manifest, run)
                     run, run_bytes = [], 0
                 continue
+            if run and not (run[-1] == idx - 1 and manifest.contiguous(idx - 1)):
+                self._spawn(manifest, run)  # one run = one ranged GET: runs go in parallel
+                run, run_bytes = [], 0
             self._inflight[digest] = _Pending()
             run.append(idx)
             run_bytes += manifest.chunks[idx].stored
