@@ -1133,10 +1133,18 @@ class Filesystem:
         if inode.kind is not Kind.DIR or value not in (b"chunked", b"plain"):
             raise InvalidArgument("layout is set on a directory, to 'chunked' or 'plain'")
         self._writable()
+        if inode.ino == ROOT_INODE:  # the prefix root has no marker: kept in memory only
+            inode.layout_chunked = value == b"chunked"
+            return
+        key = self.key_of(inode)
+        if not inode.meta_known:  # keep the marker's mode and owner: read them first
+            with contextlib.suppress(NotFound):
+                info = await self._call(self._store.head, key, what=f"HEAD {key}")
+                if info.metadata is not None:
+                    self._apply_metadata(inode, info.metadata)
+            inode.meta_known = True
         inode.layout_chunked = value == b"chunked"
-        if inode.ino != ROOT_INODE:  # the prefix root has no marker: kept in memory only
-            key = self.key_of(inode)
-            await self._call(self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}")
+        await self._call(self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}")
 
     async def _dedup_from(self, inode: Inode, value: bytes) -> None:
         """Prime the chunk index from the manifests of the files in another directory (a path

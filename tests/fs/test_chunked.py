@@ -251,3 +251,24 @@ async def test_gc_control_frees_the_packs_of_removed_files(
     fresh = await make_fs(any_store)
     assert await fresh.read_file("snaps/keep.img") == pages(100, seed=9)
     assert await fresh.listdir("") == ["snaps"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_write_behind_the_streamed_part_restarts_the_stream_at_commit(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """A byte already fed to the chunk writer changes: the commit feeds the file again whole."""
+    h = await make_fs(local_store)
+    await chunked_dir(h, "snap")
+    data = bytearray(random.Random(11).randbytes(24 * MiB))
+    fh = await h.create("snap/f.img")
+    for off in range(0, len(data), MiB):
+        await h.write(fh, off, bytes(data[off : off + MiB]))
+    with trio.fail_after(20):  # the stream has fed (and packed) the head
+        while not await packs(h):
+            await trio.sleep(0.05)
+    await h.write(fh, 5, b"rewritten")
+    data[5:14] = b"rewritten"
+    await h.close(fh)
+    fresh = await make_fs(local_store)
+    assert await fresh.read_file("snap/f.img", block=MiB) == bytes(data)
