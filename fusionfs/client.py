@@ -9,6 +9,14 @@ is needed and the answer always comes from the daemon serving that exact mount:
   durable has been committed to the store; fails with EIO if some could not be.
 - ``setxattr(dir, "user.fusionfs.write-behind", b"1")``: ``close`` of files below ``dir`` starts
   their upload and returns at once; ``fsync`` and the flush above still wait (S-WRITE-7).
+- ``setxattr(dir, "user.fusionfs.layout", b"chunked")``: new files below ``dir`` are stored in
+  the chunked layout (compressed, de-duplicated, in shared packs); persisted (S-CHUNK-1).
+- ``setxattr(dir, "user.fusionfs.dedup-from", b"<dir relative to the mount root>")``: files
+  written next de-duplicate against the chunked files of that directory (S-CHUNK-6).
+- ``getxattr(dir, "user.fusionfs.chunk-stats")``: JSON of what chunked commits stored in
+  ``dir`` since mount (logical, stored and new bytes).
+- ``setxattr(root, "user.fusionfs.gc", b"<grace seconds>")``: garbage-collect unreferenced
+  packs (two phases); ``getxattr(root, "user.fusionfs.gc")``: the last run's counts.
 """
 
 from __future__ import annotations
@@ -19,12 +27,27 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MountInfo", "find_mount", "flush", "mount_root", "set_write_behind", "stats"]
+__all__ = [
+    "MountInfo",
+    "chunk_stats",
+    "collect_garbage",
+    "dedup_from",
+    "find_mount",
+    "flush",
+    "mount_root",
+    "set_layout",
+    "set_write_behind",
+    "stats",
+]
 
 _INFO = "user.fusionfs.info"
 _STATS = "user.fusionfs.stats"
 _FLUSH = "user.fusionfs.flush"
 _WRITE_BEHIND = "user.fusionfs.write-behind"
+_LAYOUT = "user.fusionfs.layout"
+_DEDUP_FROM = "user.fusionfs.dedup-from"
+_CHUNK_STATS = "user.fusionfs.chunk-stats"
+_GC = "user.fusionfs.gc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +111,39 @@ def set_write_behind(directory: str | os.PathLike[str], enabled: bool = True) ->
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
     os.setxattr(directory, _WRITE_BEHIND, b"1" if enabled else b"0")
+
+
+def set_layout(directory: str | os.PathLike[str], layout: str = "chunked") -> None:
+    """Store new files below ``directory`` in ``layout`` ("chunked" or "plain"). Persisted in
+    the directory's marker object, so every mount of the bucket sees it.
+    Raises OSError if ``directory`` is not a directory on a fusionfs mount."""
+    os.setxattr(directory, _LAYOUT, layout.encode())
+
+
+def dedup_from(directory: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
+    """Let files written next (in ``directory`` or anywhere on the mount) reuse the chunks of
+    the chunked files in ``source`` (another directory on the same mount) without asking the
+    store per chunk. Raises OSError (ENOENT if ``source`` does not exist)."""
+    root = mount_root(directory)
+    rel = os.path.relpath(os.path.realpath(source), root)
+    os.setxattr(directory, _DEDUP_FROM, rel.encode())
+
+
+def chunk_stats(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What chunked commits of files directly in ``directory`` stored since the mount started:
+    ``files``, ``logical_bytes``, ``stored_bytes`` (their manifests' chunks), and
+    ``new_stored_bytes`` (what was uploaded for them, de-duplication and compression done)."""
+    result: dict[str, Any] = json.loads(os.getxattr(directory, _CHUNK_STATS))
+    return result
+
+
+def collect_garbage(
+    path: str | os.PathLike[str], grace_seconds: float = 6 * 3600
+) -> dict[str, Any]:
+    """Run the chunked layout's garbage collection on the mount that ``path`` is on: packs no
+    manifest references and older than ``grace_seconds`` are set aside, and those set aside by
+    an earlier run at least ``grace_seconds`` before are deleted (two phases: space comes back
+    one run later). Returns the run's counts. Raises OSError."""
+    root = mount_root(path)
+    os.setxattr(root, _GC, f"{grace_seconds:g}".encode())
+    return _getxattr_json(root, _GC)

@@ -38,6 +38,7 @@ from typing import Any, NewType, TypeVar
 
 import trio
 
+from fusionfs.chunked import DIR_LAYOUT_METADATA
 from fusionfs.errors import (
     Exists,
     FsError,
@@ -53,6 +54,14 @@ from fusionfs.errors import (
     Stale,
     UploadFailed,
     first_error,
+)
+from fusionfs.layout import (
+    FUSION_PREFIX,
+    LAYOUT_CHUNKED,
+    LAYOUT_METADATA,
+    SIZE_METADATA,
+    collect_garbage,
+    logical_size,
 )
 from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
 from fusionfs.stats import Stats
@@ -80,6 +89,11 @@ CONTROL_INFO = b"user.fusionfs.info"
 CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
 CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
+CONTROL_LAYOUT = b"user.fusionfs.layout"
+CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
+CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
+CONTROL_GC = b"user.fusionfs.gc"
+_RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUNK-4)
 
 #: files up to this size (as last listed) are looked up with a GET that also brings their bytes
 _SMALL_FILE = 64 * 1024
@@ -137,6 +151,8 @@ class Inode:
     listed_names: frozenset[bytes] = frozenset()
     listed_dirs: frozenset[bytes] = frozenset()
     write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
+    chunked: bool = False  # files: the object is a chunked-layout manifest (size is logical)
+    layout_chunked: bool = False  # directories: new files below are chunked (S-CHUNK-1)
 
     @property
     def st_mode(self) -> int:
@@ -194,8 +210,26 @@ class Filesystem:
         self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
         self._relisting: dict[InodeNo, trio.Event] = {}  # directories being re-listed
         self._next_fh = 1
+        self._gc_lock = trio.Lock()
+        self._last_gc: dict[str, int] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
+        assert inode.etag is not None
+        return ObjectRef(key if key is not None else self.key_of(inode), inode.etag, inode.size,
+                         inode.chunked)
+
+    def _chunked_dir(self, inode: Inode) -> bool:
+        """Whether ``inode`` (a file) is below a directory marked chunked (S-CHUNK-1)."""
+        while inode.ino != ROOT_INODE:
+            parent = self._inodes.get(inode.parent)
+            if parent is None:
+                return False
+            if parent.layout_chunked:
+                return True
+            inode = parent
+        return False
+
     async def _call(self, fn: Callable[..., T], *args: Any, what: str = "") -> T:
         return await run_store_call(
             functools.partial(fn, *args), limiter=self._limiter,
@@ -227,6 +261,8 @@ class Filesystem:
 
     def _child_key(self, parent: Inode, name: bytes, kind: Kind) -> Key:
         self._check_name(name)
+        if parent.ino == ROOT_INODE and name == _RESERVED:
+            raise InvalidArgument(f"{FUSION_PREFIX} is reserved for the chunked layout")
         key = self.key_of(parent) + os.fsdecode(name) + ("/" if kind is Kind.DIR else "")
         if len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY:
             raise NameTooLong(f"key longer than {_MAX_KEY} bytes")
@@ -309,6 +345,10 @@ class Filesystem:
         inode.mtime_ns = inode.ctime_ns = info.mtime_ns
         inode.local_only = False
         if info.metadata is not None:
+            logical = logical_size(info.metadata)  # S-CHUNK-3: a chunked file's own size
+            inode.chunked = logical is not None
+            if logical is not None:
+                inode.size = logical
             self._apply_metadata(inode, info.metadata)
             inode.meta_known = True
         elif inode.etag != info.etag:
@@ -325,6 +365,8 @@ class Filesystem:
             if "mtime" in md:
                 inode.mtime_ns = int(float(md["mtime"]) * 1e9)
                 inode.explicit_mtime = True
+            if inode.kind is Kind.DIR:
+                inode.layout_chunked = md.get(DIR_LAYOUT_METADATA) == "chunked"
         except ValueError:
             log.info("ignoring malformed metadata on %s: %r", self._path(inode), dict(md))
 
@@ -332,6 +374,8 @@ class Filesystem:
         md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
         if inode.explicit_mtime:
             md["mtime"] = f"{inode.mtime_ns / 1e9:.9f}"
+        if inode.kind is Kind.DIR and inode.layout_chunked:
+            md[DIR_LAYOUT_METADATA] = "chunked"
         return md
 
     @staticmethod
@@ -367,7 +411,7 @@ class Filesystem:
                         what=f"GET {file_key}",
                     )
                     kind = self._kind_from_metadata(info.metadata)
-                    if kind is Kind.FILE:
+                    if kind is Kind.FILE and logical_size(info.metadata) is None:  # plain
                         self._chunks.prime(ObjectRef(file_key, info.etag, info.size), head)
                     return kind, info
                 info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
@@ -397,6 +441,8 @@ class Filesystem:
         if name == b"..":
             return self._inodes[parent.parent]
         self._check_name(name)
+        if parent.ino == ROOT_INODE and name == _RESERVED:
+            raise NoEntry(name.decode())  # the layout's own objects (S-CHUNK-4)
         child = self._known_child(parent, name)
         if child is not None and (child.staged is not None or child.local_only):
             return child
@@ -432,6 +478,7 @@ class Filesystem:
         kind, info = found
         if child is not None and (
             child.kind is not kind or (kind is not Kind.DIR and self._new_version(child, info))
+            or self._listed_with_wrong_size(child, info)
         ):
             self._detach(child)
             child = None
@@ -447,6 +494,16 @@ class Filesystem:
             self._apply_info(child, info)
         child.validated = trio.current_time()
         return child
+
+    @staticmethod
+    def _listed_with_wrong_size(inode: Inode, info: ObjectInfo | None) -> bool:
+        """A chunked file known only from a LIST was given to the kernel with its manifest's
+        size; the kernel (writeback cache) never takes a new size for an inode it knows, so
+        the name gets a new inode with the logical size (S-CHUNK-3)."""
+        if info is None or inode.meta_known or inode.staged is not None or inode.local_only:
+            return False
+        logical = logical_size(info.metadata)
+        return logical is not None and logical != inode.size
 
     @staticmethod
     def _new_version(inode: Inode, info: ObjectInfo | None) -> bool:
@@ -561,6 +618,8 @@ class Filesystem:
             return
         key = self.key_of(inode)
         md = self._metadata(inode)
+        if inode.chunked:  # a metadata REPLACE must keep the layout's own entries
+            md.update({LAYOUT_METADATA: LAYOUT_CHUNKED, SIZE_METADATA: str(inode.size)})
         if inode.kind is Kind.DIR:
             if inode.ino == ROOT_INODE:
                 return  # the prefix root has no marker object to hold it
@@ -577,7 +636,7 @@ class Filesystem:
         inode.meta_known = True
         for h in self._handles.values():
             if h.inode is inode and h.ref is not None:
-                h.ref = ObjectRef(key, etag, h.ref.size)
+                h.ref = ObjectRef(key, etag, h.ref.size, h.ref.chunked)
 
     # -- namespace changes ---------------------------------------------------------------------
     async def _relist(self, directory: Inode) -> None:
@@ -662,6 +721,7 @@ class Filesystem:
         if not inode.local_only:
             await self._call(self._store.delete, key, what=f"DELETE {key}")
         self._chunks.forget(key)
+        self._chunks.chunked.forget_dir_file(key)
         self._detach(inode)
         if inode.staged is not None and inode.writers == 0:
             await self._unstage(inode)
@@ -736,11 +796,12 @@ class Filesystem:
                 raise NoEntry(old_key) from None
             await self._call(self._store.delete, old_key, what=f"DELETE {old_key}")
             self._chunks.forget(old_key)
+            self._chunks.chunked.forget_dir_file(old_key)
             src.etag = etag
             src.kernel_etag = etag
             for h in self._handles.values():
                 if h.inode is src and h.ref is not None:
-                    h.ref = ObjectRef(new_key, etag, h.ref.size)
+                    h.ref = ObjectRef(new_key, etag, h.ref.size, h.ref.chunked)
         if dst is not None:
             self._detach(dst)
         self._move(src, dst_dir, new_name)
@@ -802,9 +863,11 @@ class Filesystem:
         key = self.key_of(inode)
         base = None
         if not truncate and inode.etag is not None and inode.size > 0:
-            base = ObjectRef(key, inode.etag, inode.size)
+            base = self._ref(inode, key)
         staged = await self._uploader.new_staged(key, base)
         staged.set_metadata_hint(self._metadata(inode))
+        if inode.chunked or self._chunked_dir(inode):
+            staged.use_chunked(self._chunks.chunked)
         if truncate and inode.size > 0:
             await staged.truncate(0)
         inode.staged = staged
@@ -834,6 +897,8 @@ class Filesystem:
         # dirty: even if nothing is written, the new (empty) file is committed at close
         staged = await self._uploader.new_staged(key, None, dirty=True)
         staged.set_metadata_hint(self._metadata(inode))
+        if self._chunked_dir(inode):
+            staged.use_chunked(self._chunks.chunked)  # S-CHUNK-1
         inode.staged = staged
         inode.lookups += 1
         return self._open_handle(inode, writable=True), inode
@@ -841,7 +906,7 @@ class Filesystem:
     def _open_handle(self, inode: Inode, *, writable: bool) -> Handle:
         ref = None
         if inode.etag is not None and not inode.local_only:
-            ref = ObjectRef(self.key_of(inode), inode.etag, inode.size)
+            ref = self._ref(inode)
         handle = Handle(inode, writable, ref)
         inode.opens += 1
         if writable:
@@ -871,7 +936,9 @@ class Filesystem:
         truncate = bool(flags & os.O_TRUNC) and writable
         if writable:
             self._writable()
-        if inode.staged is None and not inode.local_only and not self._fresh(inode):
+        if inode.staged is None and not inode.local_only and (
+            not self._fresh(inode) or not inode.meta_known  # LIST-only: is it chunked?
+        ):
             await self._revalidate(inode, opening=True)  # close-to-open: the newest version
         if writable:
             await self._stage(inode, truncate=truncate)
@@ -920,6 +987,7 @@ class Filesystem:
             return
         key = self.key_of(inode)
         ref = await staged.commit(key, self._metadata(inode))
+        inode.chunked = ref.chunked
         inode.etag = ref.etag
         inode.kernel_etag = ref.etag
         inode.size = ref.size
@@ -1018,6 +1086,9 @@ class Filesystem:
                 name = os.fsencode(o.key[len(prefix):])
                 if o.key != prefix and self._valid_listed(name):
                     files[name] = o
+        if directory.ino == ROOT_INODE:  # the layout's own objects are hidden (S-CHUNK-4)
+            dirs.pop(_RESERVED, None)
+            files.pop(_RESERVED, None)
         children = self._children.setdefault(directory.ino, {})
         entries: dict[bytes, Inode] = {}
         for name in dirs:
@@ -1071,6 +1142,13 @@ class Filesystem:
         inode = self.inode(ino)
         if name == CONTROL_WRITE_BEHIND and inode.kind is Kind.DIR:
             return b"1" if inode.write_behind else b"0"
+        if name == CONTROL_LAYOUT and inode.kind is Kind.DIR:
+            return b"chunked" if inode.layout_chunked else b"plain"
+        if ino == ROOT_INODE and name == CONTROL_GC:
+            return json.dumps(self._last_gc).encode()
+        if name == CONTROL_CHUNK_STATS and inode.kind is Kind.DIR:
+            d = self._chunks.chunked.dirs.get(self.key_of(inode))
+            return json.dumps(d.as_dict() if d is not None else {}).encode()
         if ino == ROOT_INODE and name == CONTROL_INFO:
             return json.dumps(dict(self.cfg.info)).encode()
         if ino == ROOT_INODE and name == CONTROL_STATS:
@@ -1091,7 +1169,73 @@ class Filesystem:
                 raise InvalidArgument("write-behind is set on a directory, to 0 or 1")
             inode.write_behind = value == b"1"
             return
+        if name == CONTROL_LAYOUT:
+            await self._set_layout(inode, value)
+            return
+        if name == CONTROL_DEDUP_FROM:
+            await self._dedup_from(inode, value)
+            return
+        if ino == ROOT_INODE and name == CONTROL_GC:
+            await self._collect_garbage(value)
+            return
         raise OperationNotSupported("extended attributes are not stored")
+
+    async def _set_layout(self, inode: Inode, value: bytes) -> None:
+        """Mark a directory chunked or plain, persisted in its marker's metadata (S-CHUNK-1)."""
+        if inode.kind is not Kind.DIR or value not in (b"chunked", b"plain"):
+            raise InvalidArgument("layout is set on a directory, to 'chunked' or 'plain'")
+        self._writable()
+        if inode.ino == ROOT_INODE:  # the prefix root has no marker: kept in memory only
+            inode.layout_chunked = value == b"chunked"
+            return
+        key = self.key_of(inode)
+        if not inode.meta_known:  # keep the marker's mode and owner: read them first
+            with contextlib.suppress(NotFound):
+                info = await self._call(self._store.head, key, what=f"HEAD {key}")
+                if info.metadata is not None:
+                    self._apply_metadata(inode, info.metadata)
+            inode.meta_known = True
+        inode.layout_chunked = value == b"chunked"
+        await self._call(self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}")
+
+    async def _dedup_from(self, inode: Inode, value: bytes) -> None:
+        """Prime the chunk index from the manifests of the files in another directory (a path
+        relative to the mount root), so that files written next de-duplicate against them."""
+        if inode.kind is not Kind.DIR:
+            raise InvalidArgument("dedup-from is set on a directory")
+        source = self.inode(ROOT_INODE)
+        for part in value.strip(b"/").split(b"/"):
+            if part:
+                source = await self._resolve(source, part)
+        if source.kind is not Kind.DIR:
+            raise NotADirectory(os.fsdecode(value))
+        prefix = self.key_of(source)
+        result = await run_store_call(
+            functools.partial(self._chunks.chunked.prime_from, prefix), limiter=self._limiter,
+            timeout=max(self.cfg.call_timeout, 300.0), what=f"dedup-from {prefix}",
+        )
+        log.info("dedup index primed from %s: %s", prefix, result)
+
+    async def _collect_garbage(self, value: bytes) -> None:
+        """Run the chunked layout's two-phase pack collection over the whole mount (S-CHUNK-7).
+
+        ``value`` is the grace period in seconds. Every object of the mount is a potential
+        manifest (a chunked file may have been renamed anywhere), so the run reads the first
+        bytes of each object of 72 bytes or more: its cost grows with the bucket."""
+        self._writable()
+        try:
+            grace = float(value.decode() or "21600")
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidArgument("gc takes a grace period in seconds") from None
+        if grace < 0:
+            raise InvalidArgument("gc takes a grace period in seconds")
+        async with self._gc_lock:
+            await self.flush_all()  # committed manifests are what protects their packs
+            fn = functools.partial(collect_garbage, self._store, Key(""), grace_seconds=grace)
+            result = await run_store_call(fn, limiter=self._limiter,
+                                          timeout=max(self.cfg.call_timeout, 3600.0), what="gc")
+            self._last_gc = dataclasses.asdict(result)
+        log.info("garbage collection: %s", self._last_gc)
 
     async def flush_all(self) -> None:
         """Commit every file with data not yet durable, several at once.

@@ -1,39 +1,42 @@
-"""The chunked layout: compressed, de-duplicated, content-addressed storage of large files.
+"""The chunked layout: compressed, de-duplicated storage of large files in shared pack objects.
 
-Purpose: a file in the chunked layout (CRIU image files under a snapshot root) is stored as
+Purpose: a file in the chunked layout (CRIU image files under a chunked directory) is stored as
 
 - its own object (the file's key, e.g. ``snapshots/job/3/pages-1.img``) holding a small binary
-  *manifest*: the file's logical size and its list of chunks (length, stored size, BLAKE3 hash),
-  with user metadata ``fusion-layout: chunked-v1`` and ``fusion-size: <logical size>``;
-- its data in shared content-addressed *chunk objects* ``.fusion/chunks/<hh>/<hash>`` (relative to
-  the store's prefix), where ``<hash>`` is the hex BLAKE3 of the chunk's uncompressed bytes.
+  *manifest*: the file's logical size, a table of the pack objects it uses, and its list of
+  chunks (length, stored size, BLAKE3 digest, pack, offset in the pack), with user metadata
+  ``fusion-layout: chunked-v2`` and ``fusion-size: <logical size>``;
+- its data in shared, immutable *pack objects* ``.fusion/packs/<hh>/<packid>`` (relative to the
+  store's prefix) of about 8 MiB each: the stored forms of many chunks, back to back.
 
-Chunk objects are self-describing: a chunk is stored zstd-compressed when that makes it strictly
-smaller, raw otherwise, so *an object whose size equals the chunk's length is raw* and any other
-is a zstd frame. Readers never trust a flag for this (two writers with different settings may
-store the same content differently; either object is valid). Every chunk read is checked against
-its hash; a mismatch is re-fetched once, then raised as ``CorruptChunk``: bad data is never
-returned.
+A chunk's stored form is a zstd frame when that is strictly smaller than the chunk, else the raw
+bytes: ``stored == length`` means raw. Every chunk read is checked against its digest; a mismatch
+is re-fetched once, then raised as ``CorruptChunk``: bad data is never returned. Consecutive
+chunks of a file that lie back to back in one pack are fetched with one ranged GET.
+
+Why packs: one object per 128 KiB chunk means 8192 PUTs (and as many HEADs) per GiB, which
+costs seconds on any server with a few ms per request and PUT fees on AWS. Packs of 8 MiB need
+128. The de-duplication granularity stays the chunk: a pack is only the unit of transfer and of
+garbage collection. Which chunks a store has is known from a mount-wide ``ChunkIndex`` fed by the
+manifests the mount writes and reads (and primed from a previous snapshot), so no request is
+made per chunk to find out.
 
 Chunking is content-defined at page granularity (``ChunkPolicy``): the data is cut only at 4 KiB
 page boundaries of the file, after a page whose CRC-32 is 0 modulo a divisor, within min/max
-bounds. Pages that did not change between two dumps land in the same chunks even when regions
-were inserted or removed before them, as long as the shift is a whole number of pages (CRIU's
-``pages-*.img`` is a concatenation of pages). Data shifted by other amounts de-duplicates only
-where whole chunks happen to line up. ``docs/design/chunked-layout.md`` has the measurements.
+bounds. ``docs/design/chunked-layout.md`` has the measurements and the GC race argument.
 
 Concurrency and threads: everything here is synchronous and blocking (store calls, hashing,
 compression): the filesystem calls it from worker threads, never from the trio thread.
-``ChunkWriter`` runs a bounded thread pool of its own; ``ChunkReader`` and ``KnownChunks`` are
+``ChunkWriter`` runs bounded thread pools of its own; ``ChunkReader`` and ``ChunkIndex`` are
 thread-safe.
 
-Garbage collection (``collect_garbage``) frees chunk objects that no manifest references and
+Garbage collection (``collect_garbage``) frees pack objects that no manifest references and
 that are older than a grace period, in two phases (set aside as a *fossil*, deleted for good by
-a later run if still unreferenced); writers refresh the age of old chunks they reuse. The race
-analysis is in the design doc and in ``collect_garbage``.
+a later run if still unreferenced); writers refresh the age of old packs they reuse chunks from.
+A pack of which only some chunks are referenced is kept whole (repacking is future work).
 
-Caveats: chunk objects must be readable with a ranged GET of ``length`` bytes (any S3 server);
-the manifest holds at most 2**32-1 chunks of at most ``MAX_CHUNK`` bytes each.
+Caveats: a manifest holds at most 2**32-1 chunks of at most ``MAX_CHUNK`` bytes each; a pack is
+at most 4 GiB (offsets are u32).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import struct
 import threading
 import time
@@ -63,45 +67,53 @@ from fusionfs.store.base import (
 )
 
 __all__ = [
-    "CHUNKS_PREFIX",
     "FOSSILS_PREFIX",
+    "FUSION_PREFIX",
     "GC_CLOCK_KEY",
-    "LAYOUT_CHUNKED_V1",
+    "LAYOUT_CHUNKED",
     "LAYOUT_METADATA",
     "MAX_CHUNK",
+    "PACKS_PREFIX",
+    "PACK_SIZE",
     "SIZE_METADATA",
     "ChunkEntry",
+    "ChunkIndex",
     "ChunkPolicy",
     "ChunkReader",
     "ChunkWriter",
     "Chunker",
     "CorruptChunk",
     "GcStats",
-    "KnownChunks",
     "LayoutError",
     "Manifest",
     "ManifestError",
     "WriteStats",
-    "chunk_key",
     "chunk_lengths",
     "collect_garbage",
     "decode_manifest",
     "encode_manifest",
     "fetch_chunk",
+    "fetch_chunks",
     "is_chunked",
+    "logical_size",
     "manifest_metadata",
+    "new_pack_id",
+    "pack_key",
+    "prime_index",
     "read_manifest",
     "write_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Where chunk objects live, relative to the store's prefix.
-CHUNKS_PREFIX: Final = Key(".fusion/chunks/")
+#: Everything the layout keeps besides manifests lives under this prefix (hidden by the fs).
+FUSION_PREFIX: Final = Key(".fusion/")
+#: Where pack objects live, relative to the store's prefix.
+PACKS_PREFIX: Final = Key(".fusion/packs/")
 #: User-metadata name and value that mark an object as a chunked-layout manifest.
 LAYOUT_METADATA: Final = "fusion-layout"
-LAYOUT_CHUNKED_V1: Final = "chunked-v1"
-#: Where garbage collection sets unreferenced chunks aside before deleting them for good.
+LAYOUT_CHUNKED: Final = "chunked-v2"
+#: Where garbage collection sets unreferenced packs aside before deleting them for good.
 FOSSILS_PREFIX: Final = Key(".fusion/fossils/")
 #: Marker object whose LastModified gives garbage collection the store's clock.
 GC_CLOCK_KEY: Final = Key(".fusion/gc-clock")
@@ -109,16 +121,22 @@ GC_CLOCK_KEY: Final = Key(".fusion/gc-clock")
 SIZE_METADATA: Final = "fusion-size"
 #: Largest chunk a manifest may describe (a sanity bound for decoding; policies stay far below).
 MAX_CHUNK: Final = 64 << 20
+#: Target size of a pack object: a PUT this size costs about as much per byte as one huge PUT.
+PACK_SIZE: Final = 8 << 20
 
-# Manifest v1, little-endian:
-#   header  : magic (8) | version u16 | flags u16 | logical size u64 | chunk count u32 | zero u32
-#   entries : count x (length u32 | stored size u32 | blake3 digest 32 bytes)
-#   trailer : blake3 of header + entries, 32 bytes
-# Chunk offsets are implicit (cumulative lengths), so chunks tile [0, size) by construction.
+# Manifest v2, little-endian:
+#   header     : magic (8) | version u16 = 2 | flags u16 | logical size u64 | chunk count u32 |
+#                pack count u32
+#   pack table : pack count x pack id (16 bytes)
+#   entries    : chunk count x (length u32 | stored u32 | pack index u32 | offset u32 |
+#                blake3 digest 32 bytes)
+#   trailer    : blake3 of everything before it, 32 bytes
+# Chunk offsets in the file are implicit (cumulative lengths): chunks tile [0, size).
 _MAGIC: Final = b"\x89FSCHNK\n"  # high bit and newline catch text-mode mangling, as PNG's does
-_VERSION: Final = 1
+_VERSION: Final = 2
 _HEADER = struct.Struct("<8sHHQII")
-_ENTRY = struct.Struct("<II32s")
+_PACK_ID = 16
+_ENTRY = struct.Struct("<IIII32s")
 _TRAILER = 32
 _DIGEST = 32
 _RETRIES_ON_MISMATCH = 1
@@ -139,11 +157,14 @@ class ManifestError(LayoutError):
 # -- manifest -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChunkEntry:
-    """One chunk of a file: its logical length, its stored size, and its BLAKE3 digest."""
+    """One chunk of a file: logical length, stored size, BLAKE3 digest, and where it is stored
+    (pack id and byte offset in that pack)."""
 
     length: int
-    stored: int  # size of the chunk object (== length: raw); for accounting only
+    stored: int  # bytes in the pack (== length: raw; < length: a zstd frame)
     digest: bytes
+    pack: bytes = bytes(_PACK_ID)
+    offset: int = 0
 
     @property
     def hex(self) -> str:
@@ -210,9 +231,14 @@ class Manifest:
             idx += 1
         return out
 
+    def contiguous(self, index: int) -> bool:
+        """Whether chunk ``index + 1`` follows chunk ``index`` directly in the same pack."""
+        a, b = self.chunks[index], self.chunks[index + 1]
+        return a.pack == b.pack and b.offset == a.offset + a.stored
+
     @property
     def stored_bytes(self) -> int:
-        """Bytes of chunk objects this file references (shared chunks counted once each)."""
+        """Bytes of pack space this file's chunks take (shared chunks counted once each)."""
         seen: dict[bytes, int] = {}
         for entry in self.chunks:
             seen[entry.digest] = entry.stored
@@ -221,19 +247,35 @@ class Manifest:
     def digests(self) -> set[bytes]:
         return {entry.digest for entry in self.chunks}
 
+    def packs(self) -> list[bytes]:
+        """The pack ids this file uses, in order of first use."""
+        return list(dict.fromkeys(entry.pack for entry in self.chunks))
+
 
 def encode_manifest(manifest: Manifest) -> bytes:
-    """The manifest's binary form (see ``_MAGIC`` and the format comment above it)."""
+    """The manifest's binary form (see the format comment above ``_MAGIC``)."""
     count = len(manifest.chunks)
     if count >= 1 << 32:
         raise ValueError("too many chunks for one manifest")
-    parts = [_HEADER.pack(_MAGIC, _VERSION, 0, manifest.size, count, 0)]
-    for entry in manifest.chunks:
-        if not 0 < entry.length <= MAX_CHUNK or entry.stored < 0 or len(entry.digest) != _DIGEST:
-            raise ValueError(f"bad chunk entry {entry!r}")
-        parts.append(_ENTRY.pack(entry.length, entry.stored, entry.digest))
+    packs = manifest.packs()
+    index = {pack: i for i, pack in enumerate(packs)}
+    parts = [_HEADER.pack(_MAGIC, _VERSION, 0, manifest.size, count, len(packs))]
+    for pack in packs:
+        if len(pack) != _PACK_ID:
+            raise ValueError(f"bad pack id {pack!r}")
+        parts.append(pack)
+    for e in manifest.chunks:
+        if (not 0 < e.length <= MAX_CHUNK or not 0 <= e.stored <= MAX_CHUNK
+                or len(e.digest) != _DIGEST or not 0 <= e.offset < 1 << 32):
+            raise ValueError(f"bad chunk entry {e!r}")
+        parts.append(_ENTRY.pack(e.length, e.stored, index[e.pack], e.offset, e.digest))
     body = b"".join(parts)
     return body + blake3.blake3(body).digest()
+
+
+def _manifest_length(header: bytes | memoryview) -> int:
+    count, npacks = _HEADER.unpack_from(header, 0)[4:6]
+    return int(_HEADER.size + npacks * _PACK_ID + count * _ENTRY.size + _TRAILER)
 
 
 def decode_manifest(data: bytes | memoryview, *, what: str = "manifest") -> Manifest:
@@ -241,20 +283,24 @@ def decode_manifest(data: bytes | memoryview, *, what: str = "manifest") -> Mani
     view = memoryview(data)
     if len(view) < _HEADER.size + _TRAILER or bytes(view[:8]) != _MAGIC:
         raise ManifestError(f"{what}: not a chunked-layout manifest (bad magic or too short)")
-    _magic, version, _flags, size, count, _zero = _HEADER.unpack_from(view, 0)
+    _magic, version, _flags, size, _count, npacks = _HEADER.unpack_from(view, 0)
     if version != _VERSION:
-        raise ManifestError(f"{what}: manifest version {version} is not supported (need 1)")
-    expected = _HEADER.size + count * _ENTRY.size + _TRAILER
+        raise ManifestError(
+            f"{what}: manifest version {version} is not supported (need {_VERSION})"
+        )
+    expected = _manifest_length(view)
     if len(view) != expected:
         raise ManifestError(f"{what}: manifest is {len(view)} bytes, expected {expected}")
     body = view[: expected - _TRAILER]
     if blake3.blake3(body).digest() != bytes(view[expected - _TRAILER :]):
         raise ManifestError(f"{what}: manifest checksum mismatch (corrupt)")
+    table_end = _HEADER.size + npacks * _PACK_ID
+    packs = [bytes(body[i : i + _PACK_ID]) for i in range(_HEADER.size, table_end, _PACK_ID)]
     chunks = []
-    for length, stored, digest in _ENTRY.iter_unpack(body[_HEADER.size :]):
-        if not 0 < length <= MAX_CHUNK:
-            raise ManifestError(f"{what}: chunk length {length} out of range")
-        chunks.append(ChunkEntry(length, stored, digest))
+    for length, stored, pack, offset, digest in _ENTRY.iter_unpack(body[table_end:]):
+        if not 0 < length <= MAX_CHUNK or stored > MAX_CHUNK or pack >= npacks:
+            raise ManifestError(f"{what}: chunk entry out of range")
+        chunks.append(ChunkEntry(length, stored, digest, packs[pack], offset))
     manifest = Manifest(chunks)
     if manifest.size != size:
         raise ManifestError(f"{what}: chunks add up to {manifest.size} bytes, header says {size}")
@@ -268,19 +314,30 @@ def is_chunked(what: Mapping[str, str] | bytes | memoryview | None) -> bool:
         return False
     if isinstance(what, bytes | memoryview):
         return bytes(what[: len(_MAGIC)]) == _MAGIC
-    return what.get(LAYOUT_METADATA) == LAYOUT_CHUNKED_V1
+    return what.get(LAYOUT_METADATA, "").startswith("chunked")
+
+
+def logical_size(metadata: Mapping[str, str] | None) -> int | None:
+    """The logical size a chunked object's metadata records, or None."""
+    if not is_chunked(metadata):
+        return None
+    assert metadata is not None
+    try:
+        return int(metadata[SIZE_METADATA])
+    except (KeyError, ValueError):
+        return None
 
 
 def manifest_metadata(manifest: Manifest) -> dict[str, str]:
     """User metadata to store a manifest object with."""
-    return {LAYOUT_METADATA: LAYOUT_CHUNKED_V1, SIZE_METADATA: str(manifest.size)}
+    return {LAYOUT_METADATA: LAYOUT_CHUNKED, SIZE_METADATA: str(manifest.size)}
 
 
 def write_manifest(
     store: ObjectStore, key: Key, manifest: Manifest, metadata: Mapping[str, str] | None = None
 ) -> ETag:
     """PUT ``manifest`` as ``key`` (atomic: the commit point of the file). Extra ``metadata`` is
-    merged under the layout's own entries."""
+    merged under the layout's own entries. Every pack the manifest names must be durable."""
     meta = {**(metadata or {}), **manifest_metadata(manifest)}
     return store.put(key, encode_manifest(manifest), meta)
 
@@ -290,18 +347,22 @@ def read_manifest(store: ObjectStore, key: Key, etag: ETag | None = None) -> Man
     head = store.get_range(key, 0, 1 << 16, etag)
     if len(head) < _HEADER.size or not is_chunked(head):
         raise ManifestError(f"{key}: not a chunked-layout manifest")
-    count = _HEADER.unpack_from(head, 0)[4]
-    total = _HEADER.size + count * _ENTRY.size + _TRAILER
+    total = _manifest_length(head)
     data = head
     if total > len(head):
         data = head + store.get_range(key, len(head), total - len(head), etag)
     return decode_manifest(data, what=key)
 
 
-def chunk_key(digest: bytes | str, prefix: Key = CHUNKS_PREFIX) -> Key:
-    """The object key of the chunk with BLAKE3 ``digest`` (bytes or hex)."""
-    hexd = digest.hex() if isinstance(digest, bytes) else digest
+def pack_key(pack: bytes | str, prefix: Key = PACKS_PREFIX) -> Key:
+    """The object key of the pack with id ``pack`` (bytes or hex)."""
+    hexd = pack.hex() if isinstance(pack, bytes) else pack
     return Key(f"{prefix}{hexd[:2]}/{hexd}")
+
+
+def new_pack_id() -> bytes:
+    """A fresh pack id: 128 random bits (see the design note for why not a content hash)."""
+    return os.urandom(_PACK_ID)
 
 
 # -- chunking ---------------------------------------------------------------------------------
@@ -387,41 +448,128 @@ def chunk_lengths(data: bytes | memoryview, policy: ChunkPolicy | None = None) -
     return lengths
 
 
-# -- writing ----------------------------------------------------------------------------------
-class KnownChunks:
-    """Chunks known to exist in the store, and when that was last made sure of (monotonic).
+# -- the mount-wide index -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    pack: bytes
+    offset: int
+    stored: int
 
-    A writer skips the HEAD of a chunk it (or a writer sharing this object) uploaded or touched
-    less than ``refresh_age`` seconds ago. Thread-safe; bounded (oldest entries are dropped).
+
+class ChunkIndex:
+    """Which chunks the store holds, and where: digest -> (pack, offset, stored size), plus for
+    each pack the newest LastModified known for it (wall-clock seconds; None: not checked).
+
+    Fed by every manifest a mount writes (``add_pack`` once a pack is durable) or reads
+    (``add_manifest``), and primed from older snapshots (``prime_index``). A writer reuses a
+    chunk found here instead of storing it again, after making sure its pack is young enough
+    (``ChunkWriter``): entries learnt from manifests are only as good as the pack behind them.
+    Thread-safe; bounded (the oldest chunk entries are dropped).
     """
 
-    def __init__(self, max_entries: int = 1 << 18) -> None:
+    def __init__(self, max_entries: int = 1 << 20) -> None:
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
+        self._chunks: collections.OrderedDict[bytes, ChunkLocation] = collections.OrderedDict()
+        self._packs: dict[bytes, float | None] = {}
+        self._pack_locks: dict[bytes, threading.Lock] = {}
         self._max = max_entries
 
-    def add(self, digest: bytes, stored: int, at: float | None = None) -> None:
-        with self._lock:
-            self._entries[digest] = (stored, time.monotonic() if at is None else at)
-            self._entries.move_to_end(digest)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-
-    def fresh(self, digest: bytes, max_age: float) -> int | None:
-        """The stored size if ``digest`` was made sure of within ``max_age`` seconds."""
-        with self._lock:
-            hit = self._entries.get(digest)
-        if hit is None or time.monotonic() - hit[1] > max_age:
-            return None
-        return hit[0]
-
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._chunks)
+
+    def _put(self, digest: bytes, loc: ChunkLocation) -> None:
+        self._chunks[digest] = loc
+        self._chunks.move_to_end(digest)
+        if len(self._chunks) > self._max:
+            self._chunks.popitem(last=False)
+
+    def add_manifest(self, manifest: Manifest) -> None:
+        """Learn the chunks of a manifest read from the store (packs not checked yet)."""
+        with self._lock:
+            for e in manifest.chunks:
+                self._packs.setdefault(e.pack, None)
+                self._put(e.digest, ChunkLocation(e.pack, e.offset, e.stored))
+
+    def add_pack(
+        self, pack: bytes, chunks: Iterable[tuple[bytes, int, int]], mtime: float | None = None
+    ) -> None:
+        """A pack is durable with ``chunks`` = (digest, offset, stored) in it."""
+        with self._lock:
+            self._packs[pack] = time.time() if mtime is None else mtime
+            for digest, offset, stored in chunks:
+                self._put(digest, ChunkLocation(pack, offset, stored))
+
+    def lookup(self, digest: bytes) -> ChunkLocation | None:
+        with self._lock:
+            return self._chunks.get(digest)
+
+    def pack_mtime(self, pack: bytes) -> float | None:
+        with self._lock:
+            return self._packs.get(pack)
+
+    def set_pack_mtime(self, pack: bytes, mtime: float) -> None:
+        with self._lock:
+            self._packs[pack] = mtime
+
+    def forget_pack(self, pack: bytes) -> None:
+        """The pack is gone (collected): drop it and every chunk located in it."""
+        with self._lock:
+            self._packs.pop(pack, None)
+            for digest in [d for d, loc in self._chunks.items() if loc.pack == pack]:
+                del self._chunks[digest]
+
+    def pack_lock(self, pack: bytes) -> threading.Lock:
+        """A lock per pack, so that one pack is checked or refreshed once, not per chunk."""
+        with self._lock:
+            lock = self._pack_locks.get(pack)
+            if lock is None:
+                if len(self._pack_locks) > 4 * len(self._packs) + 1024:
+                    self._pack_locks.clear()
+                lock = self._pack_locks[pack] = threading.Lock()
+            return lock
+
+    def unchecked_packs(self) -> list[bytes]:
+        with self._lock:
+            return [p for p, m in self._packs.items() if m is None]
 
 
+def prime_index(
+    store: ObjectStore,
+    index: ChunkIndex,
+    manifests: Iterable[Manifest],
+    *,
+    packs_prefix: Key = PACKS_PREFIX,
+    workers: int = 8,
+) -> tuple[int, int]:
+    """Learn ``manifests``' chunks, then HEAD every pack not yet checked (once per pack, in
+    parallel), recording its age or forgetting it if it is gone. Returns (chunks, packs)."""
+    packs: set[bytes] = set()
+    chunks = 0
+    for manifest in manifests:
+        index.add_manifest(manifest)
+        packs.update(manifest.packs())
+        chunks += len(manifest.chunks)
+    todo = [p for p in packs if index.pack_mtime(p) is None]
+
+    def check(pack: bytes) -> None:
+        try:
+            info = store.head(pack_key(pack, packs_prefix))
+        except NotFound:
+            index.forget_pack(pack)
+            return
+        index.set_pack_mtime(pack, info.mtime_ns / 1e9)
+
+    if todo:
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers), "fusionfs-prime") as pool:
+            for future in [pool.submit(check, p) for p in todo]:
+                future.result()
+    return chunks, len(packs)
+
+
+# -- writing ----------------------------------------------------------------------------------
 @dataclasses.dataclass(slots=True)
 class WriteStats:
-    """What one ``ChunkWriter`` did. ``new_stored`` is what this writer uploaded."""
+    """What one ``ChunkWriter`` did. ``new_stored`` is what this writer added to packs."""
 
     logical: int = 0
     chunks: int = 0
@@ -430,7 +578,13 @@ class WriteStats:
     new_stored: int = 0
     reused_chunks: int = 0
     reused_logical: int = 0
-    touched: int = 0  # reused chunks whose age was refreshed (copy onto themselves)
+    packs: int = 0  # packs PUT
+    pack_checks: int = 0  # HEADs of packs known only from manifests
+    touched: int = 0  # old packs refreshed (copied onto themselves) before reuse
+
+    def add(self, other: WriteStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 _tls = threading.local()
@@ -454,56 +608,90 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def _encode_chunk(data: bytes, level: int) -> bytes:
-    """The chunk object's body: zstd if strictly smaller, else the raw bytes."""
+    """The chunk's stored form: zstd if strictly smaller, else the raw bytes."""
     if level <= 0:
         return data
     packed: bytes = _compressor(level).compress(data)
     return packed if len(packed) < len(data) else data
 
 
+@dataclasses.dataclass(slots=True)
+class _Prepared:
+    length: int
+    digest: bytes
+    body: bytes | None  # None: reused from ``loc``
+    loc: ChunkLocation | None
+
+
 class ChunkWriter:
-    """Chunks, hashes, compresses and uploads a file's bytes; ``finish`` returns its manifest.
+    """Chunks, hashes, compresses and packs a file's bytes; ``finish`` returns its manifest.
 
-    Feed the file sequentially (``feed(offset, data)`` with offsets following on); chunks go up
-    in the background on a pool of ``workers`` threads, at most ``max_pending`` chunks in memory
-    (``feed`` blocks when the pool is that far behind). ``finish`` waits for every chunk and
-    returns the ``Manifest``; it does not store the manifest (``write_manifest`` does: the
-    caller decides when the file is committed). A failure in the background is raised by the
-    next ``feed`` or by ``finish``; chunks already uploaded stay (GC collects them when nothing
-    references them). Use as a context manager, or call ``close`` when abandoning the writer.
+    Feed the file sequentially (``feed(offset, data)``). On a pool of ``workers`` threads each
+    chunk is hashed and, unless the ``index`` (or this writer itself) already has it, compressed;
+    chunks are then appended *in file order* to an open pack, so consecutive new chunks lie back
+    to back and a sequential read fetches them with one GET. A pack that reaches ``pack_size``
+    is PUT in the background (at most ``pack_uploads`` at once); ``finish`` PUTs the last,
+    partial one and returns the ``Manifest`` once every pack it names is durable. It does not
+    store the manifest (``write_manifest`` does: the caller decides when the file is committed).
 
-    Presence: a chunk found in ``known`` (fresh) is skipped; otherwise HEAD: absent -> compress
-    and PUT; present but last modified more than ``refresh_age`` seconds ago -> copied onto
-    itself, which renews its age so that ``collect_garbage`` does not set it aside.
+    Memory: at most ``max_pending`` chunks being prepared, one open pack, and ``pack_uploads``
+    packs in flight. A failure in the background is raised by the next ``feed`` or by
+    ``finish``; packs already stored stay (garbage collection frees them if unreferenced).
+
+    Reuse of a chunk from the index: its pack must be known to have been last modified less
+    than ``refresh_age`` ago. A pack learnt from a manifest is HEADed (once); an old one is
+    copied onto itself (renewing its LastModified, so that ``collect_garbage`` keeps it); a
+    missing one is forgotten and the chunk stored anew.
     """
 
     def __init__(
         self,
         store: ObjectStore,
         *,
-        chunks_prefix: Key = CHUNKS_PREFIX,
+        packs_prefix: Key = PACKS_PREFIX,
         policy: ChunkPolicy | None = None,
         level: int = 1,
         workers: int = 4,
         max_pending: int | None = None,
-        known: KnownChunks | None = None,
+        index: ChunkIndex | None = None,
         refresh_age: float = 3600.0,
+        pack_size: int = PACK_SIZE,
+        pack_uploads: int = 4,
+        pool: concurrent.futures.ThreadPoolExecutor | None = None,
+        upload_pool: concurrent.futures.ThreadPoolExecutor | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError("need at least one worker")
+        if workers < 1 or pack_uploads < 1:
+            raise ValueError("need at least one worker and one upload")
         self._store = store
-        self._prefix = chunks_prefix
+        self._prefix = packs_prefix
         self.policy = policy or ChunkPolicy()
         self._level = level
-        self._known = known if known is not None else KnownChunks()
+        self.index = index if index is not None else ChunkIndex()
         self._refresh_age = refresh_age
+        self._pack_size = pack_size
         self._chunker = Chunker(self.policy)
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "fusionfs-chunks")
+        self._own_pools = pool is None
+        self._pool = pool or concurrent.futures.ThreadPoolExecutor(workers, "fusionfs-chunks")
+        self._uploads = upload_pool or concurrent.futures.ThreadPoolExecutor(
+            pack_uploads, "fusionfs-packs"
+        )
+        self._own_uploads = upload_pool is None
         self._slots = threading.BoundedSemaphore(max_pending or 2 * workers)
-        self._futures: list[concurrent.futures.Future[ChunkEntry]] = []
-        self._lock = threading.Lock()
+        self._upload_slots = threading.BoundedSemaphore(pack_uploads)
+        self._futures: list[concurrent.futures.Future[None]] = []
+        self._pack_futures: list[concurrent.futures.Future[None]] = []
+        self._lock = threading.Lock()  # order, open pack, entries, stats (never held on I/O)
         self._error: BaseException | None = None
         self._fed = 0
+        self._seq = 0
+        self._next = 0  # next sequence number to append
+        self._ready: dict[int, _Prepared] = {}
+        self._entries: list[ChunkEntry] = []
+        self._mine: dict[bytes, ChunkLocation] = {}  # chunks this writer placed
+        self._fresh_packs: set[bytes] = set()  # packs this writer checked or refreshed
+        self._pack_id = new_pack_id()
+        self._pack = bytearray()
+        self._pack_chunks: list[tuple[bytes, int, int]] = []
         self._closed = False
         self.stats = WriteStats()
 
@@ -532,14 +720,24 @@ class ChunkWriter:
             self._submit(chunk)
 
     def finish(self) -> Manifest:
-        """Upload what is left, wait for every chunk, and return the manifest."""
+        """Store what is left, wait until every pack is durable, and return the manifest."""
         if self._closed:
             raise ValueError("ChunkWriter is finished or closed")
         try:
             tail = self._chunker.flush()
             if tail is not None:
                 self._submit(tail)
-            entries = [f.result() for f in self._futures]
+            for f in self._futures:
+                f.result()
+            self._raise_error()
+            with self._lock:
+                sealed = self._seal()
+            if sealed is not None:
+                self._upload(*sealed)
+            for pf in self._pack_futures:
+                pf.result()
+            self._raise_error()
+            entries = list(self._entries)
         finally:
             self.close()
         manifest = Manifest(entries)
@@ -551,7 +749,17 @@ class ChunkWriter:
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for f in self._futures:
+            f.cancel()
+        for f in self._futures:
+            if not f.cancelled():
+                concurrent.futures.wait([f])
+        for pf in self._pack_futures:
+            concurrent.futures.wait([pf])
+        if self._own_pools:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._own_uploads:
+            self._uploads.shutdown(wait=True)
 
     # -- internals ---------------------------------------------------------------------------
     def _raise_error(self) -> None:
@@ -560,85 +768,158 @@ class ChunkWriter:
         if error is not None:
             raise error
 
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = e
+
     def _submit(self, chunk: bytes) -> None:
-        self._slots.acquire()
+        # a chunk that failed never frees the slots of those after it: poll for the error
+        while not self._slots.acquire(timeout=0.05):
+            self._raise_error()
         try:
             self._raise_error()
-            future = self._pool.submit(self._process, chunk)
+            seq = self._seq
+            self._seq += 1
+            future = self._pool.submit(self._process, seq, chunk)
         except BaseException:
             self._slots.release()
             raise
         self._futures.append(future)
 
-    def _process(self, chunk: bytes) -> ChunkEntry:
+    def _process(self, seq: int, chunk: bytes) -> None:
         try:
-            return self._store_chunk(chunk)
+            prepared = self._prepare(chunk)
         except BaseException as e:
+            self._fail(e)
+            self._slots.release()
+            raise
+        with self._lock:
+            self._ready[seq] = prepared
+            sealed = self._append_ready()
+        for pack in sealed:
+            self._upload(*pack)
+
+    def _prepare(self, chunk: bytes) -> _Prepared:
+        digest = blake3.blake3(chunk).digest()
+        with self._lock:
+            mine = self._mine.get(digest)
+        if mine is not None:
+            return _Prepared(len(chunk), digest, None, mine)
+        loc = self.index.lookup(digest)
+        if loc is not None and self._pack_usable(loc.pack):
+            return _Prepared(len(chunk), digest, None, loc)
+        return _Prepared(len(chunk), digest, _encode_chunk(chunk, self._level), None)
+
+    def _pack_usable(self, pack: bytes) -> bool:
+        """Make sure ``pack`` exists and stays out of GC's reach for ``refresh_age``. A pack
+        checked once by this writer stays good for its whole run (the GC argument's ``T``)."""
+        if pack in self._fresh_packs:
+            return True
+        with self.index.pack_lock(pack):
+            ok = self._check_pack(pack)
+        if ok:
+            self._fresh_packs.add(pack)
+        return ok
+
+    def _check_pack(self, pack: bytes) -> bool:
+        if pack in self._fresh_packs:
+            return True
+        mtime = self.index.pack_mtime(pack)
+        if mtime is not None and time.time() - mtime <= self._refresh_age:
+            return True
+        key = pack_key(pack, self._prefix)
+        if mtime is None:
             with self._lock:
-                if self._error is None:
-                    self._error = e
+                self.stats.pack_checks += 1
+            try:
+                mtime = self._store.head(key).mtime_ns / 1e9
+            except NotFound:
+                self.index.forget_pack(pack)
+                return False
+            self.index.set_pack_mtime(pack, mtime)
+            if time.time() - mtime <= self._refresh_age:
+                return True
+        try:
+            self._store.copy(key, key, {})
+        except NotFound:  # collected meanwhile: store the chunks again
+            self.index.forget_pack(pack)
+            return False
+        self.index.set_pack_mtime(pack, time.time())
+        with self._lock:
+            self.stats.touched += 1
+        return True
+
+    def _append_ready(self) -> list[tuple[bytes, bytes, list[tuple[bytes, int, int]]]]:
+        """Under ``_lock``: append prepared chunks in file order; return packs to upload."""
+        sealed = []
+        s = self.stats
+        while self._next in self._ready:
+            p = self._ready.pop(self._next)
+            self._next += 1
+            self._slots.release()
+            loc = p.loc
+            if loc is None:
+                loc = self._mine.get(p.digest)  # the same content twice in this file
+            if loc is None:
+                assert p.body is not None
+                loc = ChunkLocation(self._pack_id, len(self._pack), len(p.body))
+                self._pack += p.body
+                self._pack_chunks.append((p.digest, loc.offset, loc.stored))
+                self._mine[p.digest] = loc
+                s.new_chunks += 1
+                s.new_logical += p.length
+                s.new_stored += loc.stored
+                if len(self._pack) >= self._pack_size:
+                    pack = self._seal()
+                    if pack is not None:
+                        sealed.append(pack)
+            else:
+                s.reused_chunks += 1
+                s.reused_logical += p.length
+            s.chunks += 1
+            s.logical += p.length
+            self._entries.append(ChunkEntry(p.length, loc.stored, p.digest, loc.pack, loc.offset))
+        return sealed
+
+    def _seal(self) -> tuple[bytes, bytes, list[tuple[bytes, int, int]]] | None:
+        if not self._pack:
+            return None
+        pack = (self._pack_id, bytes(self._pack), self._pack_chunks)
+        self._pack_id = new_pack_id()
+        self._pack = bytearray()
+        self._pack_chunks = []
+        self.stats.packs += 1
+        return pack
+
+    def _upload(self, pack: bytes, body: bytes, chunks: list[tuple[bytes, int, int]]) -> None:
+        self._upload_slots.acquire()  # bounds the packs in memory
+        try:
+            future = self._uploads.submit(self._put_pack, pack, body, chunks)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        with self._lock:
+            self._pack_futures.append(future)
+
+    def _put_pack(self, pack: bytes, body: bytes, chunks: list[tuple[bytes, int, int]]) -> None:
+        try:
+            self._store.put(pack_key(pack, self._prefix), body)
+            self.index.add_pack(pack, chunks)
+        except BaseException as e:
+            self._fail(e)
             raise
         finally:
-            self._slots.release()
-
-    def _store_chunk(self, chunk: bytes) -> ChunkEntry:
-        digest = blake3.blake3(chunk).digest()
-        length = len(chunk)
-        stored = self._known.fresh(digest, self._refresh_age)
-        if stored is not None:
-            self._count(length, None)
-            return ChunkEntry(length, stored, digest)
-        key = chunk_key(digest, self._prefix)
-        try:
-            info = self._store.head(key)
-        except NotFound:
-            info = None
-        if info is not None and self._plausible(info.size, length):
-            age = time.time() - info.mtime_ns / 1e9
-            touched = False
-            if age > self._refresh_age:
-                try:
-                    self._store.copy(key, key, {})
-                    touched = True
-                except NotFound:  # collected meanwhile: upload it again below
-                    info = None
-            if info is not None:
-                # remember its true age, so that it is refreshed again in time
-                self._known.add(digest, info.size, at=time.monotonic() - (0 if touched else age))
-                self._count(length, None, touched=touched)
-                return ChunkEntry(length, info.size, digest)
-        body = _encode_chunk(chunk, self._level)
-        self._store.put(key, body)
-        self._known.add(digest, len(body))
-        self._count(length, len(body))
-        return ChunkEntry(length, len(body), digest)
-
-    @staticmethod
-    def _plausible(size: int, length: int) -> bool:
-        # a raw chunk is exactly `length` bytes; a compressed one is smaller. Anything else (an
-        # interrupted copy by some other tool) is overwritten.
-        return 0 < size <= length
-
-    def _count(self, length: int, stored: int | None, *, touched: bool = False) -> None:
-        with self._lock:
-            s = self.stats
-            s.logical += length
-            s.chunks += 1
-            if stored is None:
-                s.reused_chunks += 1
-                s.reused_logical += length
-                s.touched += touched
-            else:
-                s.new_chunks += 1
-                s.new_logical += length
-                s.new_stored += stored
+            self._upload_slots.release()
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _decode_chunk(blob: bytes, entry: ChunkEntry) -> bytes | None:
-    """The chunk's bytes from its object's body, or None if they are not the right ones."""
-    if len(blob) == entry.length:
-        data = blob
+def _decode_chunk(blob: bytes | memoryview, entry: ChunkEntry) -> bytes | None:
+    """The chunk's bytes from its stored form, or None if they are not the right ones."""
+    if len(blob) != entry.stored:
+        return None
+    if entry.stored == entry.length:
+        data = bytes(blob)
     else:
         try:
             data = _decompressor().decompress(blob, max_output_size=entry.length)
@@ -649,41 +930,92 @@ def _decode_chunk(blob: bytes, entry: ChunkEntry) -> bytes | None:
     return data
 
 
+def _get_pack_range(
+    store: ObjectStore, pack: bytes, start: int, length: int, packs_prefix: Key,
+    fossils_prefix: Key,
+) -> bytes:
+    """A byte range of a pack; from its fossil when garbage collection set it aside."""
+    key = pack_key(pack, packs_prefix)
+    try:
+        return store.get_range(key, start, length)
+    except NotFound:
+        try:
+            return store.get_range(pack_key(pack, fossils_prefix), start, length)
+        except NotFound:
+            raise NotFound(f"pack {key} is missing from the store") from None
+
+
 def fetch_chunk(
     store: ObjectStore,
     entry: ChunkEntry,
-    chunks_prefix: Key = CHUNKS_PREFIX,
+    packs_prefix: Key = PACKS_PREFIX,
     fossils_prefix: Key = FOSSILS_PREFIX,
+    *,
+    attempts: int = _RETRIES_ON_MISMATCH + 1,
 ) -> bytes:
-    """GET, decompress and verify one chunk. ``CorruptChunk`` if it is still wrong after one
-    re-fetch; ``NotFound`` (a ``StoreError``) if the chunk object is missing. A chunk that
-    garbage collection set aside as a fossil (see ``collect_garbage``) is read from there."""
-    key = chunk_key(entry.digest, chunks_prefix)
-    for attempt in range(_RETRIES_ON_MISMATCH + 1):
-        try:
-            blob = store.get_range(key, 0, entry.length)
-        except NotFound:
-            fossil = chunk_key(entry.digest, fossils_prefix)
-            try:
-                blob = store.get_range(fossil, 0, entry.length)
-            except NotFound:
-                raise NotFound(f"chunk {key} is missing from the store") from None
-            key = fossil
+    """GET (one ranged GET of its pack), decompress and verify one chunk. ``CorruptChunk`` if
+    it is still wrong after one re-fetch; ``NotFound`` if its pack is missing (a pack set aside
+    by garbage collection is read from its fossil)."""
+    blob = b""
+    for attempt in range(attempts):
+        blob = _get_pack_range(store, entry.pack, entry.offset, entry.stored, packs_prefix,
+                               fossils_prefix)
         data = _decode_chunk(blob, entry)
         if data is not None:
             return data
-        if attempt < _RETRIES_ON_MISMATCH:
-            log.warning("chunk %s failed verification; fetching it again", key)
+        if attempt < attempts - 1:
+            log.warning("chunk %s failed verification; fetching it again", entry.hex)
     raise CorruptChunk(
-        f"chunk {key} is corrupt: its content does not match its BLAKE3 hash "
-        f"({len(blob)} bytes stored, {entry.length} expected)"
+        f"chunk {entry.hex} in pack {entry.pack.hex()} is corrupt: its content does not match "
+        f"its BLAKE3 hash ({len(blob)} bytes read, {entry.stored} stored, {entry.length} long)"
     )
 
 
-class ChunkReader:
-    """Random access to one chunked file: fetches and verifies only the chunks a read touches.
+def fetch_chunks(
+    store: ObjectStore,
+    manifest: Manifest,
+    first: int,
+    last: int,
+    packs_prefix: Key = PACKS_PREFIX,
+    fossils_prefix: Key = FOSSILS_PREFIX,
+    *,
+    max_request: int = 16 << 20,
+) -> list[bytes]:
+    """Chunks ``first..last`` of ``manifest``, verified. Chunks lying back to back in one pack
+    come with one ranged GET (up to ``max_request`` bytes each)."""
+    out: list[bytes] = []
+    i = first
+    while i <= last:
+        j = i
+        total = manifest.chunks[i].stored
+        while (j < last and manifest.contiguous(j)
+               and total + manifest.chunks[j + 1].stored <= max_request):
+            j += 1
+            total += manifest.chunks[j].stored
+        head = manifest.chunks[i]
+        if i == j:
+            out.append(fetch_chunk(store, head, packs_prefix, fossils_prefix))
+            i += 1
+            continue
+        blob = memoryview(
+            _get_pack_range(store, head.pack, head.offset, total, packs_prefix, fossils_prefix)
+        )
+        for k in range(i, j + 1):
+            entry = manifest.chunks[k]
+            lo = entry.offset - head.offset
+            data = _decode_chunk(blob[lo : lo + entry.stored], entry)
+            if data is None:
+                log.warning("chunk %s failed verification; fetching it again", entry.hex)
+                data = fetch_chunk(store, entry, packs_prefix, fossils_prefix,
+                                   attempts=_RETRIES_ON_MISMATCH)
+            out.append(data)
+        i = j + 1
+    return out
 
-    Keeps the last ``keep`` decoded chunks in memory (sequential small reads hit them).
+
+class ChunkReader:
+    """Random access to one chunked file: fetches and verifies only the chunks a read touches
+    (back-to-back chunks in one GET). Keeps the last ``keep`` decoded chunks in memory.
     Thread-safe; two threads reading one chunk at once may both fetch it.
     """
 
@@ -692,17 +1024,24 @@ class ChunkReader:
         store: ObjectStore,
         manifest: Manifest,
         *,
-        chunks_prefix: Key = CHUNKS_PREFIX,
+        packs_prefix: Key = PACKS_PREFIX,
         fossils_prefix: Key = FOSSILS_PREFIX,
         keep: int = 4,
     ) -> None:
         self.manifest = manifest
         self._store = store
-        self._prefix = chunks_prefix
+        self._prefix = packs_prefix
         self._fossils = fossils_prefix
         self._keep = keep
         self._lock = threading.Lock()
         self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def _remember(self, index: int, data: bytes) -> None:
+        with self._lock:
+            self._recent[index] = data
+            self._recent.move_to_end(index)
+            while len(self._recent) > self._keep:
+                self._recent.popitem(last=False)
 
     def read_chunk(self, index: int) -> bytes:
         with self._lock:
@@ -711,15 +1050,34 @@ class ChunkReader:
                 self._recent.move_to_end(index)
                 return data
         data = fetch_chunk(self._store, self.manifest.chunks[index], self._prefix, self._fossils)
-        with self._lock:
-            self._recent[index] = data
-            while len(self._recent) > self._keep:
-                self._recent.popitem(last=False)
+        self._remember(index, data)
         return data
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)``, short only at the end of the file."""
-        parts = [self.read_chunk(i)[lo:hi] for i, lo, hi in self.manifest.span(offset, length)]
+        span = self.manifest.span(offset, length)
+        if not span:
+            return b""
+        have: dict[int, bytes] = {}
+        with self._lock:
+            for i, _, _ in span:
+                if i in self._recent:
+                    have[i] = self._recent[i]
+        missing = [i for i, _, _ in span if i not in have]
+        # fetch each run of consecutive missing chunks together
+        k = 0
+        while k < len(missing):
+            m = k
+            while m + 1 < len(missing) and missing[m + 1] == missing[m] + 1:
+                m += 1
+            datas = fetch_chunks(self._store, self.manifest, missing[k], missing[m],
+                                 self._prefix, self._fossils)
+            for idx, data in zip(range(missing[k], missing[m] + 1), datas, strict=True):
+                have[idx] = data
+            k = m + 1
+        for i, _, _ in span[-self._keep:]:
+            self._remember(i, have[i])
+        parts = [have[i][lo:hi] for i, lo, hi in span]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -729,16 +1087,16 @@ class GcStats:
     """What one ``collect_garbage`` run found and did (with ``dry_run``: would have done)."""
 
     manifests: int = 0
-    referenced: int = 0  # distinct chunks referenced by the manifests
-    chunks_seen: int = 0
+    referenced: int = 0  # distinct packs referenced by the manifests
+    packs_seen: int = 0
     kept_referenced: int = 0
     kept_young: int = 0
-    fossilized: int = 0  # unreferenced old chunks set aside this run
+    fossilized: int = 0  # unreferenced old packs set aside this run
     resurrected: int = 0  # fossils referenced again (by a dump that raced a collection)
     fossils_kept: int = 0  # unreferenced fossils not yet old enough to delete
     deleted: int = 0  # fossils deleted for good
     bytes_deleted: int = 0
-    missing: int = 0  # referenced chunks neither stored nor fossilized: damage, report it
+    missing: int = 0  # referenced packs neither stored nor fossilized: damage, report it
     cutoff_ns: int = 0
 
 
@@ -772,52 +1130,51 @@ def _referenced(
                         f"garbage collection stopped: {e}; nothing was deleted"
                     ) from e
                 stats.manifests += 1
-                refs |= manifest.digests()
+                refs.update(manifest.packs())
     return refs
 
 
-def _list_chunks(store: ObjectStore, prefix: Key) -> Iterable[tuple[bytes, Key, int, int]]:
-    """(digest, key, mtime_ns, size) of every well-formed chunk object under ``prefix``."""
+def _list_packs(store: ObjectStore, prefix: Key) -> Iterable[tuple[bytes, Key, int, int]]:
+    """(pack id, key, mtime_ns, size) of every well-formed pack object under ``prefix``."""
     for page in iter_list(store, prefix, delimiter=None):
         for obj in page.objects:
             name = obj.key[len(prefix) :]
             hexd = name.rpartition("/")[2]
             try:
-                digest = bytes.fromhex(hexd)
+                pack = bytes.fromhex(hexd)
             except ValueError:
                 continue
-            if len(digest) == _DIGEST and name == f"{hexd[:2]}/{hexd}":
-                yield digest, obj.key, obj.mtime_ns, obj.size
+            if len(pack) == _PACK_ID and name == f"{hexd[:2]}/{hexd}":
+                yield pack, obj.key, obj.mtime_ns, obj.size
 
 
 def collect_garbage(
     store: ObjectStore,
     manifest_prefixes: Key | Sequence[Key],
-    chunks_prefix: Key = CHUNKS_PREFIX,
+    packs_prefix: Key = PACKS_PREFIX,
     *,
     grace_seconds: float,
     fossils_prefix: Key = FOSSILS_PREFIX,
     clock_key: Key = GC_CLOCK_KEY,
     dry_run: bool = False,
 ) -> GcStats:
-    """Free chunk objects that no manifest references, in two phases a grace period apart.
+    """Free pack objects that no manifest references, in two phases a grace period apart.
 
     (1) ``L`` = the store's clock (a marker's LastModified). (2) Every object under
-    ``manifest_prefixes`` is listed and each manifest read: the referenced set. An object that
-    vanishes or changes meanwhile, or a manifest that does not decode, stops the run before it
-    changed anything (a rename is copy-then-delete: its references must not be missed).
-    (3) Fossils (chunks set aside by earlier runs): referenced ones are *resurrected* (moved
+    ``manifest_prefixes`` is listed and each manifest read: the referenced packs. An object
+    that vanishes or changes meanwhile, or a manifest that does not decode, stops the run before
+    it changed anything (a rename is copy-then-delete: its references must not be missed).
+    (3) Fossils (packs set aside by earlier runs): referenced ones are *resurrected* (moved
     back); unreferenced ones set aside before ``L - grace`` are deleted for good.
-    (4) Chunks: unreferenced ones last modified before ``L - grace`` become fossils (copied to
-    ``fossils_prefix``, then deleted from ``chunks_prefix``); readers find a fossil when the
-    chunk is missing (``fetch_chunk``), so a dump that reused a chunk just as it was set aside
-    loses nothing, and the next run resurrects it.
+    (4) Packs: unreferenced ones last modified before ``L - grace`` become fossils (copied to
+    ``fossils_prefix``, then deleted); readers find a fossil when the pack is missing, so a
+    dump that reused a chunk just as its pack was set aside loses nothing, and the next run
+    resurrects it. A pack with at least one referenced chunk is kept whole.
 
     Safe as long as ``grace_seconds`` exceeds the writers' ``refresh_age`` plus the longest
-    time between a writer's check of a chunk and its manifest's commit (about one dump): see
-    ``docs/design/chunked-layout.md`` for the argument. Space is freed by the second run at
-    least ``grace_seconds`` after the first. With ``dry_run`` nothing is changed and the
-    counts say what would have been.
+    time between a writer's check of a pack and its manifest's commit (about one dump): see
+    ``docs/design/chunked-layout.md``. Space is freed by the second run at least
+    ``grace_seconds`` after the first. With ``dry_run`` nothing is changed.
     """
     if grace_seconds < 0:
         raise ValueError("grace_seconds must be >= 0")
@@ -826,27 +1183,27 @@ def collect_garbage(
     now_ns = _server_now_ns(store, clock_key)
     cutoff = now_ns - int(grace_seconds * 1e9)
     stats.cutoff_ns = cutoff
-    skip = (chunks_prefix, fossils_prefix, clock_key)
+    skip = (FUSION_PREFIX, packs_prefix, fossils_prefix, clock_key)
     refs = _referenced(store, [Key(p) for p in prefixes], skip, stats)
     stats.referenced = len(refs)
     present: set[bytes] = set()
     candidates: list[tuple[Key, bytes]] = []
-    for digest, key, mtime_ns, _size in _list_chunks(store, chunks_prefix):
-        stats.chunks_seen += 1
-        if digest in refs:
+    for pack, key, mtime_ns, _size in _list_packs(store, packs_prefix):
+        stats.packs_seen += 1
+        if pack in refs:
             stats.kept_referenced += 1
-            present.add(digest)
+            present.add(pack)
         elif mtime_ns >= cutoff:
             stats.kept_young += 1
         else:
-            candidates.append((key, digest))
-    for digest, key, mtime_ns, size in list(_list_chunks(store, fossils_prefix)):
-        if digest in refs:
+            candidates.append((key, pack))
+    for pack, key, mtime_ns, size in list(_list_packs(store, fossils_prefix)):
+        if pack in refs:
             if not dry_run:
-                if digest not in present:
-                    store.copy(key, chunk_key(digest, chunks_prefix), {})
+                if pack not in present:
+                    store.copy(key, pack_key(pack, packs_prefix), {})
                 store.delete(key)
-            present.add(digest)
+            present.add(pack)
             stats.resurrected += 1
         elif mtime_ns < cutoff:
             if not dry_run:
@@ -855,15 +1212,15 @@ def collect_garbage(
             stats.bytes_deleted += size
         else:
             stats.fossils_kept += 1
-    for key, digest in candidates:
+    for key, pack in candidates:
         if not dry_run:
             try:
-                store.copy(key, chunk_key(digest, fossils_prefix), {})
+                store.copy(key, pack_key(pack, fossils_prefix), {})
             except NotFound:
                 continue
             store.delete(key)
         stats.fossilized += 1
     stats.missing = len(refs - present)
     if stats.missing:
-        log.error("%d referenced chunks are missing from %s", stats.missing, chunks_prefix)
+        log.error("%d referenced packs are missing from %s", stats.missing, packs_prefix)
     return stats

@@ -32,6 +32,7 @@ import trio
 
 from fusionfs import __version__
 from fusionfs.cache import ChunkCache
+from fusionfs.chunked import ChunkedLayout
 from fusionfs.fs import Filesystem, FsConfig
 from fusionfs.ops import FusionOperations
 from fusionfs.reader import ChunkSource
@@ -181,11 +182,15 @@ async def _serve(
         stack.callback(cache.close)
 
         limiter = trio.CapacityLimiter(cfg.store_threads)
+        # one chunk index and one bounded set of compression/pack-upload threads per mount
+        chunked = ChunkedLayout(store, cache=cache, workers=2, pack_uploads=4,
+                                call_timeout=cfg.call_timeout)
+        stack.callback(chunked.close)
         chunks = ChunkSource(
             store, cache, nursery=nursery, limiter=limiter, stats=stats,
             chunk_size=cfg.chunk_size, request_size=max(cfg.request_size, cfg.chunk_size),
             max_readahead=cfg.max_readahead, memory_bytes=cfg.read_memory,
-            call_timeout=cfg.call_timeout,
+            call_timeout=cfg.call_timeout, chunked=chunked,
         )
         uploader = Uploader(
             store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,

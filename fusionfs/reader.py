@@ -40,6 +40,7 @@ from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFa
 
 if TYPE_CHECKING:
     from fusionfs.cache import ChunkCache
+    from fusionfs.chunked import ChunkedLayout
 
 __all__ = ["ChunkSource", "ObjectRef", "ReadState", "run_store_call"]
 
@@ -57,6 +58,7 @@ class ObjectRef:
     key: Key
     etag: ETag
     size: int
+    chunked: bool = False  # a chunked-layout manifest: ``size`` is the logical size
 
 
 @dataclasses.dataclass(slots=True)
@@ -103,6 +105,7 @@ class ChunkSource:
         max_readahead: int,
         memory_bytes: int,
         call_timeout: float,
+        chunked: ChunkedLayout | None = None,
     ) -> None:
         if chunk_size <= 0 or request_size < chunk_size:
             raise ValueError("need 0 < chunk_size <= request_size")
@@ -125,6 +128,12 @@ class ChunkSource:
         self._cache_read_limiter = trio.CapacityLimiter(2)
         self._cache_backlog = 0
         self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
+        if chunked is None:  # the chunked layout (reads of chunked files go there)
+            from fusionfs.chunked import ChunkedLayout
+
+            chunked = ChunkedLayout(store, cache=cache, call_timeout=call_timeout)
+        chunked.bind(nursery)
+        self.chunked = chunked
 
     # -- public -----------------------------------------------------------------------------
     async def read(
@@ -136,6 +145,8 @@ class ChunkSource:
         kernel from any buffer, so the bytes are copied once, into the kernel."""
         if size <= 0 or off >= ref.size:
             return b""
+        if ref.chunked:
+            return await self.chunked.read(ref, off, size, state)
         end = min(off + size, ref.size)
         cs = self.chunk_size
         first, last = off // cs, (end - 1) // cs
@@ -155,6 +166,7 @@ class ChunkSource:
 
     def forget(self, key: Key) -> None:
         """Drop in-memory chunks of ``key`` (any version): after an overwrite or unlink."""
+        self.chunked.forget(key)
         for cid in [c for c in self._mem if c[0] == key]:
             self._mem_bytes -= len(self._mem.pop(cid))
 

@@ -49,7 +49,9 @@ from typing import TypeVar
 
 import trio
 
+from fusionfs.chunked import ChunkedLayout, ChunkFeed
 from fusionfs.errors import UploadFailed, first_error
+from fusionfs.layout import Manifest, write_manifest
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
@@ -184,6 +186,13 @@ class StagedFile:
         self._idle = trio.Event()
         self._idle.set()
         self._drain_error: OSError | None = None
+        # the chunked layout (set by the fs for files in chunked directories): see chunked.py
+        self.chunked: ChunkedLayout | None = None
+        self._feed: ChunkFeed | None = None
+
+    def use_chunked(self, layout: ChunkedLayout | None) -> None:
+        """Commit this file in the chunked layout (``None``: as a plain object)."""
+        self.chunked = layout
 
     # -- writing -------------------------------------------------------------------------------
     async def write(self, off: int, data: bytes) -> int:
@@ -207,7 +216,10 @@ class StagedFile:
             stream.resend.update(range(first, last + 1))
         self.size = max(self.size, end)
         await self._touch()
-        self._maybe_send_parts()
+        if self.chunked is not None:
+            self._feed_chunked(off)
+        else:
+            self._maybe_send_parts()
         return len(data)
 
     async def truncate(self, size: int) -> None:
@@ -221,6 +233,8 @@ class StagedFile:
         stream = self._stream
         if stream is not None and size < stream.started_until:
             self._invalidate_stream("truncated below the parts already sent")
+        if self._feed is not None and size < self._feed.read_until:
+            self._feed.valid = False
         self.size = size
         await self._touch()
 
@@ -435,7 +449,7 @@ class StagedFile:
             finally:
                 self._up.stats.add("uploads_pending", -1)
             self._up.stats.add("uploads_done")
-            ref = ObjectRef(key, etag, self.size)
+            ref = ObjectRef(key, etag, self.size, self.chunked is not None)
             # the staged bytes plus the new object are now the whole truth: rebase on it
             self.base = ref
             self.base_limit = self.size
@@ -444,6 +458,8 @@ class StagedFile:
             return ref
 
     async def _upload(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+        if self.chunked is not None:
+            return await self._upload_chunked(self.chunked, key, metadata)
         stream = self._stream
         if stream is not None:
             self._stream = None
@@ -504,6 +520,45 @@ class StagedFile:
                 functools.partial(self._up.store.copy, key, key, metadata, etag),
                 f"set metadata {key}",
             )
+        return etag
+
+    # -- the chunked layout ------------------------------------------------------------------
+    def _feed_chunked(self, off: int) -> None:
+        """Stream a file written from scratch into its chunk writer as it is staged."""
+        if self.base is not None:
+            return  # a rewrite: the commit feeds base and staged bytes in one pass
+        if self._feed is None:
+            if off != 0:
+                return
+            assert self.chunked is not None
+            self._feed = ChunkFeed(self.chunked, self.read, lambda: self.size)
+        self._feed.wrote(off, self._up.nursery)
+
+    async def _upload_chunked(
+        self, layout: ChunkedLayout, key: Key, metadata: Mapping[str, str]
+    ) -> ETag:
+        feed, self._feed = self._feed, None
+        manifest: Manifest | None = None
+        if feed is not None and feed.valid:
+            try:
+                manifest = await feed.finish(self.size)
+            except Exception as e:
+                log.warning("streaming %s into packs failed (%s); feeding it again whole",
+                            key, e)
+        if manifest is None:
+            if feed is not None:
+                await feed.close()
+            feed = ChunkFeed(layout, self.read, lambda: self.size)
+            try:
+                manifest = await feed.finish(self.size)
+            finally:
+                await feed.close()
+        assert feed is not None
+        etag = await self._up.call(
+            functools.partial(write_manifest, self._up.store, key, manifest, metadata),
+            f"PUT {key}",
+        )
+        layout.note_commit(key, manifest, feed.writer.stats)
         return etag
 
     def _plan(self) -> list[tuple[int, int, int]]:
@@ -602,6 +657,9 @@ class StagedFile:
                 return
             self.closed = True
             await self._idle.wait()
+            feed, self._feed = self._feed, None
+            if feed is not None:
+                await feed.close()
             stream, self._stream = self._stream, None
             if stream is not None:
                 stream.valid = False

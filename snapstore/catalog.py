@@ -104,6 +104,9 @@ class Manifest:
     timings: dict[str, float]
     criu_stats: dict[str, int]
     format: int = MANIFEST_FORMAT
+    # the chunked layout (fusionfs): logical_bytes, stored_bytes (all chunks the images
+    # reference), new_stored_bytes (uploaded by this dump); empty when not on fusionfs
+    storage: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -132,6 +135,7 @@ class Manifest:
             total_bytes=int(data.get("total_bytes", sum(f.size for f in files))),
             timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
             criu_stats={str(k): int(v) for k, v in data.get("criu_stats", {}).items()},
+            storage={str(k): int(v) for k, v in data.get("storage", {}).items()},
         )
 
 

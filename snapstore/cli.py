@@ -486,6 +486,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
         f"  criu     {m.criu_version} on {m.kernel} {m.arch}; options "
         f"{', '.join(k for k, v in m.options.items() if v) or 'none'}"
     )
+    if m.storage:
+        st = m.storage
+        _say(
+            f"  storage  logical {_mb(st.get('logical_bytes', 0))}, stored "
+            f"{_mb(st.get('stored_bytes', 0))}, new in this snapshot "
+            f"{_mb(st.get('new_stored_bytes', 0))}"
+        )
     _say("  timings  " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in m.timings.items()))
     for f in m.files:
         _say(f"    {f.size:>14}  {f.name}")
@@ -497,6 +504,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     removed = Catalog(root.path).remove(args.task, args.snapshot)
     what = f"snapshot {args.snapshot}" if args.snapshot else f"{len(removed)} snapshot(s)"
     _say(f"removed {what} of task {args.task}")
+    summary = root.collect_garbage()
+    if summary is not None:
+        _say(summary)
     return 0
 
 

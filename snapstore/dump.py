@@ -180,12 +180,21 @@ def dump(
         raise DumpFailed(f"before the dump: {err}") from None
     preflush_s = time.monotonic() - t
 
+    previous = catalog.latest(task)
+    try:
+        root.use_chunked_layout()
+    except SnapstoreError as err:
+        raise DumpFailed(str(err)) from None
     n = catalog.reserve(task)
     images = catalog.images_dir(task, n)
     try:
         root.write_behind(images)
     except SnapstoreError as err:
         raise DumpFailed(str(err)) from None
+    if previous is not None:  # upload only what changed since the last snapshot
+        problem = root.dedup_from(images, catalog.images_dir(task, previous))
+        if problem is not None:
+            progress(problem)
     progress(f"dumping PID {pid} into {images}")
     timeout = None
     if deadline_at is not None:
@@ -264,6 +273,7 @@ def dump(
                 "total_s": round(total_s, 6),
             },
             criu_stats=stats,
+            storage=root.chunk_stats(images),
         )
         path = catalog.commit(manifest)
     except DumpFailed:

@@ -24,6 +24,9 @@ __all__ = ["ALLOW_ANY_ROOT_ENV", "DEFAULT_ROOT", "ROOT_ENV", "Root", "default_ro
 DEFAULT_ROOT = Path("/fusion/snapshots")
 ROOT_ENV = "SNAPSTORE_ROOT"
 ALLOW_ANY_ROOT_ENV = "SNAPSTORE_ALLOW_ANY_ROOT"
+_LAYOUT = "user.fusionfs.layout"
+GC_GRACE_ENV = "SNAPSTORE_GC_GRACE_S"
+DEFAULT_GC_GRACE_S = 6 * 3600.0
 
 
 def default_root() -> Path:
@@ -60,6 +63,63 @@ class Root:
         except OSError as err:  # an older fusionfs: closes just wait, which is slower but right
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
                 raise SnapstoreError(f"cannot set write-behind on {directory}: {err}") from err
+
+
+    def use_chunked_layout(self) -> None:
+        """Ask fusionfs to store new files below the root (CRIU's images) in its chunked
+        layout: compressed, de-duplicated between snapshots, in shared pack objects. The flag
+        is persisted on the root directory, so it is set once."""
+        if self.mountpoint is None:
+            return
+        try:
+            if os.getxattr(self.path, _LAYOUT) == b"chunked":
+                return
+            fusion_client.set_layout(self.path, "chunked")
+        except OSError as err:  # an older fusionfs: plain objects, which is slower but right
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODATA):
+                raise SnapstoreError(f"cannot set the chunked layout on {self.path}: {err}") \
+                    from err
+
+    def dedup_from(self, directory: Path, previous: Path) -> str | None:
+        """Let the images written into ``directory`` de-duplicate against those of the
+        ``previous`` snapshot (fusionfs reads its manifests into the mount's chunk index).
+        Best effort: returns a message instead of raising when it cannot."""
+        if self.mountpoint is None:
+            return None
+        try:
+            fusion_client.dedup_from(directory, previous)
+        except OSError as err:
+            return f"no de-duplication against {previous}: {err.strerror or err}"
+        return None
+
+    def chunk_stats(self, directory: Path) -> dict[str, int]:
+        """Bytes the chunked layout stored for the images in ``directory`` ({} if none)."""
+        if self.mountpoint is None:
+            return {}
+        try:
+            raw = fusion_client.chunk_stats(directory)
+        except (OSError, ValueError):
+            return {}
+        keys = ("logical_bytes", "stored_bytes", "new_stored_bytes")
+        return {k: int(raw[k]) for k in keys if k in raw}
+
+
+    def collect_garbage(self) -> str | None:
+        """Free the pack space of removed snapshots (fusionfs's two-phase collection; space
+        comes back one run later). Grace period: ``$SNAPSTORE_GC_GRACE_S``, default 6 h.
+        Returns a one-line summary, or None when there is no fusionfs mount."""
+        if self.mountpoint is None:
+            return None
+        grace = float(os.environ.get(GC_GRACE_ENV) or DEFAULT_GC_GRACE_S)
+        try:
+            r = fusion_client.collect_garbage(self.mountpoint, grace)
+        except (OSError, ValueError) as err:
+            return f"garbage collection failed (nothing lost, run it again): {err}"
+        return (
+            f"garbage collection: {r.get('referenced', 0)} packs in use, "
+            f"{r.get('fossilized', 0)} set aside, {r.get('deleted', 0)} deleted "
+            f"({r.get('bytes_deleted', 0) / 1e6:.1f} MB freed)"
+        )
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -383,13 +383,20 @@ class _Supervisor:
         task = self.opts.task
         committed = self.catalog.committed(task)
         kept = committed[-self.opts.keep :] if self.opts.keep > 0 else []
+        removed = False
         for n in committed:
             if n not in kept:
                 self.catalog.remove(task, n)
+                removed = True
         oldest = kept[0] if kept else 0
         for n in self.catalog.uncommitted(task):
             if n < oldest:
                 self.catalog.remove(task, n)
+                removed = True
+        if removed and self.root is not None:
+            summary = self.root.collect_garbage()
+            if summary is not None:
+                self.note(summary)
 
     def _periodic(self) -> None:
         assert self.root is not None

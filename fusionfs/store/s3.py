@@ -405,25 +405,33 @@ class S3Store:
             metadata=_lower_metadata(resp.get("Metadata")),
         )
 
+    def _ranged_get(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes] | None:
+        """A ranged GetObject: the response and its whole body; None for 416 (no such range)."""
+        try:
+            resp: dict[str, Any] = self.client.get_object(**args)
+        except _bce.ClientError as err:
+            if _client_error_fields(err)[1] == 416:
+                return None
+            raise
+        body = resp["Body"]
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        self._fetched(len(data))
+        return resp, data
+
     def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
         if length <= 0:
             return self.head(key), b""
 
         def fn() -> tuple[ObjectInfo, bytes] | None:
-            try:
-                resp = self.client.get_object(
-                    Bucket=self.bucket, Key=self._full(key), Range=f"bytes=0-{length - 1}"
-                )
-            except _bce.ClientError as err:
-                if _client_error_fields(err)[1] == 416:  # an empty object has no byte 0
-                    return None
-                raise
-            body = resp["Body"]
-            try:
-                data: bytes = body.read()
-            finally:
-                body.close()
-            self._fetched(len(data))
+            got = self._ranged_get(
+                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"}
+            )
+            if got is None:  # an empty object has no byte 0
+                return None
+            resp, data = got
             content_range = resp.get("ContentRange")
             total = _total_from_content_range(content_range) if content_range else None
             if total is None:  # the server ignored Range and sent the whole object
@@ -460,18 +468,10 @@ class S3Store:
             }
             if etag is not None:
                 args["IfMatch"] = etag
-            try:
-                resp = self.client.get_object(**args)
-            except _bce.ClientError as err:
-                if _client_error_fields(err)[1] == 416:  # start at or past the end
-                    return b""
-                raise
-            body = resp["Body"]
-            try:
-                data: bytes = body.read()
-            finally:
-                body.close()
-            self._fetched(len(data))
+            got = self._ranged_get(args)
+            if got is None:  # start at or past the end
+                return b""
+            resp, data = got
             content_range = resp.get("ContentRange")
             if content_range is None:  # the server ignored Range and sent the whole object
                 return data[start : start + length]

@@ -12,6 +12,8 @@ Run as a script (never imported by the tests): ``python memtask.py --state DIR [
 - On SIGUSR1 it verifies the whole pattern and writes ``DIR/verify.json`` atomically:
   ``{"ok": bool, "counter": int, "pid": int, "bad_blocks": [...]}``.
 - With --exit-at N it exits with --exit-code once the counter reaches N.
+- On SIGUSR2 it rewrites every tenth MiB block (10 % of its memory, blocks i % 10 == 3) with
+  the pattern of seed + 1 and writes ``DIR/changed``; later verifications expect that.
 
 Caveat: the pattern check runs inside a signal handler in the main thread; the counter does not
 advance while it runs (about 0.3 s per 256 MiB).
@@ -52,13 +54,26 @@ def main() -> int:
     for i in range(args.mib):
         memory[i * _MIB : (i + 1) * _MIB] = _block(args.seed, i)
     counter = 0
+    changed = False
+
+    def expected(i: int) -> bytes:
+        return _block(args.seed + 1 if changed and i % 10 == 3 else args.seed, i)
+
+    def change(_signo: int, _frame: FrameType | None) -> None:
+        nonlocal changed
+        changed = True
+        for i in range(3, args.mib, 10):
+            memory[i * _MIB : (i + 1) * _MIB] = expected(i)
+        tmp = args.state / ".changed.tmp"
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(args.state / "changed")
 
     def verify(_signo: int, _frame: FrameType | None) -> None:
         view = memoryview(memory)
         bad = [
             i
             for i in range(args.mib)
-            if view[i * _MIB : (i + 1) * _MIB].tobytes() != _block(args.seed, i)
+            if view[i * _MIB : (i + 1) * _MIB].tobytes() != expected(i)
         ]
         result = {"ok": not bad, "counter": counter, "pid": os.getpid(), "bad_blocks": bad[:20]}
         tmp = args.state / f".verify.{os.getpid()}.tmp"
@@ -66,6 +81,7 @@ def main() -> int:
         tmp.rename(args.state / "verify.json")
 
     signal.signal(signal.SIGUSR1, verify)
+    signal.signal(signal.SIGUSR2, change)
     out = open(args.out, "a", buffering=1) if args.out else None
     tmp = args.state / ".ready.tmp"
     tmp.write_text(str(os.getpid()))

@@ -22,28 +22,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusionfs.layout import (
-    CHUNKS_PREFIX,
     FOSSILS_PREFIX,
-    LAYOUT_CHUNKED_V1,
+    LAYOUT_CHUNKED,
     LAYOUT_METADATA,
+    PACKS_PREFIX,
     SIZE_METADATA,
     ChunkEntry,
     Chunker,
+    ChunkIndex,
     ChunkPolicy,
     ChunkReader,
     ChunkWriter,
     CorruptChunk,
-    KnownChunks,
     LayoutError,
     Manifest,
     ManifestError,
-    chunk_key,
     chunk_lengths,
     collect_garbage,
     decode_manifest,
     encode_manifest,
     fetch_chunk,
+    fetch_chunks,
     is_chunked,
+    pack_key,
+    prime_index,
     read_manifest,
     write_manifest,
 )
@@ -105,7 +107,7 @@ def _write(
     return manifest, writer
 
 
-def _age_all_chunks(root: Path, seconds: float, prefix: str = CHUNKS_PREFIX) -> None:
+def _age_all_packs(root: Path, seconds: float, prefix: str = PACKS_PREFIX) -> None:
     old = time.time() - seconds
     for path in (root / prefix).rglob("*"):
         if path.is_file():
@@ -119,6 +121,8 @@ _entries = st.lists(
         length=st.integers(1, 1 << 20),
         stored=st.integers(0, 1 << 20),
         digest=st.binary(min_size=32, max_size=32),
+        pack=st.sampled_from([bytes(16), b"p" * 16, b"q" * 16]),
+        offset=st.integers(0, 2**32 - 1),
     ),
     max_size=50,
 )
@@ -154,12 +158,14 @@ def test_manifest_rejects_other_objects_and_versions() -> None:
     blob = encode_manifest(Manifest([ChunkEntry(5, 5, bytes(32))]))
     with pytest.raises(ManifestError, match="not a chunked-layout manifest"):
         decode_manifest(b"plain file contents, not a manifest at all.........")
-    with pytest.raises(ManifestError, match="version 2"):
-        decode_manifest(blob[:8] + b"\x02" + blob[9:])
+    with pytest.raises(ManifestError, match="version 3"):
+        decode_manifest(blob[:8] + b"\x03" + blob[9:])
     assert not is_chunked(b"\x7fELF....")
     assert not is_chunked(None)
-    assert is_chunked({LAYOUT_METADATA: LAYOUT_CHUNKED_V1})
-    assert not is_chunked({LAYOUT_METADATA: "chunked-v9"})
+    assert is_chunked({LAYOUT_METADATA: LAYOUT_CHUNKED})
+    # any chunked version is recognised (and refused by decoding), never served as bytes
+    assert is_chunked({LAYOUT_METADATA: "chunked-v9"})
+    assert not is_chunked({LAYOUT_METADATA: "plain"})
     assert not is_chunked({})
 
 
@@ -173,7 +179,7 @@ def test_large_manifest_is_read_whole(store: FaultyStore) -> None:
     info = store.head(key)
     assert info.metadata == {
         "other": "kept",
-        LAYOUT_METADATA: LAYOUT_CHUNKED_V1,
+        LAYOUT_METADATA: LAYOUT_CHUNKED,
         SIZE_METADATA: str(manifest.size),
     }
     assert read_manifest(store, key, info.etag) == manifest
@@ -289,8 +295,12 @@ def test_reader_fetches_only_the_chunks_touched(store: FaultyStore) -> None:
     assert store.calls["get_range"] - before == 1
 
 
+def _pack_bytes(root: Path, entry: ChunkEntry) -> bytes:
+    return (root / pack_key(entry.pack)).read_bytes()[entry.offset : entry.offset + entry.stored]
+
+
 def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed(
-    store: FaultyStore,
+    store: FaultyStore, root: Path
 ) -> None:
     noise = random.Random(1).randbytes(SMALL.max_size)
     zeros = bytes(SMALL.max_size)
@@ -300,9 +310,7 @@ def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed(
     packed = [e for e in by_digest.values() if e.compressed]
     assert raw and packed
     for entry in raw:
-        assert store.head(chunk_key(entry.digest)).size == entry.length
-    for entry in packed:
-        assert store.head(chunk_key(entry.digest)).size == entry.stored < entry.length
+        assert len(_pack_bytes(root, entry)) == entry.stored == entry.length
     assert any(e.stored < e.length // 10 for e in packed)  # the all-zero chunk
     assert ChunkReader(store, manifest).read(0, manifest.size) == noise + zeros
     assert writer.stats.new_stored < len(noise) + len(zeros) // 10
@@ -315,45 +323,117 @@ def test_level_zero_stores_everything_raw(store: FaultyStore) -> None:
     assert ChunkReader(store, manifest).read(0, len(data)) == data
 
 
+def test_chunks_go_into_few_packs_in_file_order(store: FaultyStore, root: Path) -> None:
+    """One PUT per pack, not per chunk; new chunks lie back to back in file order."""
+    data = random.Random(40).randbytes(600 * PAGE)  # raw: 2.4 MB
+    puts = store.calls["put"]
+    manifest, writer = _write(store, data, pack_size=1 << 20)
+    assert len(manifest.chunks) > 50
+    packs = manifest.packs()
+    assert len(packs) == 3 == writer.stats.packs == store.calls["put"] - puts
+    assert store.calls["head"] == 0  # nothing asked per chunk
+    for i in range(len(manifest.chunks) - 1):
+        a, b = manifest.chunks[i], manifest.chunks[i + 1]
+        assert manifest.contiguous(i) or (a.pack != b.pack and b.offset == 0)
+    for p in packs:
+        size = (root / pack_key(p)).stat().st_size
+        assert 1 << 20 <= size < (1 << 20) + SMALL.max_size or p == packs[-1]
+
+
+def test_sequential_read_coalesces_contiguous_chunks(store: FaultyStore) -> None:
+    data = _mixed(300, seed=41)
+    manifest, _ = _write(store, data, pack_size=1 << 30)  # one pack
+    assert len(manifest.packs()) == 1 and len(manifest.chunks) > 20
+    before = store.calls["get_range"]
+    assert ChunkReader(store, manifest).read(0, manifest.size) == data
+    assert store.calls["get_range"] - before == 1
+    before = store.calls["get_range"]
+    got = fetch_chunks(store, manifest, 3, 9)
+    assert store.calls["get_range"] - before == 1
+    assert b"".join(got) == data[manifest.offset(3) : manifest.offset(10)]
+
+
 def test_second_identical_write_uploads_nothing(store: FaultyStore) -> None:
     data = _mixed(150, seed=7)
-    first, w1 = _write(store, data)
+    index = ChunkIndex()
+    first, w1 = _write(store, data, index=index)
     assert w1.stats.new_chunks > 0 and w1.stats.reused_logical < len(data)
-    puts = store.calls["put"]
-    second, w2 = _write(store, data)
+    puts, heads = store.calls["put"], store.calls["head"]
+    second, w2 = _write(store, data, index=index)
     assert second == first
-    assert store.calls["put"] == puts
+    assert store.calls["put"] == puts and store.calls["head"] == heads
     assert w2.stats.new_chunks == 0 and w2.stats.reused_logical == len(data)
 
 
-def test_known_chunks_skip_the_head(store: FaultyStore) -> None:
-    data = _mixed(100, seed=8)
-    known = KnownChunks()
-    _write(store, data, known=known)
-    heads, puts = store.calls["head"], store.calls["put"]
-    _, writer = _write(store, data, known=known)
-    assert store.calls["head"] == heads and store.calls["put"] == puts
-    assert writer.stats.reused_chunks == writer.stats.chunks
+def test_repeated_content_within_one_file_is_stored_once(store: FaultyStore) -> None:
+    block = _mixed(64, seed=42)
+    manifest, writer = _write(store, block * 4)
+    assert writer.stats.reused_logical >= 2 * len(block)
+    assert ChunkReader(store, manifest).read(0, manifest.size) == block * 4
+
+
+def test_index_primed_from_manifests_heads_each_pack_once(store: FaultyStore) -> None:
+    data = _mixed(200, seed=8)
+    first, _ = _write(store, data, pack_size=200_000)  # another mount: its own index
+    assert len(first.packs()) > 1
+    index = ChunkIndex()
+    heads = store.calls["head"]
+    assert prime_index(store, index, [first]) == (len(first.chunks), len(first.packs()))
+    assert store.calls["head"] - heads == len(first.packs())
+    puts = store.calls["put"]
+    changed = bytearray(data)
+    changed[100 * PAGE : 101 * PAGE] = bytes(PAGE)
+    second, writer = _write(store, bytes(changed), index=index)
+    assert store.calls["head"] - heads == len(first.packs())  # no HEAD per chunk
+    assert store.calls["put"] - puts == 1  # one pack with the changed chunks
+    assert writer.stats.reused_logical >= 0.8 * len(data)
+    assert ChunkReader(store, second).read(0, second.size) == bytes(changed)
+
+
+def test_chunks_from_a_read_manifest_check_their_pack_once(store: FaultyStore) -> None:
+    data = _mixed(120, seed=43)
+    first, _ = _write(store, data, pack_size=1 << 30)
+    index = ChunkIndex()
+    index.add_manifest(first)  # as a reader does: packs not checked
+    heads = store.calls["head"]
+    _, writer = _write(store, data, index=index)
+    assert store.calls["head"] - heads == 1 == writer.stats.pack_checks
+    assert writer.stats.new_chunks == 0
+
+
+def test_a_vanished_pack_is_forgotten_and_its_chunks_stored_again(
+    store: FaultyStore, root: Path
+) -> None:
+    data = _mixed(60, seed=44)
+    first, _ = _write(store, data, pack_size=1 << 30)
+    index = ChunkIndex()
+    index.add_manifest(first)
+    (root / pack_key(first.packs()[0])).unlink()
+    second, writer = _write(store, data, index=index)
+    assert writer.stats.new_logical == len(data)
+    assert ChunkReader(store, second).read(0, len(data)) == data
 
 
 def test_shifted_content_reuses_chunks(store: FaultyStore) -> None:
     base = _mixed(400, seed=9)
-    _, w1 = _write(store, base)
-    _, w2 = _write(store, _mixed(21, seed=10) + base)
+    index = ChunkIndex()
+    _, w1 = _write(store, base, index=index)
+    _, w2 = _write(store, _mixed(21, seed=10) + base, index=index)
     assert w2.stats.reused_logical >= 0.85 * len(base)
     assert w2.stats.new_stored < 0.25 * w1.stats.new_stored
 
 
-def test_reused_old_chunk_is_refreshed(store: FaultyStore, root: Path) -> None:
+def test_reused_old_pack_is_refreshed_once(store: FaultyStore, root: Path) -> None:
     data = _mixed(60, seed=11)
-    manifest, _ = _write(store, data)
-    _age_all_chunks(root, 2 * HOUR)
+    index = ChunkIndex()
+    manifest, _ = _write(store, data, index=index, pack_size=1 << 30)
+    index.set_pack_mtime(manifest.packs()[0], time.time() - 2 * HOUR)
+    _age_all_packs(root, 2 * HOUR)
     copies = store.calls["copy"]
-    _, writer = _write(store, data, refresh_age=HOUR)
-    assert writer.stats.touched == len(manifest.digests())
-    assert store.calls["copy"] - copies == len(manifest.digests())
-    for digest in manifest.digests():
-        assert time.time() - store.head(chunk_key(digest)).mtime_ns / 1e9 < 60
+    _, writer = _write(store, data, refresh_age=HOUR, index=index)
+    assert writer.stats.touched == 1 == store.calls["copy"] - copies
+    for pack in manifest.packs():
+        assert time.time() - store.head(pack_key(pack)).mtime_ns / 1e9 < 60
 
 
 def test_feed_must_be_sequential(store: FaultyStore) -> None:
@@ -373,9 +453,9 @@ def test_empty_file(store: FaultyStore) -> None:
 
 
 def test_upload_failure_is_raised_by_finish(store: FaultyStore) -> None:
-    store.fail("put", Transient, nth=3)
+    store.fail("put", Transient, nth=2)
     with pytest.raises(Transient):
-        _write(store, _mixed(100, seed=12))
+        _write(store, _mixed(100, seed=12), pack_size=50_000)
 
 
 # -- verification -------------------------------------------------------------------------------
@@ -384,25 +464,26 @@ def test_chunk_with_wrong_content_is_never_served(store: FaultyStore, root: Path
     data = random.Random(2).randbytes(40 * PAGE)  # raw chunks: easy to tamper with in place
     manifest, _ = _write(store, data)
     victim = manifest.chunks[1]
-    path = root / chunk_key(victim.digest)
+    path = root / pack_key(victim.pack)
     tampered = bytearray(path.read_bytes())
-    tampered[7] ^= 0x40
+    tampered[victim.offset + 7] ^= 0x40
     path.write_bytes(bytes(tampered))
-    reader = ChunkReader(store, manifest)
-    assert reader.read(0, 10) == data[:10]  # other chunks are fine
+    assert ChunkReader(store, manifest).read(0, 10) == data[:10]  # other chunks are fine
     with pytest.raises(CorruptChunk, match="does not match its BLAKE3 hash") as info:
-        reader.read(manifest.offset(1), 1)
+        ChunkReader(store, manifest).read(manifest.offset(1), 1)
     assert isinstance(info.value, LayoutError)
+    with pytest.raises(CorruptChunk):  # also inside a coalesced read
+        ChunkReader(store, manifest).read(0, manifest.size)
 
 
 @pytest.mark.allow_logs("failed verification; fetching it again")
-def test_truncated_compressed_chunk_is_corrupt(store: FaultyStore, root: Path) -> None:
+def test_truncated_pack_is_corrupt(store: FaultyStore, root: Path) -> None:
     data = bytes(8 * PAGE) + _mixed(4, seed=1)
     manifest, _ = _write(store, data, policy=ChunkPolicy(PAGE, 4 * PAGE, 8 * PAGE, 64 * PAGE))
     entry = manifest.chunks[0]
     assert entry.compressed
-    path = root / chunk_key(entry.digest)
-    path.write_bytes(path.read_bytes()[:-3])
+    path = root / pack_key(entry.pack)
+    path.write_bytes(path.read_bytes()[: entry.offset + entry.stored - 3])
     with pytest.raises(CorruptChunk):
         fetch_chunk(store, entry)
 
@@ -424,93 +505,111 @@ def test_persistent_corruption_in_transit_raises(store: FaultyStore) -> None:
         ChunkReader(store, manifest).read(0, 1)
 
 
-def test_missing_chunk_is_not_found(store: FaultyStore, root: Path) -> None:
+def test_missing_pack_is_not_found(store: FaultyStore, root: Path) -> None:
     manifest, _ = _write(store, _mixed(20, seed=15))
-    (root / chunk_key(manifest.chunks[0].digest)).unlink()
+    (root / pack_key(manifest.chunks[0].pack)).unlink()
     with pytest.raises(NotFound):
         ChunkReader(store, manifest).read(0, 1)
 
 
 # -- garbage collection -------------------------------------------------------------------------
-def _commit(store: ObjectStore, key: str, data: bytes) -> Manifest:
-    manifest, _ = _write(store, data)
+def _commit(store: ObjectStore, key: str, data: bytes, **kwargs: object) -> Manifest:
+    manifest, _ = _write(store, data, **kwargs)
     write_manifest(store, Key(key), manifest)
     return manifest
 
 
-def _digests(root: Path, prefix: str = CHUNKS_PREFIX) -> set[bytes]:
+def _packs(root: Path, prefix: str = PACKS_PREFIX) -> set[bytes]:
     return {bytes.fromhex(p.name) for p in (root / prefix).rglob("*") if p.is_file()}
 
 
-def test_gc_sets_aside_then_deletes_old_unreferenced_chunks_only(
+def test_gc_sets_aside_then_deletes_old_unreferenced_packs_only(
     store: FaultyStore, root: Path
 ) -> None:
-    keep = _commit(store, "snapshots/t/1/pages-1.img", _mixed(80, seed=20))
-    gone = _commit(store, "snapshots/t/2/pages-1.img", _mixed(80, seed=21))
+    keep = _commit(store, "snapshots/t/1/pages-1.img", _mixed(80, seed=20), pack_size=60_000)
+    gone = _commit(store, "snapshots/t/2/pages-1.img", _mixed(80, seed=21), pack_size=60_000)
     store.put(Key("snapshots/t/1/core-1.img"), b"plain object, not a manifest")
     store.put(Key("snapshots/t/1.json"), b"{}")
     store.delete(Key("snapshots/t/2/pages-1.img"))
-    _age_all_chunks(root, 2 * HOUR)
+    _age_all_packs(root, 2 * HOUR)
     young, _ = _write(store, _mixed(30, seed=22))  # a dump in progress: not committed yet
-    only_gone = gone.digests() - keep.digests() - young.digests()
-    assert only_gone
-    everything = _digests(root)
+    only_gone = set(gone.packs()) - set(keep.packs()) - set(young.packs())
+    assert len(only_gone) > 1
+    everything = _packs(root)
 
     dry = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR, dry_run=True)
-    assert dry.fossilized == len(only_gone) and _digests(root) == everything
+    assert dry.fossilized == len(only_gone) and _packs(root) == everything
 
     first = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert first.manifests == 1 and first.missing == 0
     assert first.fossilized == len(only_gone) and first.deleted == 0
-    assert _digests(root) == everything - only_gone
-    assert _digests(root, FOSSILS_PREFIX) == only_gone
+    assert _packs(root) == everything - only_gone
+    assert _packs(root, FOSSILS_PREFIX) == only_gone
 
     again = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert again.fossils_kept == len(only_gone) and again.deleted == 0  # set aside too recently
 
-    _age_all_chunks(root, 2 * HOUR, FOSSILS_PREFIX)
+    _age_all_packs(root, 2 * HOUR, FOSSILS_PREFIX)
     last = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert last.deleted == len(only_gone) and last.bytes_deleted > 0
-    assert not _digests(root, FOSSILS_PREFIX)
-    assert keep.digests() | young.digests() <= _digests(root)
+    assert not _packs(root, FOSSILS_PREFIX)
+    assert set(keep.packs()) | set(young.packs()) <= _packs(root)
     reader = ChunkReader(store, read_manifest(store, Key("snapshots/t/1/pages-1.img")))
     assert reader.read(0, keep.size) == _mixed(80, seed=20)
 
 
-def test_gc_keeps_an_old_chunk_that_a_dump_refreshed(store: FaultyStore, root: Path) -> None:
-    """The rm-during-dump race: the only manifest referencing old chunks is removed while a new
-    dump reuses them (skipping their upload); the writer's refresh keeps them young."""
+def test_gc_keeps_a_partly_referenced_pack(store: FaultyStore, root: Path) -> None:
+    data = _mixed(80, seed=45)
+    index = ChunkIndex()
+    first = _commit(store, "snapshots/t/1/pages-1.img", data, index=index, pack_size=1 << 30)
+    second = _commit(store, "snapshots/t/2/pages-1.img", data[: 20 * PAGE], index=index)
+    assert first.packs()[0] in second.packs()  # its head chunks are reused from that pack
+    store.delete(Key("snapshots/t/1/pages-1.img"))
+    _age_all_packs(root, 2 * HOUR)
+    stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert stats.fossilized == 0 and stats.kept_referenced == len(second.packs())
+    assert set(first.packs()) <= _packs(root)
+    assert ChunkReader(store, second).read(0, second.size) == data[: 20 * PAGE]
+
+
+def test_gc_keeps_an_old_pack_that_a_dump_refreshed(store: FaultyStore, root: Path) -> None:
+    """The rm-during-dump race: the only manifest referencing old packs is removed while a new
+    dump reuses their chunks (skipping their upload); the writer's refresh keeps them young."""
     data = _mixed(60, seed=23)
-    _commit(store, "snapshots/t/1/pages-1.img", data)
-    _age_all_chunks(root, 2 * HOUR)
-    manifest, writer = _write(store, data, refresh_age=HOUR / 2)  # dump 2 reuses every chunk
-    assert writer.stats.new_chunks == 0 and writer.stats.touched > 0
+    first = _commit(store, "snapshots/t/1/pages-1.img", data)
+    _age_all_packs(root, 2 * HOUR)
+    index = ChunkIndex()
+    prime_index(store, index, [first])  # dump 2 de-duplicates against snapshot 1
+    manifest, writer = _write(store, data, refresh_age=HOUR / 2, index=index)
+    assert writer.stats.new_chunks == 0 and writer.stats.touched == len(first.packs())
     store.delete(Key("snapshots/t/1/pages-1.img"))  # snapstore rm of snapshot 1
     stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)  # before dump 2 commits
-    assert stats.fossilized == 0 and stats.kept_young == len(manifest.digests())
+    assert stats.fossilized == 0 and stats.kept_young == len(manifest.packs())
     write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)
     assert ChunkReader(store, manifest).read(0, len(data)) == data
 
 
 def test_dump_racing_a_collection_loses_nothing(store: FaultyStore, root: Path) -> None:
-    """Worst case: the dump checked old chunks without refreshing them, then a collection set
+    """Worst case: the dump checked old packs without refreshing them, then a collection set
     them aside before the dump committed. Readers find the fossils; the next run moves them
     back instead of deleting them."""
     data = _mixed(40, seed=24)
-    _commit(store, "snapshots/t/1/pages-1.img", data)
-    _age_all_chunks(root, 2 * HOUR)
-    manifest, writer = _write(store, data, refresh_age=10 * HOUR)  # checked, not refreshed
+    first = _commit(store, "snapshots/t/1/pages-1.img", data)
+    _age_all_packs(root, 2 * HOUR)
+    index = ChunkIndex()
+    prime_index(store, index, [first])
+    manifest, writer = _write(store, data, refresh_age=10 * HOUR, index=index)  # not refreshed
     assert writer.stats.new_chunks == 0 and writer.stats.touched == 0
     store.delete(Key("snapshots/t/1/pages-1.img"))
-    first = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
-    assert first.fossilized == len(manifest.digests())
+    first_run = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
+    assert first_run.fossilized == len(manifest.packs())
     write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)  # the dump commits
     assert ChunkReader(store, manifest).read(0, len(data)) == data  # served from the fossils
-    _age_all_chunks(root, 2 * HOUR, FOSSILS_PREFIX)
+    _age_all_packs(root, 2 * HOUR, FOSSILS_PREFIX)
     second = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
-    assert second.resurrected == len(manifest.digests())
+    assert second.resurrected == len(manifest.packs())
     assert second.deleted == 0 and second.missing == 0
-    assert _digests(root) == manifest.digests() and not _digests(root, FOSSILS_PREFIX)
+    assert _packs(root) == set(manifest.packs()) and not _packs(root, FOSSILS_PREFIX)
     assert ChunkReader(store, manifest).read(0, len(data)) == data
 
 
@@ -520,17 +619,17 @@ def test_gc_stops_on_an_undecodable_manifest(store: FaultyStore, root: Path) -> 
     blob = bytearray(encode_manifest(manifest))
     blob[-1] ^= 1
     store.put(Key("snapshots/t/2/pages-1.img"), bytes(blob))
-    _age_all_chunks(root, 2 * HOUR)
-    before = _digests(root)
+    _age_all_packs(root, 2 * HOUR)
+    before = _packs(root)
     with pytest.raises(LayoutError, match="nothing was deleted"):
         collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
-    assert _digests(root) == before
+    assert _packs(root) == before
 
 
-@pytest.mark.allow_logs("referenced chunks are missing")
-def test_gc_reports_missing_referenced_chunks(store: FaultyStore, root: Path) -> None:
+@pytest.mark.allow_logs("referenced packs are missing")
+def test_gc_reports_missing_referenced_packs(store: FaultyStore, root: Path) -> None:
     manifest = _commit(store, "snapshots/t/1/pages-1.img", _mixed(30, seed=27))
-    (root / chunk_key(manifest.chunks[0].digest)).unlink()
+    (root / pack_key(manifest.chunks[0].pack)).unlink()
     stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert stats.missing == 1 and stats.fossilized == 0
 
@@ -556,22 +655,24 @@ def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
     key = Key("snapshots/t/1/pages-1.img")
     manifest = _commit(s3_store, str(key), data)
     info = s3_store.head(key)
-    assert info.metadata is not None and info.metadata[LAYOUT_METADATA] == LAYOUT_CHUNKED_V1
+    assert info.metadata is not None and info.metadata[LAYOUT_METADATA] == LAYOUT_CHUNKED
     reader = ChunkReader(s3_store, read_manifest(s3_store, key, info.etag))
     assert reader.read(0, len(data)) == data
     assert reader.read(12_345, 50_000) == data[12_345:62_345]
-    # a second, shifted dump reuses most chunks; an old chunk is refreshed by copy onto itself
-    _, writer = _write(s3_store, _mixed(7, seed=31) + data, refresh_age=0.0)
+    # a second, shifted dump reuses most chunks; an old pack is refreshed by copy onto itself
+    index = ChunkIndex()
+    prime_index(s3_store, index, [manifest])
+    _, writer = _write(s3_store, _mixed(7, seed=31) + data, refresh_age=0.0, index=index)
     assert writer.stats.reused_logical >= 0.8 * len(data)
-    assert writer.stats.touched == writer.stats.reused_chunks > 0
-    # nothing is old enough to collect; with no grace, the unreferenced shifted chunks are set
+    assert writer.stats.touched == len(manifest.packs()) and writer.stats.packs == 1
+    # nothing is old enough to collect; with no grace, the unreferenced new pack is set
     # aside by one run and deleted by the next
     assert collect_garbage(s3_store, Key("snapshots/"), grace_seconds=HOUR).fossilized == 0
     time.sleep(1.1)  # S3 LastModified has one-second resolution
     first = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
-    assert first.fossilized == writer.stats.new_chunks > 0
+    assert first.fossilized == writer.stats.packs
     assert first.missing == 0
     time.sleep(1.1)
     second = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
-    assert second.deleted == writer.stats.new_chunks and second.resurrected == 0
+    assert second.deleted == writer.stats.packs and second.resurrected == 0
     assert ChunkReader(s3_store, manifest).read(0, len(data)) == data
