@@ -41,9 +41,8 @@ def _restore_and_verify(env: SnapEnv, tasks: Tasks, task_pid: int, n: int) -> No
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize("snap_env", ["fusion-s3"], indirect=True)  # chunking needs a mount
 def test_second_dump_uploads_only_what_changed(snap_env: SnapEnv, tasks: Tasks) -> None:
-    if snap_env.kind == "dir":
-        pytest.skip("the chunked layout needs a fusionfs mount (the dir variant has none)")
     task = tasks.start(mib=256)
     first = snap_env.run("dump", str(task.pid), "--task", "job", "--leave-running")
     assert first.returncode == 0, first.stderr
