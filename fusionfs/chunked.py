@@ -253,16 +253,7 @@ class ChunkedLayout:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _advance_window(self, manifest: Manifest, state: ReadState, first: int, last: int) -> None:
-        sequential = state.last_chunk <= first <= state.last_chunk + 1 or (
-            first == 0 and state.last_chunk == -2
-        )
-        if sequential:
-            state.window = min(max(2, state.window * 2), self._max_window)
-        else:
-            state.window = 0
-            state.prefetched_until = last
-        state.last_chunk = last
-        if state.window == 0:
+        if not state.advance(first, last, max_window=self._max_window, min_window=2):
             return
         start = max(last + 1, state.prefetched_until + 1)
         stop = min(last + state.window, len(manifest.chunks) - 1)

@@ -461,7 +461,7 @@ class Filesystem:
             # and a LIST per name, each under the kernel's lock of the directory (S-MAP-7).
             await self._relist(parent)
             child = self._known_child(parent, name)
-            if child is None and self._absent_from_listing(parent, name):
+            if child is None and name not in parent.listed_names:  # as fresh as it gets
                 raise NoEntry(name.decode(errors="replace"))
         small = (
             child is not None and child.kind is Kind.FILE and child.etag is not None
@@ -648,6 +648,9 @@ class Filesystem:
         done = self._relisting[directory.ino] = trio.Event()
         try:
             await self._list_dir(directory)
+            # its TTL runs from when it completed: a listing slower than the TTL (a big
+            # directory on a slow server) must not make every next lookup list again
+            directory.listed_at = trio.current_time()
         finally:
             del self._relisting[directory.ino]
             done.set()

@@ -69,6 +69,21 @@ class ReadState:
     window: int = 0  # chunks
     prefetched_until: int = -1  # highest chunk index already requested by read-ahead
 
+    def advance(self, first: int, last: int, *, max_window: int, min_window: int = 1) -> bool:
+        """Note a read of chunks ``first..last``: a sequential one doubles the read-ahead
+        window (from ``min_window`` up to ``max_window``), any other closes it. True if the
+        handle now has a window to fill."""
+        sequential = self.last_chunk <= first <= self.last_chunk + 1 or (
+            first == 0 and self.last_chunk == -2
+        )
+        if sequential:
+            self.window = min(max(min_window, self.window * 2), max_window)
+        else:
+            self.window = 0
+            self.prefetched_until = last
+        self.last_chunk = last
+        return self.window > 0
+
 
 class _Pending:
     __slots__ = ("data", "error", "event")
@@ -172,16 +187,7 @@ class ChunkSource:
 
     # -- read-ahead ----------------------------------------------------------------------
     def _advance_window(self, ref: ObjectRef, state: ReadState, first: int, last: int) -> None:
-        sequential = state.last_chunk <= first <= state.last_chunk + 1 or (
-            first == 0 and state.last_chunk == -2
-        )
-        if sequential:
-            state.window = min(max(1, state.window * 2), self._max_window)
-        else:
-            state.window = 0
-            state.prefetched_until = last
-        state.last_chunk = last
-        if state.window == 0:
+        if not state.advance(first, last, max_window=self._max_window):
             return
         nchunks = (ref.size + self.chunk_size - 1) // self.chunk_size
         start = max(last + 1, state.prefetched_until + 1)
