@@ -328,10 +328,11 @@ class ChunkedLayout:
                 fn = functools.partial(fetch_chunks, self.store, manifest, s[0], s[-1],
                                        max_request=self._request_size)
                 datas: list[bytes] = await self._run(fn, "GET pack range")
-                for idx, data in zip(s, datas, strict=True):
-                    digest = manifest.chunks[idx].digest
+                fetched = [(manifest.chunks[idx].digest, data)
+                           for idx, data in zip(s, datas, strict=True)]
+                for digest, data in fetched:
                     self._resolve(digest, data)
-                    self._cache_store(digest, data)
+                self._cache_store(fetched)
         except BaseException as exc:
             for digest in digests:
                 pending = self._inflight.pop(digest, None)
@@ -365,24 +366,29 @@ class ChunkedLayout:
             pending.data = data
             pending.event.set()
 
-    def _cache_store(self, digest: bytes, data: bytes) -> None:
-        # bounded: a slow cache disk makes cache writes be skipped, never memory grow
+    def _cache_store(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        """Write a fetched stretch to the disk cache in the background, one thread hand-off
+        for all of it (a GiB is 8192 chunks). Bounded: a slow cache disk makes cache writes be
+        skipped, never memory grow."""
         if self.cache is None or self._nursery is None or self._cache_backlog > 64 << 20:
             return
-        self._cache_backlog += len(data)
-        self._nursery.start_soon(self._cache_put, digest, data)
+        self._cache_backlog += sum(len(data) for _, data in chunks)
+        self._nursery.start_soon(self._cache_put, chunks)
 
-    async def _cache_put(self, digest: bytes, data: bytes) -> None:
-        assert self.cache is not None
+    async def _cache_put(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        cache = self.cache
+        assert cache is not None
+
+        def put_all() -> None:
+            for digest, data in chunks:
+                cache.put(Key(FUSION_PREFIX + digest.hex()), _CACHE_ETAG, MAX_CHUNK, 0, data)
+
         try:
-            await trio.to_thread.run_sync(
-                self.cache.put, Key(FUSION_PREFIX + digest.hex()), _CACHE_ETAG, MAX_CHUNK, 0,
-                data, limiter=self._cache_limiter,
-            )
+            await trio.to_thread.run_sync(put_all, limiter=self._cache_limiter)
         except Exception:
             log.exception("chunk cache write failed")
         finally:
-            self._cache_backlog -= len(data)
+            self._cache_backlog -= sum(len(data) for _, data in chunks)
 
 
 class ChunkFeed:
