@@ -98,6 +98,7 @@ from benchmarks.harness import (
     run_cmd,
     timestamp,
 )
+from fusionfs import layout as _layout
 
 __all__ = ["SnapConfig", "run_snap"]
 
@@ -551,17 +552,37 @@ class _Bench:
             if keys:
                 self.setup_client.delete_objects(Bucket=self.store.bucket, Delete={"Objects": keys})
 
+    def _snapshot_objects(self, key_prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object a restore of the snapshots under ``key_prefix`` reads:
+        the objects themselves and, for image files in the chunked layout (snapstore's root
+        is chunked), the pack objects their manifests reference."""
+        objects: list[tuple[str, int]] = []
+        packs: set[bytes] = set()
+        paginator = self.setup_client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                objects.append((obj["Key"], obj["Size"]))
+                head = self.setup_client.head_object(Bucket=self.store.bucket, Key=obj["Key"])
+                if not _layout.is_chunked(head.get("Metadata")):
+                    continue
+                body = self.setup_client.get_object(Bucket=self.store.bucket, Key=obj["Key"])
+                manifest = _layout.decode_manifest(body["Body"].read(), what=obj["Key"])
+                packs.update(manifest.packs())
+        for pack in sorted(packs):
+            key = self.store.prefix + _layout.pack_key(pack)
+            head = self.setup_client.head_object(Bucket=self.store.bucket, Key=key)
+            objects.append((key, int(head["ContentLength"])))
+        return objects
+
     def warm_server(self, key_prefix: str, client: Any = None) -> None:
         """A parallel ranged GET (8 threads x 8 MiB) of every object under ``key_prefix``.
         Unmeasured after a page cache drop: the server's own files back in its cache ("cold"
         means the client side); timed, with ``client`` (through the proxy, if any), as the
         download reference of the restores."""
-        paginator = self.setup_client.get_paginator("list_objects_v2")
         jobs: list[tuple[str, int, int]] = []
-        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
-            for obj in page.get("Contents", []):
-                for off in range(0, max(1, obj["Size"]), _PIECE):
-                    jobs.append((obj["Key"], off, min(off + _PIECE, obj["Size"]) - 1))
+        for key, size in self._snapshot_objects(key_prefix):
+            for off in range(0, max(1, size), _PIECE):
+                jobs.append((key, off, min(off + _PIECE, size) - 1))
 
         def get(job: tuple[str, int, int]) -> None:
             key, off, end = job
