@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_PART = 5 << 30
+#: files in a chunked directory smaller than this are stored plain (S-CHUNK-8)
+CHUNKED_MIN_SIZE = 1 << 20
 _MAX_PENDING = 64 << 20  # bytes of queued writes per file before a write waits for the disk
 _MAX_PARTS = 10_000
 
@@ -188,6 +190,7 @@ class StagedFile:
         self._drain_error: OSError | None = None
         # the chunked layout (set by the fs for files in chunked directories): see chunked.py
         self.chunked: ChunkedLayout | None = None
+        self._committed_chunked = False  # the last commit wrote a manifest
         self._feed: ChunkFeed | None = None
 
     def use_chunked(self, layout: ChunkedLayout | None) -> None:
@@ -449,7 +452,7 @@ class StagedFile:
             finally:
                 self._up.stats.add("uploads_pending", -1)
             self._up.stats.add("uploads_done")
-            ref = ObjectRef(key, etag, self.size, self.chunked is not None)
+            ref = ObjectRef(key, etag, self.size, self._committed_chunked)
             # the staged bytes plus the new object are now the whole truth: rebase on it
             self.base = ref
             self.base_limit = self.size
@@ -458,8 +461,15 @@ class StagedFile:
             return ref
 
     async def _upload(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+        self._committed_chunked = self.chunked is not None and self.size >= CHUNKED_MIN_SIZE
         if self.chunked is not None:
-            return await self._upload_chunked(self.chunked, key, metadata)
+            if self._committed_chunked:
+                return await self._upload_chunked(self.chunked, key, metadata)
+            # small (CRIU's core, mm, pagemap... images): one plain object, read back in one
+            # round trip, where a manifest would cost two; nothing to de-duplicate (S-CHUNK-8)
+            feed, self._feed = self._feed, None
+            if feed is not None:
+                await feed.close()
         stream = self._stream
         if stream is not None:
             self._stream = None

@@ -21,6 +21,36 @@ from fusionfs.errors import InvalidArgument, NoEntry, UploadFailed, errno_for
 from fusionfs.layout import LAYOUT_METADATA, PACKS_PREFIX, SIZE_METADATA, LayoutError, is_chunked
 from fusionfs.store import FaultyStore, Key, Transient
 
+
+@pytest.fixture(autouse=True)
+def _chunk_small_files_too(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """These tests use files of a few hundred KiB: chunk them (production keeps files under
+    1 MiB plain, S-CHUNK-8, which its own test checks)."""
+    if "real_min_size" not in request.keywords:
+        monkeypatch.setattr("fusionfs.writer.CHUNKED_MIN_SIZE", 0)
+
+
+@pytest.mark.real_min_size
+@pytest.mark.timeout(60)
+async def test_small_files_in_a_chunked_directory_stay_plain(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-CHUNK-8: below 1 MiB a file is one plain object (one round trip to read back)."""
+    h = await make_fs(any_store)
+    await chunked_dir(h, "snap")
+    small, big = pages(100, seed=8), pages(400, seed=9)  # 400 KiB and 1.6 MiB
+    await h.write_file("snap/core-1.img", small)
+    await h.write_file("snap/pages-1.img", big)
+    info = await trio.to_thread.run_sync(h.store.inner.head, Key("snap/core-1.img"))
+    assert not is_chunked(info.metadata) and info.size == len(small)
+    info = await trio.to_thread.run_sync(h.store.inner.head, Key("snap/pages-1.img"))
+    assert is_chunked(info.metadata)
+    fresh = await make_fs(any_store)
+    assert await fresh.read_file("snap/core-1.img") == small
+    assert await fresh.read_file("snap/pages-1.img") == big
+
 PAGE = 4096
 
 
