@@ -10,7 +10,7 @@ Caveats:
 - It is a cache, never a source of truth: every failure (disk full, I/O error, corrupt file,
   vanished file) degrades to a miss or to "not stored"; only ``open()`` raises ``OSError`` (it
   cannot create its directories), and only for bad arguments does anything raise ``ValueError``.
-- The size bound counts file sizes (a 64-byte header plus the data), not allocated blocks.
+- The size bound counts file sizes (a 4 KiB header block plus the data), not allocated blocks.
 - Chunks are not fsynced as they are written. A power loss can leave a chunk with a final name
   but garbage content; every chunk is therefore hash-verified (blake3) the first time it is read
   after ``open()``, and trusted afterwards -- unless the previous instance shut down cleanly:
@@ -38,6 +38,7 @@ import dataclasses
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import pathlib
 import re
@@ -58,7 +59,12 @@ _log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sHHQ16s32s")
 _HEADER_SIZE = _HEADER.size  # 64
 _MAGIC = b"FFSC"
-_VERSION = 1
+_VERSION = 2
+#: The data starts at this offset: the header is padded to one block, so that the data can be
+#: written with O_DIRECT (aligned file offset). Version 1 files (data at 64) read as misses.
+_DATA_OFFSET = 4096
+#: O_DIRECT needs the buffer address, file offset and length aligned to the logical block size.
+_ALIGN = 4096
 
 #: Chunk file name: 32 hex of the identity digest, "-", 16 hex of the key digest. The key part
 #: lets ``drop_object`` find every chunk of a key (any ETag) after a remount without reading
@@ -164,6 +170,8 @@ class ChunkCache:
         self._corrupt_warnings = 0
         self._write_warned_at = -1e300
         self._tmp_seq = 0
+        self._direct = hasattr(os, "O_DIRECT")  # cleared the first time the filesystem refuses it
+        self._buffers = threading.local()  # an aligned write buffer per writer thread
 
     # ---------------------------------------------------------------- lifetime
 
@@ -221,7 +229,7 @@ class ChunkCache:
                         st = de.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if st.st_size < _HEADER_SIZE or not name.startswith(prefix):
+                    if st.st_size < _DATA_OFFSET or not name.startswith(prefix):
                         self._unlink_quietly(de.path)
                         bad += 1
                         continue
@@ -379,7 +387,7 @@ class ChunkCache:
                     elif length > chunk_size:
                         problem = f"length {length} larger than chunk size {chunk_size}"
                     else:
-                        data = os.read(fd, length)
+                        data = os.pread(fd, length, _DATA_OFFSET)
                         if len(data) != length:
                             problem = f"short data ({len(data)} of {length} bytes)"
                         elif not verified:
@@ -408,7 +416,7 @@ class ChunkCache:
         """Full verification of a chunk read for the first time; the problem, or None."""
         if ident.hex() != name[:32]:
             return "identity mismatch"
-        if os.fstat(fd).st_size != _HEADER_SIZE + length:
+        if os.fstat(fd).st_size != _DATA_OFFSET + length:
             return "trailing bytes"
         if blake3.blake3(data).digest() != digest:
             return "hash mismatch"
@@ -454,7 +462,7 @@ class ChunkCache:
         length = view.nbytes
         if length > chunk_size:
             raise ValueError(f"chunk data of {length} bytes exceeds chunk_size {chunk_size}")
-        size = _HEADER_SIZE + length
+        size = _DATA_OFFSET + length
         with self._lock:
             if self._state != _OPEN or size > self._max_bytes:
                 return False
@@ -483,20 +491,22 @@ class ChunkCache:
         return stored
 
     def _write_file(self, tmp: str, final: str, header: bytes, data: memoryview) -> bool:
-        """Write header + data to ``tmp``, rename it to ``final``; False (cleaned up) on error."""
+        """Write header + data to ``tmp``, rename it to ``final``; False (cleaned up) on error.
+
+        With O_DIRECT where the filesystem has it: header block and data are copied into one
+        aligned per-thread buffer (a copy into memory this thread reuses, about 0.1 ms per MiB)
+        and written past the page cache. Measured on this project's CI machines (ext4 in a VM):
+        a buffered write of a new 1 MiB file costs 1.7 ms of CPU per MiB with its writeback
+        (block allocation of delayed extents), O_DIRECT 0.12 ms, and a cold read through the
+        mount shares two cores with the server it reads from. See docs/design/cache.md."""
         fd = -1
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            bufs: list[bytes | memoryview] = [header, data]
-            while bufs:
-                n = os.writev(fd, bufs)
-                if n == 0:
-                    raise OSError(errno.EIO, "writev wrote nothing")
-                while bufs and n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                if n:
-                    bufs[0] = memoryview(bufs[0])[n:]
+            if self._direct:
+                fd = self._write_direct(tmp, header, data)
+            if fd < 0:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                pad = b"\0" * (_DATA_OFFSET - len(header))
+                _write_all(fd, [header, pad, data])
             os.close(fd)
             fd = -1
             with self._lock:
@@ -520,6 +530,55 @@ class ChunkCache:
                     os.close(fd)
         self._unlink_quietly(tmp)
         return False
+
+    def _write_direct(self, tmp: str, header: bytes, data: memoryview) -> int:
+        """Write ``tmp`` with O_DIRECT; its open fd, or -1 (nothing created) where the
+        filesystem refuses O_DIRECT, after which this cache writes through the page cache."""
+        length = data.nbytes
+        total = _DATA_OFFSET + length
+        padded = -(-total // _ALIGN) * _ALIGN
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < padded:
+            if buf is not None:
+                buf.close()
+            buf = mmap.mmap(-1, padded)  # page-aligned, reused by this thread
+            self._buffers.buf = buf
+        buf[: len(header)] = header
+        buf[len(header) : _DATA_OFFSET] = bytes(_DATA_OFFSET - len(header))
+        buf[_DATA_OFFSET:total] = data
+        if padded > total:
+            buf[total:padded] = bytes(padded - total)
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT, 0o600
+            )
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct(exc)
+            return -1
+        try:
+            view = memoryview(buf)[:padded]
+            try:
+                _write_all(fd, [view])
+            finally:
+                view.release()
+            if padded > total:
+                os.ftruncate(fd, total)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno != errno.EINVAL:
+                raise
+            self._unlink_quietly(tmp)
+            self._no_direct(exc)
+            return -1
+        return fd
+
+    def _no_direct(self, exc: OSError) -> None:
+        if self._direct:
+            self._direct = False
+            _log.debug("cache: %s refuses O_DIRECT (%s); writing through the page cache",
+                       self._root, exc)
 
     def _write_failed(self, exc: OSError) -> None:
         self._stats.add("cache_write_failures")
@@ -701,6 +760,18 @@ class ChunkCache:
 
 _CLEAN_MARKER = "CLEAN"
 _CLEAN_WAIT = 5.0  # seconds close() waits for in-flight writes before giving up on the marker
+
+
+def _write_all(fd: int, bufs: list[bytes | memoryview]) -> None:
+    while bufs:
+        n = os.writev(fd, bufs)
+        if n == 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs.pop(0)
+        if n:
+            bufs[0] = memoryview(bufs[0])[n:]
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -255,12 +255,9 @@ class ChunkedLayout:
     def _advance_window(self, manifest: Manifest, state: ReadState, first: int, last: int) -> None:
         if not state.advance(first, last, max_window=self._max_window, min_window=2):
             return
-        start = max(last + 1, state.prefetched_until + 1)
-        stop = min(last + state.window, len(manifest.chunks) - 1)
-        if stop >= start and (stop - start + 1 >= state.window // 2 or stop == len(
-                manifest.chunks) - 1):
-            self._request(manifest, start, stop)
-            state.prefetched_until = stop
+        wanted = state.wanted(len(manifest.chunks), max(1, state.window // 2))
+        if wanted is not None:
+            self._request(manifest, *wanted)
 
     def _request(self, manifest: Manifest, first: int, last: int) -> None:
         """Make sure chunks first..last are in memory or being fetched, in runs of chunks

@@ -10,8 +10,9 @@ often smaller than a chunk, so consecutive reads hit it), a fetch already in fli
 chunk (two readers of one chunk cause one fetch), the on-disk ``ChunkCache``, then the store.
 Misses that are adjacent go up as one ranged GET of up to ``request_size`` bytes.
 
-Read-ahead: each file handle carries a ``ReadState``. A read that starts in the chunk where the
-previous one ended (or the next) is sequential and doubles the handle's window, up to
+Read-ahead: each file handle carries a ``ReadState``. A read that starts near the furthest chunk
+read so far (a few chunks behind it, since the kernel delivers its read-ahead out of order, up to
+one past what read-ahead already requested) is sequential and doubles the handle's window, up to
 ``max_readahead`` bytes; any other read resets it. The chunks in the window are fetched in the
 background as several ranged GETs in flight at once.
 
@@ -63,9 +64,16 @@ class ObjectRef:
 
 @dataclasses.dataclass(slots=True)
 class ReadState:
-    """Per file handle: where the last read ended and how far ahead to fetch."""
+    """Per file handle: how far a sequential stream has got and how far ahead to fetch.
 
-    last_chunk: int = -2
+    The kernel does not deliver one reader's reads in order: its own read-ahead puts several
+    1 MiB requests in flight at once and pyfuse3 answers them concurrently, so read 12 can
+    arrive before reads 10 and 11. A read therefore counts as sequential when it starts
+    anywhere from a little behind the highest chunk read so far (``high``) up to one past the
+    end of what read-ahead already asked for; only a read outside that band closes the window.
+    """
+
+    high: int = -1  # highest chunk read in the current stream; -1 before the first read
     window: int = 0  # chunks
     prefetched_until: int = -1  # highest chunk index already requested by read-ahead
 
@@ -73,16 +81,37 @@ class ReadState:
         """Note a read of chunks ``first..last``: a sequential one doubles the read-ahead
         window (from ``min_window`` up to ``max_window``), any other closes it. True if the
         handle now has a window to fill."""
-        sequential = self.last_chunk <= first <= self.last_chunk + 1 or (
-            first == 0 and self.last_chunk == -2
-        )
+        if self.high < 0:
+            sequential = first == 0
+        else:
+            behind = max(self.window, min_window, _REORDER_SLACK)
+            ahead = max(self.high, self.prefetched_until) + 1
+            sequential = self.high - behind <= first <= ahead
         if sequential:
             self.window = min(max(min_window, self.window * 2), max_window)
+            self.high = max(self.high, last)
         else:
             self.window = 0
+            self.high = last
             self.prefetched_until = last
-        self.last_chunk = last
         return self.window > 0
+
+    def wanted(self, nchunks: int, min_request: int) -> tuple[int, int] | None:
+        """The chunks read-ahead should ask for now, ``(start, stop)`` inclusive, or None when
+        fewer than ``min_request`` are missing from the window (and it does not reach the end).
+        Marks them requested."""
+        if self.window <= 0:
+            return None
+        start = max(self.high + 1, self.prefetched_until + 1)
+        stop = min(self.high + self.window, nchunks - 1)
+        if stop < start or (stop - start + 1 < min_request and stop < nchunks - 1):
+            return None
+        self.prefetched_until = stop
+        return start, stop
+
+
+#: How many chunks behind the furthest read a read may start and still count as sequential.
+_REORDER_SLACK = 8
 
 
 class _Pending:
@@ -187,16 +216,14 @@ class ChunkSource:
 
     # -- read-ahead ----------------------------------------------------------------------
     def _advance_window(self, ref: ObjectRef, state: ReadState, first: int, last: int) -> None:
-        if not state.advance(first, last, max_window=self._max_window):
+        if not state.advance(first, last, max_window=self._max_window, min_window=4):
             return
         nchunks = (ref.size + self.chunk_size - 1) // self.chunk_size
-        start = max(last + 1, state.prefetched_until + 1)
-        stop = min(last + state.window, nchunks - 1)
-        # Only top up when at least one full request's worth is missing from the window, so
-        # read-ahead goes out in requests of request_size rather than one chunk at a time.
-        if stop - start + 1 >= min(self._run_chunks, nchunks - start) and stop >= start:
-            self._request(ref, start, stop)
-            state.prefetched_until = stop
+        # top up in requests of about request_size (half a request at least, or half the window
+        # while it is still small), not one chunk at a time
+        wanted = state.wanted(nchunks, max(1, min(self._run_chunks, state.window) // 2))
+        if wanted is not None:
+            self._request(ref, *wanted)
 
     # -- chunk plumbing ----------------------------------------------------------------------
     def _request(self, ref: ObjectRef, first: int, last: int) -> None:

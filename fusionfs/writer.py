@@ -156,6 +156,7 @@ class _Stream:
         self.error: BaseException | None = None
         self.valid = True
         self.metadata: dict[str, str] = {}
+        self.started_at = 0.0  # wall clock when the multipart upload was created
 
 
 class StagedFile:
@@ -356,6 +357,7 @@ class StagedFile:
                 stream.creating = True
                 try:
                     stream.metadata = dict(self._metadata_hint)
+                    stream.started_at = time.time()
                     upload_id = await self._up.call(
                         functools.partial(
                             self._up.store.create_multipart, self.key, stream.metadata
@@ -525,7 +527,7 @@ class StagedFile:
             stream.valid = False
             self._up.nursery.start_soon(self._abort_stream, stream)
             return None
-        if dict(metadata) != stream.metadata:
+        if _needs_metadata_copy(metadata, stream.metadata, stream.started_at):
             etag = await self._up.call(
                 functools.partial(self._up.store.copy, key, key, metadata, etag),
                 f"set metadata {key}",
@@ -676,6 +678,29 @@ class StagedFile:
                 await stream.idle.wait()
                 self._up.nursery.start_soon(self._abort_stream, stream)
         await trio.to_thread.run_sync(_close_and_remove, self._fd, self.path, self._record)
+
+
+def _needs_metadata_copy(
+    final: Mapping[str, str], started_with: Mapping[str, str], started_at: float
+) -> bool:
+    """Whether a streamed upload's metadata must be replaced after it completes (a server-side
+    copy of the whole object: seconds for a large one, and a multipart copy above 5 GiB).
+
+    Not when only ``mtime`` differs and the new one falls after the upload began: that is the
+    timestamp of the file's own writes (the kernel's writeback cache sends it at close), and
+    S-ATTR-2 lets a streamed file keep the mtime it had when its upload started. An mtime set
+    to an earlier time (``touch -d``, ``cp -p``) is a real change and is stored."""
+    final, started_with = dict(final), dict(started_with)
+    if final == started_with:
+        return False
+    mtime = final.pop("mtime", None)
+    started_with.pop("mtime", None)
+    if final != started_with or mtime is None:
+        return True
+    try:
+        return float(mtime) < started_at - 1.0
+    except ValueError:
+        return True
 
 
 def _write_batch(fd: int, batch: list[tuple[int, bytes]]) -> None:

@@ -698,3 +698,33 @@ async def test_a_listed_small_file_is_looked_up_and_read_with_one_request(
     assert len(await fresh.read_file("d/big")) == 200_000  # above the limit: HEAD, then GET
     spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
     assert spent.get("head", 0) == 1 and spent.get("get_range", 0) >= 1, spent
+
+
+@pytest.mark.timeout(60)
+async def test_a_streamed_file_is_not_copied_for_the_timestamp_of_its_own_writes(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    # [S-ATTR-2] "keeps the mtime it had when its upload began, when the only later change is
+    # the timestamp of its own writes ... an mtime set to before the upload began ... is stored"
+    h = await make_fs(local_store)
+    data = data_of(2 * PART + 1000, seed=3)
+    for name, mtime_ns in (("own", None), ("old", 1_500_000_000_000_000_000)):
+        fh = await h.create(name)
+        for off in range(0, len(data), 1 << 20):
+            await h.write(fh, off, data[off : off + (1 << 20)])
+        await trio.sleep(0.1)
+        assert local_store.calls["create_multipart"] >= 1  # it streams
+        # what the kernel's writeback cache sends at close: the time of the last write
+        stamp = mtime_ns if mtime_ns is not None else time.time_ns()
+        await h.fs.setattr((await h.lookup(name)).ino, mtime_ns=stamp, fh=fh)
+        copies = local_store.calls["copy"]
+        await h.close(fh)
+        info = local_store.inner.head(Key(name))
+        assert info.size == len(data)
+        if mtime_ns is None:
+            assert local_store.calls["copy"] == copies  # no server-side copy of the object
+        else:
+            assert local_store.calls["copy"] == copies + 1
+            assert info.metadata is not None
+            assert abs(float(info.metadata["mtime"]) * 1e9 - mtime_ns) < 1e4
+    assert await h.get("own") == data and await h.get("old") == data

@@ -29,7 +29,7 @@ from fusionfs.cache import ChunkCache
 from fusionfs.stats import Stats
 from fusionfs.store.base import ETag, Key
 
-HDR = 64  # header bytes per chunk file
+HDR = 4096  # header block per chunk file
 CS = 4096  # chunk size used by most tests
 
 
@@ -167,7 +167,7 @@ def test_lru_eviction_order(tmp_path: pathlib.Path) -> None:
         assert c.used_bytes == 3 * size == sum(chunk_files(tmp_path).values())
         assert stats.cache_evictions == 2
         # A bigger chunk evicts as many as it needs, oldest first (a, d, e order after gets).
-        assert c.put(Key("big"), ETag("e"), CS, 0, b"z" * (2 * size - HDR))
+        assert c.put(Key("big"), ETag("e"), 2 * CS, 0, b"z" * (2 * size - HDR))
         assert get(c, "a", 0) is None and get(c, "d", 0) is None
         assert get(c, "e", 0) is not None
         assert c.used_bytes <= 3 * size
@@ -189,7 +189,7 @@ def test_never_above_max_bytes(tmp_path: pathlib.Path) -> None:
 def test_chunk_larger_than_max_is_not_cached(tmp_path: pathlib.Path) -> None:
     with opened(tmp_path, max_bytes=HDR + 100) as c:
         assert put(c, "a", 0, 100)
-        assert not put(c, "b", 0, 101)  # 64 + 101 > max_bytes
+        assert not put(c, "b", 0, 101)  # HDR + 101 > max_bytes
         assert get(c, "a", 0) is not None  # and nothing was evicted for it
         assert os.listdir(tmp_path / "tmp") == []
 
@@ -701,7 +701,7 @@ class CacheModel(RuleBasedStateMachine):
     def put(self, key: str, etag: str, index: int, n: int) -> None:
         ident = (key, etag, index)
         data = self.model.get(ident, payload(key, etag, index, n))
-        stored = self.cache.put(Key(key), ETag(etag), CS, index, data)
+        stored = self.cache.put(Key(key), ETag(etag), self.MAX, index, data)
         if ident in self.model:
             assert stored
             self.model.move_to_end(ident)
@@ -719,7 +719,7 @@ class CacheModel(RuleBasedStateMachine):
         index=st.integers(0, 3),
     )
     def get(self, key: str, etag: str, index: int) -> None:
-        got = self.cache.get(Key(key), ETag(etag), CS, index)
+        got = self.cache.get(Key(key), ETag(etag), self.MAX, index)
         assert got == self.model.get((key, etag, index))
         if got is not None:
             self.model.move_to_end((key, etag, index))
@@ -744,7 +744,7 @@ class CacheModel(RuleBasedStateMachine):
         self.cache.open()
         # The scan orders by file times; touching every chunk in model order re-aligns LRU order.
         for (key, etag, index), data in self.model.items():
-            assert self.cache.get(Key(key), ETag(etag), CS, index) == data
+            assert self.cache.get(Key(key), ETag(etag), self.MAX, index) == data
 
     @invariant()
     def bounded(self) -> None:
@@ -763,3 +763,48 @@ class CacheModel(RuleBasedStateMachine):
 
 TestCacheModel = CacheModel.TestCase
 TestCacheModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+# ------------------------------------------------------------------ O_DIRECT and its fallback
+
+
+def test_direct_and_buffered_writes_make_the_same_file(tmp_path: pathlib.Path) -> None:
+    """Chunk files written past the page cache (O_DIRECT, padded then truncated) and through
+    it are byte for byte the same, for aligned and unaligned lengths."""
+    files = {}
+    for direct in (True, False):
+        root = tmp_path / ("direct" if direct else "buffered")
+        with opened(root) as c:
+            c._direct = direct
+            for n in (0, 1, 1000, 4095, 4096):
+                assert put(c, f"k{n}", 0, n)
+                assert get(c, f"k{n}", 0) == payload(f"k{n}", "e1", 0, n)
+        files[direct] = {
+            name: p.read_bytes()
+            for name, p in ((p.name, p) for p in (root / "chunks").rglob("*") if p.is_file())
+        }
+    assert files[True] == files[False]
+    assert len(files[True]) == 5
+    for raw in files[True].values():
+        assert len(raw) >= HDR  # header block, then the data
+
+
+def test_a_filesystem_without_o_direct_falls_back(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_direct(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    with opened(tmp_path) as c:
+        monkeypatch.setattr(os, "open", no_direct)
+        assert put(c, "a", 0, 1000)
+        assert not c._direct
+        assert put(c, "b", 0, 2000)
+        monkeypatch.undo()
+        assert get(c, "a", 0) == payload("a", "e1", 0, 1000)
+        assert get(c, "b", 0) == payload("b", "e1", 0, 2000)
+        assert os.listdir(tmp_path / "tmp") == []
