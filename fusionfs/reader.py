@@ -219,9 +219,9 @@ class ChunkSource:
         if not state.advance(first, last, max_window=self._max_window, min_window=4):
             return
         nchunks = (ref.size + self.chunk_size - 1) // self.chunk_size
-        # top up in requests of about request_size (half a request at least, or half the window
-        # while it is still small), not one chunk at a time
-        wanted = state.wanted(nchunks, max(1, min(self._run_chunks, state.window) // 2))
+        # top up in whole requests of request_size (or of the window while it is still
+        # smaller than one), not one chunk at a time
+        wanted = state.wanted(nchunks, min(self._run_chunks, state.window))
         if wanted is not None:
             self._request(ref, *wanted)
 

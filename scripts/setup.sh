@@ -40,7 +40,17 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip &&
 fi
 
 say "looking for a usable CRIU (>= 4.0)"
-CRIU_PATH=$(bash scripts/install-criu.sh | tail -n 1)
+# .venv/bin/criu is our own wrapper from an earlier run: never let the search find it (with the
+# venv activated it is first on PATH, and a wrapper that runs itself would loop forever)
+venv_bin="$PWD/.venv/bin"
+search_path=$(printf '%s' "$PATH" | tr ':' '\n' | { grep -vxF -e "$venv_bin" -e ".venv/bin" || true; } | paste -sd: -)
+search_criu="${CRIU:-}"
+[[ "$search_criu" == "$venv_bin/criu" || "$search_criu" == ".venv/bin/criu" ]] && search_criu=""
+CRIU_PATH=$(PATH="$search_path" CRIU="$search_criu" bash scripts/install-criu.sh | tail -n 1)
+if [[ "$(readlink -f "$CRIU_PATH")" == "$(readlink -f "$venv_bin/criu")" ]]; then
+    echo "setup: the CRIU found is .venv/bin/criu itself; set CRIU=/path/to/criu" >&2
+    exit 1
+fi
 rm -f .venv/bin/criu
 printf '#!/bin/sh\nexec %q "$@"\n' "$CRIU_PATH" > .venv/bin/criu
 chmod 755 .venv/bin/criu
