@@ -1,0 +1,79 @@
+"""Staging-file writes: O_DIRECT for the block-aligned part, the page cache for the rest."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusionfs import writer
+
+
+def _batch(rng: random.Random, pieces: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    return [(off, rng.randbytes(n)) for off, n in pieces]
+
+
+def _expected(size: int, batch: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray(size)
+    for off, data in batch:
+        out[off : off + len(data)] = data
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [(0, 1 << 20), (1 << 20, 1 << 20)],  # aligned 1 MiB writes, as the kernel sends them
+        [(0, 1 << 20), (1 << 20, 5000)],  # a file whose end is not block-aligned
+        [(100, 9000), (9100, 3000)],  # an unaligned start: all through the page cache
+        [(0, 4096 * 3 + 7), (4096 * 3 + 7 + 10, 100)],  # a gap: two stretches
+        [(0, 9 << 20)],  # larger than the aligned buffer
+        [(i * 4096, 4096) for i in range(600)],  # more than 512 pieces in one stretch
+    ],
+)
+def test_write_batch_with_and_without_o_direct_stores_the_same_bytes(
+    tmp_path: Path, pieces: list[tuple[int, int]]
+) -> None:
+    rng = random.Random(len(pieces))
+    batch = _batch(rng, pieces)
+    size = max(off + len(d) for off, d in batch)
+    results = []
+    for direct in (True, False):
+        fd, dfd = writer._open_staging(tmp_path / f"f{direct}")
+        if not direct and dfd >= 0:
+            os.close(dfd)
+            dfd = -1
+        try:
+            assert writer._write_batch(fd, batch, dfd)
+            results.append(os.pread(fd, size + 10, 0))
+        finally:
+            os.close(fd)
+            if dfd >= 0:
+                os.close(dfd)
+    assert results[0] == results[1] == _expected(size, batch)
+
+
+def test_a_refused_o_direct_write_falls_back_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, dfd = writer._open_staging(tmp_path / "f")
+    assert dfd >= 0  # the test machines' filesystem has O_DIRECT
+    real = os.pwrite
+
+    def refuse(f: int, data: Any, off: int) -> int:
+        if f == dfd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(f, data, off)
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    batch = _batch(random.Random(1), [(0, 1 << 20), (1 << 20, 4096)])
+    try:
+        assert not writer._write_batch(fd, batch, dfd)  # tells the caller to stop using dfd
+        assert os.pread(fd, 3 << 20, 0) == _expected((1 << 20) + 4096, batch)
+    finally:
+        os.close(fd)
+        os.close(dfd)
