@@ -75,6 +75,7 @@ class MountConfig:
     retry_interval: float = 30.0
     sse: str | None = None
     sse_kms_key_id: str | None = None
+    sign_payload: bool = False
     log_file: Path | None = None
 
     def public_info(self) -> dict[str, Any]:
@@ -148,7 +149,8 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     stats = Stats()
     try:
         store = open_store(cfg.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
-                           stats=stats, sse=cfg.sse, sse_kms_key_id=cfg.sse_kms_key_id)
+                           stats=stats, sse=cfg.sse, sse_kms_key_id=cfg.sse_kms_key_id,
+                           sign_payload=cfg.sign_payload)
     except ValueError as e:
         os.close(lock_fd)
         raise MountError(str(e)) from None

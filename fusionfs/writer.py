@@ -252,23 +252,36 @@ class StagedFile:
         if end <= off:
             return b""
         cs = self._up.chunks.chunk_size
-        out = bytearray()
+        pieces: list[bytes] = []
         pos = off
         while pos < end:
-            idx = pos // cs
-            stop = min(end, (idx + 1) * cs)
-            if idx in self.filled or self.base is None or pos >= self.base_limit:
-                out += await self._pread(stop - pos, pos)
+            stop = min(end, (pos // cs + 1) * cs)
+            if self._staged_at(pos):
+                # one pread for the whole stretch of chunks that are in the staging file
+                while stop < end and self._staged_at(stop):
+                    stop = min(end, (stop // cs + 1) * cs)
+                pieces.append(await self._pread(stop - pos, pos))
             else:
                 from_base = min(stop, self.base_limit)
-                out += await self._up.chunks.read(self.base, pos, from_base - pos, None)
+                assert self.base is not None
+                pieces.append(bytes(await self._up.chunks.read(self.base, pos, from_base - pos,
+                                                                None)))
                 if stop > from_base:
-                    out += await self._pread(stop - from_base, from_base)
+                    pieces.append(await self._pread(stop - from_base, from_base))
             pos = stop
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         # a sparse staging file reads short past its written end: pad with the zeros it means
-        if len(out) < end - off:
-            out += bytes(end - off - len(out))
-        return bytes(out)
+        if len(data) < end - off:
+            data += bytes(end - off - len(data))
+        return data
+
+    def _staged_at(self, pos: int) -> bool:
+        """Whether the byte at ``pos`` comes from the staging file (not from the base)."""
+        return (
+            self.base is None
+            or pos >= self.base_limit
+            or pos // self._up.chunks.chunk_size in self.filled
+        )
 
     def _queue(self, off: int, data: bytes) -> None:
         self._pending.append((off, data))

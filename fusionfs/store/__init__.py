@@ -77,6 +77,7 @@ def open_store(
     stats: Stats | None = None,
     sse: str | None = None,
     sse_kms_key_id: str | None = None,
+    sign_payload: bool = False,
 ) -> ObjectStore:
     """The store named by ``source`` (see the module docstring). Does no I/O."""
     if not source or "\0" in source:
@@ -102,6 +103,7 @@ def open_store(
             stats=stats,
             sse=sse,
             sse_kms_key_id=sse_kms_key_id,
+            sign_payload=sign_payload,
         )
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):

@@ -910,6 +910,38 @@ def test_s3_bad_credentials_message(s3_bucket: Any, monkeypatch: pytest.MonkeyPa
         store.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sign", [False, True])
+def test_upload_bodies_are_hashed_into_the_signature_only_when_asked(
+    s3_bucket: Any, sign: bool
+) -> None:
+    """UNSIGNED-PAYLOAD by default (no SHA-256 pass over every body); ``sign_payload`` (the
+    mount's ``--sign-payload``) puts the body's SHA-256 in the signature. The server accepts both."""
+    import hashlib
+
+    store = S3Store(s3_bucket.name, "p", endpoint_url=s3_bucket.endpoint, sign_payload=sign)
+    seen: list[str] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        value = request.headers.get("X-Amz-Content-SHA256")
+        seen.append(value.decode() if isinstance(value, bytes) else str(value))
+
+    store.client.meta.events.register("before-send.s3.PutObject", capture)
+    store.client.meta.events.register("before-send.s3.UploadPart", capture)
+    try:
+        body = b"x" * (1 << 20)
+        store.put(K("a"), body)
+        upload = store.create_multipart(K("b"))
+        part = store.upload_part(K("b"), upload, 1, body)
+        store.complete_multipart(K("b"), upload, [part])
+        assert store.get_range(K("a"), 0, 10) == b"x" * 10
+        assert store.head(K("b")).size == len(body)
+    finally:
+        store.close()
+    want = hashlib.sha256(body).hexdigest() if sign else "UNSIGNED-PAYLOAD"
+    assert seen == [want, want]
+
+
 # ============================================================================================
 # S3Store: error translation, by hand-built botocore errors (no server needed)
 
