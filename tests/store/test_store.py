@@ -916,7 +916,8 @@ def test_upload_bodies_are_hashed_into_the_signature_only_when_asked(
     s3_bucket: Any, sign: bool
 ) -> None:
     """UNSIGNED-PAYLOAD by default (no SHA-256 pass over every body); ``sign_payload`` (the
-    mount's ``--sign-payload``) puts the body's SHA-256 in the signature. The server accepts both."""
+    mount's ``--sign-payload``) puts the body's SHA-256 in the signature. The server takes both.
+    """
     import hashlib
 
     store = S3Store(s3_bucket.name, "p", endpoint_url=s3_bucket.endpoint, sign_payload=sign)
