@@ -121,6 +121,8 @@ _UP_PUT = "direct upload, 8 MiB PUTs"
 _NAIVE = "naive: dump + fsync + upload (multipart)"
 _NAIVE_PUT = "naive: dump + fsync + upload (PUTs)"
 _OURS = "snapstore dump via fusionfs"
+_INC = "snapstore dump via fusionfs, incremental (10 % changed)"
+_COMPRESSION = "compression: logical / stored bytes"
 _R_LOCAL = "criu restore eager, local disk"
 _R_LOCAL_LAZY = "criu restore lazy, local disk"
 _R_LOCAL_PAGES = "criu lazy, local disk: all pages in"
@@ -677,6 +679,16 @@ class _Bench:
             self.results.extra.setdefault("snapstore_dump", []).append(
                 {"size_mib": mib, "run": run, "timings": t, "fusionfs_stats": stats}
             )
+            storage = manifest.get("storage") or {}
+            if storage.get("stored_bytes"):
+                self.record(
+                    dump_sc, _COMPRESSION, run,
+                    storage["logical_bytes"] / storage["stored_bytes"], "x",
+                    logical_mb=storage["logical_bytes"] / 1e6,
+                    stored_mb=storage["stored_bytes"] / 1e6,
+                )
+            # 3b. an incremental snapshot: the same memory with 10 % of it rewritten
+            self.incremental(mib, run, task_id, ours, storage)
             worst_mp, worst_put = max(local_sync_s, up_mp), max(local_sync_s, up_put)
             self.record(
                 dump_ratio,
@@ -802,6 +814,68 @@ class _Bench:
                 self.delete_under(direct_prefix)
             with contextlib.suppress(Exception):
                 self.delete_under(snap_prefix)
+
+    def incremental(
+        self, mib: int, run: int, task_id: str, full_s: float, full_storage: dict[str, int]
+    ) -> None:
+        """Snapshot 2 of ``task_id``: a task with the same memory as snapshot 1 (memtask's
+        content depends only on its seed), 10 % of it rewritten (SIGUSR2), dumped through a
+        fresh mount with an empty cache, as a restored-then-reclaimed task would be. Records its
+        time until durable and the bytes it uploaded (the chunks the store lacked)."""
+        label = _label(mib)
+        dump_sc = f"dump {label}"
+        self.step(f"{label} run {run + 1}: incremental dump (10 % changed)")
+        proc, state = self.start_task(mib, f"{mib}m-r{run}-inc")
+        pid = proc.pid
+        try:
+            os.kill(pid, signal.SIGUSR2)
+            end = time.monotonic() + 60 + mib / 20
+            while not (state / "changed").exists():
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise _RunFailed("memtask did not rewrite 10 % of its memory")
+                time.sleep(0.05)
+            with self.mount(f"dump-inc-{mib}m-r{run}") as mnt:
+                os.sync()
+                t0 = time.perf_counter()
+                root_args = ["--root", str(mnt / "snapshots")]
+                res = run_cmd(
+                    [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
+                    timeout=_CMD_TIMEOUT,
+                    env=self.env(),
+                )
+                inc_s = time.perf_counter() - t0
+                if res.returncode != 0:
+                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
+                manifest = json.loads(res.stdout)
+                stats = self.stats(mnt)
+            proc.wait(30)
+            self.live.discard(pid)
+            _reap(pid, 30)
+        except (_RunFailed, MountError, BenchError, OSError) as exc:
+            self.results.mark_unavailable(dump_sc, _INC, str(exc))
+            self.log(f"[red]{exc}")
+            return
+        storage = manifest.get("storage") or {}
+        new = storage.get("new_stored_bytes", 0)
+        t = manifest["timings"]
+        self.record(
+            dump_sc, _INC, run, inc_s, "s",
+            frozen_s=t["frozen_s"], flush_s=t["flush_s"],
+            image_mb=manifest["total_bytes"] / 1e6, new_stored_mb=new / 1e6,
+            uploaded_mb=stats.get("bytes_uploaded", 0) / 1e6,
+        )
+        self.record(f"{dump_sc}: ratios", "incremental / full dump time", run, inc_s / full_s, "x")
+        full_new = full_storage.get("new_stored_bytes") or full_storage.get("stored_bytes")
+        if full_new:
+            self.record(
+                f"{dump_sc}: ratios", "incremental new bytes / full dump's", run,
+                new / full_new * 100, "%",
+            )
+        if mib >= 4096 and self.cfg.bandwidth_mbps > 0:
+            self.record(
+                f"{dump_sc}: ratios", "incremental dump until durable, 4 GiB target", run,
+                inc_s, "s", target=30.0,
+            )
 
     def restore_local(
         self, images: Path, pid: int, state: Path, mib: int, *, lazy: bool
@@ -1172,6 +1246,21 @@ def _add_window_fit(results: Results, cfg: SnapConfig) -> None:
             window.markdown(rows, bandwidth_mbps=cfg.bandwidth_mbps, connections=_THREADS)
         )
         results.extra["window_fit"] = [asdict(row) for row in rows]
+    # the same table for incremental snapshots (10 % of the memory changed since the last)
+    incremental = [
+        replace(m, tool=_OURS) for m in results.measurements if m.tool == _INC
+    ] + [m for m in results.measurements if m.tool != _OURS and m.tool != _INC]
+    rows = window.fit_rows(incremental, bandwidth_mbps=cfg.bandwidth_mbps, connections=_THREADS)
+    if rows:
+        text = window.markdown(rows, bandwidth_mbps=cfg.bandwidth_mbps, connections=_THREADS)
+        results.sections.append(
+            text.replace(
+                "## Reclamation window fit",
+                "## Reclamation window fit, incremental snapshots (10 % of memory changed)",
+                1,
+            )
+        )
+        results.extra["window_fit_incremental"] = [asdict(row) for row in rows]
 
 
 def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
