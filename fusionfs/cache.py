@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -377,7 +378,11 @@ class ChunkCache:
             problem = f"cannot open: {exc}"
         else:
             try:
-                header = os.read(fd, _HEADER_SIZE)
+                got = self._read_direct(fd, chunk_size) if self._direct else None
+                if got is None:
+                    header = os.read(fd, _HEADER_SIZE)
+                else:
+                    header, data = got
                 if len(header) != _HEADER_SIZE:
                     problem = "short header"
                 else:
@@ -387,7 +392,10 @@ class ChunkCache:
                     elif length > chunk_size:
                         problem = f"length {length} larger than chunk size {chunk_size}"
                     else:
-                        data = os.pread(fd, length, _DATA_OFFSET)
+                        if got is None:
+                            data = os.pread(fd, length, _DATA_OFFSET)
+                        else:
+                            data = data[:length]
                         if len(data) != length:
                             problem = f"short data ({len(data)} of {length} bytes)"
                         elif not verified:
@@ -408,6 +416,47 @@ class ChunkCache:
                     current.verified = True
         self._stats.add("cache_hits")
         return data
+
+    def _read_direct(self, fd: int, chunk_size: int) -> tuple[bytes, bytes] | None:
+        """Header and data (up to ``chunk_size`` bytes, possibly more than the header says) of
+        an open chunk file, read with O_DIRECT into this thread's aligned buffer and copied
+        out; None where the filesystem refuses O_DIRECT (then the caller reads buffered).
+
+        Why: a hit would otherwise fill fresh page-cache pages for a file that is read once
+        per mount (the data then lives in the reader's memory LRU and the kernel's page cache
+        of the mounted file); see docs/design/cache.md."""
+        want = _DATA_OFFSET + -(-chunk_size // _ALIGN) * _ALIGN
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct(exc)
+            return None
+        buf = self._aligned(want)
+        view = memoryview(buf)[:want]
+        try:
+            n = os.preadv(fd, [view], 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct(exc)
+            return None
+        finally:
+            view.release()
+        return buf[: min(n, _HEADER_SIZE)], buf[_DATA_OFFSET:max(n, _DATA_OFFSET)]
+
+    def _aligned(self, size: int) -> mmap.mmap:
+        """This thread's page-aligned buffer of at least ``size`` bytes (reused: fresh pages
+        cost more than the copies)."""
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            if buf is not None:
+                buf.close()
+            buf = mmap.mmap(-1, size)
+            self._buffers.buf = buf
+        return buf
 
     @staticmethod
     def _check(
@@ -537,12 +586,7 @@ class ChunkCache:
         length = data.nbytes
         total = _DATA_OFFSET + length
         padded = -(-total // _ALIGN) * _ALIGN
-        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
-        if buf is None or len(buf) < padded:
-            if buf is not None:
-                buf.close()
-            buf = mmap.mmap(-1, padded)  # page-aligned, reused by this thread
-            self._buffers.buf = buf
+        buf = self._aligned(padded)
         buf[: len(header)] = header
         buf[len(header) : _DATA_OFFSET] = bytes(_DATA_OFFSET - len(header))
         buf[_DATA_OFFSET:total] = data

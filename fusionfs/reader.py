@@ -205,7 +205,7 @@ class ChunkSource:
             data = await self._chunk(ref, idx)
             lo = max(off, idx * cs) - idx * cs
             hi = min(end, (idx + 1) * cs) - idx * cs
-            parts.append(data[lo:hi])
+            parts.append(memoryview(data)[lo:hi])  # a view: the join below is the one copy
         return b"".join(parts)
 
     def forget(self, key: Key) -> None:

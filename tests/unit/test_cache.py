@@ -808,3 +808,23 @@ def test_a_filesystem_without_o_direct_falls_back(
         assert get(c, "a", 0) == payload("a", "e1", 0, 1000)
         assert get(c, "b", 0) == payload("b", "e1", 0, 2000)
         assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_reads_fall_back_when_the_filesystem_refuses_o_direct(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    with opened(tmp_path) as c:
+        assert put(c, "a", 0, 5000)
+        assert get(c, "a", 0) == payload("a", "e1", 0, 5000)  # O_DIRECT read
+        real = fcntl.fcntl
+
+        def refuse(fd: int, cmd: int, arg: int = 0) -> int:
+            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, cmd, arg)
+
+        monkeypatch.setattr(fcntl, "fcntl", refuse)
+        assert get(c, "a", 0) == payload("a", "e1", 0, 5000)  # buffered, same bytes
+        assert not c._direct
