@@ -816,8 +816,8 @@ def test_reads_fall_back_when_the_filesystem_refuses_o_direct(
     import fcntl
 
     with opened(tmp_path) as c:
-        assert put(c, "a", 0, 5000)
-        assert get(c, "a", 0) == payload("a", "e1", 0, 5000)  # O_DIRECT read
+        assert put(c, "a", 0, 3000)
+        assert get(c, "a", 0) == payload("a", "e1", 0, 3000)  # O_DIRECT read
         real = fcntl.fcntl
 
         def refuse(fd: int, cmd: int, arg: int = 0) -> int:
@@ -826,5 +826,5 @@ def test_reads_fall_back_when_the_filesystem_refuses_o_direct(
             return real(fd, cmd, arg)
 
         monkeypatch.setattr(fcntl, "fcntl", refuse)
-        assert get(c, "a", 0) == payload("a", "e1", 0, 5000)  # buffered, same bytes
+        assert get(c, "a", 0) == payload("a", "e1", 0, 3000)  # buffered, same bytes
         assert not c._direct
