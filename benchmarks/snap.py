@@ -687,8 +687,6 @@ class _Bench:
                     logical_mb=storage["logical_bytes"] / 1e6,
                     stored_mb=storage["stored_bytes"] / 1e6,
                 )
-            # 3b. an incremental snapshot: the same memory with 10 % of it rewritten
-            self.incremental(mib, run, task_id, ours, storage)
             worst_mp, worst_put = max(local_sync_s, up_mp), max(local_sync_s, up_put)
             self.record(
                 dump_ratio,
@@ -807,6 +805,9 @@ class _Bench:
                             f"{_SERIES}, {label}", f"{mode} resume @ {latency:g} ms", str(exc)
                         )
                         self.log(f"[red]{exc}")
+            # 5. an incremental snapshot (snapshot 2 of the task, after the restores of 1):
+            # the same memory with 10 % of it rewritten
+            self.incremental(mib, run, task_id, ours, storage)
             self.advance()
         finally:
             shutil.rmtree(images, ignore_errors=True)

@@ -36,6 +36,7 @@ are in memory at once, whatever the file size.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import functools
@@ -76,6 +77,10 @@ _MAX_PART = 5 << 30
 #: files in a chunked directory smaller than this are stored plain (S-CHUNK-8)
 CHUNKED_MIN_SIZE = 1 << 20
 _MAX_PENDING = 64 << 20  # bytes of queued writes per file before a write waits for the disk
+#: The newest back-to-back writes of a new file kept in memory (the write buffers themselves),
+#: so that streamed parts and the chunk feed, which read the bytes just written, do not read
+#: them back from the staging file. More than a part (16 MiB) plus the feed's lag and step.
+_RECENT_MAX = 48 << 20
 _MAX_PARTS = 10_000
 
 
@@ -139,6 +144,57 @@ class Uploader:
         return staged
 
 
+class _Recent:
+    """The bytes of the newest run of back-to-back writes to a file with no base, as the
+    ``bytes`` objects the writes brought (no copy). Holds only the newest bytes of its range:
+    a write that overlaps the run, or leaves a gap after it, starts a new run."""
+
+    __slots__ = ("end", "nbytes", "pieces", "start")
+
+    def __init__(self) -> None:
+        self.start = self.end = self.nbytes = 0
+        self.pieces: collections.deque[bytes] = collections.deque()
+
+    def wrote(self, off: int, data: bytes) -> None:
+        end = off + len(data)
+        if self.pieces and end <= self.start:
+            return  # below the run: the run's bytes are still the newest of their range
+        if not self.pieces or off != self.end:
+            self.pieces.clear()
+            self.start, self.nbytes = off, 0
+        self.pieces.append(data)
+        self.end = end
+        self.nbytes += len(data)
+        while self.nbytes > _RECENT_MAX and len(self.pieces) > 1:
+            dropped = self.pieces.popleft()
+            self.start += len(dropped)
+            self.nbytes -= len(dropped)
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.start = self.end = self.nbytes = 0
+
+    def get(self, off: int, length: int) -> bytes | None:
+        """``[off, off + length)`` if the run holds all of it, else None."""
+        end = off + length
+        if not self.pieces or off < self.start or end > self.end or length <= 0:
+            return None
+        views: list[memoryview] = []
+        pos = self.start
+        for piece in self.pieces:
+            stop = pos + len(piece)
+            if stop > off and pos < end:
+                views.append(memoryview(piece)[max(off, pos) - pos : min(end, stop) - pos])
+            if stop >= end:
+                break
+            pos = stop
+        if len(views) == 1:
+            whole = views[0].obj
+            if isinstance(whole, bytes) and len(whole) == len(views[0]):
+                return whole  # one write's own buffer: no copy
+        return b"".join(views)
+
+
 class _Stream:
     """An in-progress streaming multipart upload of a file with no base."""
 
@@ -185,6 +241,7 @@ class StagedFile:
         self._record = up.staging_dir / f"{name}.json"
         self._fd = fd
         self._dfd = dfd  # the same file opened with O_DIRECT, or -1 (see _write_batch)
+        self._recent: _Recent | None = _Recent() if base is None else None
         self.closed = False
         # write-behind: writes are queued in memory and written to the staging file by one
         # background drain at a time, so a FUSE write costs a memcpy, not a thread hand-off
@@ -212,6 +269,8 @@ class StagedFile:
         cs = self._up.chunks.chunk_size
         end = off + len(data)
         self._queue(off, data)
+        if self._recent is not None:
+            self._recent.wrote(off, data)
         if self._pending_bytes > _MAX_PENDING:
             await self._settle()
         self.filled.update(range(off // cs, (end - 1) // cs + 1))
@@ -237,6 +296,8 @@ class StagedFile:
                 await self._fill_chunk(size // cs)
             self.base_limit = size
         await self._settle()
+        if self._recent is not None:
+            self._recent.clear()
         await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
         stream = self._stream
         if stream is not None and size < stream.started_until:
@@ -318,6 +379,12 @@ class StagedFile:
             raise UploadFailed(f"staging {self.key}: {self._drain_error}")
 
     async def _pread(self, length: int, off: int) -> bytes:
+        if self._recent is not None:
+            held = self._recent.get(off, length)
+            if held is not None:
+                if self._drain_error is not None:  # sticky, as _settle would raise it
+                    raise UploadFailed(f"staging {self.key}: {self._drain_error}")
+                return held
         await self._settle()
         data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, length, off)
         return data

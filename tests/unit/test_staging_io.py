@@ -77,3 +77,42 @@ def test_a_refused_o_direct_write_falls_back_and_says_so(
     finally:
         os.close(fd)
         os.close(dfd)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_recent_writes_answer_only_with_the_newest_bytes(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory run of newest writes (what parts and the chunk feed read back) never
+    answers with bytes a later write replaced, whatever the order of writes."""
+    monkeypatch.setattr(writer, "_RECENT_MAX", 64 << 10)
+    rng = random.Random(seed)
+    model = bytearray()
+    recent = writer._Recent()
+    answered = 0
+    front = 0
+    for _ in range(300):
+        kind = rng.random()
+        if kind < 0.7:  # append at the front, as a sequential writer does
+            off = front
+        elif kind < 0.85:  # rewrite somewhere before the front (kernel writeback re-sends)
+            off = rng.randrange(0, max(1, front))
+        else:  # leave a gap
+            off = front + rng.randrange(1, 10000)
+        data = rng.randbytes(rng.randrange(1, 20000))
+        end = off + len(data)
+        if end > len(model):
+            model.extend(bytes(end - len(model)))
+        model[off:end] = data
+        recent.wrote(off, data)
+        front = max(front, end)
+        if rng.random() < 0.02:
+            recent.clear()  # a truncate
+        for _ in range(3):
+            a = rng.randrange(max(0, front - 80000), front)  # mostly near the front
+            n = rng.randrange(1, 30000)
+            got = recent.get(a, n)
+            if got is not None:
+                answered += 1
+                assert got == bytes(model[a : a + n])
+    assert answered > 50  # it does answer, not only refuse
