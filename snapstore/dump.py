@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,8 +114,12 @@ def _resume(proc: psutil.Process) -> None:
     _signal_all(procs, signal.SIGCONT)
 
 
-def _criu_args(pid: int, images: Path, opts: DumpOptions) -> list[str]:
-    args = ["dump", "-t", str(pid), "-D", str(images), "-o", _LOG_NAME, "-v4"]
+def _criu_args(pid: int, images: Path, log: Path, opts: DumpOptions) -> list[str]:
+    # The log goes to local disk while CRIU runs: at -v4 it is tens of thousands of small
+    # write(2)s, and on a FUSE file every write(2) costs the kernel a GETXATTR round trip to
+    # the daemon (security.capability, ~0.12 ms here) on top of the write: measured 37 000 of
+    # them for two 1 GiB dumps. It is copied next to the images in one go afterwards.
+    args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4"]
     args.append("--leave-running" if opts.leave_running else "--leave-stopped")
     if opts.tcp_established:
         args.append("--tcp-established")
@@ -122,6 +128,17 @@ def _criu_args(pid: int, images: Path, opts: DumpOptions) -> list[str]:
     if opts.file_locks:
         args.append("--file-locks")
     return args
+
+
+def _keep_log(local: Path, images: Path) -> Path:
+    """Copy CRIU's log from local disk into the images dir (with the snapshot, committed or
+    not); where it is, if the copy fails."""
+    kept = images / _LOG_NAME
+    try:
+        shutil.copyfile(local, kept)
+    except OSError:
+        return local
+    return kept
 
 
 def _hints(excerpt: list[str]) -> list[str]:
@@ -204,12 +221,16 @@ def dump(
                 f"deadline of {opts.deadline:g} s passed before CRIU started (flushing the "
                 f"mount took {preflush_s:.2f} s); task {pid} left running, nothing committed"
             )
-    try:
-        run = criu.run(_criu_args(pid, images, opts), timeout=timeout)
-    except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
-        _resume(proc)
-        raise
-    log = images / _LOG_NAME
+    with tempfile.TemporaryDirectory(prefix="snapstore-dump-") as logdir:  # 0700
+        local_log = Path(logdir) / _LOG_NAME
+        try:
+            run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout)
+        except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
+            _resume(proc)
+            _keep_log(local_log, images)
+            raise
+        log = _keep_log(local_log, images)
+        excerpt = log_excerpt(local_log) if run.returncode != 0 and not run.timed_out else []
     if run.timed_out:
         _resume(proc)
         raise DumpFailed(
@@ -219,7 +240,6 @@ def dump(
         )
     if run.returncode != 0:
         _resume(proc)
-        excerpt = log_excerpt(log)
         raise DumpFailed(
             f"CRIU could not dump PID {pid} (criu exit status {run.returncode}); nothing "
             f"committed; log: {log}",
