@@ -645,23 +645,7 @@ class _Bench:
 
             # 3. snapstore through fusionfs
             self.step(f"{label} run {run + 1}: snapstore dump via fusionfs")
-            with self.mount(f"dump-{name}") as mnt:
-                os.sync()
-                t0 = time.perf_counter()
-                root_args = ["--root", str(mnt / "snapshots")]
-                res = run_cmd(
-                    [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
-                    timeout=_CMD_TIMEOUT,
-                    env=self.env(),
-                )
-                ours = time.perf_counter() - t0
-                if res.returncode != 0:
-                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
-                manifest = json.loads(res.stdout)
-                stats = self.stats(mnt)
-            proc.wait(30)  # snapstore killed it after the commit
-            self.live.discard(pid)
-            _reap(pid, 30)
+            ours, manifest, stats = self.snapstore_dump(proc, task_id, f"dump-{name}")
             t = manifest["timings"]
             self.record(
                 dump_sc,
@@ -816,6 +800,32 @@ class _Bench:
             with contextlib.suppress(Exception):
                 self.delete_under(snap_prefix)
 
+    def snapstore_dump(
+        self, proc: subprocess.Popen[bytes], task_id: str, mount_name: str
+    ) -> tuple[float, dict[str, Any], dict[str, Any]]:
+        """``snapstore dump`` of ``proc`` as a new snapshot of ``task_id`` through a fresh mount:
+        seconds until it exits (committed), its manifest, the mount's stats. The task is gone
+        after it (snapstore kills it after the commit)."""
+        pid = proc.pid
+        with self.mount(mount_name) as mnt:
+            os.sync()
+            t0 = time.perf_counter()
+            root_args = ["--root", str(mnt / "snapshots")]
+            res = run_cmd(
+                [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
+                timeout=_CMD_TIMEOUT,
+                env=self.env(),
+            )
+            seconds = time.perf_counter() - t0
+            if res.returncode != 0:
+                raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
+            manifest: dict[str, Any] = json.loads(res.stdout)
+            stats = self.stats(mnt)
+        proc.wait(30)
+        self.live.discard(pid)
+        _reap(pid, 30)
+        return seconds, manifest, stats
+
     def incremental(
         self, mib: int, run: int, task_id: str, full_s: float, full_storage: dict[str, int]
     ) -> None:
@@ -835,23 +845,7 @@ class _Bench:
                 if proc.poll() is not None or time.monotonic() > end:
                     raise _RunFailed("memtask did not rewrite 10 % of its memory")
                 time.sleep(0.05)
-            with self.mount(f"dump-inc-{mib}m-r{run}") as mnt:
-                os.sync()
-                t0 = time.perf_counter()
-                root_args = ["--root", str(mnt / "snapshots")]
-                res = run_cmd(
-                    [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
-                    timeout=_CMD_TIMEOUT,
-                    env=self.env(),
-                )
-                inc_s = time.perf_counter() - t0
-                if res.returncode != 0:
-                    raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
-                manifest = json.loads(res.stdout)
-                stats = self.stats(mnt)
-            proc.wait(30)
-            self.live.discard(pid)
-            _reap(pid, 30)
+            inc_s, manifest, stats = self.snapstore_dump(proc, task_id, f"dump-inc-{mib}m-r{run}")
         except (_RunFailed, MountError, BenchError, OSError) as exc:
             self.results.mark_unavailable(dump_sc, _INC, str(exc))
             self.log(f"[red]{exc}")

@@ -39,7 +39,6 @@ import errno
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import pathlib
 import re
@@ -49,6 +48,7 @@ import time
 
 import blake3
 
+from fusionfs.directio import O_DIRECT, round_up, thread_buffer
 from fusionfs.stats import Stats
 from fusionfs.store.base import ETag, Key
 
@@ -64,8 +64,6 @@ _VERSION = 2
 #: The data starts at this offset: the header is padded to one block, so that the data can be
 #: written with O_DIRECT (aligned file offset). Version 1 files (data at 64) read as misses.
 _DATA_OFFSET = 4096
-#: O_DIRECT needs the buffer address, file offset and length aligned to the logical block size.
-_ALIGN = 4096
 
 #: Chunk file name: 32 hex of the identity digest, "-", 16 hex of the key digest. The key part
 #: lets ``drop_object`` find every chunk of a key (any ETag) after a remount without reading
@@ -171,8 +169,7 @@ class ChunkCache:
         self._corrupt_warnings = 0
         self._write_warned_at = -1e300
         self._tmp_seq = 0
-        self._direct = hasattr(os, "O_DIRECT")  # cleared the first time the filesystem refuses it
-        self._buffers = threading.local()  # an aligned write buffer per writer thread
+        self._direct = bool(O_DIRECT)  # cleared the first time the filesystem refuses it
 
     # ---------------------------------------------------------------- lifetime
 
@@ -425,16 +422,16 @@ class ChunkCache:
         Why: a hit would otherwise fill fresh page-cache pages for a file that is read once
         per mount (the data then lives in the reader's memory LRU and the kernel's page cache
         of the mounted file); see docs/design/cache.md."""
-        want = _DATA_OFFSET + -(-chunk_size // _ALIGN) * _ALIGN
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        want = _DATA_OFFSET + round_up(chunk_size)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            # the only status flag of a read-only fd: access mode and O_CLOEXEC are not set here
+            fcntl.fcntl(fd, fcntl.F_SETFL, O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self._no_direct(exc)
             return None
-        buf = self._aligned(want)
+        buf = thread_buffer(want)
         view = memoryview(buf)[:want]
         try:
             n = os.preadv(fd, [view], 0)
@@ -446,17 +443,6 @@ class ChunkCache:
         finally:
             view.release()
         return buf[: min(n, _HEADER_SIZE)], buf[_DATA_OFFSET:max(n, _DATA_OFFSET)]
-
-    def _aligned(self, size: int) -> mmap.mmap:
-        """This thread's page-aligned buffer of at least ``size`` bytes (reused: fresh pages
-        cost more than the copies)."""
-        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
-        if buf is None or len(buf) < size:
-            if buf is not None:
-                buf.close()
-            buf = mmap.mmap(-1, size)
-            self._buffers.buf = buf
-        return buf
 
     @staticmethod
     def _check(
@@ -585,8 +571,8 @@ class ChunkCache:
         filesystem refuses O_DIRECT, after which this cache writes through the page cache."""
         length = data.nbytes
         total = _DATA_OFFSET + length
-        padded = -(-total // _ALIGN) * _ALIGN
-        buf = self._aligned(padded)
+        padded = round_up(total)
+        buf = thread_buffer(padded)
         buf[: len(header)] = header
         buf[len(header) : _DATA_OFFSET] = bytes(_DATA_OFFSET - len(header))
         buf[_DATA_OFFSET:total] = data
@@ -594,7 +580,7 @@ class ChunkCache:
             buf[total:padded] = bytes(padded - total)
         try:
             fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT, 0o600
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | O_DIRECT, 0o600
             )
         except OSError as exc:
             if exc.errno != errno.EINVAL:

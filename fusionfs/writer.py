@@ -42,9 +42,7 @@ import errno
 import functools
 import json
 import logging
-import mmap
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -54,6 +52,7 @@ from typing import TypeVar
 import trio
 
 from fusionfs.chunked import ChunkedLayout, ChunkFeed
+from fusionfs.directio import ALIGN, O_DIRECT, thread_buffer
 from fusionfs.errors import UploadFailed, first_error
 from fusionfs.layout import Manifest, write_manifest
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
@@ -798,9 +797,9 @@ def _open_staging(path: Path) -> tuple[int, int]:
     where the filesystem refuses O_DIRECT)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     dfd = -1
-    if _DIRECT_FLAG:
+    if O_DIRECT:
         try:
-            dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _DIRECT_FLAG)
+            dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 os.close(fd)
@@ -808,18 +807,7 @@ def _open_staging(path: Path) -> tuple[int, int]:
     return fd, dfd
 
 
-#: O_DIRECT needs buffer address, file offset and length aligned to the logical block size.
-_ALIGN = 4096
-_DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
-_DIRECT_BUFFER = 8 << 20  # per worker thread, reused: fresh pages cost more than the copy
-_buffers = threading.local()
-
-
-def _aligned_buffer() -> mmap.mmap:
-    buf: mmap.mmap | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = mmap.mmap(-1, _DIRECT_BUFFER)
-    return buf
+_DIRECT_BUFFER = 8 << 20  # bytes copied and written with O_DIRECT at a time
 
 
 def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool:
@@ -845,7 +833,7 @@ def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool
             bufs.append(batch[i][1])
             end += len(batch[i][1])
             i += 1
-        if dfd >= 0 and direct_ok and off % _ALIGN == 0 and end - off >= _ALIGN:
+        if dfd >= 0 and direct_ok and off % ALIGN == 0 and end - off >= ALIGN:
             try:
                 done = _write_direct(dfd, bufs, off, end)
             except OSError as e:
@@ -863,8 +851,8 @@ def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool
 def _write_direct(dfd: int, bufs: list[bytes | memoryview], off: int, end: int) -> int:
     """Write the block-aligned head of ``bufs`` (``end - off`` bytes at ``off``) with O_DIRECT;
     how many bytes it wrote (a multiple of the block size)."""
-    total = (end - off) // _ALIGN * _ALIGN
-    buf = _aligned_buffer()
+    total = (end - off) // ALIGN * ALIGN
+    buf = thread_buffer(_DIRECT_BUFFER)
     done = 0
     src = iter(bufs)
     pending = memoryview(b"")
