@@ -70,14 +70,14 @@ if TYPE_CHECKING:
     from fusionfs.cache import ChunkCache
     from fusionfs.reader import ObjectRef, ReadState
 
-__all__ = ["DIR_LAYOUT_METADATA", "ChunkFeed", "ChunkedLayout", "DirStats"]
+__all__ = ["DIR_LAYOUT_METADATA", "FEED_STEP", "ChunkFeed", "ChunkedLayout", "DirStats"]
 
 log = logging.getLogger(__name__)
 
 #: Metadata of a directory's marker object that makes new files below it chunked.
 DIR_LAYOUT_METADATA = "fusion-dir-layout"
 _CACHE_ETAG = ETag("blake3")
-_FEED_STEP = 4 << 20  # bytes read from staging and fed at a time
+FEED_STEP = 4 << 20  # bytes read from staging and fed at a time
 _FEED_LAG = 4 << 20  # stay this far behind the write front (kernel writeback reorders a little)
 
 
@@ -388,10 +388,17 @@ class ChunkedLayout:
             self._cache_backlog -= sum(len(data) for _, data in chunks)
 
 
+def _feed_pieces(writer: ChunkWriter, offset: int, pieces: list[bytes | memoryview]) -> None:
+    for piece in pieces:
+        writer.feed(offset, piece)
+        offset += memoryview(piece).nbytes
+
+
 class ChunkFeed:
     """Feeds one staged file's bytes, in order, into a ``ChunkWriter`` (trio side).
 
-    ``read(off, n)`` returns the file's current bytes (staging over base). ``wrote`` is told of
+    ``read(off, n)`` returns the file's current bytes (staging over base) as a list of pieces,
+    short at the end of the file. ``wrote`` is told of
     every write; ``finish`` feeds what is left and returns the manifest once its packs are
     durable. Abandon with ``close``.
     """
@@ -399,7 +406,7 @@ class ChunkFeed:
     def __init__(
         self,
         layout: ChunkedLayout,
-        read: Callable[[int, int], Awaitable[bytes]],
+        read: Callable[[int, int], Awaitable[list[bytes | memoryview]]],
         size: Callable[[], int],
     ) -> None:
         self._layout = layout
@@ -410,6 +417,7 @@ class ChunkFeed:
         self.read_until = 0  # bytes [0, read_until) were taken from staging (or are being)
         self._idle = trio.Event()
         self._idle.set()
+        self._progress = trio.Event()  # set (and replaced) each time a piece has been fed
         self.error: BaseException | None = None
 
     def wrote(self, off: int, nursery: trio.Nursery) -> None:
@@ -419,28 +427,45 @@ class ChunkFeed:
         if off < self.read_until:
             self.valid = False  # a byte already fed changed: the commit starts again
             return
-        if self._idle.is_set() and self._size() - self.read_until >= _FEED_STEP + _FEED_LAG:
+        if self._idle.is_set() and self._size() - self.read_until >= FEED_STEP + _FEED_LAG:
             self._idle = trio.Event()
             nursery.start_soon(self._pump)
 
     async def _pump(self) -> None:
         try:
-            while self.valid and self._size() - self.read_until >= _FEED_STEP + _FEED_LAG:
-                await self._feed_piece(_FEED_STEP)
+            while self.valid and self._size() - self.read_until >= FEED_STEP + _FEED_LAG:
+                await self._feed_piece(FEED_STEP)
         except Exception as e:
             self.error = e
             self.valid = False
         finally:
             self._idle.set()
+            self._advanced()
+
+    async def keep_up(self, max_lag: int) -> None:
+        """Wait while the feed is busy and more than ``max_lag`` bytes behind the write front.
+
+        The staged file keeps only its newest writes in memory; a feed that falls further behind
+        reads its bytes back from disk, which costs more CPU than the chunking itself on a busy
+        machine. Awaited by a write before it is acknowledged, so the kernel holds the writing
+        process back to the pace of the chunks going out."""
+        while self.valid and not self._idle.is_set() and self._size() - self.read_until > max_lag:
+            await self._progress.wait()
+
+    def _advanced(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _feed_piece(self, n: int) -> None:
         start = self.read_until
         self.read_until += n
-        data = await self._read(start, n)
-        if len(data) < n:
-            data += bytes(n - len(data))
-        await trio.to_thread.run_sync(self.writer.feed, start, data,
+        pieces = await self._read(start, n)
+        short = n - sum(memoryview(p).nbytes for p in pieces)
+        if short > 0:
+            pieces.append(bytes(short))
+        await trio.to_thread.run_sync(_feed_pieces, self.writer, start, pieces,
                                       limiter=self._layout.limiter)
+        self._advanced()
 
     async def finish(self, size: int) -> Manifest:
         """Feed ``[fed, size)`` and return the manifest (packs durable). Raises on failure."""
@@ -448,7 +473,7 @@ class ChunkFeed:
         if not self.valid:
             raise self.error or ValueError("stream abandoned")
         while self.read_until < size:
-            await self._feed_piece(min(_FEED_STEP, size - self.read_until))
+            await self._feed_piece(min(FEED_STEP, size - self.read_until))
         manifest: Manifest = await trio.to_thread.run_sync(
             self.writer.finish, limiter=self._layout.limiter
         )

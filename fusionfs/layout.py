@@ -396,45 +396,75 @@ class Chunker:
     """Splits a sequential stream into chunks by a ``ChunkPolicy``. Not thread-safe.
 
     ``push(data)`` returns the chunks completed so far; ``flush()`` returns the last, partial one.
-    Memory: at most ``max_size`` plus one ``push`` worth of bytes is buffered.
+    A page (stream offsets ``k * page_size``) past the chunk's minimum size ends the chunk when
+    its CRC-32 is 0 modulo the policy's divisor, or when the chunk reaches its maximum size.
+
+    Each byte is copied once, into its chunk: pages are judged where they lie in the pushed
+    data, and only the unfinished chunk's bytes (at most ``max_size``) are kept between pushes.
     """
 
     def __init__(self, policy: ChunkPolicy) -> None:
         self.policy = policy
-        self._buf = bytearray()
-        self._scanned = 0  # bytes of _buf already judged (a multiple of the page size)
+        self._held: list[bytes] = []  # the unfinished chunk's bytes from earlier pushes
+        self._held_len = 0
+        self._judged = 0  # bytes of the unfinished chunk already judged (a page multiple)
 
     def push(self, data: bytes | memoryview) -> list[bytes]:
-        self._buf += data
         pol = self.policy
         page, lo, hi, div = pol.page_size, pol.min_size, pol.max_size, pol.divisor
-        out: list[bytes] = []
-        buf = self._buf
-        start = 0  # start of the current chunk in buf
-        pos = self._scanned
-        n = len(buf)
         crc = zlib.crc32
-        with memoryview(buf) as view:
-            while pos + page <= n:
+        out: list[bytes] = []
+        with memoryview(data) as whole, whole.cast("B") as view:
+            n = len(view)
+            held = self._held_len  # offsets below are relative to the unfinished chunk's start
+            start = -held  # ... and this is where it starts in ``view``
+            pos = self._judged  # next page to judge, relative to the chunk start
+            while start + pos + page <= n:
                 end = pos + page
-                size = end - start
-                if size < lo:  # pages before the minimum are never judged: skip to it
-                    pos = start + lo - page
+                if end < lo:  # pages before the minimum are never judged: skip to it
+                    pos = lo - page
                     continue
-                if size >= hi or crc(view[pos:end]) % div == 0:
-                    out.append(bytes(view[start:end]))
-                    start = end
-                pos = end
-        if start:
-            del buf[:start]
-        self._scanned = pos - start
+                at = start + pos  # the page's offset in view (negative: it began earlier)
+                if at >= 0:
+                    cut = end >= hi or crc(view[at : at + page]) % div == 0
+                else:
+                    cut = end >= hi or crc(self._held_tail(-at) + view[: at + page]) % div == 0
+                if cut:
+                    if start >= 0:
+                        out.append(bytes(view[start : start + end]))
+                    else:
+                        out.append(b"".join([*self._held, view[: start + end]]))
+                        self._held, self._held_len = [], 0
+                    start += end
+                    pos = 0
+                else:
+                    pos = end
+            if start >= 0:
+                self._held, self._held_len = [bytes(view[start:])], n - start
+            elif n:
+                self._held.append(bytes(view))
+                self._held_len += n
+            if self._held_len == 0:
+                self._held = []
+            self._judged = pos
+        if len(self._held) > 64:  # many tiny pushes: keep the unfinished chunk in one piece
+            self._held = [b"".join(self._held)]
         return out
+
+    def _held_tail(self, count: int) -> bytes:
+        """The last ``count`` bytes held from earlier pushes."""
+        parts: list[bytes] = []
+        for piece in reversed(self._held):
+            if count <= 0:
+                break
+            parts.append(piece[-count:] if count < len(piece) else piece)
+            count -= len(piece)
+        return b"".join(reversed(parts))
 
     def flush(self) -> bytes | None:
         """The remaining bytes as the last chunk (None if there are none); resets the chunker."""
-        data = bytes(self._buf) if self._buf else None
-        self._buf = bytearray()
-        self._scanned = 0
+        data = b"".join(self._held) if self._held_len else None
+        self._held, self._held_len, self._judged = [], 0, 0
         return data
 
 
@@ -690,7 +720,8 @@ class ChunkWriter:
         self._mine: dict[bytes, ChunkLocation] = {}  # chunks this writer placed
         self._fresh_packs: set[bytes] = set()  # packs this writer checked or refreshed
         self._pack_id = new_pack_id()
-        self._pack = bytearray()
+        self._pack: list[bytes] = []  # the open pack's chunk bodies, joined once when sealed
+        self._pack_len = 0
         self._pack_chunks: list[tuple[bytes, int, int]] = []
         self._closed = False
         self.stats = WriteStats()
@@ -863,14 +894,15 @@ class ChunkWriter:
                 loc = self._mine.get(p.digest)  # the same content twice in this file
             if loc is None:
                 assert p.body is not None
-                loc = ChunkLocation(self._pack_id, len(self._pack), len(p.body))
-                self._pack += p.body
+                loc = ChunkLocation(self._pack_id, self._pack_len, len(p.body))
+                self._pack.append(p.body)
+                self._pack_len += len(p.body)
                 self._pack_chunks.append((p.digest, loc.offset, loc.stored))
                 self._mine[p.digest] = loc
                 s.new_chunks += 1
                 s.new_logical += p.length
                 s.new_stored += loc.stored
-                if len(self._pack) >= self._pack_size:
+                if self._pack_len >= self._pack_size:
                     pack = self._seal()
                     if pack is not None:
                         sealed.append(pack)
@@ -885,9 +917,10 @@ class ChunkWriter:
     def _seal(self) -> tuple[bytes, bytes, list[tuple[bytes, int, int]]] | None:
         if not self._pack:
             return None
-        pack = (self._pack_id, bytes(self._pack), self._pack_chunks)
+        pack = (self._pack_id, b"".join(self._pack), self._pack_chunks)
         self._pack_id = new_pack_id()
-        self._pack = bytearray()
+        self._pack = []
+        self._pack_len = 0
         self._pack_chunks = []
         self.stats.packs += 1
         return pack

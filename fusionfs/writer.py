@@ -51,7 +51,7 @@ from typing import TypeVar
 
 import trio
 
-from fusionfs.chunked import ChunkedLayout, ChunkFeed
+from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed
 from fusionfs.directio import ALIGN, O_DIRECT, thread_buffer
 from fusionfs.errors import UploadFailed, first_error
 from fusionfs.layout import Manifest, write_manifest
@@ -80,6 +80,9 @@ _MAX_PENDING = 64 << 20  # bytes of queued writes per file before a write waits 
 #: so that streamed parts and the chunk feed, which read the bytes just written, do not read
 #: them back from the staging file. More than a part (16 MiB) plus the feed's lag and step.
 _RECENT_MAX = 48 << 20
+#: How far the chunk feed may fall behind a new file's write front before writes wait for it:
+#: within ``_RECENT_MAX``, so the feed reads from memory (a write and a feed piece of slack).
+_FEED_MAX_LAG = _RECENT_MAX - 2 * FEED_STEP
 _MAX_PARTS = 10_000
 
 
@@ -173,8 +176,9 @@ class _Recent:
         self.pieces.clear()
         self.start = self.end = self.nbytes = 0
 
-    def get(self, off: int, length: int) -> bytes | None:
-        """``[off, off + length)`` if the run holds all of it, else None."""
+    def views(self, off: int, length: int) -> list[memoryview] | None:
+        """``[off, off + length)`` as views of the writes that hold it, if the run holds all of
+        it, else None."""
         end = off + length
         if not self.pieces or off < self.start or end > self.end or length <= 0:
             return None
@@ -187,6 +191,13 @@ class _Recent:
             if stop >= end:
                 break
             pos = stop
+        return views
+
+    def get(self, off: int, length: int) -> bytes | None:
+        """``[off, off + length)`` if the run holds all of it, else None."""
+        views = self.views(off, length)
+        if views is None:
+            return None
         if len(views) == 1:
             whole = views[0].obj
             if isinstance(whole, bytes) and len(whole) == len(views[0]):
@@ -284,6 +295,8 @@ class StagedFile:
         await self._touch()
         if self.chunked is not None:
             self._feed_chunked(off)
+            if self._feed is not None and self._recent is not None:
+                await self._feed.keep_up(_FEED_MAX_LAG)
         else:
             self._maybe_send_parts()
         return len(data)
@@ -334,6 +347,17 @@ class StagedFile:
         if len(data) < end - off:
             data += bytes(end - off - len(data))
         return data
+
+    async def read_pieces(self, off: int, size: int) -> list[bytes | memoryview]:
+        """What ``read`` returns, as pieces: views of the writes themselves where the newest
+        writes hold the range (no copy), else one ``read``. The chunk feed's reader."""
+        if self._recent is not None:
+            views = self._recent.views(off, min(size, self.size - off))
+            if views is not None:
+                if self._drain_error is not None:  # sticky, as _settle would raise it
+                    raise UploadFailed(f"staging {self.key}: {self._drain_error}")
+                return list(views)
+        return [await self.read(off, size)]
 
     def _staged_at(self, pos: int) -> bool:
         """Whether the byte at ``pos`` comes from the staging file (not from the base)."""
@@ -631,7 +655,7 @@ class StagedFile:
             if off != 0:
                 return
             assert self.chunked is not None
-            self._feed = ChunkFeed(self.chunked, self.read, lambda: self.size)
+            self._feed = ChunkFeed(self.chunked, self.read_pieces, lambda: self.size)
         self._feed.wrote(off, self._up.nursery)
 
     async def _upload_chunked(
@@ -648,7 +672,7 @@ class StagedFile:
         if manifest is None:
             if feed is not None:
                 await feed.close()
-            feed = ChunkFeed(layout, self.read, lambda: self.size)
+            feed = ChunkFeed(layout, self.read_pieces, lambda: self.size)
             try:
                 manifest = await feed.finish(self.size)
             finally:

@@ -8,6 +8,7 @@ MiB (one or two packs), and over LocalStore only for the larger streaming test.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -305,3 +306,48 @@ async def test_a_write_behind_the_streamed_part_restarts_the_stream_at_commit(
     await h.close(fh)
     fresh = await make_fs(local_store)
     assert await fresh.read_file("snap/f.img", block=MiB) == bytes(data)
+
+
+@pytest.mark.timeout(90)
+async def test_writes_wait_for_a_lagging_chunk_feed_instead_of_reading_back_staging(
+    make_fs: FsFactory, local_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S-CHUNK-9: while the packs cannot go out, a new file's writes are held back once the
+    chunk feed is a window behind, so the feed takes every byte from memory, never from the
+    staging file; nothing is lost and the file commits whole once the store answers."""
+    h = await make_fs(local_store)
+    await chunked_dir(h, "snap")
+    staged_reads: list[int] = []
+    real_pread = os.pread
+
+    def spy(fd: int, length: int, off: int) -> bytes:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(h.staging_dir)):
+                staged_reads.append(length)
+        return real_pread(fd, length, off)
+
+    monkeypatch.setattr(os, "pread", spy)
+    local_store.stall("put")
+    data = random.Random(12).randbytes(192 * MiB)
+    fh = await h.create("snap/pages-1.img")
+    written = 0
+
+    async def write_all() -> None:
+        nonlocal written
+        for off in range(0, len(data), MiB):
+            await h.write(fh, off, data[off : off + MiB])
+            written = off + MiB
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_all)
+        with trio.fail_after(40):  # the writer stops moving while the packs cannot go out
+            last = -1
+            while written != last:
+                last = written
+                await trio.sleep(1.0)
+        assert 0 < written < len(data)
+        local_store.release("put")
+    await h.close(fh)
+    assert staged_reads == []
+    fresh = await make_fs(local_store)
+    assert await fresh.read_file("snap/pages-1.img", block=4 * MiB) == data

@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,6 +228,43 @@ def test_chunks_do_not_depend_on_how_data_is_fed(n_pages: int, cuts: list[int], 
         assert n % PAGE == 0 and SMALL.min_size <= n <= SMALL.max_size
     if whole:
         assert whole[-1] <= SMALL.max_size
+
+
+def _reference_lengths(data: bytes, policy: ChunkPolicy) -> list[int]:
+    """The chunking rule written plainly (one pass over the whole stream): stored manifests
+    depend on these exact boundaries, so ``Chunker`` must never drift from it."""
+    page, lo, hi, div = policy.page_size, policy.min_size, policy.max_size, policy.divisor
+    lengths, start, pos = [], 0, 0
+    while pos + page <= len(data):
+        end = pos + page
+        if end - start < lo:
+            pos = start + lo - page
+            continue
+        if end - start >= hi or zlib.crc32(data[pos:end]) % div == 0:
+            lengths.append(end - start)
+            start = end
+        pos = end
+    if start < len(data):
+        lengths.append(len(data) - start)
+    return lengths
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(0, 200), st.lists(st.integers(1, 9000), max_size=40), st.integers(0, 99))
+def test_chunker_cuts_where_the_plain_rule_does(n_pages: int, steps: list[int], seed: int) -> None:
+    data = _mixed(n_pages, seed) + bytes(seed % 7)
+    chunker = Chunker(SMALL)
+    lengths: list[int] = []
+    pos = 0
+    for step in steps:
+        lengths += [len(c) for c in chunker.push(memoryview(data)[pos : pos + step])]
+        pos += step
+    lengths += [len(c) for c in chunker.push(data[pos:])]
+    tail = chunker.flush()
+    if tail is not None:
+        lengths.append(len(tail))
+    assert lengths == _reference_lengths(data, SMALL)
+    assert chunk_lengths(data) == _reference_lengths(data, ChunkPolicy())
 
 
 def test_default_policy_averages_near_its_target() -> None:
