@@ -7,6 +7,8 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
   (8 threads x 8 MiB) and the same bytes from a local file after dropping the page cache.
 - ``seq read warm``: the same read after a remount on the same cache dir, page cache dropped:
   served by the mount's own disk cache (fusionfs chunk cache, rclone's VFS cache).
+  Both sequential reads also run through ``fusionfs --direct-io`` (row ``fusionfs --direct-io``:
+  read-only opens bypass the kernel page cache, docs/SEMANTICS.md S-READ-4).
 - ``rand read 4KiB`` / ``rand read 1MiB``: random aligned reads (pread, POSIX_FADV_RANDOM) through
   a fresh mount against single ranged GETs, one at a time: p50/p99 latency and throughput.
 - ``seq write``: the same amount written in 1 MiB writes until durable: close returns once the
@@ -78,6 +80,7 @@ _UNMOUNT_TIMEOUT = 180.0
 _DIRECT = "direct boto3"
 _DISK = "local disk"
 _FUSIONFS = "fusionfs"
+_FUSIONFS_DIO = "fusionfs --direct-io"  # the same mount, page cache bypassed (S-READ-4)
 _SMALL_CREATE = "small files create"
 _SMALL_READ = "small files read"
 _SMALL_SIZE = 4096
@@ -547,6 +550,7 @@ class _Bench:
         self.client = store.client()
         self.setup_client = store.client(store.setup_url, pool=32)
         self.mounters: list[_Mounter] = []
+        self.direct_io_mounter: _Mounter | None = None  # sequential reads only
         self.mounted: list[tuple[_Mounter, Path]] = []
         self.can_drop = drop_page_cache()
         self._steps: Steps | None = None
@@ -644,6 +648,9 @@ class _Bench:
                 self.log(f"[yellow]{mounter.name}: not available: {reason}")
             else:
                 self.mounters.append(mounter)
+                if mounter.name == _FUSIONFS:
+                    self.direct_io_mounter = _Fusionfs(self.store, ["--direct-io"])
+                    self.direct_io_mounter.name = _FUSIONFS_DIO
 
     def _multipart(self, client: Any, key: str, threads: int, part_size: int) -> None:
         bucket = self.store.bucket
@@ -768,7 +775,8 @@ class _Bench:
         n = self._direct_read(self.client)
         self.record("seq read cold", _DIRECT, run, mb_per_s(n, time.perf_counter() - t0), "MB/s")
         assert n == size
-        for mounter in self.mounters:
+        extra = [self.direct_io_mounter] if self.direct_io_mounter is not None else []
+        for mounter in [*self.mounters, *extra]:
             self.step(f"run {run + 1}: {mounter.name} cold + warm read")
             try:
                 self._mount_seq_read(mounter, run)
@@ -789,7 +797,9 @@ class _Bench:
             self._verify(mnt / rel, run)
             stats = mounter.stats(mnt)
             if stats:
-                self.results.extra.setdefault("fusionfs_stats", []).append({"run": run, **stats})
+                self.results.extra.setdefault("fusionfs_stats", []).append(
+                    {"run": run, "tool": mounter.name, **stats}
+                )
         if not mounter.has_cache:
             return
         self._drop()

@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                    "default from AWS_ENDPOINT_URL or AWS")
     m.add_argument("--region")
     m.add_argument("--read-only", action="store_true")
+    m.add_argument("--direct-io", action="store_true",
+                   help="files opened read-only bypass the kernel page cache: every read(2) "
+                   "is served by fusionfs (data read once: no page-cache copy; small reads "
+                   "and shared mmap suffer, see docs/SEMANTICS.md S-READ-4)")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users access the mount")
     m.add_argument("--metadata-ttl", type=float, default=1.0, dest="attr_timeout",
@@ -141,7 +145,8 @@ def _config(args: argparse.Namespace) -> MountConfig:
         chunk_size=args.chunk_size, request_size=args.read_request_size,
         max_readahead=args.max_readahead, part_size=args.part_size,
         upload_slots=args.upload_concurrency, endpoint_url=args.endpoint_url,
-        region=args.region, read_only=args.read_only, allow_other=args.allow_other,
+        region=args.region, read_only=args.read_only, direct_io=args.direct_io,
+        allow_other=args.allow_other,
         attr_timeout=args.attr_timeout, call_timeout=args.store_timeout, sse=args.sse,
         sse_kms_key_id=args.sse_kms_key_id, sign_payload=args.sign_payload,
         log_file=args.log_file or (None if args.foreground else cache_dir / "fusionfs.log"),

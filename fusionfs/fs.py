@@ -114,6 +114,7 @@ class Kind(enum.Enum):
 class FsConfig:
     attr_timeout: float = 1.0
     read_only: bool = False
+    direct_io: bool = False  # read-only opens bypass the kernel page cache (S-READ-4)
     uid: int = dataclasses.field(default_factory=os.getuid)
     gid: int = dataclasses.field(default_factory=os.getgid)
     file_mode: int = 0o644
@@ -928,8 +929,10 @@ class Filesystem:
         except KeyError:
             raise InvalidArgument(f"no file handle {fh}") from None
 
-    async def open(self, ino: int, flags: int) -> tuple[Handle, bool]:
-        """Open a file. Returns the handle and whether the kernel may keep its page cache."""
+    async def open(self, ino: int, flags: int) -> tuple[Handle, bool, bool]:
+        """Open a file. Returns the handle, whether the kernel may keep its page cache, and
+        whether this open bypasses the page cache (``--direct-io``: read-only opens of a file
+        nobody is writing through this mount, S-READ-4)."""
         inode = self.inode(ino)
         if inode.kind is Kind.DIR:
             raise IsADirectory(self._path(inode))
@@ -951,7 +954,8 @@ class Filesystem:
         handle = self._open_handle(inode, writable=writable)
         keep = inode.etag is not None and inode.kernel_etag == inode.etag and not truncate
         inode.kernel_etag = inode.etag
-        return handle, keep
+        direct = self.cfg.direct_io and not writable and inode.staged is None
+        return handle, keep, direct
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handle(fh)

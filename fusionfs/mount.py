@@ -68,6 +68,7 @@ class MountConfig:
     endpoint_url: str | None = None
     region: str | None = None
     read_only: bool = False
+    direct_io: bool = False
     allow_other: bool = False
     attr_timeout: float = 1.0
     call_timeout: float = 60.0
@@ -85,6 +86,7 @@ class MountConfig:
             "mountpoint": str(self.mountpoint), "cache_dir": str(self.cache_dir),
             "cache_size": self.cache_size, "chunk_size": self.chunk_size,
             "part_size": self.part_size, "read_only": self.read_only,
+            "direct_io": self.direct_io,
             "endpoint_url": self.endpoint_url,
             "log_file": str(self.log_file) if self.log_file else None,
         }
@@ -202,6 +204,7 @@ async def _serve(
         fs = Filesystem(
             store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
             config=FsConfig(attr_timeout=cfg.attr_timeout, read_only=cfg.read_only,
+                            direct_io=cfg.direct_io,
                             call_timeout=cfg.call_timeout, retry_interval=cfg.retry_interval,
                             info=cfg.public_info()),
         )

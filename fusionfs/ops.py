@@ -189,9 +189,9 @@ class FusionOperations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        handle, keep = await self.fs.open(inode, flags)
+        handle, keep, direct = await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(self.fs.register(handle)),
-                                keep_cache=keep)
+                                keep_cache=keep, direct_io=direct)
 
     @_errors
     async def create(

@@ -109,7 +109,7 @@ class Harness:
 
     async def open(self, path: str, flags: int = os.O_RDONLY) -> int:
         inode = await self.lookup(path)
-        handle, _keep = await self.fs.open(inode.ino, flags)
+        handle, _keep, _direct = await self.fs.open(inode.ino, flags)
         return self.fs.register(handle)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
