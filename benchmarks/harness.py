@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,6 +390,10 @@ class ProxyProcess:
         self.endpoint_url = m.group(1)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def __exit__(self, *exc: object) -> None:
         proc = self._proc
         if proc is None:
@@ -406,6 +410,96 @@ class ProxyProcess:
             if line.startswith("stats "):
                 with contextlib.suppress(ValueError):
                     self.stats = json.loads(line[6:])
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process (all its threads) has used so far; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by named processes while a block runs, plus this process's own
+    (``self``) and that of the child processes it waited for meanwhile (``children``, with
+    their own waited-for descendants: ``snapstore dump`` and its CRIU):
+    ``with CpuMeter({"server": pid}) as cpu: ...``, then ``cpu.used``. A named process missing
+    at either end is left out."""
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self.used: dict[str, float] = {}
+        self._start: dict[str, float | None] = {}
+
+    @staticmethod
+    def _own() -> tuple[float, float]:
+        t = os.times()
+        return t.user + t.system, t.children_user + t.children_system
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        self._start["self"], self._start["children"] = self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, pid in self.pids.items():
+            begin, end = self._start.get(name), process_cpu_s(pid)
+            if begin is not None and end is not None:
+                self.used[name] = end - begin
+        own, children = self._own()
+        self.used["self"] = own - (self._start["self"] or 0.0)
+        used_children = children - (self._start["children"] or 0.0)
+        if used_children > 0:
+            self.used["children"] = used_children
+
+    def per_gib(self, nbytes: int, labels: Mapping[str, str] | None = None) -> dict[str, float]:
+        """``{"cpu_" + label: CPU seconds per GiB of nbytes}`` for a measurement's extras;
+        ``labels`` renames (``{"self": "reader"}``)."""
+        labels = labels or {}
+        if nbytes <= 0:
+            return {}
+        return {
+            f"cpu_{labels.get(name, name)}": round(v * (1 << 30) / nbytes, 3)
+            for name, v in self.used.items()
+        }
+
+
+def cpu_budget_note(
+    results: Results, scenario: str, tool: str, reference: str, target: float, cores: int,
+    mine: Sequence[str], others: Sequence[str],
+) -> str | None:
+    """One line: how much CPU per GiB ``tool`` could spend in ``scenario`` if it were to reach
+    ``target`` x the reference's throughput on ``cores`` cores, against what it used.
+
+    ``mine`` are the extras that are the tool's own CPU (``cpu_daemon``...), ``others`` what the
+    rest of the machine spent meanwhile (``cpu_server``...). Medians over the runs. A bound that
+    holds whatever the bottleneck: a read of 1 GiB cannot take less than its CPU time / cores."""
+    rows = {r.tool: r for r in results.summary() if r.scenario == scenario}
+    ours, ref = rows.get(tool), rows.get(reference)
+    if ours is None or ref is None or ref.median <= 0:
+        return None
+    if not all(k in ours.extras for k in mine):
+        return None
+    gib_mb = (1 << 30) / 1e6
+    seconds = gib_mb / (target * ref.median)  # per GiB at the target throughput
+    budget = cores * seconds
+    rest = sum(ours.extras.get(k, 0.0) for k in others)
+    own = sum(ours.extras[k] for k in mine)
+
+    def parts(row: SummaryRow) -> str:
+        items = [(k[4:], v) for k, v in row.extras.items() if k.startswith("cpu_")]
+        return ", ".join(f"{k} {v:.2f}" for k, v in items)
+
+    return (
+        f"{scenario}, CPU seconds per GiB (medians): {reference} {parts(ref)}; {tool} "
+        f"{parts(ours)}. {target:g}x {reference} ({target * ref.median:.0f} MB/s) on {cores} "
+        f"cores allows at most {budget:.2f} CPU-s per GiB in all; the rest of the machine took "
+        f"{rest:.2f} during {tool}'s run, leaving {budget - rest:.2f} for {tool}, which used "
+        f"{own:.2f}"
+    )
 
 
 @contextlib.contextmanager

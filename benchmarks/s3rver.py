@@ -188,6 +188,13 @@ class LocalS3rver:
                 start_new_session=True,
             )
 
+    @property
+    def pid(self) -> int | None:
+        """The server process now (it is restarted if it dies)."""
+        with self._lock:
+            proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def _kill(self) -> None:
         with self._lock:
             proc = self._proc

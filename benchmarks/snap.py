@@ -89,10 +89,12 @@ from benchmarks.fs import (
     _Store,
 )
 from benchmarks.harness import (
+    CpuMeter,
     Measurement,
     ProxyProcess,
     Results,
     Steps,
+    SummaryRow,
     drop_page_cache,
     last_line,
     run_cmd,
@@ -339,6 +341,15 @@ class _Bench:
         return env
 
     # -- mounts --------------------------------------------------------------------------
+
+    def cpu(self, mountpoint: Path | None = None) -> CpuMeter:
+        """A meter of the server's (and proxy's) CPU, this process's and its waited-for
+        children's (CRIU, snapstore), and the daemon's of the mount at ``mountpoint``."""
+        pids = {name: get() for name, get in self.store.cpu_pids.items()}
+        for mnt, daemon in self.mounts:
+            if mnt == mountpoint and daemon:
+                pids["daemon"] = daemon
+        return CpuMeter(pids)
 
     @contextlib.contextmanager
     def mount(self, name: str, mounter: _Fusionfs | None = None) -> Iterator[Path]:
@@ -618,11 +629,13 @@ class _Bench:
             # 1. CRIU to local disk
             self.step(f"{label} run {run + 1}: criu dump to local disk")
             os.sync()
-            local_s, local_sync_s, local_stats = self.criu_dump_local(pid, images)
+            with self.cpu() as cpu:
+                local_s, local_sync_s, local_stats = self.criu_dump_local(pid, images)
             image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
             frozen = local_stats.get("frozen_time_us", 0) / 1e6
             self.record(dump_sc, _LOCAL, run, local_s, "s", frozen_s=frozen)
-            self.record(dump_sc, _LOCAL_SYNC, run, local_sync_s, "s", image_mb=image_bytes / 1e6)
+            self.record(dump_sc, _LOCAL_SYNC, run, local_sync_s, "s", image_mb=image_bytes / 1e6,
+                        **cpu.per_gib(image_bytes, {"children": "criu", "self": "bench"}))
 
             # 2. the same image files uploaded directly
             self.step(f"{label} run {run + 1}: direct multipart upload of the images")
@@ -634,10 +647,12 @@ class _Bench:
             self.delete_under(direct_prefix)
             self.step(f"{label} run {run + 1}: direct 8 MiB PUTs of the images")
             os.sync()
-            t0 = time.perf_counter()
-            self.upload_pieces(images, direct_prefix + "put/")
-            up_put = time.perf_counter() - t0
-            self.record(dump_sc, _UP_PUT, run, up_put, "s", mb_per_s=image_bytes / up_put / 1e6)
+            with self.cpu() as cpu:
+                t0 = time.perf_counter()
+                self.upload_pieces(images, direct_prefix + "put/")
+                up_put = time.perf_counter() - t0
+            self.record(dump_sc, _UP_PUT, run, up_put, "s", mb_per_s=image_bytes / up_put / 1e6,
+                        **cpu.per_gib(image_bytes, {"self": "client"}))
             self.delete_under(direct_prefix)
             naive = local_sync_s + up_mp
             self.record(dump_sc, _NAIVE, run, naive, "s")
@@ -659,6 +674,7 @@ class _Bench:
                 internal_total_s=t["total_s"],
                 image_mb=manifest["total_bytes"] / 1e6,
                 uploaded_mb=stats.get("bytes_uploaded", 0) / 1e6,
+                **_cpu_extras(stats, manifest["total_bytes"]),
             )
             self.results.extra.setdefault("snapstore_dump", []).append(
                 {"size_mib": mib, "run": run, "timings": t, "fusionfs_stats": stats}
@@ -809,18 +825,21 @@ class _Bench:
         pid = proc.pid
         with self.mount(mount_name) as mnt:
             os.sync()
-            t0 = time.perf_counter()
-            root_args = ["--root", str(mnt / "snapshots")]
-            res = run_cmd(
-                [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
-                timeout=_CMD_TIMEOUT,
-                env=self.env(),
-            )
-            seconds = time.perf_counter() - t0
+            with self.cpu(mnt) as cpu:
+                t0 = time.perf_counter()
+                root_args = ["--root", str(mnt / "snapshots")]
+                res = run_cmd(
+                    [*self.snapstore, "dump", str(pid), "--task", task_id, *root_args, "--json"],
+                    timeout=_CMD_TIMEOUT,
+                    env=self.env(),
+                )
+                seconds = time.perf_counter() - t0
             if res.returncode != 0:
                 raise _RunFailed(f"snapstore dump exited {res.returncode}: {_stderr(res)}")
             manifest: dict[str, Any] = json.loads(res.stdout)
             stats = self.stats(mnt)
+            # CPU seconds meanwhile: the server, the mount's daemon, snapstore with its CRIU
+            stats["cpu_used_s"] = dict(cpu.used)
         proc.wait(30)
         self.live.discard(pid)
         _reap(pid, 30)
@@ -1224,9 +1243,55 @@ def run_snap(cfg: SnapConfig, console: Console) -> int:
     finally:
         _remove_work_dir(work, console)
     _add_summary_notes(results)
+    _add_cpu_notes(results)
     _add_window_fit(results, cfg)
     results.write(out, console)
     return status
+
+
+def _cpu_extras(stats: dict[str, Any], nbytes: int) -> dict[str, float]:
+    """The CPU a ``snapstore dump`` took (``stats["cpu_used_s"]``) as per-GiB extras."""
+    used = stats.get("cpu_used_s") or {}
+    names = {"server": "server", "proxy": "proxy", "daemon": "daemon",
+             "children": "snapstore_criu"}
+    if nbytes <= 0:
+        return {}
+    return {f"cpu_{names[k]}": round(v * (1 << 30) / nbytes, 3)
+            for k, v in used.items() if k in names}
+
+
+def _add_cpu_notes(results: Results) -> None:
+    """Where the CPU went in each full dump, against the budget of the 1.25x target."""
+    cores = os.cpu_count() or 1
+    rows = results.summary()
+    for row in rows:
+        if not row.scenario.startswith("dump ") or row.tool != _OURS:
+            continue
+        ref = {r.tool: r for r in rows if r.scenario == row.scenario}
+        local, puts = ref.get(_LOCAL_SYNC), ref.get(_UP_PUT)
+        if local is None or puts is None or "cpu_daemon" not in row.extras:
+            continue
+        image_mb = row.extras.get("image_mb") or 0
+        if image_mb <= 0:
+            continue
+        gib = image_mb * 1e6 / (1 << 30)
+        slower = max(local.median, puts.median)
+        budget = cores * 1.25 * slower / gib  # CPU-s per GiB the whole machine may spend
+
+        def parts(r: SummaryRow) -> str:
+            return ", ".join(f"{k[4:]} {v:.2f}" for k, v in r.extras.items()
+                             if k.startswith("cpu_"))
+
+        rest = row.extras.get("cpu_server", 0.0) + row.extras.get("cpu_proxy", 0.0)
+        own = row.extras["cpu_daemon"] + row.extras.get("cpu_snapstore_criu", 0.0)
+        results.notes.append(
+            f"{row.scenario}, CPU seconds per GiB of images (medians): {_LOCAL_SYNC} "
+            f"{parts(local)}; {_UP_PUT} {parts(puts)}; {_OURS} {parts(row)}. 1.25x the slower "
+            f"of the first two ({1.25 * slower:.2f} s) on {cores} cores allows at most "
+            f"{budget:.2f} CPU-s per GiB in all; the server took {rest:.2f} during our dump, "
+            f"leaving {budget - rest:.2f} for the daemon, snapstore and CRIU, which used "
+            f"{own:.2f}"
+        )
 
 
 def _add_window_fit(results: Results, cfg: SnapConfig) -> None:

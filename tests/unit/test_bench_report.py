@@ -4,7 +4,10 @@ mounts."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from benchmarks import plots, window
 from benchmarks.__main__ import main
 from benchmarks.fs import small_files_figures, small_files_summary
-from benchmarks.harness import Measurement, Results
+from benchmarks.harness import CpuMeter, Measurement, Results, cpu_budget_note
 
 _GIB = 1 << 30
 
@@ -263,3 +266,41 @@ def test_steps_on_a_terminal_show_a_bar() -> None:
         steps.advance()
     text = buf.getvalue()
     assert "criu dump to local disk" in text and "1/2" in text and "this step" in text
+
+
+def test_cpu_meter_counts_a_busy_process_itself_and_waited_children() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with CpuMeter({"busy": busy.pid, "gone": None}) as cpu:
+            end = time.process_time() + 0.3
+            while time.process_time() < end:  # this process: 0.3 s of CPU
+                pass
+            subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()+0.3\n"
+                            "while time.process_time() < t: pass"], check=True)
+            time.sleep(0.2)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert set(cpu.used) == {"busy", "self", "children"}
+    assert cpu.used["self"] >= 0.25
+    assert cpu.used["children"] >= 0.25
+    assert cpu.used["busy"] >= 0.3  # it ran for the whole block (0.3 s + the child + 0.2 s)
+    per = cpu.per_gib(512 << 20, {"self": "reader"})
+    assert per["cpu_reader"] == pytest.approx(2 * cpu.used["self"], abs=0.01)
+
+
+def test_cpu_budget_note_states_the_budget_of_a_throughput_target() -> None:
+    results = Results("fs", {})
+    results.add(Measurement("seq read cold", "direct boto3", 0, 1073.741824, "MB/s",
+                            {"cpu_server": 1.0, "cpu_client": 0.5}))
+    results.add(Measurement("seq read cold", "fusionfs", 0, 500.0, "MB/s",
+                            {"cpu_server": 1.2, "cpu_daemon": 2.0, "cpu_reader": 0.1}))
+    note = cpu_budget_note(results, "seq read cold", "fusionfs", "direct boto3", 0.5, 2,
+                           mine=("cpu_daemon", "cpu_reader"), others=("cpu_server",))
+    assert note is not None
+    # 0.5x of 1 GiB/s: 2 s per GiB, on 2 cores 4 CPU-s; the server took 1.2 of them
+    assert "allows at most 4.00 CPU-s per GiB" in note
+    assert "leaving 2.80 for fusionfs, which used 2.10" in note
+    assert cpu_budget_note(results, "seq read cold", "rclone", "direct boto3", 0.5, 2,
+                           mine=("cpu_daemon",), others=()) is None
+    assert os.cpu_count()
