@@ -12,8 +12,8 @@ Caveats:
   cannot create its directories), and only for bad arguments does anything raise ``ValueError``.
 - The size bound counts file sizes (a 4 KiB header block plus the data), not allocated blocks.
 - Chunks are not fsynced as they are written. A power loss can leave a chunk with a final name
-  but garbage content; every chunk is therefore hash-verified (blake3) the first time it is read
-  after ``open()``, and trusted afterwards -- unless the previous instance shut down cleanly:
+  but garbage content; every chunk is therefore checksum-verified (XXH3-128) the first time it is
+  read after ``open()``, and trusted afterwards -- unless the previous instance shut down cleanly:
   ``close()`` syncs the cache's filesystem and leaves a ``CLEAN`` marker, and an ``open()`` that
   finds it (and durably deletes it before anything new is written) trusts the files it scans.
   A chunk modified behind our back (after verification, or between a clean close and the next
@@ -46,7 +46,7 @@ import struct
 import threading
 import time
 
-import blake3
+import xxhash
 
 from fusionfs.directio import O_DIRECT, round_up, thread_buffer
 from fusionfs.stats import Stats
@@ -56,14 +56,23 @@ __all__ = ["ChunkCache"]
 
 _log = logging.getLogger(__name__)
 
-#: Header: magic, format version, flags, data length, identity digest, blake3 digest of the data.
+#: Header: magic, format version, flags, data length, identity digest, checksum of the data
+#: (XXH3-128, zero-padded to 32 bytes).
 _HEADER = struct.Struct("<4sHHQ16s32s")
 _HEADER_SIZE = _HEADER.size  # 64
 _MAGIC = b"FFSC"
-_VERSION = 2
+_VERSION = 3
 #: The data starts at this offset: the header is padded to one block, so that the data can be
-#: written with O_DIRECT (aligned file offset). Version 1 files (data at 64) read as misses.
+#: written with O_DIRECT (aligned file offset). Files of older versions read as misses
+#: (version 1: data at 64; version 2: blake3 checksums).
 _DATA_OFFSET = 4096
+
+def _checksum(data: bytes | memoryview) -> bytes:
+    """What a chunk file's header holds to detect garbage left by a power loss: XXH3-128 (not
+    a cryptographic hash: nobody forges cache files; 0.02 ms per MiB here against blake3's
+    0.14, on every chunk a cold read caches)."""
+    return xxhash.xxh3_128_digest(data).ljust(32, b"\0")
+
 
 #: Chunk file name: 32 hex of the identity digest, "-", 16 hex of the key digest. The key part
 #: lets ``drop_object`` find every chunk of a key (any ETag) after a remount without reading
@@ -453,8 +462,8 @@ class ChunkCache:
             return "identity mismatch"
         if os.fstat(fd).st_size != _DATA_OFFSET + length:
             return "trailing bytes"
-        if blake3.blake3(data).digest() != digest:
-            return "hash mismatch"
+        if _checksum(data) != digest:
+            return "checksum mismatch"
         return None
 
     def _discard(self, name: str, gen: int, problem: str) -> None:
@@ -514,7 +523,7 @@ class ChunkCache:
         stored = False
         try:
             header = _HEADER.pack(
-                _MAGIC, _VERSION, 0, length, bytes.fromhex(name[:32]), blake3.blake3(view).digest()
+                _MAGIC, _VERSION, 0, length, bytes.fromhex(name[:32]), _checksum(view)
             )
             with self._lock:
                 self._tmp_seq += 1
