@@ -203,6 +203,13 @@ class _Store:
     # processes whose CPU the read scenarios report (the local server, the proxy): name -> pid
     cpu_pids: dict[str, Callable[[], int | None]] = field(default_factory=dict)
 
+    def cpu_meter(self, daemon: int | None = None) -> CpuMeter:
+        """A meter of the server's and the proxy's CPU, this process's (and its waited-for
+        children's), and ``daemon``'s (a mount's process)."""
+        pids = {name: get() for name, get in self.cpu_pids.items()}
+        pids["daemon"] = daemon
+        return CpuMeter(pids)
+
     def client(self, url: str | None = None, pool: int = 16) -> Any:
         import boto3
         from botocore.config import Config
@@ -795,12 +802,9 @@ class _Bench:
             drop_page_cache()
 
     def _cpu(self, mountpoint: Path | None = None) -> CpuMeter:
-        """A meter of the server's and the proxy's CPU, this process's, and the daemon's of
-        the mount at ``mountpoint`` (the process whose command line names it)."""
-        pids = {name: get() for name, get in self.store.cpu_pids.items()}
-        if mountpoint is not None:
-            pids["daemon"] = _mount_daemon_pid(mountpoint)
-        return CpuMeter(pids)
+        """``_Store.cpu_meter`` with the daemon of the mount at ``mountpoint`` (the process
+        whose command line names it)."""
+        return self.store.cpu_meter(_mount_daemon_pid(mountpoint) if mountpoint else None)
 
     # -- scenarios -----------------------------------------------------------------------
 

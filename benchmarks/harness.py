@@ -456,15 +456,27 @@ class CpuMeter:
             self.used["children"] = used_children
 
     def per_gib(self, nbytes: int, labels: Mapping[str, str] | None = None) -> dict[str, float]:
-        """``{"cpu_" + label: CPU seconds per GiB of nbytes}`` for a measurement's extras;
-        ``labels`` renames (``{"self": "reader"}``)."""
-        labels = labels or {}
-        if nbytes <= 0:
-            return {}
-        return {
-            f"cpu_{labels.get(name, name)}": round(v * (1 << 30) / nbytes, 3)
-            for name, v in self.used.items()
-        }
+        """``cpu_per_gib`` of what this meter measured."""
+        return cpu_per_gib(self.used, nbytes, labels)
+
+
+def cpu_per_gib(
+    used: Mapping[str, float], nbytes: int, labels: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """``{"cpu_" + label: CPU seconds per GiB of nbytes}`` for a measurement's extras, from CPU
+    seconds by process name; ``labels`` renames (``{"self": "reader"}``)."""
+    labels = labels or {}
+    if nbytes <= 0:
+        return {}
+    return {
+        f"cpu_{labels.get(name, name)}": round(v * (1 << 30) / nbytes, 3)
+        for name, v in used.items()
+    }
+
+
+def cpu_parts(row: SummaryRow) -> str:
+    """A row's ``cpu_*`` extras as ``name value, ...`` (for the CPU notes)."""
+    return ", ".join(f"{k[4:]} {v:.2f}" for k, v in row.extras.items() if k.startswith("cpu_"))
 
 
 def cpu_budget_note(
@@ -488,14 +500,9 @@ def cpu_budget_note(
     budget = cores * seconds
     rest = sum(ours.extras.get(k, 0.0) for k in others)
     own = sum(ours.extras[k] for k in mine)
-
-    def parts(row: SummaryRow) -> str:
-        items = [(k[4:], v) for k, v in row.extras.items() if k.startswith("cpu_")]
-        return ", ".join(f"{k} {v:.2f}" for k, v in items)
-
     return (
-        f"{scenario}, CPU seconds per GiB (medians): {reference} {parts(ref)}; {tool} "
-        f"{parts(ours)}. {target:g}x {reference} ({target * ref.median:.0f} MB/s) on {cores} "
+        f"{scenario}, CPU seconds per GiB (medians): {reference} {cpu_parts(ref)}; {tool} "
+        f"{cpu_parts(ours)}. {target:g}x {reference} ({target * ref.median:.0f} MB/s) on {cores} "
         f"cores allows at most {budget:.2f} CPU-s per GiB in all; the rest of the machine took "
         f"{rest:.2f} during {tool}'s run, leaving {budget - rest:.2f} for {tool}, which used "
         f"{own:.2f}"

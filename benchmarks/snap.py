@@ -94,7 +94,8 @@ from benchmarks.harness import (
     ProxyProcess,
     Results,
     Steps,
-    SummaryRow,
+    cpu_parts,
+    cpu_per_gib,
     drop_page_cache,
     last_line,
     run_cmd,
@@ -343,13 +344,10 @@ class _Bench:
     # -- mounts --------------------------------------------------------------------------
 
     def cpu(self, mountpoint: Path | None = None) -> CpuMeter:
-        """A meter of the server's (and proxy's) CPU, this process's and its waited-for
-        children's (CRIU, snapstore), and the daemon's of the mount at ``mountpoint``."""
-        pids = {name: get() for name, get in self.store.cpu_pids.items()}
-        for mnt, daemon in self.mounts:
-            if mnt == mountpoint and daemon:
-                pids["daemon"] = daemon
-        return CpuMeter(pids)
+        """``_Store.cpu_meter`` with the daemon of our mount at ``mountpoint``: children are
+        ``snapstore`` and its CRIU, or CRIU alone."""
+        daemons = [daemon for mnt, daemon in self.mounts if mnt == mountpoint and daemon]
+        return self.store.cpu_meter(daemons[0] if daemons else None)
 
     @contextlib.contextmanager
     def mount(self, name: str, mounter: _Fusionfs | None = None) -> Iterator[Path]:
@@ -1251,13 +1249,8 @@ def run_snap(cfg: SnapConfig, console: Console) -> int:
 
 def _cpu_extras(stats: dict[str, Any], nbytes: int) -> dict[str, float]:
     """The CPU a ``snapstore dump`` took (``stats["cpu_used_s"]``) as per-GiB extras."""
-    used = stats.get("cpu_used_s") or {}
-    names = {"server": "server", "proxy": "proxy", "daemon": "daemon",
-             "children": "snapstore_criu"}
-    if nbytes <= 0:
-        return {}
-    return {f"cpu_{names[k]}": round(v * (1 << 30) / nbytes, 3)
-            for k, v in used.items() if k in names}
+    used = {k: v for k, v in (stats.get("cpu_used_s") or {}).items() if k != "self"}
+    return cpu_per_gib(used, nbytes, {"children": "snapstore_criu"})
 
 
 def _add_cpu_notes(results: Results) -> None:
@@ -1277,17 +1270,12 @@ def _add_cpu_notes(results: Results) -> None:
         gib = image_mb * 1e6 / (1 << 30)
         slower = max(local.median, puts.median)
         budget = cores * 1.25 * slower / gib  # CPU-s per GiB the whole machine may spend
-
-        def parts(r: SummaryRow) -> str:
-            return ", ".join(f"{k[4:]} {v:.2f}" for k, v in r.extras.items()
-                             if k.startswith("cpu_"))
-
         rest = row.extras.get("cpu_server", 0.0) + row.extras.get("cpu_proxy", 0.0)
         own = row.extras["cpu_daemon"] + row.extras.get("cpu_snapstore_criu", 0.0)
         results.notes.append(
             f"{row.scenario}, CPU seconds per GiB of images (medians): {_LOCAL_SYNC} "
-            f"{parts(local)}; {_UP_PUT} {parts(puts)}; {_OURS} {parts(row)}. 1.25x the slower "
-            f"of the first two ({1.25 * slower:.2f} s) on {cores} cores allows at most "
+            f"{cpu_parts(local)}; {_UP_PUT} {cpu_parts(puts)}; {_OURS} {cpu_parts(row)}. 1.25x "
+            f"the slower of the first two ({1.25 * slower:.2f} s) on {cores} cores allows at most "
             f"{budget:.2f} CPU-s per GiB in all; the server took {rest:.2f} during our dump, "
             f"leaving {budget - rest:.2f} for the daemon, snapstore and CRIU, which used "
             f"{own:.2f}"
