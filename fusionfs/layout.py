@@ -416,8 +416,9 @@ class Chunker:
         out: list[bytes] = []
         with memoryview(data) as whole, whole.cast("B") as view:
             n = len(view)
-            held = self._held_len  # offsets below are relative to the unfinished chunk's start
-            start = -held  # ... and this is where it starts in ``view``
+            # offsets below are relative to the unfinished chunk's start; it starts at ``start``
+            # in ``view`` (negative: in the bytes held from earlier pushes)
+            start = -self._held_len
             pos = self._judged  # next page to judge, relative to the chunk start
             while start + pos + page <= n:
                 end = pos + page
@@ -440,12 +441,11 @@ class Chunker:
                 else:
                     pos = end
             if start >= 0:
-                self._held, self._held_len = [bytes(view[start:])], n - start
+                self._held = [bytes(view[start:])] if start < n else []
+                self._held_len = n - start
             elif n:
                 self._held.append(bytes(view))
                 self._held_len += n
-            if self._held_len == 0:
-                self._held = []
             self._judged = pos
         if len(self._held) > 64:  # many tiny pushes: keep the unfinished chunk in one piece
             self._held = [b"".join(self._held)]

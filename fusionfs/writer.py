@@ -295,7 +295,7 @@ class StagedFile:
         await self._touch()
         if self.chunked is not None:
             self._feed_chunked(off)
-            if self._feed is not None and self._recent is not None:
+            if self._feed is not None:  # only files with no base (and so with _recent) feed
                 await self._feed.keep_up(_FEED_MAX_LAG)
         else:
             self._maybe_send_parts()
@@ -354,8 +354,7 @@ class StagedFile:
         if self._recent is not None:
             views = self._recent.views(off, min(size, self.size - off))
             if views is not None:
-                if self._drain_error is not None:  # sticky, as _settle would raise it
-                    raise UploadFailed(f"staging {self.key}: {self._drain_error}")
+                self._raise_staging_error()  # sticky, as _settle would raise it
                 return list(views)
         return [await self.read(off, size)]
 
@@ -398,6 +397,9 @@ class StagedFile:
     async def _settle(self) -> None:
         """Wait until every queued write is in the staging file; raise if one failed."""
         await self._idle.wait()
+        self._raise_staging_error()
+
+    def _raise_staging_error(self) -> None:
         if self._drain_error is not None:
             raise UploadFailed(f"staging {self.key}: {self._drain_error}")
 
@@ -405,8 +407,7 @@ class StagedFile:
         if self._recent is not None:
             held = self._recent.get(off, length)
             if held is not None:
-                if self._drain_error is not None:  # sticky, as _settle would raise it
-                    raise UploadFailed(f"staging {self.key}: {self._drain_error}")
+                self._raise_staging_error()  # sticky, as _settle would raise it
                 return held
         await self._settle()
         data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, length, off)
