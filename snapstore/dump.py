@@ -131,13 +131,17 @@ def _criu_args(pid: int, images: Path, log: Path, opts: DumpOptions) -> list[str
 
 
 def _keep_log(local: Path, images: Path) -> Path:
-    """Copy CRIU's log from local disk into the images dir (with the snapshot, committed or
-    not); where it is, if the copy fails."""
+    """Move CRIU's log from its local temporary dir into the images dir (with the snapshot,
+    committed or not) and remove that dir; if the copy fails the log stays where it is (the
+    dir is kept) and that path is returned."""
     kept = images / _LOG_NAME
     try:
         shutil.copyfile(local, kept)
     except OSError:
+        if not local.exists():  # CRIU never wrote one: nothing to keep
+            shutil.rmtree(local.parent, ignore_errors=True)
         return local
+    shutil.rmtree(local.parent, ignore_errors=True)
     return kept
 
 
@@ -221,16 +225,15 @@ def dump(
                 f"deadline of {opts.deadline:g} s passed before CRIU started (flushing the "
                 f"mount took {preflush_s:.2f} s); task {pid} left running, nothing committed"
             )
-    with tempfile.TemporaryDirectory(prefix="snapstore-dump-") as logdir:  # 0700
-        local_log = Path(logdir) / _LOG_NAME
-        try:
-            run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout)
-        except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
-            _resume(proc)
-            _keep_log(local_log, images)
-            raise
-        log = _keep_log(local_log, images)
-        excerpt = log_excerpt(local_log) if run.returncode != 0 and not run.timed_out else []
+    local_log = Path(tempfile.mkdtemp(prefix="snapstore-dump-")) / _LOG_NAME  # 0700
+    try:
+        run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout)
+    except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
+        _resume(proc)
+        _keep_log(local_log, images)
+        raise
+    excerpt = log_excerpt(local_log) if run.returncode != 0 and not run.timed_out else []
+    log = _keep_log(local_log, images)
     if run.timed_out:
         _resume(proc)
         raise DumpFailed(
