@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 from benchmarks import plots, window
 from benchmarks.__main__ import main
@@ -130,8 +131,16 @@ _FAKE = {
 }
 
 
+def _need_matplotlib() -> None:
+    """The plots need matplotlib (the ``bench`` extra, installed by scripts/setup.sh)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        missing("matplotlib", str(exc))
+
+
 def test_plots_are_written_for_the_rows_present(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    _need_matplotlib()
     said: list[str] = []
     written = plots.write_plots(_FAKE, tmp_path, said.append)
     names = sorted(p.name for p in written)
@@ -142,7 +151,7 @@ def test_plots_are_written_for_the_rows_present(tmp_path: Path) -> None:
 
 
 def test_plots_skip_what_has_no_rows(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    _need_matplotlib()
     only_reads = {"summary": _FAKE["summary"][:6]}
     written = plots.write_plots(only_reads, tmp_path, print)
     assert [p.name for p in written] == ["read_throughput.png"]

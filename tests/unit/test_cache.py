@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import missing
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -409,7 +410,7 @@ def test_enospc_degrades_to_not_cached(
 def tiny_tmpfs(where: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
     where.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        missing("root", "mounting a tmpfs needs root")
     r = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
         capture_output=True,
@@ -417,7 +418,7 @@ def tiny_tmpfs(where: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
         check=False,
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        missing("tmpfs", f"cannot mount one here: {r.stderr.strip()}")
     try:
         yield where
     finally:
