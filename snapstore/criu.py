@@ -7,10 +7,15 @@ does not work is an error), else ``criu`` on PATH, else ``/opt/fusionfs/criu/bin
 here (the install script runs it); only ``criu --version``.
 
 Caveats:
-- CRIU has no handler for SIGTERM/SIGKILL during a dump. Killing it (``run(timeout=...)``)
-  leaves the task running: the kernel detaches a dead tracer's tracees, and CRIU's parasite code
-  inside the task returns to the task's own code (rt_sigreturn) when its control socket closes.
-  A small leftover mapping (``/memfd:CRIUMFD``) stays in the task. See docs/criu.md.
+- CRIU has no handler for SIGTERM/SIGKILL during a dump, and killing it is safe only at some
+  moments: the kernel detaches a dead tracer's tracees, and CRIU's parasite code, once running
+  in the task as a daemon, returns to the task's own code (rt_sigreturn) when its control
+  socket closes; but while CRIU injects code or syscalls into the task (setting up the parasite,
+  removing it) the task holds borrowed registers and code, and a kill then crashes it (seen:
+  the task a zombie after a kill just after ``Parasite syscall_ip at``). So a dump's timeout
+  stops CRIU (SIGSTOP), reads its -v4 log, and kills it only in a safe phase
+  (``DumpKillGate``), else lets it run on a few milliseconds and looks again. A small leftover
+  mapping (``/memfd:CRIUMFD``) stays in the task. See docs/criu.md.
 - Every CRIU run logs the harmless ``rlimit: Can't setup RLIMIT_NOFILE`` error; it is filtered
   out of the lines shown to users.
 """
@@ -33,9 +38,11 @@ from snapstore.errors import CriuUnavailable
 
 __all__ = [
     "DEFAULT_PREFIX_CRIU",
+    "KILL_GRACE_S",
     "MIN_VERSION",
     "Criu",
     "CriuRun",
+    "DumpKillGate",
     "RegFile",
     "find_criu",
     "log_excerpt",
@@ -83,6 +90,57 @@ class CriuRun:
     returncode: int | None  # None: killed by us at the timeout
     seconds: float
     timed_out: bool
+    kill_wait: float = 0.0  # seconds from the timeout to the kill (waiting for a safe phase)
+    kill_forced: bool = False  # killed when the grace ran out, in a phase not known to be safe
+
+
+class DumpKillGate:
+    """Follows the log of a running ``criu dump -v4`` to tell whether killing CRIU now leaves
+    its tasks intact.
+
+    Phases, from the lines compel and CRIU log (the same since CRIU 3.x):
+    - before ``Parasite syscall_ip at``: tasks are seized, nothing of theirs is changed: safe;
+    - from it until ``has been switched to daemon mode``: CRIU injects syscalls and the parasite
+      blob; the task runs borrowed code with borrowed registers: unsafe;
+    - daemon mode (pages and most images are dumped here: the long phase): safe, the parasite
+      sigreturns into the task's own code when its socket closes;
+    - from ``Waiting for PID to trap`` (the parasite leaves, thread registers are read, the blob
+      is unmapped by an injected munmap) until the next ``Dumping task (pid`` or
+      ``Dumping pstree``: unsafe.
+    A log that never shows these lines (another CRIU) reads as safe: the kill is immediate.
+    """
+
+    _UNSAFE = (b"Parasite syscall_ip at", b" to trap")
+    _SAFE = (b"has been switched to daemon mode", b"Dumping task (pid", b"Dumping pstree")
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self._offset = 0
+        self._partial = b""
+        self._safe = True
+
+    def safe(self) -> bool:
+        """Whether the phase the log shows now is one CRIU can be killed in."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return self._safe
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # a line still being written
+        for line in lines:
+            if any(m in line for m in self._UNSAFE):
+                self._safe = False
+            elif any(m in line for m in self._SAFE):
+                self._safe = True
+        return self._safe
+
+
+# How long a timed-out dump may run on past its timeout while CRIU is in an unsafe phase.
+# Those phases take milliseconds, so this is reached only if CRIU hangs in one.
+KILL_GRACE_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,27 +153,83 @@ class Criu:
     def argv(self, *args: str) -> list[str]:
         return [str(self.path), *args]
 
-    def run(self, args: Sequence[str], timeout: float | None = None) -> CriuRun:
-        """Run ``criu ARGS`` with no stdin; SIGKILL it if it outlives ``timeout`` seconds.
+    def run(
+        self,
+        args: Sequence[str],
+        timeout: float | None = None,
+        gate: DumpKillGate | None = None,
+    ) -> CriuRun:
+        """Run ``criu ARGS`` with no stdin; kill it if it outlives ``timeout`` seconds or we
+        are interrupted (with a ``gate``: in a phase the gate calls safe).
 
         Its stdout and stderr are inherited; callers pass ``-o LOG`` for the real log.
         """
         start = time.monotonic()
-        # its own process group, so a kill also takes the helpers CRIU forks: a surviving helper
-        # would keep our stdout/stderr open and hang whoever reads them
+        # its own process group, so a kill also takes the helpers CRIU forks (a surviving helper
+        # would keep our stdout/stderr open and hang whoever reads them), and a Ctrl-C at the
+        # terminal does not reach CRIU at an unsafe moment
         proc = subprocess.Popen(
             self.argv(*args), stdin=subprocess.DEVNULL, close_fds=True, process_group=0
         )
         try:
             code: int | None = proc.wait(timeout)
-            timed_out = False
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            code, timed_out = None, True
+            timed_out_at = time.monotonic()
+            forced = _stop(proc, gate)
+            code = proc.returncode if proc.returncode >= 0 else None
+            return CriuRun(
+                code,
+                time.monotonic() - start,
+                True,
+                kill_wait=time.monotonic() - timed_out_at,
+                kill_forced=forced,
+            )
         except BaseException:
-            _kill_group(proc)
+            _stop(proc, gate)
             raise
-        return CriuRun(code, time.monotonic() - start, timed_out)
+        return CriuRun(code, time.monotonic() - start, False)
+
+
+def _stop(proc: subprocess.Popen[bytes], gate: DumpKillGate | None) -> bool:
+    """Kill CRIU and its process group; with a gate, only once the gate calls the phase safe.
+
+    CRIU is SIGSTOPped while its log is read, so it cannot move on into an unsafe step between
+    the reading and the kill; in an unsafe phase it is let go on for a moment and stopped again.
+    Returns True if the grace ran out and CRIU was killed anyway.
+    """
+    forced = False
+    if gate is not None:
+        give_up = time.monotonic() + KILL_GRACE_S
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGSTOP)
+            _wait_stopped(proc.pid, 0.05)
+            if gate.safe():
+                break
+            if time.monotonic() > give_up:
+                forced = True
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.002)
+    _kill_group(proc)
+    return forced
+
+
+def _wait_stopped(pid: int, limit: float) -> None:
+    """Wait up to ``limit`` s for ``pid`` to be stopped. A SIGSTOP takes effect when the process
+    leaves the kernel; CRIU blocked that long (in a write to the mount, say) is not moving on."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            return
+        state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+        if state in (b"T", b"t", b"Z"):
+            return
+        time.sleep(0.0005)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -37,7 +37,15 @@ from pathlib import Path
 import psutil
 
 from snapstore.catalog import Catalog, ImageFile, Manifest, fsync_dir, fsync_file, utc_now
-from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
+from snapstore.criu import (
+    KILL_GRACE_S,
+    Criu,
+    CriuRun,
+    DumpKillGate,
+    find_criu,
+    log_excerpt,
+    read_stats,
+)
 from snapstore.errors import CriuUnavailable, DumpFailed, SnapstoreError, UsageError
 from snapstore.root import Root
 
@@ -112,6 +120,22 @@ def _resume(proc: psutil.Process) -> None:
     except psutil.NoSuchProcess:
         return
     _signal_all(procs, signal.SIGCONT)
+
+
+def _task_fate(proc: psutil.Process, run: CriuRun) -> str:
+    """What became of the task after CRIU was stopped at a deadline, in words."""
+    try:
+        alive = proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        alive = False
+    if alive:
+        return "the task left running"
+    if run.kill_forced:
+        return (
+            f"and the task did NOT survive: CRIU stayed {KILL_GRACE_S:g} s in a phase where it "
+            "changes the task and was killed there"
+        )
+    return "and the task did NOT survive"
 
 
 def _criu_args(pid: int, images: Path, log: Path, opts: DumpOptions) -> list[str]:
@@ -227,7 +251,8 @@ def dump(
             )
     local_log = Path(tempfile.mkdtemp(prefix="snapstore-dump-")) / _LOG_NAME  # 0700
     try:
-        run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout)
+        gate = DumpKillGate(local_log)
+        run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout, gate=gate)
     except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
         _resume(proc)
         _keep_log(local_log, images)
@@ -236,10 +261,12 @@ def dump(
     log = _keep_log(local_log, images)
     if run.timed_out:
         _resume(proc)
+        how = f"CRIU was stopped after {run.seconds:.2f} s"
+        if run.kill_wait >= 0.01:
+            how += f" ({run.kill_wait:.2f} s past the deadline, at a phase safe for the task)"
         raise DumpFailed(
-            f"deadline of {opts.deadline:g} s passed while CRIU was dumping PID {pid}; CRIU "
-            f"was killed after {run.seconds:.2f} s, the task left running, nothing committed "
-            f"(partial images and log in {images})"
+            f"deadline of {opts.deadline:g} s passed while CRIU was dumping PID {pid}; {how}, "
+            f"{_task_fate(proc, run)}, nothing committed (partial images and log in {images})"
         )
     if run.returncode != 0:
         _resume(proc)
