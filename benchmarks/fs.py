@@ -863,8 +863,11 @@ class _Bench:
                 t0 = time.perf_counter()
                 n = self._read_file(mnt / rel)
                 dt = time.perf_counter() - t0
-            self.record("seq read warm", mounter.name, run, mb_per_s(n, dt), "MB/s",
-                        **cpu.per_gib(n, {"self": "reader"}))
+            extra = cpu.per_gib(n, {"self": "reader"})
+            stats = mounter.stats(mnt)
+            if stats and n:  # what the cache did not hold: fetched again from the store
+                extra["refetched_pct"] = 100 * stats.get("bytes_fetched", 0) / n
+            self.record("seq read warm", mounter.name, run, mb_per_s(n, dt), "MB/s", **extra)
             self._verify(mnt / rel, run)
         shutil.rmtree(cache, ignore_errors=True)
 

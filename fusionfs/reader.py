@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from fusionfs.cache import WRITER_THREADS
 from fusionfs.errors import Stale
 from fusionfs.stats import Stats
 from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, Transient
@@ -168,8 +169,11 @@ class ChunkSource:
         self._call_timeout = call_timeout
         # Cache writes happen in the background, off the read's critical path; bounded so a slow
         # cache disk cannot make memory grow without limit (excess writes are simply skipped).
-        self._cache_limiter = trio.CapacityLimiter(2)
-        self._cache_read_limiter = trio.CapacityLimiter(2)
+        self._cache_limiter = trio.CapacityLimiter(WRITER_THREADS)
+        # Runs of up to 16 chunks are looked up in one thread hand-off each; 8 at once, so a
+        # warm sequential read keeps its whole read-ahead window in flight (1 GiB warm read on
+        # s3rver, alternating runs: 780-880 MB/s with 8, 691-854 with 2).
+        self._cache_read_limiter = trio.CapacityLimiter(8)
         self._cache_backlog = 0
         self._cache_backlog_limit = 64 * chunk_size + (64 << 20)
         if chunked is None:  # the chunked layout (reads of chunked files go there)
