@@ -7,8 +7,9 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
   (8 threads x 8 MiB) and the same bytes from a local file after dropping the page cache.
 - ``seq read warm``: the same read after a remount on the same cache dir, page cache dropped:
   served by the mount's own disk cache (fusionfs chunk cache, rclone's VFS cache).
-  Both sequential reads also run through ``fusionfs --direct-io`` (row ``fusionfs --direct-io``:
-  read-only opens bypass the kernel page cache, docs/SEMANTICS.md S-READ-4).
+  Both sequential reads and the sequential write also run through ``fusionfs --direct-io``
+  (row ``fusionfs --direct-io``: read-only and write-only opens bypass the kernel page cache,
+  docs/SEMANTICS.md S-READ-4).
 - ``rand read 4KiB`` / ``rand read 1MiB``: random aligned reads (pread, POSIX_FADV_RANDOM) through
   a fresh mount against single ranged GETs, one at a time: p50/p99 latency and throughput.
 - ``seq write``: the same amount written in 1 MiB writes until durable: close returns once the
@@ -595,7 +596,7 @@ class _Bench:
         self.client = store.client()
         self.setup_client = store.client(store.setup_url, pool=32)
         self.mounters: list[_Mounter] = []
-        self.direct_io_mounter: _Mounter | None = None  # sequential reads only
+        self.direct_io_mounter: _Mounter | None = None  # sequential reads and write
         self.mounted: list[tuple[_Mounter, Path]] = []
         self.can_drop = drop_page_cache()
         self._steps: Steps | None = None
@@ -949,7 +950,8 @@ class _Bench:
         self._multipart(self.client, key, 8, 16 * _MIB)
         self.record("seq write", _DIRECT, run, mb_per_s(size, time.perf_counter() - t0), "MB/s")
         self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
-        for mounter in self.mounters:
+        extra = [self.direct_io_mounter] if self.direct_io_mounter is not None else []
+        for mounter in [*self.mounters, *extra]:
             self.step(f"run {run + 1}: {mounter.name} write until durable")
             try:
                 self._mount_write(mounter, run)

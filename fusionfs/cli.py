@@ -88,9 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--region")
     m.add_argument("--read-only", action="store_true")
     m.add_argument("--direct-io", action="store_true",
-                   help="files opened read-only bypass the kernel page cache: every read(2) "
-                   "is served by fusionfs (data read once: no page-cache copy; small reads "
-                   "and shared mmap suffer, see docs/SEMANTICS.md S-READ-4)")
+                   help="files opened read-only or write-only bypass the kernel page cache: "
+                   "every read(2) and write(2) goes to fusionfs (data read or written once: "
+                   "no page-cache copy; small reads and writes and shared mmap suffer, see "
+                   "docs/SEMANTICS.md S-READ-4)")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users access the mount")
     m.add_argument("--metadata-ttl", type=float, default=1.0, dest="attr_timeout",

@@ -931,8 +931,7 @@ class Filesystem:
 
     async def open(self, ino: int, flags: int) -> tuple[Handle, bool, bool]:
         """Open a file. Returns the handle, whether the kernel may keep its page cache, and
-        whether this open bypasses the page cache (``--direct-io``: read-only opens of a file
-        nobody is writing through this mount, S-READ-4)."""
+        whether this open bypasses the page cache (``bypasses_page_cache``)."""
         inode = self.inode(ino)
         if inode.kind is Kind.DIR:
             raise IsADirectory(self._path(inode))
@@ -954,8 +953,17 @@ class Filesystem:
         handle = self._open_handle(inode, writable=writable)
         keep = inode.etag is not None and inode.kernel_etag == inode.etag and not truncate
         inode.kernel_etag = inode.etag
-        direct = self.cfg.direct_io and not writable and inode.staged is None
-        return handle, keep, direct
+        return handle, keep, self.bypasses_page_cache(inode, flags)
+
+    def bypasses_page_cache(self, inode: Inode, flags: int) -> bool:
+        """Whether an open of ``inode`` with ``flags`` gets FOPEN_DIRECT_IO: with
+        ``--direct-io``, read-only opens of a file nobody is writing through this mount
+        (S-READ-4) and write-only opens; without it, write-only opens below a write-behind
+        directory (S-WRITE-8)."""
+        mode = flags & os.O_ACCMODE
+        if mode == os.O_WRONLY:
+            return self.cfg.direct_io or self._in_write_behind_dir(inode)
+        return self.cfg.direct_io and mode == os.O_RDONLY and inode.staged is None
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handle(fh)

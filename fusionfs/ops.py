@@ -200,7 +200,8 @@ class FusionOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle, inode = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         fh = pyfuse3.FileHandleT(self.fs.register(handle))
-        return pyfuse3.FileInfo(fh=fh), self._attrs(inode)
+        direct = self.fs.bypasses_page_cache(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct), self._attrs(inode)
 
     @_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:

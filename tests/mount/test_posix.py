@@ -679,8 +679,9 @@ def test_cli_unmount_and_stats_of_a_plain_directory(tmp_path: Path) -> None:
 def test_direct_io_reads_bypass_the_page_cache(fusion_mount: Any, local_target: Target) -> None:
     """S-READ-4: with --direct-io every read(2) of a read-only open reaches the daemon (twice the
     same bytes: twice the read calls), unaligned reads return the right bytes, MAP_PRIVATE works
-    and MAP_SHARED is refused; writable opens keep the page cache. Without the flag the second
-    read is served by the page cache."""
+    and MAP_SHARED is refused; read-write opens keep the page cache, every write(2) of a
+    write-only open reaches the daemon. Without the flag the second read is served by the page
+    cache."""
     import mmap
 
     data = _blob(3 * MiB + 123, seed=5)
@@ -712,8 +713,65 @@ def test_direct_io_reads_bypass_the_page_cache(fusion_mount: Any, local_target: 
         assert err.value.errno == errno.ENODEV
     finally:
         os.close(fd)
-    with open(m.path / "d.bin", "r+b") as f:  # writable: page cache as usual, shared mmap too
+    with open(m.path / "d.bin", "r+b") as f:  # read-write: page cache as usual, shared mmap too
         with mmap.mmap(f.fileno(), 0) as mp:
             mp[:5] = b"HELLO"
     assert (m.path / "d.bin").read_bytes() == b"HELLO" + data[5:]
     assert local_target.get("d.bin") == b"HELLO" + data[5:]
+    before = stats(m.path)["write_calls"]
+    with open(m.path / "w.bin", "wb", buffering=0) as f:  # write-only: every write(2) goes up
+        for i in range(64):
+            f.write(data[i * 4096 : (i + 1) * 4096])
+    assert stats(m.path)["write_calls"] - before >= 64
+    assert local_target.get("w.bin") == data[: 64 * 4096]
+
+
+# --------------------------------------------------------------------------------------------
+# write-only opens below a write-behind directory (S-WRITE-8)
+
+
+@pytest.mark.timeout(90)
+def test_write_only_files_below_a_write_behind_dir_bypass_the_page_cache(
+    fusion_mount: Any, local_target: Target, tmp_path: Path
+) -> None:
+    """S-WRITE-8: below a write-behind directory, write-only opens (create or open) send every
+    write(2) to the daemon (no page cache to gather them in); read-write opens there and
+    write-only opens elsewhere keep the page cache. Every byte arrives, whatever the path the
+    write takes (write, pwrite at offsets, sendfile from a local file)."""
+    import shutil
+
+    from fusionfs.client import flush, set_write_behind
+
+    m = _mount(fusion_mount, local_target)
+    (m.path / "imgs").mkdir()
+    (m.path / "plain").mkdir()
+    set_write_behind(m.path / "imgs")
+    blocks = [_blob(4096, seed=100 + i) for i in range(256)]
+    data = b"".join(blocks)
+
+    def write_calls(path: Path, flags: int) -> int:
+        before = stats(m.path)["write_calls"]
+        fd = os.open(path, flags | os.O_CREAT, 0o644)
+        try:
+            for i, block in enumerate(blocks):
+                os.pwrite(fd, block, i * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data
+        return int(stats(m.path)["write_calls"] - before)
+
+    created = write_calls(m.path / "imgs" / "a.img", os.O_WRONLY)
+    reopened = write_calls(m.path / "imgs" / "a.img", os.O_WRONLY | os.O_TRUNC)
+    read_write = write_calls(m.path / "imgs" / "b.img", os.O_RDWR)
+    elsewhere = write_calls(m.path / "plain" / "c.img", os.O_WRONLY)
+    assert created >= 256 and reopened >= 256, (created, reopened)  # one per write(2)
+    assert read_write < 64 and elsewhere < 64, (read_write, elsewhere)  # gathered by the kernel
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(_blob(3 * MiB + 17, seed=9))
+    shutil.copyfile(local, m.path / "imgs" / "log.txt")  # sendfile(2) into a direct-io file
+    flush(m.path)
+    for name, want in (("a.img", data), ("b.img", data), ("log.txt", local.read_bytes())):
+        assert (m.path / "imgs" / name).read_bytes() == want, name
+        assert local_target.get(f"imgs/{name}") == want, name
