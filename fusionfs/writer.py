@@ -52,7 +52,7 @@ from typing import TypeVar
 import trio
 
 from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed
-from fusionfs.directio import ALIGN, O_DIRECT, thread_buffer
+from fusionfs.directio import ALIGN, O_DIRECT, round_up, thread_buffer
 from fusionfs.errors import UploadFailed, first_error
 from fusionfs.layout import Manifest, write_manifest
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
@@ -410,6 +410,11 @@ class StagedFile:
                 self._raise_staging_error()  # sticky, as _settle would raise it
                 return held
         await self._settle()
+        dfd = self._dfd
+        if dfd >= 0 and off % ALIGN == 0:  # parts and chunk-feed steps: past the page cache
+            direct = await trio.to_thread.run_sync(_pread_direct, dfd, length, off)
+            if direct is not None:
+                return direct
         data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, length, off)
         return data
 
@@ -818,13 +823,13 @@ def _needs_metadata_copy(
 
 
 def _open_staging(path: Path) -> tuple[int, int]:
-    """Create a staging file: a read-write fd, and a second, write-only fd with O_DIRECT (-1
-    where the filesystem refuses O_DIRECT)."""
+    """Create a staging file: a read-write fd, and a second one with O_DIRECT (-1 where the
+    filesystem refuses O_DIRECT)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     dfd = -1
     if O_DIRECT:
         try:
-            dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | O_DIRECT)
+            dfd = os.open(path, os.O_RDWR | os.O_CLOEXEC | O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 os.close(fd)
@@ -833,6 +838,31 @@ def _open_staging(path: Path) -> tuple[int, int]:
 
 
 _DIRECT_BUFFER = 8 << 20  # bytes copied and written with O_DIRECT at a time
+
+
+def _pread_direct(dfd: int, length: int, off: int) -> bytes | None:
+    """``length`` bytes at the block-aligned ``off`` read with O_DIRECT into this thread's
+    buffer and copied out; None if the filesystem refuses (read buffered instead).
+
+    Why: what is read back from staging (a streamed part, a chunk-feed step behind the writes
+    held in memory) was written with O_DIRECT, so a buffered read would first fill new
+    page-cache pages from disk, then copy: a GiB of fresh pages per GiB uploaded, which on VMs
+    whose balloon returns free memory to the host is the dearest step (see _write_batch). The
+    kernel writes back any dirty cached pages of the range before an O_DIRECT read, so bytes
+    written through the buffered fd (unaligned heads and tails) are seen too."""
+    padded = round_up(length)
+    buf = thread_buffer(padded)
+    view = memoryview(buf)[:padded]
+    try:
+        try:
+            n = os.preadv(dfd, [view], off)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        return bytes(view[: min(n, length)])
+    finally:
+        view.release()
 
 
 def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool:

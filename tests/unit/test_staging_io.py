@@ -57,6 +57,30 @@ def test_write_batch_with_and_without_o_direct_stores_the_same_bytes(
     assert results[0] == results[1] == _expected(size, batch)
 
 
+def test_o_direct_reads_see_every_write_including_unaligned_cached_ones(tmp_path: Path) -> None:
+    """Reads back from staging go through the O_DIRECT fd at aligned offsets; the bytes that
+    took the page cache (an unaligned start, a ragged end, a rewrite through the buffered fd,
+    still dirty) must be in what they return, and a read past the end is short, not padded."""
+    rng = random.Random(7)
+    batch = _batch(rng, [(0, 3 << 20), ((3 << 20) + 100, 9000), ((3 << 20) + 9100, 5001)])
+    size = max(off + len(d) for off, d in batch)
+    want = bytearray(_expected(size, batch))
+    fd, dfd = writer._open_staging(tmp_path / "f")
+    assert dfd >= 0  # the test machines' filesystem has O_DIRECT
+    try:
+        assert writer._write_batch(fd, batch, dfd)
+        patch = rng.randbytes(777)
+        os.pwrite(fd, patch, 5000)  # dirty in the page cache over O_DIRECT-written blocks
+        want[5000 : 5000 + len(patch)] = patch
+        for off, length in ((0, size), (4096, 1 << 20), (3 << 20, 20000), (8192, 1), (0, 100)):
+            got = writer._pread_direct(dfd, length, off)
+            assert got == bytes(want[off : off + length]), (off, length)
+        assert writer._pread_direct(dfd, 1 << 20, 3 << 20) == bytes(want[3 << 20 :])
+    finally:
+        os.close(fd)
+        os.close(dfd)
+
+
 def test_a_refused_o_direct_write_falls_back_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
