@@ -36,5 +36,5 @@ def thread_buffer(size: int) -> mmap.mmap:
     if buf is None or len(buf) < size:
         if buf is not None:
             buf.close()
-        buf = _local.buf = mmap.mmap(-1, round_up(size))
+        buf = _local.buf = mmap.mmap(-1, round_up(max(size, 1)))  # mmap refuses length 0
     return buf

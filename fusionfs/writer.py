@@ -850,6 +850,8 @@ def _pread_direct(dfd: int, length: int, off: int) -> bytes | None:
     whose balloon returns free memory to the host is the dearest step (see _write_batch). The
     kernel writes back any dirty cached pages of the range before an O_DIRECT read, so bytes
     written through the buffered fd (unaligned heads and tails) are seen too."""
+    if length <= 0:
+        return b""
     padded = round_up(length)
     buf = thread_buffer(padded)
     view = memoryview(buf)[:padded]

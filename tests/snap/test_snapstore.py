@@ -217,8 +217,9 @@ def test_deadline_kills_criu_and_leaves_the_task_running(dir_env: SnapEnv, tasks
     for i, deadline in enumerate(("0.03", "0.05", "0.07", "0.09", "0.11", "0.2")):
         result = dir_env.run("dump", str(task.pid), "--task", "job", "--deadline", deadline)
         assert result.returncode == 175, result.stderr
+        # passed while CRIU ran, or (CRIU done in time) while the images were made durable
         _one_line_error(
-            result, f"deadline of {deadline} s passed", "task left running", "nothing committed"
+            result, f"deadline of {deadline} s passed", "left running", "nothing committed"
         )
         assert not (dir_env.root / "job" / f"{i + 1}.json").exists()
         assert task.status() in ("R", "S"), f"after the {deadline} s deadline: not running"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import random
@@ -76,6 +77,9 @@ def test_o_direct_reads_see_every_write_including_unaligned_cached_ones(tmp_path
             got = writer._pread_direct(dfd, length, off)
             assert got == bytes(want[off : off + length]), (off, length)
         assert writer._pread_direct(dfd, 1 << 20, 3 << 20) == bytes(want[3 << 20 :])
+        # nothing to read (an empty file's commit), in a thread with no buffer yet: b"", no mmap
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(writer._pread_direct, dfd, 0, 0).result() == b""
     finally:
         os.close(fd)
         os.close(dfd)
