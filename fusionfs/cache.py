@@ -56,12 +56,14 @@ __all__ = ["WRITER_THREADS", "ChunkCache"]
 
 _log = logging.getLogger(__name__)
 
-#: Threads writing fetched chunks to the disk cache, per reader (plain objects, chunked layout).
+#: Threads writing fetched chunks of plain objects to the disk cache, per mount.
 #: A put costs about 1 ms of CPU but 12-19 ms of wall time during a cold read that keeps both
 #: cores busy (each of its ~6 syscalls waits for a core and the GIL on the way back). With 2
 #: writers a 1 GiB cold read on s3rver left 519-844 of its 1024 chunks cached (the rest were
 #: skipped past the backlog bound, and the "warm" read fetched them again); with 8, 995 of 1024,
-#: and the cold read was no slower.
+#: and the cold read was no slower. Not for the chunked layout's reader (it keeps 2): there a
+#: restore reads images once, and with 8 writers an eager restore of 1 GiB (snap benchmark) took
+#: 11.2-13.2 s, with 2 5.4-8.5 s: the writes competed with CRIU for the two cores.
 WRITER_THREADS = 8
 
 #: Header: magic, format version, flags, data length, identity digest, checksum of the data

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from fusionfs.cache import WRITER_THREADS
 from fusionfs.errors import Stale
 from fusionfs.layout import (
     FUSION_PREFIX,
@@ -144,7 +143,7 @@ class ChunkedLayout:
         self._upload_pool = concurrent.futures.ThreadPoolExecutor(pack_uploads, "fusionfs-packs")
         self.limiter = trio.CapacityLimiter(max(4, 2 * workers))  # threads feeding/finishing
         self._fetch_limiter = trio.CapacityLimiter(8)
-        self._cache_limiter = trio.CapacityLimiter(WRITER_THREADS)
+        self._cache_limiter = trio.CapacityLimiter(2)  # see cache.WRITER_THREADS
         self._request_size = request_size
         self._max_window = max(1, max_readahead // self.policy.avg_size)
         self._call_timeout = call_timeout
