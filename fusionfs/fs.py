@@ -114,7 +114,7 @@ class Kind(enum.Enum):
 class FsConfig:
     attr_timeout: float = 1.0
     read_only: bool = False
-    direct_io: bool = False  # read-only opens bypass the kernel page cache (S-READ-4)
+    direct_io: bool = False  # read-only and write-only opens bypass the page cache (S-READ-4)
     uid: int = dataclasses.field(default_factory=os.getuid)
     gid: int = dataclasses.field(default_factory=os.getgid)
     file_mode: int = 0o644
