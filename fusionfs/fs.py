@@ -89,6 +89,7 @@ CONTROL_INFO = b"user.fusionfs.info"
 CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
 CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
+CONTROL_READ_ONCE = b"user.fusionfs.read-once"
 CONTROL_LAYOUT = b"user.fusionfs.layout"
 CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
 CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
@@ -152,6 +153,7 @@ class Inode:
     listed_names: frozenset[bytes] = frozenset()
     listed_dirs: frozenset[bytes] = frozenset()
     write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
+    read_once: bool = False  # directories: read-only opens below bypass the page cache (S-READ-5)
     chunked: bool = False  # files: the object is a chunked-layout manifest (size is logical)
     layout_chunked: bool = False  # directories: new files below are chunked (S-CHUNK-1)
 
@@ -959,11 +961,13 @@ class Filesystem:
         """Whether an open of ``inode`` with ``flags`` gets FOPEN_DIRECT_IO: with
         ``--direct-io``, read-only opens of a file nobody is writing through this mount
         (S-READ-4) and write-only opens; without it, write-only opens below a write-behind
-        directory (S-WRITE-8)."""
+        directory (S-WRITE-8) and read-only opens below a read-once directory (S-READ-5)."""
         mode = flags & os.O_ACCMODE
         if mode == os.O_WRONLY:
             return self.cfg.direct_io or self._in_write_behind_dir(inode)
-        return self.cfg.direct_io and mode == os.O_RDONLY and inode.staged is None
+        if mode != os.O_RDONLY or inode.staged is not None:
+            return False
+        return self.cfg.direct_io or self._in_marked_dir(inode, "read_once")
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handle(fh)
@@ -1023,11 +1027,15 @@ class Filesystem:
         await self._commit(h.inode)
 
     def _in_write_behind_dir(self, inode: Inode) -> bool:
+        return self._in_marked_dir(inode, "write_behind")
+
+    def _in_marked_dir(self, inode: Inode, mark: str) -> bool:
+        """Whether a directory above ``inode`` has the flag ``mark`` set."""
         while inode.ino != ROOT_INODE:
             parent = self._inodes.get(inode.parent)
             if parent is None:
                 return False
-            if parent.write_behind:
+            if getattr(parent, mark):
                 return True
             inode = parent
         return False
@@ -1157,6 +1165,8 @@ class Filesystem:
         inode = self.inode(ino)
         if name == CONTROL_WRITE_BEHIND and inode.kind is Kind.DIR:
             return b"1" if inode.write_behind else b"0"
+        if name == CONTROL_READ_ONCE and inode.kind is Kind.DIR:
+            return b"1" if inode.read_once else b"0"
         if name == CONTROL_LAYOUT and inode.kind is Kind.DIR:
             return b"chunked" if inode.layout_chunked else b"plain"
         if ino == ROOT_INODE and name == CONTROL_GC:
@@ -1183,6 +1193,11 @@ class Filesystem:
             if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
                 raise InvalidArgument("write-behind is set on a directory, to 0 or 1")
             inode.write_behind = value == b"1"
+            return
+        if name == CONTROL_READ_ONCE:
+            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
+                raise InvalidArgument("read-once is set on a directory, to 0 or 1")
+            inode.read_once = value == b"1"
             return
         if name == CONTROL_LAYOUT:
             await self._set_layout(inode, value)

@@ -227,6 +227,8 @@ def restore(
     _check_files(images, manifest)
     _check_pids_free(manifest)
 
+    if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
+        root.read_once(images)
     workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
     started = time.monotonic()
     lazy_pid = _start_lazy_daemon(criu, images, workdir) if lazy else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from fusionfs import client as fusion_client
@@ -56,13 +57,21 @@ class Root:
         """Ask fusionfs not to make CRIU's every close wait for its upload: the dump fsyncs
         each image and flushes the mount before committing, so durability is unchanged, and
         the images upload in parallel while CRIU writes instead of one close at a time."""
+        self._mark(directory, "write-behind", fusion_client.set_write_behind)
+
+    def read_once(self, directory: Path) -> None:
+        """Ask fusionfs to serve CRIU's reads of the images below ``directory`` past the
+        kernel page cache (S-READ-5): an eager restore reads each image once."""
+        self._mark(directory, "read-once", fusion_client.set_read_once)
+
+    def _mark(self, directory: Path, what: str, setter: Callable[[Path], None]) -> None:
         if self.mountpoint is None:
             return
         try:
-            fusion_client.set_write_behind(directory)
-        except OSError as err:  # an older fusionfs: closes just wait, which is slower but right
+            setter(directory)
+        except OSError as err:  # an older fusionfs: the same result, only slower
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
-                raise SnapstoreError(f"cannot set write-behind on {directory}: {err}") from err
+                raise SnapstoreError(f"cannot set {what} on {directory}: {err}") from err
 
 
     def use_chunked_layout(self) -> None:

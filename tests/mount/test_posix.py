@@ -775,3 +775,36 @@ def test_write_only_files_below_a_write_behind_dir_bypass_the_page_cache(
     for name, want in (("a.img", data), ("b.img", data), ("log.txt", local.read_bytes())):
         assert (m.path / "imgs" / name).read_bytes() == want, name
         assert local_target.get(f"imgs/{name}") == want, name
+
+
+@pytest.mark.timeout(90)
+def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
+    fusion_mount: Any, local_target: Target
+) -> None:
+    """S-READ-5: below a read-once directory every read(2) of a read-only open reaches the
+    daemon (twice the same bytes: twice the read calls); elsewhere the second read is served by
+    the page cache. The mark is a directory's, 0 or 1, and reads back."""
+    from fusionfs.client import set_read_once
+
+    data = _blob(2 * MiB + 77, seed=11)
+    local_target.put("imgs/p.img", data)
+    local_target.put("other/p.img", data)
+    m = _mount(fusion_mount, local_target)
+    set_read_once(m.path / "imgs")
+    assert os.getxattr(m.path / "imgs", "user.fusionfs.read-once") == b"1"
+    assert os.getxattr(m.path / "other", "user.fusionfs.read-once") == b"0"
+    with pytest.raises(OSError) as err:
+        os.setxattr(m.path / "imgs" / "p.img", "user.fusionfs.read-once", b"1")
+    assert err.value.errno == errno.EINVAL
+
+    def read_calls_for_two_reads(path: Path) -> int:
+        before = stats(m.path)["read_calls"]
+        for _ in range(2):
+            with open(path, "rb", buffering=0) as f:
+                assert f.read() == data
+        return int(stats(m.path)["read_calls"] - before)
+
+    once = read_calls_for_two_reads(m.path / "imgs" / "p.img")
+    cached = read_calls_for_two_reads(m.path / "other" / "p.img")
+    assert once >= 2 * 3, once  # both reads, at least one call per MiB
+    assert once > cached, (once, cached)
