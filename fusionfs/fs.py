@@ -967,7 +967,7 @@ class Filesystem:
             return self.cfg.direct_io or self._in_write_behind_dir(inode)
         if mode != os.O_RDONLY or inode.staged is not None:
             return False
-        return self.cfg.direct_io or self._in_marked_dir(inode, "read_once")
+        return self.cfg.direct_io or self._below(inode, lambda d: d.read_once)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handle(fh)
@@ -1027,15 +1027,15 @@ class Filesystem:
         await self._commit(h.inode)
 
     def _in_write_behind_dir(self, inode: Inode) -> bool:
-        return self._in_marked_dir(inode, "write_behind")
+        return self._below(inode, lambda d: d.write_behind)
 
-    def _in_marked_dir(self, inode: Inode, mark: str) -> bool:
-        """Whether a directory above ``inode`` has the flag ``mark`` set."""
+    def _below(self, inode: Inode, marked: Callable[[Inode], bool]) -> bool:
+        """Whether some directory above ``inode`` is ``marked``."""
         while inode.ino != ROOT_INODE:
             parent = self._inodes.get(inode.parent)
             if parent is None:
                 return False
-            if getattr(parent, mark):
+            if marked(parent):
                 return True
             inode = parent
         return False

@@ -262,7 +262,7 @@ def dump(
     if run.timed_out:
         _resume(proc)
         how = f"CRIU was stopped after {run.seconds:.2f} s"
-        if run.kill_wait >= 0.01:
+        if run.kill_wait >= 0.01 and not run.kill_forced:
             how += f" ({run.kill_wait:.2f} s past the deadline, at a phase safe for the task)"
         raise DumpFailed(
             f"deadline of {opts.deadline:g} s passed while CRIU was dumping PID {pid}; {how}, "
