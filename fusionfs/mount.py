@@ -273,8 +273,24 @@ async def _final_flush(fs: Filesystem) -> None:
             log.error("unmounting with data not yet durable (kept in the staging dir): %s", e)
 
 
+#: Background (read-ahead) requests the kernel keeps in flight per mount; see ``_raise_readahead``.
+BACKGROUND_REQUESTS = 64
+
+
 def _raise_readahead(mountpoint: Path, max_readahead: int) -> None:
-    """Let the kernel read ahead in large requests (the bdi default is 128 KiB).
+    """Let the kernel read ahead in large requests, and keep them all in flight.
+
+    Two per-mount kernel settings, both root-only (left as they are otherwise):
+
+    - the bdi's ``read_ahead_kb`` (128 KiB by default) becomes a quarter of ``max_readahead``,
+      so a sequential reader's page-cache misses go out as 1 MiB requests;
+    - the FUSE connection's ``max_background`` (12) and ``congestion_threshold`` (9) become
+      ``BACKGROUND_REQUESTS`` and three quarters of it. Read-ahead requests are background
+      requests, and the kernel skips an asynchronous read-ahead while ``congestion_threshold``
+      of them are outstanding: with the defaults a 32 MiB read-ahead window never had more
+      than 9-12 MiB in flight, and the reader stalled on synchronous reads instead. 1 GiB cold
+      read on s3rver, alternating default and raised: 164-209 against 181-239 MB/s, faster in
+      each of 7 pairs (docs/design/data-path.md).
 
     The device number comes from /proc/self/mountinfo, not from stat(): a stat of the mountpoint
     would be a FUSE request to ourselves before the session loop runs.
@@ -290,4 +306,15 @@ def _raise_readahead(mountpoint: Path, max_readahead: int) -> None:
             path = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
             with contextlib.suppress(OSError):
                 Path(path).write_text(str(max(128, max_readahead // 1024 // 4)))
+            major, minor = (int(x) for x in fields[2].split(":"))
+            conn = Path("/sys/fs/fuse/connections") / str(os.makedev(major, minor))
+            # max_background first: the kernel refuses a threshold above it
+            for name, value in (
+                ("max_background", BACKGROUND_REQUESTS),
+                ("congestion_threshold", BACKGROUND_REQUESTS * 3 // 4),
+            ):
+                try:
+                    (conn / name).write_text(str(value))
+                except OSError as e:
+                    log.debug("cannot set %s of %s: %s", name, conn, e)
             return

@@ -808,3 +808,31 @@ def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
     cached = read_calls_for_two_reads(m.path / "other" / "p.img")
     assert once >= 2 * 3, once  # both reads, at least one call per MiB
     assert once > cached, (once, cached)
+
+
+@pytest.mark.timeout(60)
+def test_kernel_read_ahead_is_raised_for_the_mount(
+    fusion_mount: Any, local_target: Target
+) -> None:
+    # [S-READ-2] the kernel's read-ahead of the mount: 1 MiB requests, 64 of them in flight
+    if os.geteuid() != 0:
+        pytest.skip("the kernel's per-mount settings are root-only")
+    m = _mount(fusion_mount, local_target, "--max-readahead", "64M")
+    conns = Path("/sys/fs/fuse/connections")
+    if not any(conns.iterdir()) and os.environ.get("CI") != "true":
+        pytest.skip("fusectl is not mounted on /sys/fs/fuse/connections")
+    dev = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(m.path):
+            dev = fields[2]
+    assert dev is not None, "mount not in /proc/self/mountinfo"
+    major, minor = (int(x) for x in dev.split(":"))
+    conn = conns / str(os.makedev(major, minor))
+
+    def tuned() -> bool:
+        return (conn / "max_background").read_text().strip() == "64"
+
+    wait_for(tuned, timeout=10, what="max_background raised")  # tuned just after INIT
+    assert (conn / "congestion_threshold").read_text().strip() == "48"
+    assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == str(64 * 1024 // 4)
