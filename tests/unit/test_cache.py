@@ -7,6 +7,7 @@ import array
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import pathlib
@@ -48,6 +49,12 @@ def chunk_files(root: pathlib.Path) -> dict[str, int]:
             with os.scandir(sub.path) as it:
                 out.update({de.name: de.stat().st_size for de in it if de.is_file()})
     return out
+
+
+def temp_files(root: pathlib.Path) -> list[str]:
+    """Temp files (writes in progress or cut short) anywhere in the cache: tmp/ and beside the
+    chunks."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.tmp"))
 
 
 @contextlib.contextmanager
@@ -192,7 +199,7 @@ def test_chunk_larger_than_max_is_not_cached(tmp_path: pathlib.Path) -> None:
         assert put(c, "a", 0, 100)
         assert not put(c, "b", 0, 101)  # HDR + 101 > max_bytes
         assert get(c, "a", 0) is not None  # and nothing was evicted for it
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
 
 
 def test_drop_object(tmp_path: pathlib.Path) -> None:
@@ -315,8 +322,11 @@ def test_leftover_temp_files_removed(tmp_path: pathlib.Path) -> None:
     foreign = tmp_path / "chunks" / "00" / "README"
     foreign.parent.mkdir(exist_ok=True)
     foreign.write_text("not ours")
+    # a put cut short writes its temp file beside the chunk's final name
+    (tmp_path / "chunks" / "00" / f".{'0' * 32}-{'1' * 16}.77.3.tmp").write_bytes(b"half")
+    assert len(temp_files(tmp_path)) == 2
     with opened(tmp_path) as c:
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
         assert foreign.exists()  # files that are not ours are left alone
         assert c.used_bytes == HDR + 1000
         assert get(c, "a", 0) is not None
@@ -395,7 +405,7 @@ def test_enospc_degrades_to_not_cached(
             assert not put(c, "b", 0)
             assert not put(c, "c", 0)
         assert stats.cache_write_failures == 2
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
         assert get(c, "b", 0) is None
         assert get(c, "a", 0) == payload("a", "e1", 0, 1000)
         assert c.used_bytes == HDR + 1000 == sum(chunk_files(tmp_path).values())
@@ -440,7 +450,7 @@ def test_enospc_on_a_real_full_filesystem(
             with caplog.at_level(logging.WARNING, logger="fusionfs.cache"):
                 assert not c.put(Key("big"), ETag("e"), 1 << 20, 0, b"x" * (1 << 20))
             assert stats.cache_write_failures == 1
-            assert os.listdir(mnt / "cache" / "tmp") == []
+            assert temp_files(mnt / "cache") == []
             assert chunk_files(mnt / "cache") == {}
             assert c.get(Key("big"), ETag("e"), 1 << 20, 0) is None
             assert any("cannot store" in r.getMessage() for r in caplog.records)
@@ -487,7 +497,7 @@ def test_min_free_bytes_evicts_then_refuses(
     with opened(tmp_path, min_free_bytes=1 << 20) as c:
         assert c.used_bytes == 0 and chunk_files(tmp_path) == {}
         assert not put(c, "e", 0)
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
 
 
 def test_free_space_is_rechecked(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -573,7 +583,7 @@ def test_concurrent_get_put_drop(tmp_path: pathlib.Path) -> None:
         files = chunk_files(tmp_path)
         assert c.used_bytes == sum(files.values()) <= max_bytes
         assert stats.cache_bytes == c.used_bytes and stats.cache_chunks == len(files)
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
         assert stats.cache_hits > 0 and stats.cache_evictions > 0
         held = [
             (k, i)
@@ -808,7 +818,7 @@ def test_a_filesystem_without_o_direct_falls_back(
         monkeypatch.undo()
         assert get(c, "a", 0) == payload("a", "e1", 0, 1000)
         assert get(c, "b", 0) == payload("b", "e1", 0, 2000)
-        assert os.listdir(tmp_path / "tmp") == []
+        assert temp_files(tmp_path) == []
 
 
 def test_reads_fall_back_when_the_filesystem_refuses_o_direct(
@@ -847,3 +857,35 @@ def test_a_chunk_file_of_an_older_format_reads_as_a_miss(tmp_path: pathlib.Path)
         assert not path.exists()
         assert put(c, "obj", 0)
         assert get(c, "obj", 0) == payload("obj", "e1", 0, 1000)
+
+
+def test_chunk_subdirectories_are_spread_over_the_file_system(tmp_path: pathlib.Path) -> None:
+    # ext4 places a new file's inode in its directory's block group; the chunks directory is
+    # marked "top of a directory hierarchy" so that its sub-directories (and the chunk files
+    # in them) are spread over block groups (docs/design/cache.md)
+    from fusionfs import cache as cache_mod
+
+    with opened(tmp_path) as c:
+        assert put(c, "a", 0)
+        assert temp_files(tmp_path) == []  # the temp file was renamed into place
+        if not _fs_type(tmp_path).startswith("ext"):
+            pytest.skip("not ext2/3/4: the flag is theirs")
+        fd = os.open(tmp_path / "chunks", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = array.array("i", [0])
+            fcntl.ioctl(fd, cache_mod._FS_IOC_GETFLAGS, flags, True)
+        finally:
+            os.close(fd)
+        assert flags[0] & cache_mod._FS_TOPDIR_FL
+
+
+def _fs_type(path: pathlib.Path) -> str:
+    """The type of the file system holding ``path``, from /proc/self/mountinfo."""
+    best, kind = "", ""
+    real = str(path.resolve())
+    for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mnt = fields[4]
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, fields[fields.index("-") + 1]
+    return kind
