@@ -37,6 +37,7 @@ class Stats:
     cache_bytes: int = 0
     cache_chunks: int = 0
     cache_write_failures: int = 0
+    cache_writes_skipped: int = 0  # fetched chunks not cached: the write backlog was full
     # uploads
     uploads_pending: int = 0
     uploads_done: int = 0

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -409,6 +410,51 @@ async def test_sequential_reads_read_ahead_in_larger_gets(
     gets = local_store.calls["get_range"] - before
     # without read-ahead/coalescing: one GET per chunk (64); with 4-chunk requests: about 16
     assert 0 < gets <= nchunks // 3, gets
+
+
+@pytest.mark.timeout(30)
+async def test_read_ahead_waits_for_a_cache_that_is_behind(
+    make_fs: FsFactory, local_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [S-READ-2] read-ahead pauses while the cache's write backlog is full, so what a
+    # sequential read fetches gets cached instead of being skipped; reads are never held back
+    h = await make_fs(local_store, request_size=4 * CHUNK, max_readahead=16 * CHUNK)
+    nchunks = 32
+    data = data_of(nchunks * CHUNK, seed=11)
+    await h.put("f", data)
+    got: list[int] = []
+    real_get = local_store.get_range
+
+    def counted_get(key: Key, start: int, length: int, *args: Any) -> bytes:
+        got.append(length)
+        return real_get(key, start, length, *args)
+
+    monkeypatch.setattr(local_store, "get_range", counted_get)
+    src = h.chunks
+    with src._cache_backlog_lock:
+        src._cache_backlog += src._cache_backlog_limit  # the cache disk is behind
+    fh = await h.open("f")
+    try:
+        for off in range(0, 8 * CHUNK, 32 * KiB):  # 8 chunks, in kernel-sized reads
+            assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
+        await trio.sleep(0.2)  # read-ahead would be fetching now
+        assert sum(got) == 8 * CHUNK, "only what was read is fetched"
+        assert h.stats.cache_writes_skipped == 8  # and not cached: the backlog is full
+        with src._cache_backlog_lock:
+            src._cache_backlog -= src._cache_backlog_limit  # it caught up
+        for off in range(8 * CHUNK, 10 * CHUNK, 32 * KiB):
+            assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
+        await trio.sleep(0.2)
+        assert sum(got) >= 16 * CHUNK, "read-ahead runs ahead of the reads again"
+        for off in range(10 * CHUNK, nchunks * CHUNK, 32 * KiB):
+            assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
+    finally:
+        await h.close(fh)
+    with trio.fail_after(10):  # every write released its share of the backlog
+        while src._cache_backlog:
+            await trio.sleep(0.01)
+    assert h.stats.cache_writes_skipped == 8
+    assert sum(got) == nchunks * CHUNK  # nothing fetched twice
 
 
 @pytest.mark.timeout(30)
