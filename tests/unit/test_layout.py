@@ -354,6 +354,41 @@ def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed(
     assert writer.stats.new_stored < len(noise) + len(zeros) // 10
 
 
+def test_a_run_of_incompressible_chunks_stops_trying_zstd(
+    store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # random memory does not shrink: after RAW_STREAK such chunks only every RAW_PROBE-th is
+    # tried; the first chunk that shrinks turns compression back on
+    from fusionfs import layout
+
+    tried: list[int] = []
+    real = layout._encode_chunk
+
+    def counted(data: bytes, level: int) -> bytes:
+        tried.append(len(data))
+        return real(data, level)
+
+    monkeypatch.setattr(layout, "_encode_chunk", counted)
+    noise = random.Random(2).randbytes(400 * PAGE)
+    text = b"".join(f"record {i:08d} of some compressible text\n".encode() for i in range(9000))
+    manifest, writer = _write(store, noise + text)
+    assert ChunkReader(store, manifest).read(0, manifest.size) == noise + text
+    entries, off = [], 0
+    for e in manifest.chunks:
+        entries.append((off, e))
+        off += e.length
+    in_noise = [e for o, e in entries if o + e.length <= len(noise)]
+    in_text = [e for o, e in entries if o >= len(noise)]
+    assert len(in_noise) > 3 * layout.RAW_STREAK
+    assert all(not e.compressed for e in in_noise)
+    # zstd tried on the streak, then on about one in RAW_PROBE (3 workers: a little slack)
+    assert writer.stats.raw_unprobed >= (len(in_noise) - layout.RAW_STREAK) // 2
+    assert len(tried) < len(manifest.chunks) - writer.stats.raw_unprobed + 1
+    # the text compresses again, at most a probe interval (plus the workers' overlap) late
+    assert sum(not e.compressed for e in in_text) <= layout.RAW_PROBE + 3
+    assert sum(e.compressed for e in in_text) >= len(in_text) - layout.RAW_PROBE - 3
+
+
 def test_level_zero_stores_everything_raw(store: FaultyStore) -> None:
     data = bytes(64 * PAGE)
     manifest, _ = _write(store, data, level=0)
