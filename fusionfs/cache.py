@@ -221,7 +221,6 @@ class ChunkCache:
         self._write_warned_at = -1e300
         self._tmp_seq = 0
         self._direct = bool(O_DIRECT)  # cleared the first time the filesystem refuses it
-        self._subdirs: set[str] = set()  # chunks/<xx> known to exist
 
     # ---------------------------------------------------------------- lifetime
 
@@ -271,7 +270,6 @@ class ChunkCache:
             prefix, sub = sub_de.name, sub_de.path
             if sub_de.stat(follow_symlinks=False).st_mode & 0o777 != 0o700:
                 os.chmod(sub, 0o700)
-            self._subdirs.add(prefix)
             with os.scandir(sub) as it:
                 for de in it:
                     name = de.name
@@ -595,7 +593,8 @@ class ChunkCache:
         mount shares two cores with the server it reads from. See docs/design/cache.md."""
         fd = -1
         try:
-            self._ensure_subdir(final)
+            with contextlib.suppress(FileExistsError):  # first chunk of its sub-directory
+                os.mkdir(os.path.dirname(final), 0o700)
             if self._direct:
                 fd = self._write_direct(tmp, header, data)
             if fd < 0:
@@ -612,9 +611,6 @@ class ChunkCache:
         except _Closed:
             pass
         except OSError as exc:
-            if isinstance(exc, FileNotFoundError):  # its sub-directory was removed: make it anew
-                with self._lock:
-                    self._subdirs.discard(os.path.basename(os.path.dirname(final)))
             self._write_failed(exc)
         finally:
             if fd >= 0:
@@ -622,18 +618,6 @@ class ChunkCache:
                     os.close(fd)
         self._unlink_quietly(tmp)
         return False
-
-    def _ensure_subdir(self, final: str) -> None:
-        """Create ``final``'s sub-directory on its first chunk (it may also have been removed
-        behind our back, which the open of the temp file then reports)."""
-        sub = os.path.dirname(final)
-        prefix = os.path.basename(sub)
-        if prefix in self._subdirs:
-            return
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(sub, 0o700)
-        with self._lock:
-            self._subdirs.add(prefix)
 
     def _write_direct(self, tmp: str, header: bytes, data: memoryview) -> int:
         """Write ``tmp`` with O_DIRECT; its open fd, or -1 (nothing created) where the
