@@ -212,6 +212,7 @@ class Filesystem:
         self._handles: dict[FileHandleNo, Handle] = {}
         self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
         self._relisting: dict[InodeNo, trio.Event] = {}  # directories being re-listed
+        self._probing: dict[tuple[InodeNo, bytes], trio.Event] = {}  # names being probed
         self._next_fh = 1
         self._gc_lock = trio.Lock()
         self._last_gc: dict[str, int] = {}
@@ -392,19 +393,22 @@ class Filesystem:
         return Kind.FILE
 
     async def _probe(
-        self, parent: Inode, name: bytes, *, small_file: bool = False
+        self, parent: Inode, name: bytes, *, small_file: bool = False, known_dir: bool = False
     ) -> tuple[Kind, ObjectInfo | None] | None:
         """Ask the store what ``name`` in ``parent`` is: a directory, an object, or nothing.
 
         A HEAD of the key comes first, so a file (the common case) costs one request. Only when
         there is no such object does a LIST of ``key/`` look for a directory (and a HEAD of its
-        marker, when it has one, gives its mode and owner). While the parent's listing is fresh
-        and shows ``name`` as a directory, the directory is checked first (S-MAP-3).
+        marker, when it has one, gives its mode and owner). When ``name`` is known as a
+        directory (``known_dir``: an inode of this mount, or the parent's fresh listing), the
+        directory is checked first (S-MAP-3): a directory on the path of busy files is
+        revalidated every TTL, and its HEAD would always miss.
         """
         file_key = self._child_key(parent, name, Kind.FILE)
         dir_key = Key(file_key + "/")
         listing_fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
-        if not (listing_fresh and name in parent.listed_dirs):
+        dir_first = known_dir or (listing_fresh and name in parent.listed_dirs)
+        if not dir_first:
             try:
                 if small_file:  # one GET answers the lookup and the read that follows (S-MAP-8)
                     info, head = await self._call(
@@ -426,7 +430,7 @@ class Filesystem:
             functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
         )
         if not (page.objects or page.prefixes):
-            if listing_fresh and name in parent.listed_dirs:  # the directory went: a file now?
+            if dir_first:  # the directory went: a file now?
                 with contextlib.suppress(NotFound):
                     info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
                     return self._kind_from_metadata(info.metadata), info
@@ -446,6 +450,9 @@ class Filesystem:
         self._check_name(name)
         if parent.ino == ROOT_INODE and name == _RESERVED:
             raise NoEntry(name.decode())  # the layout's own objects (S-CHUNK-4)
+        probing = (parent.ino, name)
+        while (running := self._probing.get(probing)) is not None:
+            await running.wait()  # another lookup is asking the store: take its answer
         child = self._known_child(parent, name)
         if child is not None and (child.staged is not None or child.local_only):
             return child
@@ -470,7 +477,19 @@ class Filesystem:
             child is not None and child.kind is Kind.FILE and child.etag is not None
             and child.size <= _SMALL_FILE
         )
-        found = await self._probe(parent, name, small_file=small)
+        if probing in self._probing:  # one began while we re-listed: share it
+            return await self._resolve(parent, name)
+        # Concurrent lookups of one name (the kernel revalidates a busy directory on every
+        # path walk through it) share one probe: the others wait above, then find it fresh.
+        done = self._probing[probing] = trio.Event()
+        try:
+            found = await self._probe(
+                parent, name, small_file=small,
+                known_dir=child is not None and child.kind is Kind.DIR,
+            )
+        finally:
+            del self._probing[probing]
+            done.set()
         child = self._known_child(parent, name)  # the world may have moved while we waited
         if child is not None and (child.staged is not None or child.local_only):
             return child

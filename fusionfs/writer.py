@@ -22,6 +22,15 @@ at a time writes the queue to the staging file with ``pwritev``; everything that
 file (reads, parts, commit, truncate) first waits for the queue to drain (``_settle``). A staging
 write that fails (disk full) makes the next write and the commit fail with ``UploadFailed``.
 
+Held files: a new file (no base) gets no staging file at first. Its writes stay queued in memory
+(``_HOLD_MAX`` per file, ``_HOLD_BUDGET`` for the mount) and a commit PUTs them from there, so a
+small file created, written and closed costs no file creation, record, disk write or unlink
+(each one a thread hand-off). The staging file and its record are created ("materialized") as
+soon as the file outgrows the hold, something needs the staging file (a read the newest writes do
+not cover, a truncate), a commit fails (its data then stays staged), or ``_HOLD_S`` after the
+first held write, whichever comes first: unacknowledged bytes live only in memory for at most
+that long, as in the kernel's own page cache.
+
 Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
 threads. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
 may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
@@ -84,6 +93,13 @@ _RECENT_MAX = 48 << 20
 #: within ``_RECENT_MAX``, so the feed reads from memory (a write and a feed piece of slack).
 _FEED_MAX_LAG = _RECENT_MAX - 2 * FEED_STEP
 _MAX_PARTS = 10_000
+#: A new file's writes are held in memory, without a staging file, up to this many bytes
+#: (a file written in one 1 MiB FUSE request fits) ...
+_HOLD_MAX = 1 << 20
+#: ... while all held files of the mount hold less than this ...
+_HOLD_BUDGET = 64 << 20
+#: ... and for at most this many seconds after the first held write (see the module docstring).
+_HOLD_S = 1.0
 
 
 def part_size_for(number: int, base: int) -> int:
@@ -121,6 +137,7 @@ class Uploader:
         self.slots = trio.CapacityLimiter(upload_slots)
         self.call_timeout = call_timeout
         self.part_copy_supported = True
+        self.held_bytes = 0  # bytes of writes held in memory by files with no staging file yet
 
     async def call(self, fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
         return await run_store_call(
@@ -130,16 +147,20 @@ class Uploader:
     async def new_staged(
         self, key: Key, base: ObjectRef | None, *, dirty: bool = False
     ) -> StagedFile:
-        """A new staging file for ``key``, created in a worker thread (it is disk I/O).
+        """The staged state of ``key``. With a ``base`` (a rewrite of an existing object) its
+        staging file is created now, in a worker thread (it is disk I/O); a new file starts
+        held in memory and gets one only when needed (see the module docstring), so ``create``,
+        which runs under the kernel's lock of the directory, hands off nothing.
 
         ``dirty``: the file is to be committed even if never written (a new, empty file). Its
         crash record waits for the first write: an empty staging file holds nothing to recover
-        (``recover_leftovers`` drops it), and ``create`` stays one thread hand-off long (it runs
-        under the kernel's lock of the directory).
+        (``recover_leftovers`` drops it).
         """
         name = uuid.uuid4().hex
-        path = self.staging_dir / f"{name}.data"
-        fd, dfd = await trio.to_thread.run_sync(_open_staging, path)
+        fd = dfd = -1
+        if base is not None:
+            path = self.staging_dir / f"{name}.data"
+            fd, dfd = await trio.to_thread.run_sync(_open_staging, path)
         staged = StagedFile(self, key, base, name=name, fd=fd, dfd=dfd)
         if dirty:
             staged.generation, staged.dirty = 1, True
@@ -249,8 +270,10 @@ class StagedFile:
         self._id = name
         self.path = up.staging_dir / f"{name}.data"
         self._record = up.staging_dir / f"{name}.json"
-        self._fd = fd
+        self._fd = fd  # -1: no staging file yet, the writes are held in memory (_materialize)
         self._dfd = dfd  # the same file opened with O_DIRECT, or -1 (see _write_batch)
+        self._held = 0  # bytes of self._pending counted in the mount's held_bytes
+        self._hold_timer = False  # a task will materialize this file _HOLD_S after a write
         self._recent: _Recent | None = _Recent() if base is None else None
         self.closed = False
         # write-behind: writes are queued in memory and written to the staging file by one
@@ -307,10 +330,13 @@ class StagedFile:
             if size % cs:
                 await self._fill_chunk(size // cs)
             self.base_limit = size
-        await self._settle()
+        if self._fd >= 0 or self._pending or self._drain_error is not None:
+            await self._settle()
+            await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
+        # else: nothing written and no staging file (an O_TRUNC open of a new file's name): a
+        # staging file created later starts empty, and reads pad to the size with zeros
         if self._recent is not None:
             self._recent.clear()
-        await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
         stream = self._stream
         if stream is not None and size < stream.started_until:
             self._invalidate_stream("truncated below the parts already sent")
@@ -369,12 +395,65 @@ class StagedFile:
     def _queue(self, off: int, data: bytes) -> None:
         self._pending.append((off, data))
         self._pending_bytes += len(data)
+        up = self._up
+        if (
+            self._fd < 0
+            and self._drain_error is None
+            and self._pending_bytes <= _HOLD_MAX
+            and up.held_bytes + len(data) <= _HOLD_BUDGET
+        ):
+            up.held_bytes += len(data)
+            self._held += len(data)
+            if not self._hold_timer:
+                self._hold_timer = True
+                up.nursery.start_soon(self._hold_expiry)
+            return
+        self._start_drain()
+
+    def _start_drain(self) -> None:
         if self._idle.is_set():
             self._idle = trio.Event()
             self._up.nursery.start_soon(self._drain)
 
+    async def _hold_expiry(self) -> None:
+        """Stage a held file's writes ``_HOLD_S`` after they began to be held, unless it has
+        been committed (or discarded) since."""
+        await trio.sleep(_HOLD_S)
+        self._hold_timer = False
+        if self._fd < 0 and self.dirty and self._pending and not self.closed:
+            self._start_drain()
+
+    async def _stage_held(self) -> None:
+        """After a failed commit: what was held in memory goes to the staging file, so it stays
+        staged (and recoverable after a crash) like any other file's data."""
+        if self._fd < 0:
+            with contextlib.suppress(UploadFailed):  # a staging error is already on its way up
+                await self._settle()
+
+    def _release_hold(self) -> None:
+        self._up.held_bytes -= self._held
+        self._held = 0
+
+    async def _materialize(self) -> None:
+        """Create the staging file (and, if there is something to commit, its crash record) of
+        a file whose writes were held in memory; the drain then writes them to it."""
+        fd, dfd = await trio.to_thread.run_sync(_open_staging, self.path)
+        self._fd, self._dfd = fd, dfd
+        self._release_hold()
+        if self.dirty:
+            self._recorded = True
+            await self._write_record()
+
     async def _drain(self) -> None:
         try:
+            if self._fd < 0:
+                if self.closed or self._drain_error is not None:
+                    return  # discarded: the held writes go with it
+                try:
+                    await self._materialize()
+                except OSError as e:
+                    log.error("staging %s: %s", self.key, e)
+                    self._drain_error = e
             while self._pending and self._drain_error is None:
                 batch, self._pending = self._pending, []
                 try:
@@ -392,10 +471,14 @@ class StagedFile:
         finally:
             self._pending.clear()
             self._pending_bytes = 0
+            self._release_hold()
             self._idle.set()
 
     async def _settle(self) -> None:
-        """Wait until every queued write is in the staging file; raise if one failed."""
+        """Wait until every queued write is in the staging file (creating it if the writes
+        were held in memory); raise if one failed."""
+        if self._fd < 0 and self._drain_error is None:
+            self._start_drain()
         await self._idle.wait()
         self._raise_staging_error()
 
@@ -421,7 +504,10 @@ class StagedFile:
     async def _touch(self) -> None:
         self.generation += 1
         if not self.dirty or not self._recorded:
-            self.dirty = self._recorded = True  # before the await: concurrent writes write it once
+            self.dirty = True
+            if self._fd < 0:
+                return  # held in memory: _materialize writes the record with the staging file
+            self._recorded = True  # before the await: concurrent writes write it once
             await self._write_record()
 
     async def _fill_partial(self, start: int, end: int) -> None:
@@ -565,9 +651,11 @@ class StagedFile:
                 etag = await self._upload(key, metadata)
             except UploadFailed:
                 self._up.stats.add("uploads_failed")
+                await self._stage_held()
                 raise
             except (StoreError, OSError) as e:
                 self._up.stats.add("uploads_failed")
+                await self._stage_held()
                 raise UploadFailed(f"{key}: {e}") from e
             finally:
                 self._up.stats.add("uploads_pending", -1)
@@ -776,6 +864,8 @@ class StagedFile:
 
     # -- records and cleanup -----------------------------------------------------------------
     async def _write_record(self) -> None:
+        if self._fd < 0:
+            return  # no staging file yet: _materialize writes the record
         stream = self._stream
         record = _record(self.key, stream.upload_id if stream else None, self.path)
         await trio.to_thread.run_sync(_write_json, self._record, record)
@@ -795,6 +885,9 @@ class StagedFile:
                 stream.valid = False
                 await stream.idle.wait()
                 self._up.nursery.start_soon(self._abort_stream, stream)
+        self._release_hold()
+        if self._fd < 0:
+            return  # never staged: nothing on disk
         dfd, self._dfd = self._dfd, -1
         await trio.to_thread.run_sync(_close_and_remove, self._fd, self.path, self._record, dfd)
 

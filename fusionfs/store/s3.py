@@ -31,7 +31,9 @@ Caveats:
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
+import email.utils
 import http.client
 import logging
 import math
@@ -43,6 +45,7 @@ from typing import Any, BinaryIO, TypeVar
 import boto3
 import botocore.exceptions as _bce
 import botocore.session
+import botocore.utils
 import urllib3.exceptions
 from botocore.config import Config
 
@@ -125,7 +128,31 @@ def _new_session(region: str | None) -> Any:
             _shared_loader = core.get_component("data_loader")
         else:
             core.register_component("data_loader", _shared_loader)
+    core.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_timestamp
+    )
     return boto3.session.Session(botocore_session=core, region_name=region)
+
+
+def parse_timestamp(value: Any) -> datetime.datetime:
+    """botocore's timestamp parser, fast for the two forms S3 sends: ISO 8601 in XML bodies
+    (``LastModified`` of each listed object) and RFC 1123 in headers (``Last-Modified``).
+
+    botocore parses every timestamp with dateutil's generic parser: 98 us for an ISO 8601
+    value, 140 us for an RFC 1123 one on this project's CI machines, so about 0.1 s of CPU per
+    1000-entry LIST page; ``datetime.fromisoformat`` takes 0.4 us, ``parsedate_to_datetime``
+    8 us. Anything else (epoch numbers, odd servers) goes to botocore's own parser."""
+    if isinstance(value, str):
+        parsed: datetime.datetime | None = None
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(value)
+        if parsed is None:
+            with contextlib.suppress(ValueError, TypeError, IndexError):
+                parsed = email.utils.parsedate_to_datetime(value)
+        if parsed is not None:
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
+    result: datetime.datetime = botocore.utils.parse_timestamp(value)
+    return result
 
 
 class _AccessDenied(StoreError):

@@ -9,6 +9,7 @@ whole object on every ranged GET. Store calls are counted by the ``FaultyStore``
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -21,6 +22,7 @@ import pytest
 import trio
 from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 
+from fusionfs import writer
 from fusionfs.errors import (
     Exists,
     InvalidArgument,
@@ -645,6 +647,76 @@ async def test_truncate(make_fs: FsFactory, any_store: FaultyStore) -> None:
     assert await h.get("f") == b"x"
 
 
+def _staged_names(h: Any) -> list[str]:
+    return sorted(p.name for p in h.staging_dir.iterdir())
+
+
+@pytest.mark.timeout(30)
+async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_staging_file(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-WRITE-9: create, write, close of a small file touch no staging file; held longer than
+    writer._HOLD_S, its bytes are staged with a crash record naming the key."""
+    h = await make_fs(any_store)
+    fh = await h.create("small")
+    await h.write(fh, 0, b"x" * 4096)
+    await h.write(fh, 4096, b"tail")
+    assert _staged_names(h) == []  # nothing on disk while held
+    assert await h.read(fh, 4090, 100) == b"x" * 6 + b"tail"  # served from the held writes
+    assert _staged_names(h) == []
+    await h.close(fh)
+    assert await h.get("small") == b"x" * 4096 + b"tail"
+    assert any_store.calls["put"] == 1
+    assert _staged_names(h) == []
+
+    started = trio.current_time()
+    fh = await h.create("kept-open")
+    await h.write(fh, 0, b"unsaved")
+    await _wait_until(lambda: len(_staged_names(h)) == 2, "the held file to be staged")
+    assert trio.current_time() - started >= writer._HOLD_S * 0.9
+    record = next(p for p in h.staging_dir.glob("*.json"))
+    assert json.loads(record.read_text())["key"] == "kept-open"
+    assert record.with_suffix(".data").read_bytes() == b"unsaved"
+    await h.write(fh, 7, b" now saved")
+    await h.close(fh)
+    assert await h.get("kept-open") == b"unsaved now saved"
+    assert _staged_names(h) == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_new_file_is_staged_once_it_outgrows_the_hold(
+    make_fs: FsFactory, local_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past writer._HOLD_MAX bytes, or past the mount's writer._HOLD_BUDGET, a new file's
+    writes go to its staging file at once; reads, gaps and truncation behave the same."""
+    h = await make_fs(local_store)
+    big = data_of(writer._HOLD_MAX + 64 * KiB, seed=21)
+    fh = await h.create("big")
+    for off in range(0, len(big), 64 * KiB):
+        await h.write(fh, off, big[off : off + 64 * KiB])
+    await _wait_until(lambda: len(_staged_names(h)) == 2, "big to be staged")
+    assert h.uploader.held_bytes == 0
+    await h.close(fh)
+    assert await h.get("big") == big
+
+    monkeypatch.setattr(writer, "_HOLD_BUDGET", 100 * KiB)
+    first, second = await h.create("a"), await h.create("b")
+    await h.write(first, 0, data_of(80 * KiB, seed=1))
+    assert _staged_names(h) == [] and h.uploader.held_bytes == 80 * KiB
+    await h.write(second, 0, data_of(80 * KiB, seed=2))  # over the budget: staged now
+    await _wait_until(lambda: len(_staged_names(h)) == 2, "b to be staged")
+    # a gap, a read across it and a truncate of the held file: staged on demand, same bytes
+    await h.write(first, 100 * KiB, b"after a gap")
+    got = await h.read(first, 70 * KiB, 50 * KiB)
+    assert got == data_of(80 * KiB, seed=1)[70 * KiB :] + bytes(20 * KiB) + b"after a gap"
+    await h.fs.setattr((await h.lookup("a")).ino, size=90 * KiB, fh=first)
+    await h.close(first)
+    await h.close(second)
+    assert await h.get("a") == data_of(80 * KiB, seed=1) + bytes(10 * KiB)
+    assert await h.get("b") == data_of(80 * KiB, seed=2)
+    assert _staged_names(h) == [] and h.uploader.held_bytes == 0
+
+
 @pytest.mark.timeout(60)
 async def test_write_behind_directory_close_returns_before_commit(
     make_fs: FsFactory, local_store: FaultyStore
@@ -709,9 +781,10 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     for i in range(10, 20):
         await h.write_file(f"d/f{i}", b"x")
     heads, lists = (a - b for a, b in zip(lookups(), before, strict=True))
-    # "d" itself is revalidated once (HEAD d, LIST d/, HEAD of its marker), and one LIST of d/
-    # answers all ten new names; a probe per name would be a HEAD and a LIST each (20)
-    assert (heads, lists) == (2, 2)
+    # "d" itself is revalidated once (LIST d/, HEAD of its marker: a known directory is not
+    # HEADed as a file first, S-MAP-3), and one LIST of d/ answers all ten new names; a probe
+    # per name would be a HEAD and a LIST each (20)
+    assert (heads, lists) == (1, 2)
     # what another client adds is seen once the listing is older than the TTL (S-CONS-1)
     await h.put("d/oob", b"from elsewhere")
     with pytest.raises(NoEntry):
@@ -719,6 +792,52 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     await trio.sleep(0.35)
     assert (await h.stat("d/oob")).size == len(b"from elsewhere")
     assert sorted(await h.listdir("d")) == sorted([f"f{i}" for i in range(20)] + ["oob"])
+
+
+@pytest.mark.timeout(30)
+async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    # [S-MAP-7] "Concurrent lookups of one name that needs asking the store share one probe"
+    # [S-MAP-3] "A directory this mount knows is revalidated ... with a LIST of `a/`"
+    h = await make_fs(any_store, attr_timeout=0.2)
+    await h.mkdir("d")
+    await h.write_file("d/f", b"x")
+    await trio.sleep(0.25)  # "d" is stale now
+    before = any_store.calls["head"], any_store.calls["list"]
+    any_store.stall("list", seconds=0.2)  # keep the first probe in flight while the rest arrive
+    found: list[Kind] = []
+
+    async def look() -> None:
+        found.append((await h.lookup("d")).kind)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(look)
+    any_store.clear()
+    assert found == [Kind.DIR] * 8
+    heads, lists = (a - b for a, b in
+                    zip((any_store.calls["head"], any_store.calls["list"]), before, strict=True))
+    assert (heads, lists) == (1, 1)  # LIST d/ and a HEAD of its marker, once for all eight
+
+
+@pytest.mark.timeout(30)
+async def test_a_known_directory_replaced_by_a_file_is_seen_as_the_file(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """Checking a known directory first (S-MAP-3) still finds the object once the directory is
+    gone from the store."""
+    h = await make_fs(any_store, attr_timeout=0.2)
+    await h.mkdir("x")
+    await h.write_file("x/inner", b"1")
+    assert (await h.lookup("x")).kind is Kind.DIR
+    await trio.to_thread.run_sync(any_store.delete, Key("x/inner"))
+    await trio.to_thread.run_sync(any_store.delete, Key("x/"))
+    await h.put("x", b"a file now")
+    await trio.sleep(0.25)
+    inode = await h.lookup("x")
+    assert inode.kind is Kind.FILE and inode.size == len(b"a file now")
+    assert await h.read_file("x") == b"a file now"
 
 
 @pytest.mark.timeout(30)

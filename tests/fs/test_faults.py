@@ -18,6 +18,7 @@ import pytest
 import trio
 from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 
+from fusionfs import writer
 from fusionfs.errors import UploadFailed, errno_for
 from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, NotSupported, Transient
 from fusionfs.writer import recover_leftovers
@@ -314,14 +315,18 @@ async def test_crash_recovery_keeps_staged_data_and_aborts_the_upload(
         await h.write(fh, off, big[off : off + 128 * KiB])
     small_fh = await h.create("small")
     await h.write(small_fh, 0, b"small and unsaved")
-    with trio.fail_after(5):  # the streaming upload has started and its id is on record
-        while local_store.calls["upload_part"] < 2:
+    held_at = trio.current_time()
+    records: dict[str, dict[str, object]] = {}
+    # the streaming upload has started and its id is on record; the small file, held in
+    # memory at first, is staged with its record within writer._HOLD_S
+    with trio.fail_after(5):
+        while local_store.calls["upload_part"] < 2 or set(records) != {"big", "small"}:
             await trio.sleep(0.01)
-    records = {}
-    for p in h.staging_dir.glob("*.json"):
-        record = json.loads(p.read_text())
-        records[record["key"]] = record
-    assert set(records) == {"big", "small"}
+            records = {}
+            for p in h.staging_dir.glob("*.json"):
+                record = json.loads(p.read_text())
+                records[record["key"]] = record
+    assert trio.current_time() - held_at < writer._HOLD_S + 1
     upload_id = records["big"]["upload_id"]
     assert upload_id
     assert records["small"]["upload_id"] is None
