@@ -22,7 +22,7 @@ manifests the mount writes and reads (and primed from a previous snapshot), so n
 made per chunk to find out.
 
 Chunking is content-defined at page granularity (``ChunkPolicy``): the data is cut only at 4 KiB
-page boundaries of the file, after a page whose CRC-32 is 0 modulo a divisor, within min/max
+page boundaries of the file, after a page whose XXH3-64 is 0 modulo a divisor, within min/max
 bounds. ``docs/design/chunked-layout.md`` has the measurements and the GC race argument.
 
 Concurrency and threads: everything here is synchronous and blocking (store calls, hashing,
@@ -49,11 +49,11 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 import blake3
+import xxhash
 import zstandard
 
 from fusionfs.store.base import (
@@ -371,7 +371,7 @@ class ChunkPolicy:
     """Content-defined chunking at page granularity.
 
     A chunk ends after page p when it holds at least ``min_size`` bytes and
-    ``crc32(page p) % divisor == 0`` (``divisor = (avg_size - min_size) / page_size``), or when
+    ``xxh3_64(page p) % divisor == 0`` (``divisor = (avg_size - min_size) / page_size``), or when
     it reaches ``max_size``. The expected chunk size is then about ``avg_size``.
     """
 
@@ -397,7 +397,7 @@ class Chunker:
 
     ``push(data)`` returns the chunks completed so far; ``flush()`` returns the last, partial one.
     A page (stream offsets ``k * page_size``) past the chunk's minimum size ends the chunk when
-    its CRC-32 is 0 modulo the policy's divisor, or when the chunk reaches its maximum size.
+    its XXH3-64 is 0 modulo the policy's divisor, or when the chunk reaches its maximum size.
 
     Each byte is copied once, into its chunk: pages are judged where they lie in the pushed
     data, and only the unfinished chunk's bytes (at most ``max_size``) are kept between pushes.
@@ -412,7 +412,7 @@ class Chunker:
     def push(self, data: bytes | memoryview) -> list[bytes]:
         pol = self.policy
         page, lo, hi, div = pol.page_size, pol.min_size, pol.max_size, pol.divisor
-        crc = zlib.crc32
+        cut_hash = xxhash.xxh3_64_intdigest  # see docs/design/chunked-layout.md: not CRC-32
         out: list[bytes] = []
         with memoryview(data) as whole, whole.cast("B") as view:
             n = len(view)
@@ -427,9 +427,11 @@ class Chunker:
                     continue
                 at = start + pos  # the page's offset in view (negative: it began earlier)
                 if at >= 0:
-                    cut = end >= hi or crc(view[at : at + page]) % div == 0
+                    cut = end >= hi or cut_hash(view[at : at + page]) % div == 0
                 else:
-                    cut = end >= hi or crc(self._held_tail(-at) + view[: at + page]) % div == 0
+                    cut = (
+                        end >= hi or cut_hash(self._held_tail(-at) + view[: at + page]) % div == 0
+                    )
                 if cut:
                     if start >= 0:
                         out.append(bytes(view[start : start + end]))

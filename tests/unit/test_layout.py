@@ -13,12 +13,12 @@ import os
 import random
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -240,7 +240,7 @@ def _reference_lengths(data: bytes, policy: ChunkPolicy) -> list[int]:
         if end - start < lo:
             pos = start + lo - page
             continue
-        if end - start >= hi or zlib.crc32(data[pos:end]) % div == 0:
+        if end - start >= hi or xxhash.xxh3_64_intdigest(data[pos:end]) % div == 0:
             lengths.append(end - start)
             start = end
         pos = end
