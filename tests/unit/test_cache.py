@@ -544,6 +544,26 @@ def test_modes_are_private(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE(sub.stat().st_mode) == 0o700
 
 
+def test_a_sub_directory_removed_under_an_open_cache_is_made_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Sub-directories are made on the first chunk that needs one (after an ENOENT), so one
+    removed meanwhile (by hand, by a cleaner) costs a miss, never a failed put."""
+    root = tmp_path / "cache"
+    old = os.umask(0)
+    try:
+        with opened(root) as c:
+            assert put(c, "a", 0)
+            sub = the_file(root).parent
+            shutil.rmtree(sub)
+            c.drop_object(Key("a"))
+            assert put(c, "a", 0, n=2000)
+            assert get(c, "a", 0) == payload("a", "e1", 0, 2000)
+            assert stat.S_IMODE(sub.stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+
+
 # ------------------------------------------------------------------ concurrency
 
 
