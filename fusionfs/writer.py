@@ -649,13 +649,11 @@ class StagedFile:
             self._up.stats.add("uploads_pending")
             try:
                 etag = await self._upload(key, metadata)
-            except UploadFailed:
+            except (UploadFailed, StoreError, OSError) as e:
                 self._up.stats.add("uploads_failed")
                 await self._stage_held()
-                raise
-            except (StoreError, OSError) as e:
-                self._up.stats.add("uploads_failed")
-                await self._stage_held()
+                if isinstance(e, UploadFailed):
+                    raise
                 raise UploadFailed(f"{key}: {e}") from e
             finally:
                 self._up.stats.add("uploads_pending", -1)

@@ -761,6 +761,16 @@ async def test_rewrite_of_a_streamed_part_resends_only_that_part(
     assert await h.get("f") == bytes(data)
 
 
+def _lookup_calls(store: FaultyStore) -> tuple[int, int]:
+    """The store's HEAD and LIST calls so far: what lookups cost."""
+    return store.calls["head"], store.calls["list"]
+
+
+def _since(before: tuple[int, int], store: FaultyStore) -> tuple[int, int]:
+    heads, lists = _lookup_calls(store)
+    return heads - before[0], lists - before[1]
+
+
 @pytest.mark.timeout(30)
 async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_per_name(
     make_fs: FsFactory, any_store: FaultyStore
@@ -769,18 +779,15 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     h = await make_fs(any_store, attr_timeout=0.3)
     await h.mkdir("d")
 
-    def lookups() -> tuple[int, int]:
-        return any_store.calls["head"], any_store.calls["list"]
-
-    before = lookups()
+    before = _lookup_calls(any_store)
     for i in range(10):  # a directory just made is known empty: no request per new name
         await h.write_file(f"d/f{i}", b"x")
-    assert lookups() == before
+    assert _lookup_calls(any_store) == before
     await trio.sleep(0.35)  # the listing expires; the next unknown name re-lists, once
-    before = lookups()
+    before = _lookup_calls(any_store)
     for i in range(10, 20):
         await h.write_file(f"d/f{i}", b"x")
-    heads, lists = (a - b for a, b in zip(lookups(), before, strict=True))
+    heads, lists = _since(before, any_store)
     # "d" itself is revalidated once (LIST d/, HEAD of its marker: a known directory is not
     # HEADed as a file first, S-MAP-3), and one LIST of d/ answers all ten new names; a probe
     # per name would be a HEAD and a LIST each (20)
@@ -804,7 +811,7 @@ async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
     await h.mkdir("d")
     await h.write_file("d/f", b"x")
     await trio.sleep(0.25)  # "d" is stale now
-    before = any_store.calls["head"], any_store.calls["list"]
+    before = _lookup_calls(any_store)
     any_store.stall("list", seconds=0.2)  # keep the first probe in flight while the rest arrive
     found: list[Kind] = []
 
@@ -816,8 +823,7 @@ async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
             nursery.start_soon(look)
     any_store.clear()
     assert found == [Kind.DIR] * 8
-    heads, lists = (a - b for a, b in
-                    zip((any_store.calls["head"], any_store.calls["list"]), before, strict=True))
+    heads, lists = _since(before, any_store)
     assert (heads, lists) == (1, 1)  # LIST d/ and a HEAD of its marker, once for all eight
 
 
