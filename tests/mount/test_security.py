@@ -85,6 +85,9 @@ def test_cache_and_staging_files_are_private(
     with open(m.path / "being-written", "wb") as f:  # staged while open
         f.write(data)
         f.flush()
+        # the kernel hands the writes over now: 3 MiB is past what a new file may hold in
+        # memory (S-WRITE-9), so its staging file exists from here until the close
+        os.fsync(f.fileno())
         seen = _modes(cache)
     seen.update(_modes(cache))
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
