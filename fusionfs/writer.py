@@ -435,22 +435,27 @@ class StagedFile:
         self._held = 0
 
     async def _materialize(self) -> None:
-        """Create the staging file (and, if there is something to commit, its crash record) of
-        a file whose writes were held in memory; the drain then writes them to it."""
+        """Create the staging file of a file whose writes were held in memory; the drain then
+        writes them to it, and only then its crash record, so that a record never names a
+        staging file still missing the writes that were held when it was made."""
         fd, dfd = await trio.to_thread.run_sync(_open_staging, self.path)
         self._fd, self._dfd = fd, dfd
         self._release_hold()
-        if self.dirty:
-            self._recorded = True
+
+    async def _record_once(self) -> None:
+        if self.dirty and not self._recorded:
+            self._recorded = True  # before the await: concurrent writes write it once
             await self._write_record()
 
     async def _drain(self) -> None:
+        record = False  # write the crash record after the first batch (held writes, see above)
         try:
             if self._fd < 0:
                 if self.closed or self._drain_error is not None:
                     return  # discarded: the held writes go with it
                 try:
                     await self._materialize()
+                    record = True
                 except OSError as e:
                     log.error("staging %s: %s", self.key, e)
                     self._drain_error = e
@@ -463,11 +468,20 @@ class StagedFile:
                     if not direct_ok:
                         dfd, self._dfd = self._dfd, -1
                         await trio.to_thread.run_sync(os.close, dfd)
+                    if record:
+                        record = False
+                        await self._record_once()
                 except OSError as e:
                     log.error("staging %s: %s", self.key, e)
                     self._drain_error = e
                 finally:
                     self._pending_bytes -= sum(len(d) for _, d in batch)
+            if record and self._drain_error is None:  # materialized with nothing queued
+                try:
+                    await self._record_once()
+                except OSError as e:
+                    log.error("staging %s: %s", self.key, e)
+                    self._drain_error = e
         finally:
             self._pending.clear()
             self._pending_bytes = 0
@@ -506,9 +520,8 @@ class StagedFile:
         if not self.dirty or not self._recorded:
             self.dirty = True
             if self._fd < 0:
-                return  # held in memory: _materialize writes the record with the staging file
-            self._recorded = True  # before the await: concurrent writes write it once
-            await self._write_record()
+                return  # held in memory: the drain writes the record with the staging file
+            await self._record_once()
 
     async def _fill_partial(self, start: int, end: int) -> None:
         """Before a write of [start, end): fill the chunks it only partly covers from the base."""
@@ -863,7 +876,7 @@ class StagedFile:
     # -- records and cleanup -----------------------------------------------------------------
     async def _write_record(self) -> None:
         if self._fd < 0:
-            return  # no staging file yet: _materialize writes the record
+            return  # no staging file yet: the drain writes the record once it has one
         stream = self._stream
         record = _record(self.key, stream.upload_id if stream else None, self.path)
         await trio.to_thread.run_sync(_write_json, self._record, record)

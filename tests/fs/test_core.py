@@ -653,10 +653,17 @@ def _staged_names(h: Any) -> list[str]:
 
 @pytest.mark.timeout(30)
 async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_staging_file(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """S-WRITE-9: create, write, close of a small file touch no staging file; held longer than
-    writer._HOLD_S, its bytes are staged with a crash record naming the key."""
+    writer._HOLD_S, its bytes are staged, and only then a crash record naming the key."""
+    real_batch = writer._write_batch
+
+    def write_batch(*args: Any) -> bool:
+        time.sleep(0.2)  # a slow disk: the record must still come after the held bytes
+        return real_batch(*args)
+
+    monkeypatch.setattr(writer, "_write_batch", write_batch)
     h = await make_fs(any_store)
     fh = await h.create("small")
     await h.write(fh, 0, b"x" * 4096)
