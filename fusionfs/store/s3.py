@@ -271,6 +271,46 @@ def _total_from_content_range(value: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+class _Payload:
+    """A request body that hands botocore views of the caller's buffer instead of copies.
+
+    botocore wraps a ``bytes`` body of PutObject and UploadPart in ``io.BytesIO``, whose reads
+    (urllib3 takes 128 KiB at a time) each copy a slice under the GIL; a ``memoryview`` is sent
+    by ``socket.sendall`` as it is. 48 PUTs of 8 MiB to local s3rver: 5.2-5.8 ms of client CPU
+    per PUT with ``bytes``, 4.6-4.8 with this. It has what botocore and urllib3 use of a file:
+    ``read``, ``seek``/``tell`` (a payload-signing pass and botocore's resend after a failed
+    send rewind it) and ``__len__`` (Content-Length). One per attempt of ``_call``.
+    """
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, size: int | None = -1) -> memoryview:
+        n = len(self._view)
+        end = n if size is None or size < 0 else min(self._pos + size, n)
+        out = self._view[self._pos : end]
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = min(max(0, base + offset), len(self._view))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+
 class S3Store:
     """An ``ObjectStore`` over one bucket and key prefix of an S3-compatible server."""
 
@@ -585,20 +625,18 @@ class S3Store:
     def put(
         self, key: Key, data: bytes | memoryview, metadata: Mapping[str, str] | None = None
     ) -> ETag:
-        body = bytes(data) if isinstance(data, memoryview) else data
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._full(key),
-            "Body": body,
             "Metadata": _lower_metadata(metadata),
             **self._sse_args(),
         }
 
         def fn() -> Any:
-            return self.client.put_object(**args)
+            return self.client.put_object(Body=_Payload(data), **args)
 
         resp = self._call("put", key, fn)
-        self._uploaded(len(body))
+        self._uploaded(memoryview(data).nbytes)
         return ETag(resp["ETag"])
 
     def list(
@@ -733,16 +771,14 @@ class S3Store:
     def upload_part(
         self, key: Key, upload_id: str, number: int, data: bytes | memoryview
     ) -> UploadPart:
-        body = bytes(data) if isinstance(data, memoryview) else data
-
         def fn() -> Any:
             return self.client.upload_part(
                 Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
-                PartNumber=number, Body=body,
+                PartNumber=number, Body=_Payload(data),
             )
 
         resp = self._call("upload_part", key, fn)
-        self._uploaded(len(body))
+        self._uploaded(memoryview(data).nbytes)
         return UploadPart(number=number, etag=ETag(resp["ETag"]))
 
     def upload_part_copy(

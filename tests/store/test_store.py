@@ -863,6 +863,36 @@ def test_s3_server_errors_are_retried_then_raised_as_transient(s3_bucket: Any) -
         store.close()
 
 
+def test_s3_upload_retried_after_its_body_was_read_sends_it_whole(s3_bucket: Any) -> None:
+    """A PUT or UploadPart whose first attempt read (part of) its body, then failed, sends the
+    whole body again (botocore rewinds the body with ``seek`` before it sends it again)."""
+    store = S3Store(s3_bucket.name, endpoint_url=s3_bucket.endpoint, deadline_s=30)
+    failed: dict[str, int] = {}
+
+    def read_then_fail(request: Any, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        if operation not in failed:  # the first attempt of each operation
+            failed[operation] = len(request.body.read(3 * MiB))
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url=request.url)
+
+    store.client.meta.events.register("before-send.s3.PutObject", read_then_fail)
+    store.client.meta.events.register("before-send.s3.UploadPart", read_then_fail)
+    started = time.monotonic()
+    try:
+        data = _data(6 * MiB, 7)
+        store.put(K("k"), memoryview(data)[MiB:])
+        assert store.get_range(K("k"), 0, 8 * MiB) == data[MiB:]
+        upload = store.create_multipart(K("m"))
+        part = store.upload_part(K("m"), upload, 1, data)
+        store.complete_multipart(K("m"), upload, [part])
+        assert store.get_range(K("m"), 0, 8 * MiB) == data
+        assert failed == {"PutObject": 3 * MiB, "UploadPart": 3 * MiB}
+        # not an attempt that sent only the rest of the body and waited out the read timeout
+        assert time.monotonic() - started < 10
+    finally:
+        store.close()
+
+
 @pytest.mark.allow_logs("giving up on")
 def test_s3_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
