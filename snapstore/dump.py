@@ -6,7 +6,8 @@ Steps (each timed; the manifest records the timings):
 3. claim snapshot n (``mkdir ROOT/ID/n``) and run ``criu dump -t PID -D ROOT/ID/n``
    with ``--leave-stopped`` (or ``--leave-running``), killed at the deadline;
 4. fsync every image file and the directories, and flush the mount again (the task's files,
-   now that it is stopped), so everything the snapshot refers to is durable;
+   now that it is stopped), so everything the snapshot refers to is durable; CRIU's log is
+   copied into the images dir meanwhile (it is not one of the snapshot's files);
 5. write the manifest ``ROOT/ID/n.json`` (the commit point);
 6. kill the (stopped) task, unless ``--leave-running``.
 
@@ -30,6 +31,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -184,10 +186,22 @@ def _hints(excerpt: list[str]) -> list[str]:
     return hints
 
 
+def _keep_log_meanwhile(local: Path, images: Path) -> threading.Thread:
+    """``_keep_log`` in a thread, beside the sync and commit of a dump whose CRIU run succeeded:
+    on the mount, creating the log costs a lookup and a PUT that would otherwise wait behind
+    the last pack uploads (0.12 s of a 5 s dump of 1 GiB on local s3rver). The log is not one
+    of the snapshot's files (``_sync_images`` leaves it out): only the return waits for it."""
+    thread = threading.Thread(
+        target=_keep_log, args=(local, images), name="keep-dump-log", daemon=True
+    )
+    thread.start()
+    return thread
+
+
 def _sync_images(images: Path) -> list[ImageFile]:
     files = []
     for entry in sorted(os.scandir(images), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False):
+        if entry.name == _LOG_NAME or not entry.is_file(follow_symlinks=False):
             continue
         fsync_file(Path(entry.path))
         files.append(ImageFile(entry.name, entry.stat(follow_symlinks=False).st_size))
@@ -257,8 +271,11 @@ def dump(
         _resume(proc)
         _keep_log(local_log, images)
         raise
-    excerpt = log_excerpt(local_log) if run.returncode != 0 and not run.timed_out else []
-    log = _keep_log(local_log, images)
+    if run.returncode == 0 and not run.timed_out:
+        keeper = _keep_log_meanwhile(local_log, images)
+    else:
+        excerpt = log_excerpt(local_log) if not run.timed_out else []
+        log = _keep_log(local_log, images)
     if run.timed_out:
         _resume(proc)
         how = f"CRIU was stopped after {run.seconds:.2f} s"
@@ -337,6 +354,8 @@ def dump(
     except BaseException:
         _resume(proc)
         raise
+    finally:
+        keeper.join()
     if not opts.leave_running:
         _signal_all(procs, signal.SIGKILL)
     return DumpResult(manifest, path, images)

@@ -64,6 +64,10 @@ def test_restore_keeps_memory_counter_and_file_offset(
     files = {f["name"]: f["size"] for f in manifest["files"]}  # type: ignore[attr-defined]
     for name, size in files.items():
         assert (snap_env.root / "job" / "1" / name).stat().st_size == size
+    # CRIU's log is kept beside the images (copied while they were synced), not one of them
+    assert "dump.log" not in files and "pages-1.img" in files
+    log = (snap_env.root / "job" / "1" / "dump.log").read_bytes()
+    assert b"Dumping finished successfully" in log
 
     snap_env.move()
     restored = snap_env.run("restore", "--task", "job", f"--{mode}", "--detach")
