@@ -235,31 +235,39 @@ class ChunkedLayout:
         raise Transient(f"{what}: no answer from the store within {self._call_timeout:g} s")
 
     async def read(
-        self, ref: ObjectRef, off: int, size: int, state: ReadState | None
-    ) -> bytes:
-        """``size`` bytes of the chunked file ``ref`` from ``off`` (short only at its end)."""
+        self, ref: ObjectRef, off: int, size: int, state: ReadState | None, *,
+        cache: bool = True,
+    ) -> bytes | memoryview:
+        """``size`` bytes of the chunked file ``ref`` from ``off`` (short only at its end).
+
+        Pieces of chunks are views, not copies: a read within one chunk returns a view into it
+        (pyfuse3 answers the kernel from any buffer), a read across chunks (128 KiB on average,
+        so a 1 MiB read spans about 8) is one join of views, the only copy on the trio thread.
+        ``cache=False``: what is fetched is not written to the disk cache (ChunkSource.read)."""
         manifest = await self.manifest(ref)
         span = manifest.span(off, size)
         if not span:
             return b""
         first, last = span[0][0], span[-1][0]
         if state is not None:
-            self._advance_window(manifest, state, first, last)
-        self._request(manifest, first, last)
-        parts = []
+            self._advance_window(manifest, state, first, last, cache)
+        self._request(manifest, first, last, cache)
+        parts: list[bytes | memoryview] = []
         for idx, lo, hi in span:
             data = await self._chunk(manifest, idx)
-            parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+            parts.append(memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _advance_window(self, manifest: Manifest, state: ReadState, first: int, last: int) -> None:
+    def _advance_window(
+        self, manifest: Manifest, state: ReadState, first: int, last: int, cache: bool = True
+    ) -> None:
         if not state.advance(first, last, max_window=self._max_window, min_window=2):
             return
         wanted = state.wanted(len(manifest.chunks), max(1, state.window // 2))
         if wanted is not None:
-            self._request(manifest, *wanted)
+            self._request(manifest, *wanted, cache)
 
-    def _request(self, manifest: Manifest, first: int, last: int) -> None:
+    def _request(self, manifest: Manifest, first: int, last: int, cache: bool = True) -> None:
         """Make sure chunks first..last are in memory or being fetched, in runs of chunks
         that lie back to back in one pack, of at most ``request_size`` stored bytes each."""
         run: list[int] = []
@@ -268,24 +276,24 @@ class ChunkedLayout:
             digest = manifest.chunks[idx].digest
             if digest in self._mem or digest in self._inflight:
                 if run:
-                    self._spawn(manifest, run)
+                    self._spawn(manifest, run, cache)
                     run, run_bytes = [], 0
                 continue
             if run and not (run[-1] == idx - 1 and manifest.contiguous(idx - 1)):
-                self._spawn(manifest, run)  # one run = one ranged GET: runs go in parallel
+                self._spawn(manifest, run, cache)  # one run = one ranged GET: in parallel
                 run, run_bytes = [], 0
             self._inflight[digest] = _Pending()
             run.append(idx)
             run_bytes += manifest.chunks[idx].stored
             if run_bytes >= self._request_size:
-                self._spawn(manifest, run)
+                self._spawn(manifest, run, cache)
                 run, run_bytes = [], 0
         if run:
-            self._spawn(manifest, run)
+            self._spawn(manifest, run, cache)
 
-    def _spawn(self, manifest: Manifest, run: list[int]) -> None:
+    def _spawn(self, manifest: Manifest, run: list[int], cache: bool) -> None:
         assert self._nursery is not None, "ChunkedLayout.bind was not called"
-        self._nursery.start_soon(self._fetch_run, manifest, list(run))
+        self._nursery.start_soon(self._fetch_run, manifest, list(run), cache)
 
     async def _chunk(self, manifest: Manifest, idx: int) -> bytes:
         digest = manifest.chunks[idx].digest
@@ -304,7 +312,7 @@ class ChunkedLayout:
             assert pending.data is not None
             return pending.data
 
-    async def _fetch_run(self, manifest: Manifest, run: list[int]) -> None:
+    async def _fetch_run(self, manifest: Manifest, run: list[int], cache: bool = True) -> None:
         digests = [manifest.chunks[i].digest for i in run]
         try:
             missing = run
@@ -329,7 +337,8 @@ class ChunkedLayout:
                            for idx, data in zip(s, datas, strict=True)]
                 for digest, data in fetched:
                     self._resolve(digest, data)
-                self._cache_store(fetched)
+                if cache:
+                    self._cache_store(fetched)
         except BaseException as exc:
             for digest in digests:
                 pending = self._inflight.pop(digest, None)

@@ -168,6 +168,7 @@ class Handle:
     writable: bool
     ref: ObjectRef | None  # the object version this handle reads (None: nothing in the store)
     rstate: ReadState = dataclasses.field(default_factory=ReadState)
+    cache: bool = True  # write what its reads fetch to the chunk cache (not below read-once)
 
 
 @dataclasses.dataclass(eq=False)
@@ -933,6 +934,8 @@ class Filesystem:
         if inode.etag is not None and not inode.local_only:
             ref = self._ref(inode)
         handle = Handle(inode, writable, ref)
+        if not writable and self._below(inode, lambda d: d.read_once):
+            handle.cache = False  # S-READ-5: read once, so not worth a cache write
         inode.opens += 1
         if writable:
             inode.writers += 1
@@ -997,7 +1000,7 @@ class Filesystem:
         elif h.ref is None:
             data = b""
         else:
-            data = await self._chunks.read(h.ref, off, size, h.rstate)
+            data = await self._chunks.read(h.ref, off, size, h.rstate, cache=h.cache)
         self.stats.bytes_read += len(data)  # trio thread only: no lock needed for these two
         self.stats.read_calls += 1
         return data

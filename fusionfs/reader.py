@@ -192,22 +192,25 @@ class ChunkSource:
 
     # -- public -----------------------------------------------------------------------------
     async def read(
-        self, ref: ObjectRef, off: int, size: int, state: ReadState | None
+        self, ref: ObjectRef, off: int, size: int, state: ReadState | None, *,
+        cache: bool = True,
     ) -> bytes | memoryview:
         """``size`` bytes of ``ref`` from ``off`` (short only at the end of the object).
 
         A read within one chunk returns a view into the chunk, not a copy: pyfuse3 answers the
-        kernel from any buffer, so the bytes are copied once, into the kernel."""
+        kernel from any buffer, so the bytes are copied once, into the kernel. ``cache=False``:
+        what this read and its read-ahead fetch is not written to the disk cache (a file read
+        once, S-READ-5); chunks already cached are still used."""
         if size <= 0 or off >= ref.size:
             return b""
         if ref.chunked:
-            return await self.chunked.read(ref, off, size, state)
+            return await self.chunked.read(ref, off, size, state, cache=cache)
         end = min(off + size, ref.size)
         cs = self.chunk_size
         first, last = off // cs, (end - 1) // cs
         if state is not None:
-            self._advance_window(ref, state, first, last)
-        self._request(ref, first, last)
+            self._advance_window(ref, state, first, last, cache)
+        self._request(ref, first, last, cache)
         if first == last:
             data = await self._chunk(ref, first)
             return memoryview(data)[off - first * cs : end - first * cs]
@@ -226,7 +229,9 @@ class ChunkSource:
             self._mem_bytes -= len(self._mem.pop(cid))
 
     # -- read-ahead ----------------------------------------------------------------------
-    def _advance_window(self, ref: ObjectRef, state: ReadState, first: int, last: int) -> None:
+    def _advance_window(
+        self, ref: ObjectRef, state: ReadState, first: int, last: int, cache: bool = True
+    ) -> None:
         if not state.advance(first, last, max_window=self._max_window, min_window=4):
             return
         if self._cache_backlog >= self._cache_backlog_limit:
@@ -240,29 +245,30 @@ class ChunkSource:
         # smaller than one), not one chunk at a time
         wanted = state.wanted(nchunks, min(self._run_chunks, state.window))
         if wanted is not None:
-            self._request(ref, *wanted)
+            self._request(ref, *wanted, cache)
 
     # -- chunk plumbing ----------------------------------------------------------------------
-    def _request(self, ref: ObjectRef, first: int, last: int) -> None:
-        """Make sure every chunk in [first, last] is in memory or being fetched."""
+    def _request(self, ref: ObjectRef, first: int, last: int, cache: bool = True) -> None:
+        """Make sure every chunk in [first, last] is in memory or being fetched (and what is
+        fetched, written to the disk cache unless ``cache`` is False)."""
         run: list[int] = []
         for idx in range(first, last + 1):
             cid = (ref.key, ref.etag, idx)
             if cid in self._mem or cid in self._inflight:
                 if run:
-                    self._spawn(ref, run)
+                    self._spawn(ref, run, cache)
                     run = []
                 continue
             self._inflight[cid] = _Pending()
             run.append(idx)
             if len(run) == self._run_chunks:
-                self._spawn(ref, run)
+                self._spawn(ref, run, cache)
                 run = []
         if run:
-            self._spawn(ref, run)
+            self._spawn(ref, run, cache)
 
-    def _spawn(self, ref: ObjectRef, run: list[int]) -> None:
-        self._nursery.start_soon(self._fetch_run, ref, list(run))
+    def _spawn(self, ref: ObjectRef, run: list[int], cache: bool) -> None:
+        self._nursery.start_soon(self._fetch_run, ref, list(run), cache)
 
     async def _chunk(self, ref: ObjectRef, idx: int) -> _Data:
         cid = (ref.key, ref.etag, idx)
@@ -282,7 +288,7 @@ class ChunkSource:
             assert pending.data is not None
             return pending.data
 
-    async def _fetch_run(self, ref: ObjectRef, run: list[int]) -> None:
+    async def _fetch_run(self, ref: ObjectRef, run: list[int], cache: bool = True) -> None:
         try:
             missing = run
             if self._cache is not None:
@@ -302,7 +308,7 @@ class ChunkSource:
                 else:
                     stretches.append([idx])
             for stretch in stretches:
-                await self._fetch_stretch(ref, stretch)
+                await self._fetch_stretch(ref, stretch, cache)
         except BaseException as exc:
             for idx in run:
                 pending = self._inflight.pop((ref.key, ref.etag, idx), None)
@@ -314,7 +320,7 @@ class ChunkSource:
             if not isinstance(exc, Stale):
                 log.warning("fetching %s chunks %d-%d failed: %s", ref.key, run[0], run[-1], exc)
 
-    async def _fetch_stretch(self, ref: ObjectRef, stretch: list[int]) -> None:
+    async def _fetch_stretch(self, ref: ObjectRef, stretch: list[int], cache: bool) -> None:
         cs = self.chunk_size
         start = stretch[0] * cs
         length = min((stretch[-1] + 1) * cs, ref.size) - start
@@ -334,7 +340,8 @@ class ChunkSource:
         ]
         for idx, data in fetched:
             self._resolve(ref, idx, data)
-        self._cache_store(ref, fetched)
+        if cache:
+            self._cache_store(ref, fetched)
 
     def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
         assert self._cache is not None

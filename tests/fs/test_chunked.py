@@ -149,6 +149,32 @@ async def test_another_mount_reads_chunked_files_and_keeps_the_flag(
 
 
 @pytest.mark.timeout(60)
+async def test_chunks_read_below_a_read_once_dir_are_not_cached(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-READ-5: what reads of a file below a read-once directory fetch (an eager restore
+    reading its images) is not written to the chunk cache; chunks cached before are used."""
+    h = await make_fs(any_store)
+    await chunked_dir(h, "snap")
+    data = pages(400, seed=5)
+    await h.write_file("snap/a.img", data)
+    await h.write_file("snap/b.img", data[:300 * PAGE] + pages(100, seed=6))
+    other = await make_fs(any_store)  # another machine: empty cache
+    assert await other.read_file("snap/a.img") == data  # not read-once: cached
+    await trio.sleep(0.5)  # cache writes run in the background
+    await other.shutdown()
+    again = await make_fs(any_store, cache_dir=other.cache_dir)  # its memory gone, cache kept
+    cached = again.stats.cache_chunks
+    assert cached > 0
+    snap = await again.lookup("snap")
+    await again.fs.setxattr(snap.ino, b"user.fusionfs.read-once", b"1")
+    assert await again.read_file("snap/b.img") == data[:300 * PAGE] + pages(100, seed=6)
+    await trio.sleep(0.5)
+    assert again.stats.cache_chunks == cached  # the last 100 pages' chunks were not cached
+    assert again.stats.cache_hits > 0  # the first 300 pages' came from the cache
+
+
+@pytest.mark.timeout(60)
 async def test_rewrite_append_truncate_and_rename_of_a_chunked_file(
     make_fs: FsFactory, any_store: FaultyStore
 ) -> None:

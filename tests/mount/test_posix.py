@@ -782,8 +782,10 @@ def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
     fusion_mount: Any, local_target: Target
 ) -> None:
     """S-READ-5: below a read-once directory every read(2) of a read-only open reaches the
-    daemon (twice the same bytes: twice the read calls); elsewhere the second read is served by
-    the page cache. The mark is a directory's, 0 or 1, and reads back."""
+    daemon (twice the same bytes: twice the read calls), and what it fetches is not written to
+    the chunk cache; elsewhere the second read is served by the page cache, and the chunks
+    are cached. The mark is a directory's, 0 or 1, and reads
+    back."""
     from fusionfs.client import set_read_once
 
     data = _blob(2 * MiB + 77, seed=11)
@@ -805,9 +807,16 @@ def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
         return int(stats(m.path)["read_calls"] - before)
 
     once = read_calls_for_two_reads(m.path / "imgs" / "p.img")
+    assert stats(m.path)["bytes_fetched"] >= len(data)
+    time.sleep(0.5)  # cache writes run in the background: give them time to (not) happen
+    assert stats(m.path)["cache_chunks"] == 0
     cached = read_calls_for_two_reads(m.path / "other" / "p.img")
     assert once >= 2 * 3, once  # both reads, at least one call per MiB
     assert once > cached, (once, cached)
+    deadline = time.monotonic() + 10
+    while stats(m.path)["cache_chunks"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats(m.path)["cache_chunks"] == 3  # 2 MiB + 77 bytes: three 1 MiB chunks
 
 
 @pytest.mark.timeout(60)
