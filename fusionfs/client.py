@@ -9,6 +9,10 @@ is needed and the answer always comes from the daemon serving that exact mount:
   durable has been committed to the store; fails with EIO if some could not be.
 - ``setxattr(dir, "user.fusionfs.write-behind", b"1")``: ``close`` of files below ``dir`` starts
   their upload and returns at once; ``fsync`` and the flush above still wait (S-WRITE-7).
+- ``setxattr(dir, "user.fusionfs.read-once", b"1")``: read-only opens of files below ``dir``
+  bypass the kernel page cache, and what they fetch is not written to the chunk cache (S-READ-5).
+- ``setxattr(dir, "user.fusionfs.no-cache", b"1")``: what reads of files below ``dir`` fetch is
+  not written to the chunk cache; the page cache is used as usual (S-READ-6).
 - ``setxattr(dir, "user.fusionfs.layout", b"chunked")``: new files below ``dir`` are stored in
   the chunked layout (compressed, de-duplicated, in shared packs); persisted (S-CHUNK-1).
 - ``setxattr(dir, "user.fusionfs.dedup-from", b"<dir relative to the mount root>")``: files
@@ -36,6 +40,7 @@ __all__ = [
     "flush",
     "mount_root",
     "set_layout",
+    "set_no_cache",
     "set_read_once",
     "set_write_behind",
     "stats",
@@ -46,6 +51,7 @@ _STATS = "user.fusionfs.stats"
 _FLUSH = "user.fusionfs.flush"
 _WRITE_BEHIND = "user.fusionfs.write-behind"
 _READ_ONCE = "user.fusionfs.read-once"
+_NO_CACHE = "user.fusionfs.no-cache"
 _LAYOUT = "user.fusionfs.layout"
 _DEDUP_FROM = "user.fusionfs.dedup-from"
 _CHUNK_STATS = "user.fusionfs.chunk-stats"
@@ -124,6 +130,18 @@ def set_read_once(directory: str | os.PathLike[str], enabled: bool = True) -> No
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
     os.setxattr(directory, _READ_ONCE, b"1" if enabled else b"0")
+
+
+def set_no_cache(directory: str | os.PathLike[str], enabled: bool = True) -> None:
+    """Do not write what reads of files below ``directory`` fetch to the chunk cache (S-READ-6).
+
+    For data read once in small reads, as CRIU's lazy-pages daemon reads a snapshot's images:
+    the kernel page cache still serves the small reads, but no chunk cache file is written for
+    pages that the restored task keeps in its own memory. Chunks already cached are used. Kept
+    in memory by the mount while the directory is in use.
+    Raises OSError if ``directory`` is not a directory on a fusionfs mount.
+    """
+    os.setxattr(directory, _NO_CACHE, b"1" if enabled else b"0")
 
 
 def set_layout(directory: str | os.PathLike[str], layout: str = "chunked") -> None:

@@ -90,6 +90,7 @@ CONTROL_STATS = b"user.fusionfs.stats"
 CONTROL_FLUSH = b"user.fusionfs.flush"
 CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
 CONTROL_READ_ONCE = b"user.fusionfs.read-once"
+CONTROL_NO_CACHE = b"user.fusionfs.no-cache"
 CONTROL_LAYOUT = b"user.fusionfs.layout"
 CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
 CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
@@ -154,6 +155,7 @@ class Inode:
     listed_dirs: frozenset[bytes] = frozenset()
     write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
     read_once: bool = False  # directories: read-only opens below bypass the page cache (S-READ-5)
+    no_cache: bool = False  # directories: reads below do not fill the chunk cache (S-READ-6)
     chunked: bool = False  # files: the object is a chunked-layout manifest (size is logical)
     layout_chunked: bool = False  # directories: new files below are chunked (S-CHUNK-1)
 
@@ -934,8 +936,8 @@ class Filesystem:
         if inode.etag is not None and not inode.local_only:
             ref = self._ref(inode)
         handle = Handle(inode, writable, ref)
-        if not writable and self._below(inode, lambda d: d.read_once):
-            handle.cache = False  # S-READ-5: read once, so not worth a cache write
+        if not writable and self._below(inode, lambda d: d.read_once or d.no_cache):
+            handle.cache = False  # S-READ-5, S-READ-6: read once, so not worth a cache write
         inode.opens += 1
         if writable:
             inode.writers += 1
@@ -1189,6 +1191,8 @@ class Filesystem:
             return b"1" if inode.write_behind else b"0"
         if name == CONTROL_READ_ONCE and inode.kind is Kind.DIR:
             return b"1" if inode.read_once else b"0"
+        if name == CONTROL_NO_CACHE and inode.kind is Kind.DIR:
+            return b"1" if inode.no_cache else b"0"
         if name == CONTROL_LAYOUT and inode.kind is Kind.DIR:
             return b"chunked" if inode.layout_chunked else b"plain"
         if ino == ROOT_INODE and name == CONTROL_GC:
@@ -1220,6 +1224,11 @@ class Filesystem:
             if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
                 raise InvalidArgument("read-once is set on a directory, to 0 or 1")
             inode.read_once = value == b"1"
+            return
+        if name == CONTROL_NO_CACHE:
+            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
+                raise InvalidArgument("no-cache is set on a directory, to 0 or 1")
+            inode.no_cache = value == b"1"
             return
         if name == CONTROL_LAYOUT:
             await self._set_layout(inode, value)

@@ -229,6 +229,8 @@ def restore(
 
     if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
         root.read_once(images)
+    else:  # every page is read once too: past the chunk cache, but with the page cache
+        root.no_cache(images)
     workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
     started = time.monotonic()
     lazy_pid = _start_lazy_daemon(criu, images, workdir) if lazy else None

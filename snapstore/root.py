@@ -64,6 +64,11 @@ class Root:
         kernel page cache (S-READ-5): an eager restore reads each image once."""
         self._mark(directory, "read-once", fusion_client.set_read_once)
 
+    def no_cache(self, directory: Path) -> None:
+        """Ask fusionfs not to write what the reads of the images below ``directory`` fetch to
+        its chunk cache (S-READ-6): a lazy restore reads each page once, into the task."""
+        self._mark(directory, "no-cache", fusion_client.set_no_cache)
+
     def _mark(self, directory: Path, what: str, setter: Callable[[Path], None]) -> None:
         if self.mountpoint is None:
             return

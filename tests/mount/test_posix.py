@@ -819,6 +819,36 @@ def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
     assert stats(m.path)["cache_chunks"] == 3  # 2 MiB + 77 bytes: three 1 MiB chunks
 
 
+@pytest.mark.timeout(90)
+def test_reads_below_a_no_cache_dir_keep_the_page_cache_but_not_the_chunk_cache(
+    fusion_mount: Any, local_target: Target
+) -> None:
+    """S-READ-6: below a no-cache directory reads fill the kernel page cache as usual (a second
+    read of the same bytes reaches the daemon at most once) but nothing they fetch is written
+    to the chunk cache. The mark is a directory's, 0 or 1, and reads back."""
+    from fusionfs.client import set_no_cache
+
+    data = _blob(2 * MiB + 77, seed=12)
+    local_target.put("imgs/p.img", data)
+    m = _mount(fusion_mount, local_target)
+    set_no_cache(m.path / "imgs")
+    assert os.getxattr(m.path / "imgs", "user.fusionfs.no-cache") == b"1"
+    assert os.getxattr(m.path, "user.fusionfs.no-cache") == b"0"
+    with pytest.raises(OSError) as err:
+        os.setxattr(m.path / "imgs" / "p.img", "user.fusionfs.no-cache", b"1")
+    assert err.value.errno == errno.EINVAL
+    with open(m.path / "imgs" / "p.img", "rb", buffering=0) as f:
+        assert f.read() == data
+    before = stats(m.path)["read_calls"]
+    with open(m.path / "imgs" / "p.img", "rb", buffering=0) as f:
+        assert f.read() == data
+    assert stats(m.path)["read_calls"] - before <= 1  # the page cache answered
+    time.sleep(0.5)  # cache writes run in the background: give them time to (not) happen
+    assert stats(m.path)["cache_chunks"] == 0
+    set_no_cache(m.path / "imgs", False)
+    assert os.getxattr(m.path / "imgs", "user.fusionfs.no-cache") == b"0"
+
+
 @pytest.mark.timeout(60)
 def test_kernel_read_ahead_is_raised_for_the_mount(
     fusion_mount: Any, local_target: Target
