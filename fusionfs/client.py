@@ -125,8 +125,9 @@ def set_read_once(directory: str | os.PathLike[str], enabled: bool = True) -> No
     """Let read-only opens of files below ``directory`` bypass the kernel page cache (S-READ-5).
 
     For data read once in large reads, as CRIU's eager restore reads a snapshot's images: no
-    page-cache copy and no memory kept for pages nobody reads again. Kept in memory by the
-    mount while the directory is in use.
+    page-cache copy and no memory kept for pages nobody reads again, and what the reads fetch
+    is not written to the chunk cache either. Kept in memory by the mount while the directory
+    is in use.
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
     os.setxattr(directory, _READ_ONCE, b"1" if enabled else b"0")
