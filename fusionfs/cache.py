@@ -815,7 +815,7 @@ def _drop_pages(fd: int) -> None:
     reused by the next hit instead of fresh ones being taken (on this project's CI machines, a
     VM whose balloon reports free pages, first touches are the dear part). It replaced an
     O_DIRECT read into an aligned buffer plus a copy out under the GIL: a warm 1 GiB read on
-    local s3rver, remounted with the page cache dropped, alternating runs, 434-675 MB/s with
+    local s3rver, remounted with the page cache dropped, alternating runs, 434-644 MB/s with
     O_DIRECT, 741-944 MB/s like this, daemon CPU 1.2-1.5 s per GiB either way."""
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: no posix_fadvise
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
