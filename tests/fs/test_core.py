@@ -679,7 +679,11 @@ async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_stagin
     started = trio.current_time()
     fh = await h.create("kept-open")
     await h.write(fh, 0, b"unsaved")
-    await _wait_until(lambda: len(_staged_names(h)) == 2, "the held file to be staged")
+    # the record appears by a rename of a temporary file: wait for the two final names
+    await _wait_until(
+        lambda: sorted(p.suffix for p in h.staging_dir.iterdir()) == [".data", ".json"],
+        "the held file to be staged",
+    )
     assert trio.current_time() - started >= writer._HOLD_S * 0.9
     record = next(p for p in h.staging_dir.glob("*.json"))
     assert json.loads(record.read_text())["key"] == "kept-open"
