@@ -459,15 +459,17 @@ class StagedFile:
                 except OSError as e:
                     log.error("staging %s: %s", self.key, e)
                     self._drain_error = e
-            while self._pending and self._drain_error is None:
+            # (a file materialized with nothing queued goes round once, for its record)
+            while (self._pending or record) and self._drain_error is None:
                 batch, self._pending = self._pending, []
                 try:
-                    direct_ok = await trio.to_thread.run_sync(
-                        _write_batch, self._fd, batch, self._dfd
-                    )
-                    if not direct_ok:
-                        dfd, self._dfd = self._dfd, -1
-                        await trio.to_thread.run_sync(os.close, dfd)
+                    if batch:
+                        direct_ok = await trio.to_thread.run_sync(
+                            _write_batch, self._fd, batch, self._dfd
+                        )
+                        if not direct_ok:
+                            dfd, self._dfd = self._dfd, -1
+                            await trio.to_thread.run_sync(os.close, dfd)
                     if record:
                         record = False
                         await self._record_once()
@@ -476,12 +478,6 @@ class StagedFile:
                     self._drain_error = e
                 finally:
                     self._pending_bytes -= sum(len(d) for _, d in batch)
-            if record and self._drain_error is None:  # materialized with nothing queued
-                try:
-                    await self._record_once()
-                except OSError as e:
-                    log.error("staging %s: %s", self.key, e)
-                    self._drain_error = e
         finally:
             self._pending.clear()
             self._pending_bytes = 0
