@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, missing, wait_for
 from mount_support import Target, cli, cli_env, is_mounted, stats
 
 pytestmark = pytest.mark.mount
@@ -855,7 +855,7 @@ def test_kernel_read_ahead_is_raised_for_the_mount(
 ) -> None:
     # [S-READ-2] the kernel's read-ahead of the mount: 1 MiB requests, 64 of them in flight
     if os.geteuid() != 0:
-        pytest.skip("the kernel's per-mount settings are root-only")
+        missing("root", "the kernel's per-mount FUSE settings are root-only")
     m = _mount(fusion_mount, local_target, "--max-readahead", "64M")
     conns = Path("/sys/fs/fuse/connections")
     if not any(conns.iterdir()) and os.environ.get("CI") != "true":

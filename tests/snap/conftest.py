@@ -32,7 +32,8 @@ from helpers import missing, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MEMTASK = Path(__file__).with_name("memtask.py")
-_FUSION = os.environ.get("SNAPSTORE_TEST_FUSION", "1") != "0"
+# an opt-out for local runs only: under CI=true the fusionfs variant always runs
+_FUSION = os.environ.get("SNAPSTORE_TEST_FUSION", "1") != "0" or os.environ.get("CI") == "true"
 
 
 @pytest.fixture(scope="session")
