@@ -141,6 +141,7 @@ class Inode:
     ctime_ns: int = 0
     explicit_mtime: bool = False  # mtime set by utimens: kept in metadata
     meta_known: bool = False  # attributes come from HEAD/our own writes, not only from LIST
+    meta_unsaved: bool = False  # a metadata change failed to reach the store (setattr retries it)
     validated: float = float("-inf")  # trio.current_time() of the last store answer
     lookups: int = 0
     opens: int = 0
@@ -612,6 +613,7 @@ class Filesystem:
                 raise InvalidArgument("cannot truncate a symlink")
         if not inode.meta_known and inode.kind is not Kind.DIR and not inode.local_only:
             await self._revalidate(inode)
+        stored = None if inode.meta_unsaved else self._metadata(inode)
         if mode is not None:
             inode.mode = mode & 0o7777
         if uid is not None:
@@ -631,7 +633,10 @@ class Filesystem:
                 await self._commit(inode)
                 await self._unstage(inode)
             return inode
-        if meta_change:
+        if meta_change and self._metadata(inode) != stored:
+            # Not when only ctime moved: with the writeback cache the kernel sends the mtime it
+            # holds again after an fsync or a rename (snapstore's manifest commit), and storing
+            # it would be one more server-side copy of the object (S-ATTR-3).
             await self._store_metadata(inode)
         return inode
 
@@ -641,20 +646,24 @@ class Filesystem:
             if inode.staged is not None:
                 inode.staged.set_metadata_hint(self._metadata(inode))
             return
+        inode.meta_unsaved = True  # until the store has it: a repeat of the change is not a no-op
         key = self.key_of(inode)
         md = self._metadata(inode)
         if inode.chunked:  # a metadata REPLACE must keep the layout's own entries
             md.update({LAYOUT_METADATA: LAYOUT_CHUNKED, SIZE_METADATA: str(inode.size)})
         if inode.kind is Kind.DIR:
             if inode.ino == ROOT_INODE:
+                inode.meta_unsaved = False
                 return  # the prefix root has no marker object to hold it
             await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
+            inode.meta_unsaved = False
             return
         try:
             etag = await self._call(self._store.copy, key, key, md, inode.etag,
                                     what=f"COPY {key}")
         except NotFound:
             raise NoEntry(key) from None
+        inode.meta_unsaved = False
         inode.etag = etag
         inode.kernel_etag = etag
         inode.validated = trio.current_time()

@@ -35,7 +35,7 @@ from fusionfs.errors import (
     errno_for,
 )
 from fusionfs.fs import Kind
-from fusionfs.store import FaultyStore, Key, LocalStore, NotFound
+from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, Transient
 
 
 async def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -268,6 +268,34 @@ async def test_chmod_chown_utimens_kept_in_metadata(
     inode = await h3.stat("f")
     assert inode.mode == 0o640 and (inode.uid, inode.gid) == (1234, 4321)
     assert await h3.read_file("f") == b"new"
+
+
+@pytest.mark.timeout(30)
+async def test_setattr_that_changes_nothing_stored_makes_no_request(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-ATTR-3: the kernel repeats the mtime it holds after an fsync or a rename; storing it
+    again would be one more server-side copy (it was, at the end of every snapstore dump)."""
+    h = await make_fs(local_store)
+    await h.write_file("f", b"content")
+    ino = (await h.lookup("f")).ino
+    mtime = 1_234_567_890_123_456_789
+    await h.fs.setattr(ino, mtime_ns=mtime)
+    copies = local_store.calls["copy"]
+    assert copies == 1
+    await h.fs.setattr(ino, mtime_ns=mtime)
+    await h.fs.setattr(ino, mode=(await h.stat("f")).mode, uid=os.getuid())
+    assert local_store.calls["copy"] == copies
+    # a change that did not reach the store is sent again when it is repeated
+    local_store.fail("copy", Transient, times=1)
+    with pytest.raises(Exception) as info:
+        await h.fs.setattr(ino, mode=0o600)
+    assert errno_for(info.value) == errno.EIO, repr(info.value)
+    await h.fs.setattr(ino, mode=0o600)
+    assert local_store.calls["copy"] == copies + 2
+    h2 = await make_fs(local_store)
+    inode = await h2.stat("f")
+    assert inode.mode == 0o600 and abs(inode.mtime_ns - mtime) < 1000
 
 
 @pytest.mark.timeout(30)
