@@ -49,7 +49,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 import blake3
@@ -57,6 +57,7 @@ import xxhash
 import zstandard
 
 from fusionfs.store.base import (
+    Body,
     ETag,
     Key,
     NotFound,
@@ -392,6 +393,10 @@ class ChunkPolicy:
         return (self.avg_size - self.min_size) // self.page_size
 
 
+def _as_is(view: memoryview) -> memoryview:
+    return view
+
+
 class Chunker:
     """Splits a sequential stream into chunks by a ``ChunkPolicy``. Not thread-safe.
 
@@ -399,21 +404,27 @@ class Chunker:
     A page (stream offsets ``k * page_size``) past the chunk's minimum size ends the chunk when
     its XXH3-64 is 0 modulo the policy's divisor, or when the chunk reaches its maximum size.
 
-    Each byte is copied once, into its chunk: pages are judged where they lie in the pushed
-    data, and only the unfinished chunk's bytes (at most ``max_size``) are kept between pushes.
+    Pages are judged where they lie in the pushed data. A chunk that lies within one pushed
+    buffer of immutable bytes (a FUSE write's own buffer, usually) is a view of it, not a copy;
+    a chunk that spans pushes, or comes from a mutable buffer, is copied once. Only the
+    unfinished chunk's bytes (at most ``max_size``) are kept between pushes.
     """
 
     def __init__(self, policy: ChunkPolicy) -> None:
         self.policy = policy
-        self._held: list[bytes] = []  # the unfinished chunk's bytes from earlier pushes
+        self._held: list[bytes | memoryview] = []  # the unfinished chunk's earlier bytes
         self._held_len = 0
         self._judged = 0  # bytes of the unfinished chunk already judged (a page multiple)
 
-    def push(self, data: bytes | memoryview) -> list[bytes]:
+    def push(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         pol = self.policy
         page, lo, hi, div = pol.page_size, pol.min_size, pol.max_size, pol.divisor
         cut_hash = xxhash.xxh3_64_intdigest  # see docs/design/chunked-layout.md: not CRC-32
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
+        # Slices of immutable bytes stay valid whatever the caller does next (and after the
+        # ``with`` below releases ``view``); anything else is copied: a caller may reuse it.
+        immutable = isinstance(data, bytes) or isinstance(getattr(data, "obj", None), bytes)
+        keep: Callable[[memoryview], bytes | memoryview] = _as_is if immutable else bytes
         with memoryview(data) as whole, whole.cast("B") as view:
             n = len(view)
             # offsets below are relative to the unfinished chunk's start; it starts at ``start``
@@ -434,7 +445,7 @@ class Chunker:
                     )
                 if cut:
                     if start >= 0:
-                        out.append(bytes(view[start : start + end]))
+                        out.append(keep(view[start : start + end]))
                     else:
                         out.append(b"".join([*self._held, view[: start + end]]))
                         self._held, self._held_len = [], 0
@@ -443,10 +454,10 @@ class Chunker:
                 else:
                     pos = end
             if start >= 0:
-                self._held = [bytes(view[start:])] if start < n else []
+                self._held = [keep(view[start:])] if start < n else []
                 self._held_len = n - start
             elif n:
-                self._held.append(bytes(view))
+                self._held.append(keep(view[:]))
                 self._held_len += n
             self._judged = pos
         if len(self._held) > 64:  # many tiny pushes: keep the unfinished chunk in one piece
@@ -455,7 +466,7 @@ class Chunker:
 
     def _held_tail(self, count: int) -> bytes:
         """The last ``count`` bytes held from earlier pushes."""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         for piece in reversed(self._held):
             if count <= 0:
                 break
@@ -646,7 +657,7 @@ RAW_STREAK = 16
 RAW_PROBE = 8
 
 
-def _encode_chunk(data: bytes, level: int) -> bytes:
+def _encode_chunk(data: bytes | memoryview, level: int) -> bytes | memoryview:
     """The chunk's stored form: zstd if strictly smaller, else the raw bytes."""
     if level <= 0:
         return data
@@ -658,7 +669,7 @@ def _encode_chunk(data: bytes, level: int) -> bytes:
 class _Prepared:
     length: int
     digest: bytes
-    body: bytes | None  # None: reused from ``loc``
+    body: bytes | memoryview | None  # None: reused from ``loc``
     loc: ChunkLocation | None
 
 
@@ -729,7 +740,8 @@ class ChunkWriter:
         self._mine: dict[bytes, ChunkLocation] = {}  # chunks this writer placed
         self._fresh_packs: set[bytes] = set()  # packs this writer checked or refreshed
         self._pack_id = new_pack_id()
-        self._pack: list[bytes] = []  # the open pack's chunk bodies, joined once when sealed
+        # the open pack's chunk bodies, sent as they are (never joined: store.put takes a tuple)
+        self._pack: list[bytes | memoryview] = []
         self._pack_len = 0
         self._pack_chunks: list[tuple[bytes, int, int]] = []
         self._closed = False
@@ -815,7 +827,7 @@ class ChunkWriter:
             if self._error is None:
                 self._error = e
 
-    def _submit(self, chunk: bytes) -> None:
+    def _submit(self, chunk: bytes | memoryview) -> None:
         # a chunk that failed never frees the slots of those after it: poll for the error
         while not self._slots.acquire(timeout=0.05):
             self._raise_error()
@@ -829,7 +841,7 @@ class ChunkWriter:
             raise
         self._futures.append(future)
 
-    def _process(self, seq: int, chunk: bytes) -> None:
+    def _process(self, seq: int, chunk: bytes | memoryview) -> None:
         try:
             prepared = self._prepare(chunk)
         except BaseException as e:
@@ -842,7 +854,7 @@ class ChunkWriter:
         for pack in sealed:
             self._upload(*pack)
 
-    def _prepare(self, chunk: bytes) -> _Prepared:
+    def _prepare(self, chunk: bytes | memoryview) -> _Prepared:
         digest = blake3.blake3(chunk).digest()
         with self._lock:
             mine = self._mine.get(digest)
@@ -853,7 +865,7 @@ class ChunkWriter:
             return _Prepared(len(chunk), digest, None, loc)
         return _Prepared(len(chunk), digest, self._encode(chunk), None)
 
-    def _encode(self, chunk: bytes) -> bytes:
+    def _encode(self, chunk: bytes | memoryview) -> bytes | memoryview:
         """``_encode_chunk``, except inside a run of incompressible data (random or already
         compressed memory), where only every ``RAW_PROBE``-th chunk is tried: zstd level 1
         spends about 0.5 CPU-s per GiB finding that random bytes do not shrink, a sixth of
@@ -915,7 +927,7 @@ class ChunkWriter:
             self.stats.touched += 1
         return True
 
-    def _append_ready(self) -> list[tuple[bytes, bytes, list[tuple[bytes, int, int]]]]:
+    def _append_ready(self) -> list[tuple[bytes, Body, list[tuple[bytes, int, int]]]]:
         """Under ``_lock``: append prepared chunks in file order; return packs to upload."""
         sealed = []
         s = self.stats
@@ -948,10 +960,10 @@ class ChunkWriter:
             self._entries.append(ChunkEntry(p.length, loc.stored, p.digest, loc.pack, loc.offset))
         return sealed
 
-    def _seal(self) -> tuple[bytes, bytes, list[tuple[bytes, int, int]]] | None:
+    def _seal(self) -> tuple[bytes, Body, list[tuple[bytes, int, int]]] | None:
         if not self._pack:
             return None
-        pack = (self._pack_id, b"".join(self._pack), self._pack_chunks)
+        pack = (self._pack_id, tuple(self._pack), self._pack_chunks)
         self._pack_id = new_pack_id()
         self._pack = []
         self._pack_len = 0
@@ -959,7 +971,7 @@ class ChunkWriter:
         self.stats.packs += 1
         return pack
 
-    def _upload(self, pack: bytes, body: bytes, chunks: list[tuple[bytes, int, int]]) -> None:
+    def _upload(self, pack: bytes, body: Body, chunks: list[tuple[bytes, int, int]]) -> None:
         self._upload_slots.acquire()  # bounds the packs in memory
         try:
             future = self._uploads.submit(self._put_pack, pack, body, chunks)
@@ -969,7 +981,7 @@ class ChunkWriter:
         with self._lock:
             self._pack_futures.append(future)
 
-    def _put_pack(self, pack: bytes, body: bytes, chunks: list[tuple[bytes, int, int]]) -> None:
+    def _put_pack(self, pack: bytes, body: Body, chunks: list[tuple[bytes, int, int]]) -> None:
         try:
             self._store.put(pack_key(pack, self._prefix), body)
             self.index.add_pack(pack, chunks)

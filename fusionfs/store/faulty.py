@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from .base import ETag, Key, ListPage, ObjectInfo, ObjectStore, UploadPart
+from .base import Body, ETag, Key, ListPage, ObjectInfo, ObjectStore, UploadPart
 
 __all__ = ["OPS", "FaultyStore"]
 
@@ -251,9 +251,7 @@ class FaultyStore:
         out.write(_flip(buffer.getvalue()))
         return n
 
-    def put(
-        self, key: Key, data: bytes | memoryview, metadata: Mapping[str, str] | None = None
-    ) -> ETag:
+    def put(self, key: Key, data: Body, metadata: Mapping[str, str] | None = None) -> ETag:
         self._enter("put")
         return self.inner.put(key, data, metadata)
 

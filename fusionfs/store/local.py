@@ -52,6 +52,7 @@ from typing import BinaryIO
 
 from ..stats import Stats
 from .base import (
+    Body,
     ETag,
     Key,
     ListPage,
@@ -61,6 +62,8 @@ from .base import (
     StoreError,
     Transient,
     UploadPart,
+    body_size,
+    body_views,
 )
 
 __all__ = ["LocalStore"]
@@ -282,11 +285,11 @@ class LocalStore:
             os.close(fd)
 
     @staticmethod
-    def _write_all(fd: int, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+    def _write_all(fd: int, data: Body) -> None:
+        for view in body_views(data):
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
 
     @staticmethod
     def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
@@ -449,14 +452,13 @@ class LocalStore:
 
         return self._read("get_into", key, start, length, etag, sink)
 
-    def put(
-        self, key: Key, data: bytes | memoryview, metadata: Mapping[str, str] | None = None
-    ) -> ETag:
+    def put(self, key: Key, data: Body, metadata: Mapping[str, str] | None = None) -> ETag:
         self._count("put")
         path, is_dir = self._path(key, op="put", write=True)
+        size = body_size(data)
         with self._errors("put", key, write=True):
             if is_dir:
-                if len(data):
+                if size:
                     raise StoreError(f"put '{key}': a directory marker must be empty")
                 os.makedirs(path, exist_ok=True)
                 in_xattr = self._write_meta(path, metadata)
@@ -465,8 +467,8 @@ class LocalStore:
                     self._write_sidecar(key, st, metadata)
                 return _etag(st)
             etag = self._write_object(key, path, lambda fd: self._write_all(fd, data), metadata)
-        if self._stats is not None and len(data):
-            self._stats.add("bytes_uploaded", len(data))
+        if self._stats is not None and size:
+            self._stats.add("bytes_uploaded", size)
         return etag
 
     def list(

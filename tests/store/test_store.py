@@ -44,7 +44,7 @@ from fusionfs.store import (
     open_store,
 )
 from fusionfs.store.faulty import OPS
-from fusionfs.store.s3 import S3Store, translate_error
+from fusionfs.store.s3 import S3Store, _Payload, translate_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,6 +177,29 @@ def test_put_memoryview_and_empty(store: ObjectStore) -> None:
     assert info.size == 0
     assert info.metadata == {}
     assert store.get_range(K("empty"), 0, 10) == b""
+
+
+def test_put_of_several_buffers_stores_them_back_to_back(store: ObjectStore) -> None:
+    """A tuple body (a pack of chunks) is stored as if joined, empty pieces included."""
+    data = _data(300_000, 3)
+    pieces = (data[:1000], b"", memoryview(data)[1000:250_000], bytearray(data[250_000:]))
+    etag = store.put(K("t"), pieces)
+    assert store.head(K("t")).size == len(data) and store.head(K("t")).etag == etag
+    assert store.get_range(K("t"), 0, len(data) + 10) == data
+    store.put(K("t0"), ())
+    assert store.head(K("t0")).size == 0
+
+
+def test_payload_reads_and_seeks_across_its_buffers() -> None:
+    payload = _Payload((b"abc", b"", memoryview(b"defgh")[1:], b"ij"))
+    assert len(payload) == 9
+    assert bytes(payload.read(2)) == b"ab"
+    assert bytes(payload.read(5)) == b"c"  # a read stops at the end of a buffer
+    assert bytes(payload.read(3)) == b"efg" and payload.tell() == 6
+    assert bytes(payload.read()) == b"hij" and bytes(payload.read(4)) == b""
+    assert payload.seek(4) == 4 and bytes(payload.read(1)) == b"f"
+    assert payload.seek(-2, 2) == 7 and bytes(payload.read(10)) == b"ij"
+    assert payload.seek(0) == 0 and bytes(payload.read()) == b"abcefghij"
 
 
 def test_overwrite_changes_etag_and_replaces_metadata(store: ObjectStore) -> None:
@@ -882,11 +905,15 @@ def test_s3_upload_retried_after_its_body_was_read_sends_it_whole(s3_bucket: Any
         data = _data(6 * MiB, 7)
         store.put(K("k"), memoryview(data)[MiB:])
         assert store.get_range(K("k"), 0, 8 * MiB) == data[MiB:]
+        del failed["PutObject"]  # a body of several buffers: the first read returns 1 MiB
+        store.put(K("t"), (data[:MiB], memoryview(data)[MiB : 4 * MiB], data[4 * MiB :]))
+        assert store.get_range(K("t"), 0, 8 * MiB) == data
+        assert failed == {"PutObject": MiB}  # and sent whole by the second attempt
         upload = store.create_multipart(K("m"))
         part = store.upload_part(K("m"), upload, 1, data)
         store.complete_multipart(K("m"), upload, [part])
         assert store.get_range(K("m"), 0, 8 * MiB) == data
-        assert failed == {"PutObject": 3 * MiB, "UploadPart": 3 * MiB}
+        assert failed == {"PutObject": MiB, "UploadPart": 3 * MiB}
         # not an attempt that sent only the rest of the body and waited out the read timeout
         assert time.monotonic() - started < 10
     finally:

@@ -230,6 +230,23 @@ def test_chunks_do_not_depend_on_how_data_is_fed(n_pages: int, cuts: list[int], 
         assert whole[-1] <= SMALL.max_size
 
 
+def test_chunks_of_bytes_are_views_and_chunks_of_other_buffers_are_copies() -> None:
+    """A chunk within one pushed ``bytes`` is a view of it (no copy on the dump's path); one
+    pushed in a mutable buffer is copied, since its owner may reuse it."""
+    data = _mixed(64, 1) + b"tail"
+    chunks = Chunker(SMALL).push(data)
+    assert len(chunks) > 1
+    assert all(isinstance(c, memoryview) and c.obj is data for c in chunks)
+    for pushed in (bytearray(data), memoryview(bytearray(data))):
+        chunker = Chunker(SMALL)
+        copied = chunker.push(pushed)
+        assert copied and all(isinstance(c, bytes) for c in copied)
+        memoryview(pushed)[:] = bytes(len(data))  # the owner reuses its buffer
+        done = sum(len(c) for c in copied)
+        assert b"".join(copied) == data[:done]
+        assert chunker.flush() == data[done:]
+
+
 def _reference_lengths(data: bytes, policy: ChunkPolicy) -> list[int]:
     """The chunking rule written plainly (one pass over the whole stream): stored manifests
     depend on these exact boundaries, so ``Chunker`` must never drift from it."""
