@@ -172,6 +172,9 @@ class Handle:
     ref: ObjectRef | None  # the object version this handle reads (None: nothing in the store)
     rstate: ReadState = dataclasses.field(default_factory=ReadState)
     cache: bool = True  # write what its reads fetch to the chunk cache (not below read-once)
+    #: the kernel keeps what this handle reads in its page cache (no FOPEN_DIRECT_IO): chunks a
+    #: sequential read has passed need not stay in the daemon's memory (S-READ-7)
+    page_cache: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -988,7 +991,9 @@ class Filesystem:
         handle = self._open_handle(inode, writable=writable)
         keep = inode.etag is not None and inode.kernel_etag == inode.etag and not truncate
         inode.kernel_etag = inode.etag
-        return handle, keep, self.bypasses_page_cache(inode, flags)
+        direct = self.bypasses_page_cache(inode, flags)
+        handle.page_cache = not direct
+        return handle, keep, direct
 
     def bypasses_page_cache(self, inode: Inode, flags: int) -> bool:
         """Whether an open of ``inode`` with ``flags`` gets FOPEN_DIRECT_IO: with
@@ -1011,7 +1016,9 @@ class Filesystem:
         elif h.ref is None:
             data = b""
         else:
-            data = await self._chunks.read(h.ref, off, size, h.rstate, cache=h.cache)
+            data = await self._chunks.read(
+                h.ref, off, size, h.rstate, cache=h.cache, release=h.page_cache
+            )
         self.stats.bytes_read += len(data)  # trio thread only: no lock needed for these two
         self.stats.read_calls += 1
         return data

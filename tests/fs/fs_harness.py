@@ -254,13 +254,14 @@ class FsFactory:
         upload_slots: int = 4,
         store_threads: int = 16,
         cache_size: int = 256 * MiB,
+        direct_io: bool = False,
     ) -> Harness:
         cache_dir = cache_dir if cache_dir is not None else self.new_cache_dir()
         options = dict(
             attr_timeout=attr_timeout, call_timeout=call_timeout, chunk_size=chunk_size,
             request_size=request_size, max_readahead=max_readahead, read_memory=read_memory,
             part_size=part_size, upload_slots=upload_slots, store_threads=store_threads,
-            cache_size=cache_size,
+            cache_size=cache_size, direct_io=direct_io,
         )
         harness: Harness = await self._nursery.start(self._run, store, cache_dir, options)
         self.harnesses.append(harness)
@@ -299,7 +300,8 @@ class FsFactory:
                 fs = Filesystem(
                     store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
                     config=FsConfig(attr_timeout=o["attr_timeout"],
-                                    call_timeout=o["call_timeout"], retry_interval=3600.0),
+                                    call_timeout=o["call_timeout"], retry_interval=3600.0,
+                                    direct_io=o["direct_io"]),
                 )
                 harness = Harness(fs, store, cache, chunks, uploader, stats, cache_dir,
                                   recovered)

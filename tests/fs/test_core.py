@@ -310,6 +310,36 @@ async def test_directory_mode_kept_in_metadata(
     assert (inode.mode, inode.uid, inode.gid) == (0o700, 1234, 4321)
 
 
+@pytest.mark.timeout(30)
+async def test_sequential_read_through_the_page_cache_leaves_no_chunk_in_memory(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-READ-7: the kernel keeps what a sequential read through its page cache returned, so
+    the daemon drops each chunk once the read has passed its end; with --direct-io there is no
+    page cache and the chunks stay (within the memory bound) for a re-read."""
+    data = data_of(8 * CHUNK + 100, 3)
+    await make_fs(local_store)  # the store's object is written below, outside the mounts
+    local_store.put(Key("f"), data)
+
+    def held(h: Any) -> list[int]:
+        return sorted(cid[2] for cid in h.chunks._mem if cid[0] == "f")
+
+    h = await make_fs(local_store)
+    fh = await h.open("f")
+    assert await h.read(fh, 0, 3 * CHUNK + 10) == data[: 3 * CHUNK + 10]
+    assert held(h)[:1] == [3]  # chunk 3 is only partly read: it stays (and read-ahead after it)
+    off = 3 * CHUNK + 10
+    while off < len(data):  # on, in reads of a chunk
+        piece = await h.read(fh, off, CHUNK)
+        assert piece == data[off : off + CHUNK]
+        off += len(piece)
+    await h.close(fh)
+    assert held(h) == []
+    d = await make_fs(local_store, direct_io=True)
+    assert await d.read_file("f", block=CHUNK) == data
+    assert held(d) == list(range(9))
+
+
 # -- listings -------------------------------------------------------------------------------
 
 
