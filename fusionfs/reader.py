@@ -115,6 +115,10 @@ class ReadState:
 #: How many chunks behind the furthest read a read may start and still count as sequential.
 _REORDER_SLACK = 8
 
+_PAGE = 4096
+#: Chunks remembered as touched by a sparse read: a second random read of one fetches it whole.
+_TOUCHED_MAX = 1 << 16
+
 
 class _Pending:
     __slots__ = ("data", "error", "event")
@@ -167,6 +171,7 @@ class ChunkSource:
         self._mem_bytes = 0
         self._mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
         self._inflight: dict[_ChunkId, _Pending] = {}
+        self._touched: OrderedDict[_ChunkId, None] = OrderedDict()  # by sparse reads
         self._call_timeout = call_timeout
         # Cache writes happen in the background, off the read's critical path; bounded so a slow
         # cache disk cannot make memory grow without limit (excess writes are simply skipped).
@@ -212,6 +217,13 @@ class ChunkSource:
         first, last = off // cs, (end - 1) // cs
         if state is not None:
             self._advance_window(ref, state, first, last, cache)
+            if (
+                state.window == 0
+                and end - off <= cs
+                and (off % cs or end - off < cs)  # covers no chunk whole
+                and self._first_touch(ref, first, last)
+            ):
+                return await self._read_pages(ref, off, end)
         self._request(ref, first, last, cache)
         out: bytes | memoryview
         if first == last:
@@ -229,6 +241,45 @@ class ChunkSource:
             passed = last if end == min((last + 1) * cs, ref.size) else last - 1
             self._release_read(ref, first, passed)
         return out
+
+    def _first_touch(self, ref: ObjectRef, first: int, last: int) -> bool:
+        """Whether a random read of chunks ``first..last`` should fetch only its own pages
+        (S-READ-8): nothing holds them (memory, a fetch in flight, the disk cache) and no earlier
+        sparse read touched them. Marks them touched either way."""
+        cids = [(ref.key, ref.etag, idx) for idx in range(first, last + 1)]
+        sparse = True
+        cache = self._cache
+        for cid in cids:
+            if cid in self._mem or cid in self._inflight or cid in self._touched:
+                sparse = False
+            elif cache is not None and cache.contains(ref.key, ref.etag, self.chunk_size, cid[2]):
+                sparse = False
+            self._touched[cid] = None
+            self._touched.move_to_end(cid)
+        while len(self._touched) > _TOUCHED_MAX:
+            self._touched.popitem(last=False)
+        return sparse
+
+    async def _read_pages(self, ref: ObjectRef, off: int, end: int) -> memoryview:
+        """``[off, end)`` from one ranged GET of the pages holding it, not cached (S-READ-8).
+
+        Why: a random 4 KiB read that fetched its whole 1 MiB chunk waited for 1 MiB to arrive
+        (s3rver, p50: 6.1-7.7 ms, 4.2 ms like this, 2.7-3.5 ms for the bare GET), and a random
+        1 MiB read, which spans two chunks, for 2 MiB. A chunk that random reads come back to is
+        fetched whole and cached on the second touch, so a hot region ends up in the cache."""
+        lo = off - off % _PAGE
+        hi = min(ref.size, -(-end // _PAGE) * _PAGE)
+        fn = functools.partial(self._store.get_range, ref.key, lo, hi - lo, ref.etag)
+        try:
+            blob = await run_store_call(
+                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
+            )
+        except (PreconditionFailed, NotFound) as e:
+            raise Stale(f"{ref.key} changed in the store while being read") from e
+        if len(blob) != hi - lo:
+            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {hi - lo} bytes)")
+        self._stats.add("sparse_reads")
+        return memoryview(blob)[off - lo : end - lo]
 
     def _release_read(self, ref: ObjectRef, first: int, last: int) -> None:
         """Drop chunks ``first..last`` from memory: a sequential read has passed their end and

@@ -38,6 +38,7 @@ class Stats:
     cache_chunks: int = 0
     cache_write_failures: int = 0
     cache_writes_skipped: int = 0  # fetched chunks not cached: the write backlog was full
+    sparse_reads: int = 0  # random small reads that fetched only their own pages (S-READ-8)
     # uploads
     uploads_pending: int = 0
     uploads_done: int = 0

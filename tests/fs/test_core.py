@@ -340,6 +340,61 @@ async def test_sequential_read_through_the_page_cache_leaves_no_chunk_in_memory(
     assert held(d) == list(range(9))
 
 
+@pytest.mark.timeout(30)
+async def test_random_small_read_fetches_its_pages_and_a_second_one_the_whole_chunk(
+    make_fs: FsFactory, local_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S-READ-8: a random read of up to a chunk, of chunks nothing holds, fetches only the
+    pages it needs (and caches nothing); the next random read of such a chunk fetches it whole,
+    and it is cached; a read that covers a whole chunk fetches whole chunks."""
+    data = data_of(16 * CHUNK, 5)
+    await make_fs(local_store)
+    local_store.put(Key("f"), data)
+    gets: list[tuple[int, int]] = []
+    real = local_store.get_range
+
+    def spy(key: Key, start: int, length: int, etag: Any = None) -> bytes:
+        gets.append((start, length))
+        return real(key, start, length, etag)
+
+    monkeypatch.setattr(local_store, "get_range", spy)
+    h = await make_fs(local_store)
+    fh = await h.open("f")
+    off = 5 * CHUNK + 8192 + 100
+    assert await h.read(fh, off, 4096) == data[off : off + 4096]
+    assert gets == [(5 * CHUNK + 8192, 8192)]  # the two pages the read touches
+    assert h.stats.sparse_reads == 1
+    await trio.sleep(0.2)  # any cache write would have been started by now
+    assert not h.cache.contains(Key("f"), (await h.lookup("f")).etag, CHUNK, 5)
+
+    await h.close(fh)
+    etag = (await h.lookup("f")).etag
+
+    async def read_anew(off: int, size: int) -> None:
+        """A random read by a new handle (no sequential history)."""
+        gets.clear()
+        fh = await h.open("f")
+        try:
+            assert await h.read(fh, off, size) == data[off : off + size]
+        finally:
+            await h.close(fh)
+
+    await read_anew(5 * CHUNK + 40000, 4096)
+    assert gets == [(5 * CHUNK, CHUNK)]  # touched before: fetched whole
+    with trio.fail_after(5):
+        while not h.cache.contains(Key("f"), etag, CHUNK, 5):
+            await trio.sleep(0.01)
+    await read_anew(8 * CHUNK + 4096, CHUNK)
+    assert gets == [(8 * CHUNK + 4096, CHUNK)]  # a chunk's worth across two: its own pages
+    assert h.stats.sparse_reads == 2
+    await read_anew(12 * CHUNK, CHUNK)
+    assert gets == [(12 * CHUNK, CHUNK)]  # a whole chunk: fetched as one, and cached
+    assert h.stats.sparse_reads == 2
+    with trio.fail_after(5):
+        while not h.cache.contains(Key("f"), etag, CHUNK, 12):
+            await trio.sleep(0.01)
+
+
 # -- listings -------------------------------------------------------------------------------
 
 
