@@ -649,15 +649,14 @@ class Filesystem:
             if inode.staged is not None:
                 inode.staged.set_metadata_hint(self._metadata(inode))
             return
+        if inode.ino == ROOT_INODE:
+            return  # the prefix root has no marker object to hold it
         inode.meta_unsaved = True  # until the store has it: a repeat of the change is not a no-op
         key = self.key_of(inode)
         md = self._metadata(inode)
         if inode.chunked:  # a metadata REPLACE must keep the layout's own entries
             md.update({LAYOUT_METADATA: LAYOUT_CHUNKED, SIZE_METADATA: str(inode.size)})
         if inode.kind is Kind.DIR:
-            if inode.ino == ROOT_INODE:
-                inode.meta_unsaved = False
-                return  # the prefix root has no marker object to hold it
             await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
             inode.meta_unsaved = False
             return

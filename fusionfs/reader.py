@@ -269,17 +269,22 @@ class ChunkSource:
         fetched whole and cached on the second touch, so a hot region ends up in the cache."""
         lo = off - off % _PAGE
         hi = min(ref.size, -(-end // _PAGE) * _PAGE)
-        fn = functools.partial(self._store.get_range, ref.key, lo, hi - lo, ref.etag)
+        blob = await self._get(ref, lo, hi - lo)
+        self._stats.add("sparse_reads")
+        return memoryview(blob)[off - lo : end - lo]
+
+    async def _get(self, ref: ObjectRef, start: int, length: int) -> bytes:
+        """``length`` bytes of ``ref`` at ``start``, by one ranged GET pinned to its ETag."""
+        fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
         try:
             blob = await run_store_call(
                 fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
             )
         except (PreconditionFailed, NotFound) as e:
             raise Stale(f"{ref.key} changed in the store while being read") from e
-        if len(blob) != hi - lo:
-            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {hi - lo} bytes)")
-        self._stats.add("sparse_reads")
-        return memoryview(blob)[off - lo : end - lo]
+        if len(blob) != length:
+            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
+        return blob
 
     def _release_read(self, ref: ObjectRef, first: int, last: int) -> None:
         """Drop chunks ``first..last`` from memory: a sequential read has passed their end and
@@ -394,15 +399,7 @@ class ChunkSource:
         cs = self.chunk_size
         start = stretch[0] * cs
         length = min((stretch[-1] + 1) * cs, ref.size) - start
-        fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
-        try:
-            blob = await run_store_call(
-                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
-            )
-        except (PreconditionFailed, NotFound) as e:
-            raise Stale(f"{ref.key} changed in the store while being read") from e
-        if len(blob) != length:
-            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
+        blob = await self._get(ref, start, length)
         # chunks are views into the one response buffer: no copy until the reply to the kernel
         view = memoryview(blob)
         fetched: list[tuple[int, _Data]] = [
