@@ -115,6 +115,16 @@ _PART = 16 * _MIB  # multipart part size of the direct reference (as fs.py)
 _PIECE = 8 * _MIB  # object size of the parallel-PUT reference
 _THREADS = 8
 _CMD_TIMEOUT = 900.0
+#: Each timed dump phase starts after ``os.sync()`` and this many quiet seconds. The phase
+#: before it deletes a GiB or more (objects, a killed task's memory), and what follows a delete
+#: (writeback, the journal, and on a guest with free page reporting the host taking the freed
+#: memory back) otherwise lands in whichever phase comes next, so the order of the phases
+#: decided part of their times. Measured here (Firecracker guest, page reporting on): writing
+#: 1 GiB into the page cache cost 0.30 s of system time right after 1 GiB was freed, 0.61-0.72 s
+#: 4 s later, 0.89-0.97 s 6-8 s later; and the direct 8 MiB PUTs, which had followed the delete
+#: of the multipart object at once, took 5.09-5.77 s in three runs without the wait, 4.69-5.10 s
+#: with it (snapstore's dump: 6.46-7.97 s, then 6.42-6.82 s, with other changes between).
+_SETTLE_S = 8.0
 
 # row names
 _LOCAL = "criu dump, local disk"
@@ -340,6 +350,11 @@ class _Bench:
         env.pop("SNAPSTORE_ROOT", None)
         env.pop("SNAPSTORE_ALLOW_ANY_ROOT", None)
         return env
+
+    def settle(self) -> None:
+        """Before a timed dump phase: dirty pages written back, then ``_SETTLE_S`` quiet."""
+        os.sync()
+        time.sleep(_SETTLE_S)
 
     # -- mounts --------------------------------------------------------------------------
 
@@ -626,7 +641,7 @@ class _Bench:
 
             # 1. CRIU to local disk
             self.step(f"{label} run {run + 1}: criu dump to local disk")
-            os.sync()
+            self.settle()
             with self.cpu() as cpu:
                 local_s, local_sync_s, local_stats = self.criu_dump_local(pid, images)
             image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
@@ -637,14 +652,14 @@ class _Bench:
 
             # 2. the same image files uploaded directly
             self.step(f"{label} run {run + 1}: direct multipart upload of the images")
-            os.sync()
+            self.settle()
             t0 = time.perf_counter()
             self.upload_multipart(images, direct_prefix + "mp/")
             up_mp = time.perf_counter() - t0
             self.record(dump_sc, _UP_MP, run, up_mp, "s", mb_per_s=image_bytes / up_mp / 1e6)
             self.delete_under(direct_prefix)
             self.step(f"{label} run {run + 1}: direct 8 MiB PUTs of the images")
-            os.sync()
+            self.settle()
             with self.cpu() as cpu:
                 t0 = time.perf_counter()
                 self.upload_pieces(images, direct_prefix + "put/")
@@ -822,7 +837,7 @@ class _Bench:
         after it (snapstore kills it after the commit)."""
         pid = proc.pid
         with self.mount(mount_name) as mnt:
-            os.sync()
+            self.settle()
             with self.cpu(mnt) as cpu:
                 t0 = time.perf_counter()
                 root_args = ["--root", str(mnt / "snapshots")]
@@ -1331,6 +1346,11 @@ def _notes(cfg: SnapConfig, can_drop: bool) -> list[str]:
         "unmeasured direct GET before the fusionfs restores"
         if can_drop
         else "the page cache could not be dropped: local restores read cached images"
+    )
+    notes.append(
+        f"each timed dump phase started after os.sync() and {_SETTLE_S:g} quiet seconds, so "
+        "none inherits the previous phase's deletes, writeback or freed memory (see _SETTLE_S "
+        "in benchmarks/snap.py)"
     )
     if cfg.proxied:
         notes.append(
