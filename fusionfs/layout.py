@@ -681,11 +681,11 @@ class ChunkWriter:
     """Chunks, hashes, compresses and packs a file's bytes; ``finish`` returns its manifest.
 
     Feed the file sequentially (``feed(offset, data)``). Chunks go to a pool of ``workers``
-    threads in batches of about ``BATCH_BYTES`` (one hand-off per batch, not per chunk: a
-    per-chunk future cost more CPU than hashing the chunk); each chunk is hashed and, unless the
-    ``index`` (or this writer itself) already has it, compressed; chunks are then appended *in
-    file order* to an open pack, so consecutive new chunks lie back
-    to back and a sequential read fetches them with one GET. A pack that reaches ``pack_size``
+    threads in batches of about ``BATCH_BYTES``: one future and one thread wake-up per batch,
+    not per chunk (see docs/design/chunked-layout.md for what that saved). Each chunk is hashed
+    and, unless the ``index`` (or this writer itself) already has it, compressed; chunks are
+    then appended *in file order* to an open pack, so consecutive new chunks lie back to back
+    and a sequential read fetches them with one GET. A pack that reaches ``pack_size``
     is PUT in the background (at most ``pack_uploads`` at once); ``finish`` PUTs the last,
     partial one and returns the ``Manifest`` once every pack it names is durable. It does not
     store the manifest (``write_manifest`` does: the caller decides when the file is committed).
