@@ -951,15 +951,16 @@ class ChunkWriter:
             self._next += 1
             self._slots.release()
             for p in batch:
-                self._append_one(p, sealed)
+                pack = self._append_one(p)
+                if pack is not None:
+                    sealed.append(pack)
         return sealed
 
-    def _append_one(
-        self, p: _Prepared, sealed: list[tuple[bytes, Body, list[tuple[bytes, int, int]]]]
-    ) -> None:
-        """Under ``_lock``: append one prepared chunk (file order); a full pack goes to
-        ``sealed``."""
+    def _append_one(self, p: _Prepared) -> tuple[bytes, Body, list[tuple[bytes, int, int]]] | None:
+        """Under ``_lock``: append one prepared chunk (file order); return the pack it filled,
+        sealed, if it filled one."""
         s = self.stats
+        pack = None
         loc = p.loc
         if loc is None:
             loc = self._mine.get(p.digest)  # the same content twice in this file
@@ -975,14 +976,13 @@ class ChunkWriter:
             s.new_stored += loc.stored
             if self._pack_len >= self._pack_size:
                 pack = self._seal()
-                if pack is not None:
-                    sealed.append(pack)
         else:
             s.reused_chunks += 1
             s.reused_logical += p.length
         s.chunks += 1
         s.logical += p.length
         self._entries.append(ChunkEntry(p.length, loc.stored, p.digest, loc.pack, loc.offset))
+        return pack
 
     def _seal(self) -> tuple[bytes, Body, list[tuple[bytes, int, int]]] | None:
         if not self._pack:
