@@ -68,7 +68,6 @@ from fusionfs.store.base import (
 )
 
 __all__ = [
-    "BATCH_BYTES",
     "FOSSILS_PREFIX",
     "FUSION_PREFIX",
     "GC_CLOCK_KEY",
@@ -657,9 +656,6 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 RAW_STREAK = 16
 RAW_PROBE = 8
 
-#: A writer hands chunks to its pool in batches of about this many bytes (8 chunks on average).
-BATCH_BYTES = 1 << 20
-
 
 def _encode_chunk(data: bytes | memoryview, level: int) -> bytes | memoryview:
     """The chunk's stored form: zstd if strictly smaller, else the raw bytes."""
@@ -680,17 +676,15 @@ class _Prepared:
 class ChunkWriter:
     """Chunks, hashes, compresses and packs a file's bytes; ``finish`` returns its manifest.
 
-    Feed the file sequentially (``feed(offset, data)``). Chunks go to a pool of ``workers``
-    threads in batches of about ``BATCH_BYTES``: one future and one thread wake-up per batch,
-    not per chunk (see docs/design/chunked-layout.md for what that saved). Each chunk is hashed
-    and, unless the ``index`` (or this writer itself) already has it, compressed; chunks are
-    then appended *in file order* to an open pack, so consecutive new chunks lie back to back
-    and a sequential read fetches them with one GET. A pack that reaches ``pack_size``
+    Feed the file sequentially (``feed(offset, data)``). On a pool of ``workers`` threads each
+    chunk is hashed and, unless the ``index`` (or this writer itself) already has it, compressed;
+    chunks are then appended *in file order* to an open pack, so consecutive new chunks lie back
+    to back and a sequential read fetches them with one GET. A pack that reaches ``pack_size``
     is PUT in the background (at most ``pack_uploads`` at once); ``finish`` PUTs the last,
     partial one and returns the ``Manifest`` once every pack it names is durable. It does not
     store the manifest (``write_manifest`` does: the caller decides when the file is committed).
 
-    Memory: at most ``max_pending`` batches being prepared, one open pack, and ``pack_uploads``
+    Memory: at most ``max_pending`` chunks being prepared, one open pack, and ``pack_uploads``
     packs in flight. A failure in the background is raised by the next ``feed`` or by
     ``finish``; packs already stored stay (garbage collection frees them if unreferenced).
 
@@ -732,7 +726,7 @@ class ChunkWriter:
             pack_uploads, "fusionfs-packs"
         )
         self._own_uploads = upload_pool is None
-        self._slots = threading.BoundedSemaphore(max_pending or 2 * workers)  # batches
+        self._slots = threading.BoundedSemaphore(max_pending or 2 * workers)
         self._upload_slots = threading.BoundedSemaphore(pack_uploads)
         self._futures: list[concurrent.futures.Future[None]] = []
         self._pack_futures: list[concurrent.futures.Future[None]] = []
@@ -741,9 +735,7 @@ class ChunkWriter:
         self._fed = 0
         self._seq = 0
         self._next = 0  # next sequence number to append
-        self._ready: dict[int, list[_Prepared]] = {}  # prepared batches by sequence number
-        self._batch: list[bytes | memoryview] = []  # chunks not yet handed to the pool
-        self._batch_bytes = 0
+        self._ready: dict[int, _Prepared] = {}
         self._entries: list[ChunkEntry] = []
         self._mine: dict[bytes, ChunkLocation] = {}  # chunks this writer placed
         self._fresh_packs: set[bytes] = set()  # packs this writer checked or refreshed
@@ -778,12 +770,8 @@ class ChunkWriter:
             )
         self._raise_error()
         self._fed += memoryview(data).nbytes
-        batch = self._batch
         for chunk in self._chunker.push(data):
-            batch.append(chunk)
-            self._batch_bytes += len(chunk)
-        if self._batch_bytes >= BATCH_BYTES:
-            self._submit_batch()
+            self._submit(chunk)
 
     def finish(self) -> Manifest:
         """Store what is left, wait until every pack is durable, and return the manifest."""
@@ -792,9 +780,7 @@ class ChunkWriter:
         try:
             tail = self._chunker.flush()
             if tail is not None:
-                self._batch.append(tail)
-            if self._batch:
-                self._submit_batch()
+                self._submit(tail)
             for f in self._futures:
                 f.result()
             self._raise_error()
@@ -841,25 +827,23 @@ class ChunkWriter:
             if self._error is None:
                 self._error = e
 
-    def _submit_batch(self) -> None:
-        batch = self._batch
-        self._batch, self._batch_bytes = [], 0
-        # a batch that failed never frees the slots of those after it: poll for the error
+    def _submit(self, chunk: bytes | memoryview) -> None:
+        # a chunk that failed never frees the slots of those after it: poll for the error
         while not self._slots.acquire(timeout=0.05):
             self._raise_error()
         try:
             self._raise_error()
             seq = self._seq
             self._seq += 1
-            future = self._pool.submit(self._process, seq, batch)
+            future = self._pool.submit(self._process, seq, chunk)
         except BaseException:
             self._slots.release()
             raise
         self._futures.append(future)
 
-    def _process(self, seq: int, batch: list[bytes | memoryview]) -> None:
+    def _process(self, seq: int, chunk: bytes | memoryview) -> None:
         try:
-            prepared = [self._prepare(chunk) for chunk in batch]
+            prepared = self._prepare(chunk)
         except BaseException as e:
             self._fail(e)
             self._slots.release()
@@ -945,44 +929,36 @@ class ChunkWriter:
 
     def _append_ready(self) -> list[tuple[bytes, Body, list[tuple[bytes, int, int]]]]:
         """Under ``_lock``: append prepared chunks in file order; return packs to upload."""
-        sealed: list[tuple[bytes, Body, list[tuple[bytes, int, int]]]] = []
+        sealed = []
+        s = self.stats
         while self._next in self._ready:
-            batch = self._ready.pop(self._next)
+            p = self._ready.pop(self._next)
             self._next += 1
             self._slots.release()
-            for p in batch:
-                pack = self._append_one(p)
-                if pack is not None:
-                    sealed.append(pack)
+            loc = p.loc
+            if loc is None:
+                loc = self._mine.get(p.digest)  # the same content twice in this file
+            if loc is None:
+                assert p.body is not None
+                loc = ChunkLocation(self._pack_id, self._pack_len, len(p.body))
+                self._pack.append(p.body)
+                self._pack_len += len(p.body)
+                self._pack_chunks.append((p.digest, loc.offset, loc.stored))
+                self._mine[p.digest] = loc
+                s.new_chunks += 1
+                s.new_logical += p.length
+                s.new_stored += loc.stored
+                if self._pack_len >= self._pack_size:
+                    pack = self._seal()
+                    if pack is not None:
+                        sealed.append(pack)
+            else:
+                s.reused_chunks += 1
+                s.reused_logical += p.length
+            s.chunks += 1
+            s.logical += p.length
+            self._entries.append(ChunkEntry(p.length, loc.stored, p.digest, loc.pack, loc.offset))
         return sealed
-
-    def _append_one(self, p: _Prepared) -> tuple[bytes, Body, list[tuple[bytes, int, int]]] | None:
-        """Under ``_lock``: append one prepared chunk (file order); return the pack it filled,
-        sealed, if it filled one."""
-        s = self.stats
-        pack = None
-        loc = p.loc
-        if loc is None:
-            loc = self._mine.get(p.digest)  # the same content twice in this file
-        if loc is None:
-            assert p.body is not None
-            loc = ChunkLocation(self._pack_id, self._pack_len, len(p.body))
-            self._pack.append(p.body)
-            self._pack_len += len(p.body)
-            self._pack_chunks.append((p.digest, loc.offset, loc.stored))
-            self._mine[p.digest] = loc
-            s.new_chunks += 1
-            s.new_logical += p.length
-            s.new_stored += loc.stored
-            if self._pack_len >= self._pack_size:
-                pack = self._seal()
-        else:
-            s.reused_chunks += 1
-            s.reused_logical += p.length
-        s.chunks += 1
-        s.logical += p.length
-        self._entries.append(ChunkEntry(p.length, loc.stored, p.digest, loc.pack, loc.offset))
-        return pack
 
     def _seal(self) -> tuple[bytes, Body, list[tuple[bytes, int, int]]] | None:
         if not self._pack:

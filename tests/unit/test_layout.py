@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusionfs.layout import (
-    BATCH_BYTES,
     FOSSILS_PREFIX,
     LAYOUT_CHUNKED,
     LAYOUT_METADATA,
@@ -541,39 +540,6 @@ def test_empty_file(store: FaultyStore) -> None:
     assert manifest.size == 0 and manifest.chunks == ()
     assert decode_manifest(encode_manifest(manifest)) == manifest
     assert ChunkReader(store, manifest).read(0, 100) == b""
-
-
-def test_many_batches_keep_file_order(store: FaultyStore, tmp_path: Path) -> None:
-    # chunks go to the workers in batches of about BATCH_BYTES: with three workers finishing
-    # batches out of order, the manifest still lists every chunk in file order, once
-    data = _mixed(1500, seed=21)  # about 6 MiB: several batches, several packs
-    assert len(data) > 5 * BATCH_BYTES
-    manifest, writer = _write(store, data, feed=65_537, pack_size=1 << 20)
-    whole, _ = _write(LocalStore(tmp_path / "other"), data, feed=len(data))
-    assert [c.digest for c in manifest.chunks] == [c.digest for c in whole.chunks]
-    assert manifest.size == len(data) == sum(c.length for c in manifest.chunks)
-    assert writer.stats.packs > 2
-    assert ChunkReader(store, manifest).read(0, len(data)) == data
-
-
-def test_a_failing_batch_is_raised_and_frees_the_writer(
-    store: FaultyStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a batch that fails never frees the slots of those after it: feed and finish must see
-    # the error instead of waiting for a slot forever
-    calls = 0
-    prepare = ChunkWriter._prepare
-
-    def failing(self: ChunkWriter, chunk: bytes | memoryview) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 5:
-            raise OSError("hashing failed")
-        return prepare(self, chunk)
-
-    monkeypatch.setattr(ChunkWriter, "_prepare", failing)
-    with pytest.raises(OSError, match="hashing failed"):
-        _write(store, _mixed(3000, seed=22), feed=65_536)  # 12 batches, 6 slots
 
 
 def test_upload_failure_is_raised_by_finish(store: FaultyStore) -> None:
