@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -27,13 +26,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import free_port, missing
+from s3servers import SERVERS, S3Bucket, S3Server, bucket_on
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,52 +204,37 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _stop(proc)
 
 
-@dataclasses.dataclass(frozen=True)
-class S3Bucket:
-    endpoint: str
-    name: str
-    client: Any  # a boto3 S3 client to the same server, for out-of-band changes
-    source: str  # "s3://name"
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment that points boto3 (in a subprocess, say) at the test server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint}
-
-
-def _empty_bucket(client: Any, name: str) -> None:
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=name):
-        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-    uploads = client.list_multipart_uploads(Bucket=name).get("Uploads", [])
-    for upload in uploads:
-        client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+@pytest.fixture(scope="session")
+def moto(moto_server: str) -> S3Server:
+    """The moto server as an ``S3Server``."""
+    return S3Server("moto", moto_server, "testing", "testing")
 
 
 @pytest.fixture
-def s3_bucket(moto_server: str) -> Iterator[S3Bucket]:
+def s3_bucket(moto: S3Server) -> Iterator[S3Bucket]:
     """A fresh bucket on the moto server, removed with its contents after the test."""
-    import boto3
-    from botocore.config import Config
+    with bucket_on(moto) as bucket:
+        yield bucket
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
-    )
-    name = f"test-{uuid.uuid4().hex[:24]}"
-    client.create_bucket(Bucket=name)
-    try:
-        yield S3Bucket(endpoint=moto_server, name=name, client=client, source=f"s3://{name}")
-    finally:
-        try:
-            _empty_bucket(client, name)
-            client.delete_bucket(Bucket=name)
-        finally:
-            client.close()
+
+@pytest.fixture(params=SERVERS)
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 server of ``tests/s3servers.py`` in turn (started once per session by its
+    ``<name>_server`` fixture); a test narrows it with
+    ``@pytest.mark.parametrize("s3_server", ["rgw"], indirect=True)``."""
+    name = request.param
+    if name == "moto":
+        server: S3Server = request.getfixturevalue("moto")
+        return server
+    server = request.getfixturevalue(f"{name}_server")
+    return server
+
+
+@pytest.fixture
+def server_bucket(s3_server: S3Server) -> Iterator[S3Bucket]:
+    """A fresh bucket on ``s3_server``, removed with its contents after the test."""
+    with bucket_on(s3_server) as bucket:
+        yield bucket
 
 
 # --------------------------------------------------------------------------------------------
