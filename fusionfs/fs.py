@@ -147,6 +147,7 @@ class Inode:
     opens: int = 0
     writers: int = 0
     staged: StagedFile | None = None
+    staging: trio.Event | None = None  # set when a _stage of this inode in progress is done
     target: bytes | None = None  # symlink target, once known
     local_only: bool = False  # created here, not committed to the store yet
     linked: bool = True
@@ -894,7 +895,13 @@ class Filesystem:
 
     # -- files ---------------------------------------------------------------------------
     async def _stage(self, inode: Inode, *, truncate: bool) -> tuple[StagedFile, bool]:
-        """The inode's staged state, created if needed. Returns (staged, created_now)."""
+        """The inode's staged state, created if needed. Returns (staged, created_now).
+
+        Two requests that find no staged state at once (two opens for writing, a write after
+        a commit released it) share one: the second waits for the first's instead of making
+        its own, which would leave the first's writes in a staged file nobody commits."""
+        while inode.staged is None and inode.staging is not None:
+            await inode.staging.wait()
         if inode.staged is not None:
             if truncate:
                 await inode.staged.truncate(0)
@@ -903,13 +910,18 @@ class Filesystem:
         base = None
         if not truncate and inode.etag is not None and inode.size > 0:
             base = self._ref(inode, key)
-        staged = await self._uploader.new_staged(key, base)
-        staged.set_metadata_hint(self._metadata(inode))
-        if inode.chunked or self._chunked_dir(inode):
-            staged.use_chunked(self._chunks.chunked)
+        done = inode.staging = trio.Event()
+        try:
+            staged = await self._uploader.new_staged(key, base)
+            staged.set_metadata_hint(self._metadata(inode))
+            if inode.chunked or self._chunked_dir(inode):
+                staged.use_chunked(self._chunks.chunked)
+            inode.staged = staged
+        finally:
+            inode.staging = None
+            done.set()
         if truncate and inode.size > 0:
             await staged.truncate(0)
-        inode.staged = staged
         return staged, True
 
     async def _unstage(self, inode: Inode) -> None:
@@ -1048,7 +1060,9 @@ class Filesystem:
         inode.chunked = ref.chunked
         inode.etag = ref.etag
         inode.kernel_etag = ref.etag
-        inode.size = ref.size
+        # writes (or a truncate) that came in during the commit are in the staged file, not in
+        # the object yet: the file's size is the staged one while it is staged
+        inode.size = staged.size if inode.staged is staged else ref.size
         inode.local_only = False
         inode.validated = trio.current_time()
         for h in self._handles.values():

@@ -54,7 +54,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,7 +62,7 @@ import trio
 
 from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed
 from fusionfs.directio import ALIGN, O_DIRECT, round_up, thread_buffer
-from fusionfs.errors import UploadFailed, first_error
+from fusionfs.errors import Stale, UploadFailed, first_error
 from fusionfs.layout import Manifest, write_manifest
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
 from fusionfs.stats import Stats
@@ -265,6 +265,11 @@ class StagedFile:
         self.base_limit = base.size if base else 0
         self.size = base.size if base else 0
         self.filled: set[int] = set()  # chunk indexes whose bytes in staging are authoritative
+        # chunks being filled from the base right now: a second fill of one waits for the first
+        self._filling: dict[int, trio.Event] = {}
+        # the lowest size a truncate set during the running commit (None: no truncate since it
+        # began): bytes at or past it must not come from the object that commit makes
+        self._shrunk_to: int | None = None
         self.generation = 0
         self.dirty = False
         self._recorded = False  # the crash record beside the staging file is written
@@ -281,7 +286,7 @@ class StagedFile:
         self.closed = False
         # write-behind: writes are queued in memory and written to the staging file by one
         # background drain at a time, so a FUSE write costs a memcpy, not a thread hand-off
-        self._pending: list[tuple[int, bytes]] = []
+        self._pending: list[tuple[int, bytes | None]] = []  # (off, data); None: ftruncate(off)
         self._pending_bytes = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -302,13 +307,14 @@ class StagedFile:
         if self._drain_error is not None:
             await self._settle()
         await self._fill_partial(off, off + len(data))
+        # From here to the first await, one step: the bytes are queued behind everything queued
+        # before (the fills of their chunks included) and every record of where bytes live is
+        # updated with them, so no other request can see the queue without the marks.
         cs = self._up.chunks.chunk_size
         end = off + len(data)
         self._queue(off, data)
         if self._recent is not None:
             self._recent.wrote(off, data)
-        if self._pending_bytes > _MAX_PENDING:
-            await self._settle()
         self.filled.update(range(off // cs, (end - 1) // cs + 1))
         stream = self._stream
         if stream is not None and off < stream.started_until:
@@ -318,6 +324,9 @@ class StagedFile:
             last = bisect.bisect_right(stream.starts, min(end, stream.started_until) - 1)
             stream.resend.update(range(first, last + 1))
         self.size = max(self.size, end)
+        self.generation += 1
+        if self._pending_bytes > _MAX_PENDING:
+            await self._settle()
         await self._touch()
         if self.chunked is not None:
             self._feed_chunked(off)
@@ -328,14 +337,14 @@ class StagedFile:
         return len(data)
 
     async def truncate(self, size: int) -> None:
-        if size < self.size and self.base is not None and size < self.base_limit:
-            cs = self._up.chunks.chunk_size
-            if size % cs:
-                await self._fill_chunk(size // cs)
-            self.base_limit = size
+        cs = self._up.chunks.chunk_size
+        if self.base is not None and size < self.base_limit and size % cs:
+            await self._fill_chunk(size // cs)  # the bytes of its chunk below the new end
+        # from here to the first await, one step (as in write)
+        self.base_limit = min(self.base_limit, size)
+        self._shrunk_to = size if self._shrunk_to is None else min(self._shrunk_to, size)
         if self._fd >= 0 or self._pending or self._drain_error is not None:
-            await self._settle()
-            await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
+            self._queue(size, None)  # in order with the writes queued before and after it
         # else: nothing written and no staging file (an O_TRUNC open of a new file's name): a
         # staging file created later starts empty, and reads pad to the size with zeros
         if self._recent is not None:
@@ -346,6 +355,7 @@ class StagedFile:
         if self._feed is not None and size < self._feed.read_until:
             self._feed.valid = False
         self.size = size
+        self.generation += 1
         await self._touch()
 
     async def read(self, off: int, size: int) -> bytes:
@@ -365,9 +375,7 @@ class StagedFile:
                 pieces.append(await self._pread(stop - pos, pos))
             else:
                 from_base = min(stop, self.base_limit)
-                assert self.base is not None
-                pieces.append(bytes(await self._up.chunks.read(self.base, pos, from_base - pos,
-                                                                None)))
+                pieces.append(await self._read_base(pos, from_base - pos))
                 if stop > from_base:
                     pieces.append(await self._pread(stop - from_base, from_base))
             pos = stop
@@ -395,18 +403,22 @@ class StagedFile:
             or pos // self._up.chunks.chunk_size in self.filled
         )
 
-    def _queue(self, off: int, data: bytes) -> None:
+    def _queue(self, off: int, data: bytes | None) -> None:
+        """Queue ``data`` for the staging file at ``off`` (``None``: truncate it to ``off``).
+        The drain applies the queue in order: what is queued later lands over what came
+        before."""
         self._pending.append((off, data))
-        self._pending_bytes += len(data)
+        n = 0 if data is None else len(data)
+        self._pending_bytes += n
         up = self._up
         if (
             self._fd < 0
             and self._drain_error is None
             and self._pending_bytes <= _HOLD_MAX
-            and up.held_bytes + len(data) <= _HOLD_BUDGET
+            and up.held_bytes + n <= _HOLD_BUDGET
         ):
-            up.held_bytes += len(data)
-            self._held += len(data)
+            up.held_bytes += n
+            self._held += n
             if not self._hold_timer:
                 self._hold_timer = True
                 up.nursery.start_soon(self._hold_expiry)
@@ -453,6 +465,8 @@ class StagedFile:
     async def _drain(self) -> None:
         record = False  # write the crash record after the first batch (held writes, see above)
         try:
+            if self.closed:
+                return  # discarded: its descriptors are closed (or about to be)
             if self._fd < 0:
                 if self.closed or self._drain_error is not None:
                     return  # discarded: the held writes go with it
@@ -480,7 +494,7 @@ class StagedFile:
                     log.error("staging %s: %s", self.key, e)
                     self._drain_error = e
                 finally:
-                    self._pending_bytes -= sum(len(d) for _, d in batch)
+                    self._pending_bytes -= sum(len(d) for _, d in batch if d is not None)
         finally:
             self._pending.clear()
             self._pending_bytes = 0
@@ -515,7 +529,8 @@ class StagedFile:
         return data
 
     async def _touch(self) -> None:
-        self.generation += 1
+        """Mark the file dirty (the caller has bumped ``generation`` in the same step as its
+        change) and write its crash record once."""
         if not self.dirty or not self._recorded:
             self.dirty = True
             if self._fd < 0:
@@ -534,16 +549,49 @@ class StagedFile:
             await self._fill_chunk(last)
 
     async def _fill_chunk(self, idx: int) -> None:
-        assert self.base is not None
+        """Make chunk ``idx``'s bytes in the staging file authoritative: queue its bytes from
+        the base, unless a write or a truncate made them so meanwhile (S-WRITE-10).
+
+        One fill per chunk at a time: a second request for the chunk waits for the first and
+        then finds it filled. The base's bytes are queued (not written directly) in the same
+        step as the chunk is marked filled, after checking again what happened during the
+        read: a write queued later lands over them, a write queued earlier that covered the
+        chunk whole has marked it filled already (so the old bytes are dropped), and a
+        truncate has lowered ``base_limit`` (so only what is still below it is queued)."""
         cs = self._up.chunks.chunk_size
         lo = idx * cs
-        if idx in self.filled or lo >= self.base_limit:
-            return
-        hi = min((idx + 1) * cs, self.base_limit)
-        data = await self._up.chunks.read(self.base, lo, hi - lo, None)
-        await self._settle()
-        await trio.to_thread.run_sync(os.pwrite, self._fd, data, lo)
-        self.filled.add(idx)
+        while True:
+            if idx in self.filled or lo >= self.base_limit or self.base is None:
+                return
+            running = self._filling.get(idx)
+            if running is None:
+                break
+            await running.wait()
+        done = self._filling[idx] = trio.Event()
+        try:
+            data = await self._read_base(lo, min((idx + 1) * cs, self.base_limit) - lo)
+            if idx in self.filled or self.closed:
+                return
+            hi = min(lo + len(data), self.base_limit)
+            if hi > lo:
+                self._queue(lo, data[: hi - lo])
+            self.filled.add(idx)
+        finally:
+            del self._filling[idx]
+            done.set()
+
+    async def _read_base(self, off: int, length: int) -> bytes:
+        """``length`` bytes of the base at ``off``. A commit of this file may replace the base
+        while the read is on its way (the old version is then gone from the store): the read is
+        made again from the new base, which holds the same bytes there (S-CONS-5)."""
+        while True:
+            base = self.base
+            assert base is not None
+            try:
+                return bytes(await self._up.chunks.read(base, off, length, None))
+            except Stale:
+                if self.base is base:
+                    raise
 
     # -- streaming -----------------------------------------------------------------------------
     def _maybe_send_parts(self) -> None:
@@ -654,13 +702,14 @@ class StagedFile:
                     raise UploadFailed(f"{key}: staged data was discarded")
                 return self.base
             generation = self.generation
+            self._shrunk_to = None
             if key != self.key:
                 self._invalidate_stream("renamed")
                 self.key = key
                 await self._write_record()
             self._up.stats.add("uploads_pending")
             try:
-                etag = await self._upload(key, metadata)
+                etag, size = await self._upload(key, metadata)
             except (UploadFailed, StoreError, OSError) as e:
                 self._up.stats.add("uploads_failed")
                 await self._stage_held()
@@ -670,15 +719,19 @@ class StagedFile:
             finally:
                 self._up.stats.add("uploads_pending", -1)
             self._up.stats.add("uploads_done")
-            ref = ObjectRef(key, etag, self.size, self._committed_chunked)
-            # the staged bytes plus the new object are now the whole truth: rebase on it
+            ref = ObjectRef(key, etag, size, self._committed_chunked)
+            # the staged bytes plus the new object are now the whole truth: rebase on it. What
+            # was truncated away while the upload ran must not come back from it (the chunks
+            # written meanwhile are marked filled, so they are read from staging).
             self.base = ref
-            self.base_limit = self.size
+            self.base_limit = size if self._shrunk_to is None else min(size, self._shrunk_to)
             if self.generation == generation:
                 self.dirty = False
             return ref
 
-    async def _upload(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+    async def _upload(self, key: Key, metadata: Mapping[str, str]) -> tuple[ETag, int]:
+        """Upload the current content as ``key``: the new object's ETag and size (writes that
+        come in meanwhile may make the file larger than what was uploaded)."""
         self._committed_chunked = self.chunked is not None and self.size >= CHUNKED_MIN_SIZE
         if self.chunked is not None:
             if self._committed_chunked:
@@ -692,23 +745,26 @@ class StagedFile:
         if stream is not None:
             self._stream = None
             if stream.valid:
-                etag = await self._finish_stream(stream, key, metadata)
-                if etag is not None:
-                    return etag
+                done = await self._finish_stream(stream, key, metadata)
+                if done is not None:
+                    return done
             else:
                 self._up.nursery.start_soon(self._abort_stream, stream)
         if self.size <= self._up.part_size:
             await self._fill_all()
-            data = await self._pread(self.size, 0)
-            data += bytes(self.size - len(data))
-            return await self._up.call(
+            size = self.size
+            data = await self._pread(size, 0)
+            if len(data) != size:  # sparse past the staged end (or shrunk meanwhile)
+                data = data[:size] + bytes(size - len(data))
+            etag = await self._up.call(
                 functools.partial(self._up.store.put, key, data, metadata), f"PUT {key}",
             )
+            return etag, size
         return await self._multipart(key, metadata)
 
     async def _finish_stream(
         self, stream: _Stream, key: Key, metadata: Mapping[str, str]
-    ) -> ETag | None:
+    ) -> tuple[ETag, int] | None:
         """Send the tail and complete. None means the stream broke: upload another way."""
         try:
             await stream.idle.wait()
@@ -724,13 +780,14 @@ class StagedFile:
                 if stream.error is not None:
                     raise stream.error
             stream.resend.clear()
-            if self.size > stream.started_until:
+            end = self.size
+            if end > stream.started_until:
                 number = stream.next_number
                 stream.in_flight += 1
                 stream.idle = trio.Event()
                 await self._send_part(stream, number, stream.started_until,
-                                      self.size - stream.started_until)
-                stream.started_until = self.size
+                                      end - stream.started_until)
+                stream.started_until = end
                 if stream.error is not None:
                     raise stream.error
             parts = [stream.parts[n] for n in sorted(stream.parts)]
@@ -748,7 +805,7 @@ class StagedFile:
                 functools.partial(self._up.store.copy, key, key, metadata, etag),
                 f"set metadata {key}",
             )
-        return etag
+        return etag, stream.started_until
 
     # -- the chunked layout ------------------------------------------------------------------
     def _feed_chunked(self, off: int) -> None:
@@ -764,7 +821,7 @@ class StagedFile:
 
     async def _upload_chunked(
         self, layout: ChunkedLayout, key: Key, metadata: Mapping[str, str]
-    ) -> ETag:
+    ) -> tuple[ETag, int]:
         feed, self._feed = self._feed, None
         manifest: Manifest | None = None
         if feed is not None and feed.valid:
@@ -787,7 +844,7 @@ class StagedFile:
             f"PUT {key}",
         )
         layout.note_commit(key, manifest, feed.writer.stats)
-        return etag
+        return etag, manifest.size
 
     def _plan(self) -> list[tuple[int, int, int]]:
         parts = []
@@ -801,8 +858,9 @@ class StagedFile:
             raise UploadFailed(f"{self.key}: file too large for a multipart upload")
         return parts
 
-    async def _multipart(self, key: Key, metadata: Mapping[str, str]) -> ETag:
+    async def _multipart(self, key: Key, metadata: Mapping[str, str]) -> tuple[ETag, int]:
         up = self._up
+        plan = self._plan()
         upload_id = await up.call(
             functools.partial(up.store.create_multipart, key, metadata), f"create upload {key}"
         )
@@ -810,14 +868,15 @@ class StagedFile:
         try:
             with first_error():
                 async with trio.open_nursery() as nursery:
-                    for number, start, length in self._plan():
+                    for number, start, length in plan:
                         nursery.start_soon(self._upload_part, key, upload_id, number, start,
                                            length, results)
             parts = [results[n] for n in sorted(results)]
-            return await up.call(
+            etag = await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),
                 f"complete upload {key}", timeout=max(up.call_timeout, 300.0),
             )
+            return etag, sum(length for _, _, length in plan)
         except BaseException:
             with trio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
@@ -970,8 +1029,9 @@ def _pread_direct(dfd: int, length: int, off: int) -> bytes | None:
         view.release()
 
 
-def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool:
-    """pwrite a batch of (offset, data), contiguous neighbours together.
+def _write_batch(fd: int, batch: Sequence[tuple[int, bytes | None]], dfd: int = -1) -> bool:
+    """pwrite a batch of (offset, data), contiguous neighbours together, in order; an entry
+    whose data is None truncates the file to its offset.
 
     With ``dfd`` (the staging file opened with O_DIRECT), the block-aligned part of each stretch
     that starts on a block boundary is copied into a reused aligned buffer and written past the
@@ -986,12 +1046,18 @@ def _write_batch(fd: int, batch: list[tuple[int, bytes]], dfd: int = -1) -> bool
     i = 0
     while i < len(batch):
         off, data = batch[i]
+        i += 1
+        if data is None:
+            os.ftruncate(fd, off)
+            continue
         bufs: list[bytes | memoryview] = [data]
         end = off + len(data)
-        i += 1
         while i < len(batch) and batch[i][0] == end and len(bufs) < 512:
-            bufs.append(batch[i][1])
-            end += len(batch[i][1])
+            nxt = batch[i][1]
+            if nxt is None:
+                break
+            bufs.append(nxt)
+            end += len(nxt)
             i += 1
         if dfd >= 0 and direct_ok and off % ALIGN == 0 and end - off >= ALIGN:
             try:

@@ -41,6 +41,13 @@ _UNMOUNT_TIMEOUT_S = 30.0
 _LOG_TAIL_LINES = 40
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stress", action="store_true", default=False,
+        help="run the concurrency model tests at their long setting (thousands of examples)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
