@@ -19,6 +19,7 @@ the store.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -144,7 +145,7 @@ def plans(draw: st.DrawFn, *, max_size: int, chunk: int, workers: int = 3,
             name = draw(st.sampled_from(names))
             limit = max(2, min(max_size, sizes[name] + draw(st.integers(0, 2 * chunk + 7))))
             bounds = [0, *_cuts(draw, limit, chunk), limit]
-            segments = list(zip(bounds, bounds[1:], strict=False))
+            segments = list(itertools.pairwise(bounds))
             chosen = draw(st.lists(st.sampled_from(range(len(segments))), unique=True,
                                    min_size=1, max_size=len(segments)))
             n_workers = draw(st.integers(1, workers))

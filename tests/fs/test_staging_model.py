@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio._core._run as trio_run
-from fs_harness import CHUNK, MiB, FsFactory, Harness
+from fs_harness import CHUNK, FsFactory, Harness, MiB
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from staging_plans import (
@@ -182,8 +182,9 @@ def test_concurrent_writers_against_model_moto(
 ) -> None:
     """S-WRITE-10, S-CONS-5: the same on moto (smaller files: moto copies the whole object on
     every ranged GET)."""
-    from fusionfs.store.s3 import S3Store
     from s3servers import bucket_on
+
+    from fusionfs.store.s3 import S3Store
 
     with bucket_on(moto) as bucket:
         counter = iter(range(1 << 62))
