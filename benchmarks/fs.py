@@ -16,6 +16,12 @@ Scenarios (each the median of ``--runs`` with min and max; data from a fixed see
   object is committed (fusionfs, s3fs); rclone uploads after close, so its time runs until a HEAD
   shows the whole object; direct boto3 multipart upload (8 threads x 16 MiB); local disk with
   write + fsync.
+- ``rewrite in place``: the written object patched as samtools, sqlite and tar patch files:
+  a fresh mount (empty cache) opens it ``O_WRONLY``, ``pwrite``s 16 pieces of 1 B to 400 KB at
+  scattered offsets (a fixed seed; some straddle two chunks), and closes until durable; every
+  piece is then checked with a ranged GET. Against direct boto3 doing the same without a
+  filesystem: parallel ranged GETs of the whole object, the pieces patched in memory, a multipart
+  upload (8 threads x 16 MiB). Seconds (lower is better).
 - ``stat objects`` / ``list objects``: stat of each of 10 000 small objects (quick: 2000), one
   after another, and one listing of their directory, each on a fresh mount; against HEAD of
   each / ``list_objects_v2``.
@@ -950,6 +956,10 @@ class _Bench:
         self._multipart(self.client, key, 8, 16 * _MIB)
         self.record("seq write", _DIRECT, run, mb_per_s(size, time.perf_counter() - t0), "MB/s")
         self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
+        try:
+            self._direct_rewrite(run)
+        except (MountError, OSError) as exc:
+            self.results.mark_unavailable("rewrite in place", _DIRECT, str(exc))
         extra = [self.direct_io_mounter] if self.direct_io_mounter is not None else []
         for mounter in [*self.mounters, *extra]:
             self.step(f"run {run + 1}: {mounter.name} write until durable")
@@ -980,7 +990,74 @@ class _Bench:
                 )
             self.record("seq write", mounter.name, run, mb_per_s(size, dt), "MB/s")
         shutil.rmtree(cache, ignore_errors=True)
+        if mounter.name == _FUSIONFS:
+            self._mount_rewrite(mounter, run, rel)
         self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
+
+    def _rewrite_pieces(self, run: int) -> list[tuple[int, bytes]]:
+        rng = random.Random(_SEED + 1000 + run)
+        size = len(self.data)
+        pieces = []
+        for _ in range(16):
+            n = rng.choice([1, 4096, 70_000, 400_000])
+            off = rng.randrange(0, size - n)
+            if rng.random() < 0.4:  # straddle a 1 MiB chunk boundary
+                off = max(0, off // _MIB * _MIB - n // 2)
+            pieces.append((off, rng.randbytes(n)))
+        return pieces
+
+    def _mount_rewrite(self, mounter: _Mounter, run: int, rel: str) -> None:
+        """``rewrite in place`` through ``mounter`` (the object ``rel`` holds ``self.data``)."""
+        pieces = self._rewrite_pieces(run)
+        key = self.store.prefix + rel
+        self.step(f"run {run + 1}: {mounter.name} rewrite in place")
+        cache = self.fresh_dir(f"cache-{mounter.name}-rewrite")
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            fd = os.open(mnt / rel, os.O_WRONLY)
+            try:
+                for off, piece in pieces:
+                    os.pwrite(fd, piece, off)
+            finally:
+                os.close(fd)
+            dt = time.perf_counter() - t0
+        shutil.rmtree(cache, ignore_errors=True)
+        self._check_pieces(key, pieces, mounter.name)
+        self.record("rewrite in place", mounter.name, run, dt, "s", pieces=len(pieces))
+
+    def _direct_rewrite(self, run: int) -> None:
+        pieces = self._rewrite_pieces(run)
+        key = f"{self.store.prefix}write/direct-rewrite-{run}.bin"
+        self._multipart(self.setup_client, key, 8, 16 * _MIB)
+        self.step(f"run {run + 1}: direct rewrite (GET all, patch, multipart upload)")
+        t0 = time.perf_counter()
+        size = len(self.data)
+        buf = bytearray(size)
+
+        def get(off: int) -> None:
+            end = min(off + 8 * _MIB, size)
+            buf[off:end] = self._get_range(self.client, off, end - 1, keep=True, key=key)[1]
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(get, range(0, size, 8 * _MIB)))
+        for off, piece in pieces:
+            buf[off : off + len(piece)] = piece
+        saved, self.data = self.data, bytes(buf)
+        try:
+            self._multipart(self.client, key, 8, 16 * _MIB)
+        finally:
+            self.data = saved
+        dt = time.perf_counter() - t0
+        self._check_pieces(key, pieces, _DIRECT)
+        self.record("rewrite in place", _DIRECT, run, dt, "s", pieces=len(pieces))
+        self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
+
+    def _check_pieces(self, key: str, pieces: list[tuple[int, bytes]], who: str) -> None:
+        for off, piece in pieces:
+            got = self._get_range(self.setup_client, off, off + len(piece) - 1, keep=True,
+                                  key=key)[1]
+            if got != piece:
+                raise MountError(f"{who}: a rewritten piece at offset {off} did not persist")
 
     def metadata(self, run: int) -> None:
         n = self.cfg.n_objects
@@ -1330,7 +1407,7 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
         f"seq read cold::{_DIRECT}",
         f"seq read cold::{_FUSIONFS}",
     ]
-    for scenario in ("stat objects", "list objects"):
+    for scenario in ("stat objects", "list objects", "rewrite in place"):
         results.references[scenario] = [_DIRECT]
     for scenario in (_SMALL_CREATE, _SMALL_READ):
         results.references[scenario] = [_DIRECT, _DISK]
