@@ -32,7 +32,9 @@ first held write, whichever comes first: unacknowledged bytes live only in memor
 that long, as in the kernel's own page cache.
 
 Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
-threads. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
+threads. Requests for one file interleave at every await, so a check and the act that depends on
+it happen in one step (one fill per chunk, its old bytes queued behind earlier writes and ahead
+of later ones; truncates queued too): the invariants are in ``docs/design/staging.md``. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
 may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
 if no write happened meanwhile. A write into a part that has already been sent (the kernel's
 writeback re-sends pages that were dirtied again) marks that part to be sent again before the
