@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -208,6 +209,40 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def moto(moto_server: str) -> S3Server:
     """The moto server as an ``S3Server``."""
     return S3Server("moto", moto_server, "testing", "testing")
+
+
+@pytest.fixture(scope="session")
+def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """Ceph RGW (``tests/rgw.py``: mon + mgr + one bluestore OSD + radosgw on loopback) as an
+    ``S3Server`` named ``rgw``, started once per session (about 20 s) and stopped at its end."""
+    import rgw
+
+    absent = rgw.missing_programs()
+    if absent:
+        missing("Ceph RGW", f"{', '.join(absent)} not on PATH (scripts/setup.sh installs "
+                "ceph-mon ceph-osd ceph-mgr radosgw)")
+    root = tmp_path_factory.mktemp("rgw")
+    scratch = None
+    if rgw.on_tmpfs(root):  # bluestore wants O_DIRECT, which tmpfs lacks
+        scratch = Path(tempfile.mkdtemp(prefix="fusionfs-rgw-", dir="/var/tmp"))
+        root = scratch
+    cluster = rgw.RgwCluster(root)
+    try:
+        started = time.monotonic()
+        try:
+            server = cluster.start()
+        except rgw.RgwError as err:
+            pytest.fail(f"Ceph RGW did not start: {err}", pytrace=False)
+        logging.getLogger("tests.rgw").info(
+            "Ceph RGW answering at %s after %.1f s", server.endpoint, time.monotonic() - started
+        )
+        yield server
+    finally:
+        problems = cluster.stop()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if problems:
+        pytest.fail("stopping Ceph RGW needed force: " + "; ".join(problems), pytrace=False)
 
 
 @pytest.fixture
