@@ -1189,9 +1189,10 @@ class Filesystem:
             self._apply_info(child, info)
             child.validated = now
 
-        async with trio.open_nursery() as nursery:
-            for name, child in unsure:
-                nursery.start_soon(learn, name, child)
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for name, child in unsure:
+                    nursery.start_soon(learn, name, child)
         if failures:
             raise failures[0]
         return [(name, learned.get(name, child)) for name, child in entries]

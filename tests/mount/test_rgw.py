@@ -8,6 +8,7 @@ take those answers as they are (S-STORE-1). Each test here failed on RGW before 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -125,3 +126,42 @@ def test_in_place_rewrites_close_cleanly(fusion_mount: Any, server_bucket: S3Buc
     m = m.remount(fresh_cache=True)
     for name, want in expected.items():
         assert (m.path / name).read_bytes() == want, name
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("s3_server", ["moto", "rgw"], indirect=True)
+def test_a_lost_in_place_write_is_an_error_and_a_warning(
+    fusion_mount: Any, server_bucket: S3Bucket
+) -> None:
+    """[S-FAIL-4] An in-place rewrite of a file that another client replaced meanwhile cannot
+    be merged: ``close`` fails (the kernel reports the failed writeback as EIO) and the daemon's
+    log says why at WARNING (it held nothing above INFO when RGW's ETags caused the same, with
+    ESTALE from the WRITEs)."""
+    m = _mount(fusion_mount, server_bucket)
+    size = 12 * _MIB
+    (m.path / "f").write_bytes(_pattern(size, 3))
+    other = _pattern(size + _MIB, 4)[1:size + 1]
+    server_bucket.client.put_object(Bucket=server_bucket.name, Key="f", Body=other)
+    fd = os.open(m.path / "f", os.O_WRONLY)
+    failed = None
+    try:
+        os.pwrite(fd, b"x" * 1000, 7 * _MIB)
+    except OSError as err:
+        failed = err
+    finally:
+        try:
+            os.close(fd)
+        except OSError as err:
+            failed = failed or err
+    log = m.log_path.read_text(errors="replace")
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    if failed is None:  # the open saw the new version: nothing was lost
+        body = server_bucket.client.get_object(Bucket=server_bucket.name, Key="f")["Body"]
+        merged = body.read()
+        assert merged[7 * _MIB : 7 * _MIB + 1000] == b"x" * 1000
+        assert merged[: 7 * _MIB] == other[: 7 * _MIB]
+        return
+    assert failed.errno == errno.EIO, failed
+    assert any("write failed with ESTALE" in line for line in warnings), (
+        f"close failed ({failed}) but the log does not say why at WARNING:\n{log[-3000:]}"
+    )
