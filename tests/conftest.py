@@ -5,6 +5,8 @@
   (``AWS_ACCESS_KEY_ID=testing``, ...), ``AWS_DEFAULT_REGION=us-east-1`` and loopback in
   ``NO_PROXY``; tests that set their own values (``monkeypatch.setenv``, ``env=``) win, since
   those apply later and are undone first.
+- ``rgw_server`` (session): Ceph RGW on a single-node cluster the tests start themselves
+  (``tests/rgw.py``; about 20 s once per session; every daemon stopped at its end).
 - ``s3_bucket``: a fresh, uniquely named bucket per test (emptied and deleted afterwards).
 - ``fusion_mount``: a factory of real mounts (``python -m fusionfs mount ... --foreground``);
   whatever a test leaves mounted is unmounted in teardown, and a daemon that has to be killed,

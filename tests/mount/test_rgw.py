@@ -3,7 +3,9 @@
 RGW 16.2 (Debian bookworm) sends an empty ``<ETag></ETag>`` in CompleteMultipartUpload's answer
 and unquoted ETags in CopyObject's and UploadPartCopy's (HEAD, GET and LIST quote them), so a
 client that keeps the ETag a write returned and pins later reads to it (``If-Match``) must not
-take those answers as they are (S-STORE-1). Each test here failed on RGW before that was fixed.
+take those answers as they are (S-STORE-1). Also here, on moto too: symlinks after a cold
+remount (S-MAP-5) and the log of a write lost to a changed object (S-FAIL-4). Each test here
+failed before its fix.
 """
 
 from __future__ import annotations
