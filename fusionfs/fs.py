@@ -104,6 +104,8 @@ _RELIST_MAX_ENTRIES = 10_000
 _MAX_NAME = 255
 _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
+#: GETs in flight at once while a listing learns the type of its small objects (S-MAP-5)
+_TYPE_PROBES = 16
 
 
 class Kind(enum.Enum):
@@ -1143,8 +1145,71 @@ class Filesystem:
         if dh is None:
             raise InvalidArgument(f"no directory handle {fh}")
         if dh.entries is None or start == 0:
-            dh.entries = await self._list_dir(dh.inode)
+            dh.entries = await self._learn_types(dh.inode, await self._list_dir(dh.inode))
         return dh.entries[start:]
+
+    async def _learn_types(
+        self, directory: Inode, entries: list[tuple[bytes, Inode]]
+    ) -> list[tuple[bytes, Inode]]:
+        """Entries whose type a LIST cannot tell, made certain before the kernel sees them.
+
+        The kernel takes each entry's type from READDIRPLUS and keeps it; a LIST says nothing
+        of metadata, and a symlink is an object whose ``mode`` metadata says so (S-MAP-5): shown
+        as a regular file, it stays one for ``ls -l``, ``find`` and ``os.walk``. So an object
+        known only from a listing and small enough to be a symlink (1 to 4096 bytes; an empty
+        object never is) is read first: one GET of its head (as a lookup would do, S-MAP-8,
+        which primes the read that follows), at most ``_TYPE_PROBES`` at a time, once per
+        object version. An object gone meanwhile is left for the next lookup to find gone.
+        """
+        unsure = [
+            (name, child) for name, child in entries
+            if child.kind is Kind.FILE and not child.meta_known and child.staged is None
+            and not child.local_only and 0 < child.size <= _MAX_SYMLINK
+        ]
+        if not unsure:
+            return entries
+        limit = trio.CapacityLimiter(_TYPE_PROBES)
+        learned: dict[bytes, Inode] = {}
+        failures: list[StoreError] = []
+
+        async def learn(name: bytes, child: Inode) -> None:
+            key = self.key_of(child)
+            async with limit:
+                try:
+                    info, head = await self._call(
+                        functools.partial(self._store.get_head, key, self._chunks.chunk_size),
+                        what=f"GET {key}",
+                    )
+                except NotFound:
+                    return
+                except StoreError as e:
+                    failures.append(e)
+                    return
+            if (self._known_child(directory, name) is not child or child.staged is not None
+                    or child.local_only or info.etag != child.etag):
+                return  # changed meanwhile: its next lookup looks again
+            now = trio.current_time()
+            if self._kind_from_metadata(info.metadata) is Kind.SYMLINK:
+                self._detach(child)
+                link = self._new_inode(directory, name, Kind.SYMLINK)
+                self._apply_info(link, info)
+                if len(head) == info.size:
+                    link.target = head
+                link.validated = now
+                learned[name] = link
+                return
+            if logical_size(info.metadata) is None:
+                self._chunks.prime(ObjectRef(key, info.etag, info.size), head)
+            self._apply_info(child, info)
+            child.validated = now
+
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for name, child in unsure:
+                    nursery.start_soon(learn, name, child)
+        if failures:
+            raise failures[0]
+        return [(name, learned.get(name, child)) for name, child in entries]
 
     async def _list_dir(self, directory: Inode) -> list[tuple[bytes, Inode]]:
         prefix = self.key_of(directory)

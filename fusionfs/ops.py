@@ -27,6 +27,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # errnos that are answers, not failures: not counted in the error statistics
 _QUIET = {errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY}
+#: operations whose failure loses data the writer was told was written: logged at any errno
+_DATA_LOSING = frozenset({"write", "flush", "fsync", "release"})
 
 
 def _errors(fn: F) -> F:
@@ -43,6 +45,11 @@ def _errors(fn: F) -> F:
                 code = errno.EIO
             elif code == errno.EIO:
                 log.warning("%s failed: %s", fn.__name__, exc)
+            elif fn.__name__ in _DATA_LOSING:
+                # the kernel's writeback cache had accepted these bytes: the writer learns of
+                # the failure only as EIO from close or fsync, so the log must say why
+                log.warning("%s failed with %s (the writer sees EIO at close or fsync): %s",
+                            fn.__name__, errno.errorcode.get(code, str(code)), exc)
             if code not in _QUIET:
                 self.fs.stats.count_error(errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
-# FUSE 3 (fuse3, libfuse3-dev, pkg-config), a Python virtualenv in .venv with the project and its
-# test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
-# prefix when none is usable). Prints what it does; fails loudly.
+# FUSE 3 (fuse3, libfuse3-dev, pkg-config), Ceph RGW and fio for the tests, a Python virtualenv
+# in .venv with the project and its test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh
+# puts Debian trixie's in a private prefix when none is usable). Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,25 @@ if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Ceph RGW (a single-node cluster the tests start themselves: tests/rgw.py) and fio; about 36 s
+# and 106 packages on a fresh Debian bookworm, nothing when present. No services are started.
+need_apt=()
+for pkg in ceph-mon ceph-osd ceph-mgr radosgw fio; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+    say "installing Debian packages for the test servers: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt_log=$(mktemp)
+    if ! apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
+        tail -n 30 "$apt_log" >&2
+        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
 fi
 
 PY=${PYTHON:-python3}

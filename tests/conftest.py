@@ -5,6 +5,8 @@
   (``AWS_ACCESS_KEY_ID=testing``, ...), ``AWS_DEFAULT_REGION=us-east-1`` and loopback in
   ``NO_PROXY``; tests that set their own values (``monkeypatch.setenv``, ``env=``) win, since
   those apply later and are undone first.
+- ``rgw_server`` (session): Ceph RGW on a single-node cluster the tests start themselves
+  (``tests/rgw.py``; about 20 s once per session; every daemon stopped at its end).
 - ``s3_bucket``: a fresh, uniquely named bucket per test (emptied and deleted afterwards).
 - ``fusion_mount``: a factory of real mounts (``python -m fusionfs mount ... --foreground``);
   whatever a test leaves mounted is unmounted in teardown, and a daemon that has to be killed,
@@ -23,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -215,6 +218,40 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def moto(moto_server: str) -> S3Server:
     """The moto server as an ``S3Server``."""
     return S3Server("moto", moto_server, "testing", "testing")
+
+
+@pytest.fixture(scope="session")
+def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """Ceph RGW (``tests/rgw.py``: mon + mgr + one bluestore OSD + radosgw on loopback) as an
+    ``S3Server`` named ``rgw``, started once per session (about 20 s) and stopped at its end."""
+    import rgw
+
+    absent = rgw.missing_programs()
+    if absent:
+        missing("Ceph RGW", f"{', '.join(absent)} not on PATH (scripts/setup.sh installs "
+                "ceph-mon ceph-osd ceph-mgr radosgw)")
+    root = tmp_path_factory.mktemp("rgw")
+    scratch = None
+    if rgw.on_tmpfs(root):  # bluestore wants O_DIRECT, which tmpfs lacks
+        scratch = Path(tempfile.mkdtemp(prefix="fusionfs-rgw-", dir="/var/tmp"))
+        root = scratch
+    cluster = rgw.RgwCluster(root)
+    try:
+        started = time.monotonic()
+        try:
+            server = cluster.start()
+        except rgw.RgwError as err:
+            pytest.fail(f"Ceph RGW did not start: {err}", pytrace=False)
+        logging.getLogger("tests.rgw").info(
+            "Ceph RGW answering at %s after %.1f s", server.endpoint, time.monotonic() - started
+        )
+        yield server
+    finally:
+        problems = cluster.stop()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if problems:
+        pytest.fail("stopping Ceph RGW needed force: " + "; ".join(problems), pytrace=False)
 
 
 @pytest.fixture

@@ -35,13 +35,14 @@ import builtins
 import contextlib
 import datetime
 import email.utils
+import hashlib
 import http.client
 import itertools
 import logging
 import math
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import boto3
@@ -262,6 +263,36 @@ def _lower_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return {k.lower(): v for k, v in (metadata or {}).items()}
 
 
+def _etag(value: Any) -> ETag:
+    """An ETag as HEAD, GET and LIST give it: in double quotes (S-STORE-1).
+
+    Ceph RGW 16 answers CopyObject and UploadPartCopy with the ETag unquoted (its HEAD, GET and
+    LIST quote it): taken as it is, the ETag a copy returned never equals the one a later HEAD
+    or LIST shows, and every such file looks changed in the store. An empty value stays empty.
+    """
+    text = str(value or "").strip()
+    if not text or text.startswith(('"', "W/")):
+        return ETag(text)
+    return ETag(f'"{text}"')
+
+
+def _multipart_etag(parts: Sequence[UploadPart]) -> ETag | None:
+    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' binary MD5s,
+    then ``-`` and the number of parts. None when a part's ETag is not a plain MD5 (SSE-KMS,
+    say), where it cannot be computed."""
+    digests = []
+    for part in parts:
+        text = part.etag.strip().strip('"')
+        if len(text) != 32:
+            return None
+        try:
+            digests.append(bytes.fromhex(text))
+        except ValueError:
+            return None
+    md5 = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return ETag(f'"{md5}-{len(parts)}"')
+
+
 def _part_size(size: int, preferred: int) -> int:
     """A part size >= ``preferred`` (and >= 5 MiB) that fits ``size`` in 10 000 parts."""
     needed = math.ceil(size / _MAX_PARTS)
@@ -364,6 +395,7 @@ class S3Store:
         self._max_single_copy = max_single_copy
         self._sign_payload = sign_payload
         self._location = f"s3://{bucket}/{prefix.rstrip('/')}".rstrip("/")
+        self._said_no_complete_etag = False  # logged once per store (S-STORE-1)
         self._session = _new_session(region)
         self._endpoint_url = endpoint_url
         # Path-style addressing for any endpoint other than AWS's own (given here, or through
@@ -494,7 +526,7 @@ class S3Store:
         return ObjectInfo(
             key=key,
             size=int(resp.get("ContentLength", 0)),
-            etag=ETag(resp.get("ETag", "")),
+            etag=_etag(resp.get("ETag")),
             mtime_ns=_mtime_ns(resp.get("LastModified")),
             metadata=_lower_metadata(resp.get("Metadata")),
         )
@@ -539,7 +571,7 @@ class S3Store:
             info = ObjectInfo(
                 key=key,
                 size=total,
-                etag=ETag(resp.get("ETag", "")),
+                etag=_etag(resp.get("ETag")),
                 mtime_ns=_mtime_ns(resp.get("LastModified")),
                 metadata=_lower_metadata(resp.get("Metadata")),
             )
@@ -609,7 +641,7 @@ class S3Store:
                     return written
                 raise
             if pinned is None:
-                pinned = resp.get("ETag")
+                pinned = resp.get("ETag") or None
             body = resp["Body"]
             try:
                 content_range = resp.get("ContentRange")
@@ -656,7 +688,7 @@ class S3Store:
 
         resp = self._call("put", key, fn)
         self._uploaded(body_size(data))
-        return ETag(resp["ETag"])
+        return _etag(resp.get("ETag"))
 
     def list(
         self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
@@ -682,7 +714,7 @@ class S3Store:
             ObjectInfo(
                 key=Key(item["Key"][cut:]),
                 size=int(item.get("Size", 0)),
-                etag=ETag(item.get("ETag", "")),
+                etag=_etag(item.get("ETag")),
                 mtime_ns=_mtime_ns(item.get("LastModified")),
             )
             for item in resp.get("Contents", [])
@@ -727,7 +759,7 @@ class S3Store:
             return self.client.copy_object(**args)
 
         resp = self._call("copy", dst, fn)
-        return ETag(resp["CopyObjectResult"]["ETag"])
+        return _etag(resp["CopyObjectResult"].get("ETag"))
 
     def _multipart_copy(
         self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str]
@@ -798,7 +830,7 @@ class S3Store:
 
         resp = self._call("upload_part", key, fn)
         self._uploaded(memoryview(data).nbytes)
-        return UploadPart(number=number, etag=ETag(resp["ETag"]))
+        return UploadPart(number=number, etag=_etag(resp.get("ETag")))
 
     def upload_part_copy(
         self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
@@ -821,7 +853,7 @@ class S3Store:
             return self.client.upload_part_copy(**args)
 
         resp = self._call("upload_part_copy", key, fn)
-        return UploadPart(number=number, etag=ETag(resp["CopyPartResult"]["ETag"]))
+        return UploadPart(number=number, etag=_etag(resp["CopyPartResult"].get("ETag")))
 
     def complete_multipart(
         self, key: Key, upload_id: str, parts: builtins.list[UploadPart]
@@ -836,7 +868,20 @@ class S3Store:
             )
 
         resp = self._call("complete_multipart", key, fn)
-        return ETag(resp["ETag"])
+        etag = _etag(resp.get("ETag"))
+        if etag:
+            return etag
+        # Ceph RGW 16 answers <ETag></ETag>: the object's ETag is the one S3 defines for these
+        # parts (what its HEAD and LIST then show), else whatever a HEAD says now.
+        computed = _multipart_etag(ordered)
+        if not self._said_no_complete_etag:
+            self._said_no_complete_etag = True
+            _log.info(
+                "%s: the server answers CompleteMultipartUpload without an ETag; %s",
+                self.description,
+                "computing it from the parts" if computed else "asking HEAD for it",
+            )
+        return computed if computed is not None else self.head(key).etag
 
     def abort_multipart(self, key: Key, upload_id: str) -> None:
         def fn() -> Any:

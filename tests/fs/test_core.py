@@ -981,13 +981,16 @@ async def test_a_listed_small_file_is_looked_up_and_read_with_one_request(
         await h.put(f"d/f{i}", f"content {i}".encode(), {"mode": mode})
     await h.put("d/big", bytes(200_000))
     fresh = await make_fs(any_store)  # another machine: nothing known
+    # the listing reads the heads of the small files (could be symlinks, S-MAP-5): that one
+    # GET each is also what the lookups and reads below need
+    heads_before = any_store.calls.get("get_head", 0)
     assert sorted(await fresh.listdir("d")) == ["big"] + [f"f{i}" for i in range(5)]
     before = dict(any_store.calls)
     for i in range(5):
         assert (await fresh.stat(f"d/f{i}")).mode & 0o777 == 0o600  # metadata came with it
         assert await fresh.read_file(f"d/f{i}") == f"content {i}".encode()
     spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
-    assert spent.get("get_head", 0) == 5, spent
+    assert any_store.calls.get("get_head", 0) - heads_before == 5, spent
     assert spent.get("head", 0) == 0 and spent.get("get_range", 0) == 0, spent
     before = dict(any_store.calls)
     assert len(await fresh.read_file("d/big")) == 200_000  # above the limit: HEAD, then GET
