@@ -69,6 +69,7 @@ def test_fio_write_then_verify(fusion_mount: Any, server_bucket: S3Bucket) -> No
         [fio, "--name=verify", f"--directory={m.path}", "--rw=write", "--bs=1M", "--size=96M",
          "--verify=crc32c", "--ioengine=psync", "--end_fsync=1"],
         capture_output=True, text=True, timeout=200, check=False,
+        cwd=m.path.parent,  # fio leaves its verify state file in its working directory
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "verify" in result.stdout
