@@ -34,7 +34,8 @@ that long, as in the kernel's own page cache.
 Concurrency: all state is touched on the trio thread only; file and store I/O run in worker
 threads. Requests for one file interleave at every await, so a check and the act that depends on
 it happen in one step (one fill per chunk, its old bytes queued behind earlier writes and ahead
-of later ones; truncates queued too): the invariants are in ``docs/design/staging.md``. ``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
+of later ones; truncates queued too): the invariants are in ``docs/design/staging.md``.
+``commit`` holds the file's ``commit_lock`` so two fsyncs of one file do not race; writes
 may go on during a commit: each write bumps ``generation``, and a commit only marks the file clean
 if no write happened meanwhile. A write into a part that has already been sent (the kernel's
 writeback re-sends pages that were dirtied again) marks that part to be sent again before the
@@ -272,6 +273,10 @@ class StagedFile:
         # the lowest size a truncate set during the running commit (None: no truncate since it
         # began): bytes at or past it must not come from the object that commit makes
         self._shrunk_to: int | None = None
+        # set once the running commit has rebased: made just before the store call that
+        # replaces the object (the old version is gone from then on, while ``base`` still
+        # names it until the commit's task runs again)
+        self._replacing: trio.Event | None = None
         self.generation = 0
         self.dirty = False
         self._recorded = False  # the crash record beside the staging file is written
@@ -592,6 +597,9 @@ class StagedFile:
             try:
                 return bytes(await self._up.chunks.read(base, off, length, None))
             except Stale:
+                replacing = self._replacing
+                if replacing is not None:
+                    await replacing.wait()  # our own commit replaced it: wait for the rebase
                 if self.base is base:
                     raise
 
@@ -713,11 +721,15 @@ class StagedFile:
             try:
                 etag, size = await self._upload(key, metadata)
             except (UploadFailed, StoreError, OSError) as e:
+                self._end_replacing()
                 self._up.stats.add("uploads_failed")
                 await self._stage_held()
                 if isinstance(e, UploadFailed):
                     raise
                 raise UploadFailed(f"{key}: {e}") from e
+            except BaseException:
+                self._end_replacing()
+                raise
             finally:
                 self._up.stats.add("uploads_pending", -1)
             self._up.stats.add("uploads_done")
@@ -727,9 +739,21 @@ class StagedFile:
             # written meanwhile are marked filled, so they are read from staging).
             self.base = ref
             self.base_limit = size if self._shrunk_to is None else min(size, self._shrunk_to)
+            self._end_replacing()
             if self.generation == generation:
                 self.dirty = False
             return ref
+
+    def _begin_replacing(self) -> None:
+        """Just before a store call that replaces this file's object (PUT, completion, manifest
+        PUT): reads of the old version that fail from now on wait for the rebase (S-CONS-5)."""
+        if self._replacing is None:
+            self._replacing = trio.Event()
+
+    def _end_replacing(self) -> None:
+        replacing, self._replacing = self._replacing, None
+        if replacing is not None:
+            replacing.set()
 
     async def _upload(self, key: Key, metadata: Mapping[str, str]) -> tuple[ETag, int]:
         """Upload the current content as ``key``: the new object's ETag and size (writes that
@@ -758,6 +782,7 @@ class StagedFile:
             data = await self._pread(size, 0)
             if len(data) != size:  # sparse past the staged end (or shrunk meanwhile)
                 data = data[:size] + bytes(size - len(data))
+            self._begin_replacing()
             etag = await self._up.call(
                 functools.partial(self._up.store.put, key, data, metadata), f"PUT {key}",
             )
@@ -793,6 +818,7 @@ class StagedFile:
                 if stream.error is not None:
                     raise stream.error
             parts = [stream.parts[n] for n in sorted(stream.parts)]
+            self._begin_replacing()
             etag = await self._up.call(
                 functools.partial(self._up.store.complete_multipart, key, upload_id, parts),
                 f"complete upload {key}", timeout=max(self._up.call_timeout, 300.0),
@@ -841,6 +867,7 @@ class StagedFile:
             finally:
                 await feed.close()
         assert feed is not None
+        self._begin_replacing()
         etag = await self._up.call(
             functools.partial(write_manifest, self._up.store, key, manifest, metadata),
             f"PUT {key}",
@@ -874,6 +901,7 @@ class StagedFile:
                         nursery.start_soon(self._upload_part, key, upload_id, number, start,
                                            length, results)
             parts = [results[n] for n in sorted(results)]
+            self._begin_replacing()
             etag = await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),
                 f"complete upload {key}", timeout=max(up.call_timeout, 300.0),
