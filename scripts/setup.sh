@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
-# FUSE 3 (fuse3, libfuse3-dev, pkg-config), a Python virtualenv in .venv with the project and its
-# test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
+# FUSE 3 (fuse3, libfuse3-dev, pkg-config), the programs the compatibility tests run on the mount
+# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI), a Python virtualenv in .venv with the
+# project and its test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
 # prefix when none is usable). Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config; do
+for pkg in fuse3 libfuse3-dev pkg-config git sqlite3 tar rsync fio; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -22,8 +23,9 @@ command -v gcc >/dev/null || need_apt+=(gcc python3-dev)
 if ((${#need_apt[@]})); then
     say "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # wait for another apt-get (unattended upgrades, a parallel set-up) instead of failing
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -31,9 +33,9 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv with $($PY --version)"
     "$PY" -m venv .venv
 fi
-say "installing fusionfs + snapstore, test and benchmark (matplotlib) dependencies into .venv"
+say "installing fusionfs + snapstore, test, benchmark (matplotlib) and compatibility (Snakemake) dependencies into .venv"
 if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-       .venv/bin/python -m pip install -q -e '.[test,bench]'; } >.venv/pip.log 2>&1; then
+       .venv/bin/python -m pip install -q -e '.[test,bench,compat]'; } >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     echo "setup: pip install failed (log above)" >&2
     exit 1
