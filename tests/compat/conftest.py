@@ -8,7 +8,8 @@ local-directory store (``local``, the embedded default) and every S3 server of
 collection time by ``pytest_generate_tests`` asking pytest's fixture manager whether a fixture
 named ``<name>_server`` is visible to the test, so a server whose fixture is not defined is not
 a test at all (rather than a skip, which ``CI=true`` would turn into a failure), and it becomes
-one as soon as its fixture is defined, with nothing to switch on.
+one as soon as its fixture is defined, with nothing to switch on. A test narrows the stores with
+``@pytest.mark.parametrize("_compat_store", ["moto"], indirect=True)``.
 
 After the program, a test calls ``compat_mount.remount_cold()``: it records every entry under
 the mount (type, permission bits, symlink target, sha256 of every file), unmounts every mount
@@ -48,6 +49,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``compat_mount`` over ``local`` and the servers whose fixture exists."""
     if "compat_mount" not in metafunc.fixturenames:
         return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if "_compat_store" in (names if isinstance(names, (list, tuple)) else str(names)):
+            return  # the test names its stores itself (a narrower list)
     manager: Any = metafunc.config.pluginmanager.get_plugin("funcmanage")
     servers = [
         name for name in SERVERS
