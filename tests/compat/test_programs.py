@@ -234,7 +234,7 @@ def test_rsync(compat_mount: CompatMount, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.compat_mount_args("--part-size", "5M")
-def test_fio_verify(compat_mount: CompatMount) -> None:
+def test_fio_verify(compat_mount: CompatMount, tmp_path: Path) -> None:
     """fio writes 48 MiB sequentially (ten 5 MiB multipart parts) and a file of 12 MiB in
     random 64 KiB blocks, each with ``--verify=crc32c`` (written, then read back and checked);
     after a cold remount fio checks both files again (``--verify_only``)."""
@@ -249,7 +249,8 @@ def test_fio_verify(compat_mount: CompatMount) -> None:
     def fio(name: str, *extra: str) -> None:
         run(["fio", f"--name={name}", f"--filename={m.path}/fio/{name}.dat", *jobs[name],
              "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-             "--end_fsync=1", "--output-format=terse", *extra], timeout=120, mount=m)
+             "--end_fsync=1", "--output-format=terse", *extra], timeout=120, mount=m,
+            cwd=tmp_path)  # fio's verify state files go to its working directory
 
     for name in jobs:
         fio(name)
