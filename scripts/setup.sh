@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
-# FUSE 3 (fuse3, libfuse3-dev, pkg-config), Ceph RGW and fio for the tests, a Python virtualenv
-# in .venv with the project and its test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh
-# puts Debian trixie's in a private prefix when none is usable). Prints what it does; fails loudly.
+# FUSE 3 (fuse3, libfuse3-dev, pkg-config); the programs the compatibility tests run on the mount
+# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI); Ceph RGW for the S3 server matrix; a
+# Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
+# (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable).
+# Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +16,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config; do
+for pkg in fuse3 libfuse3-dev pkg-config git sqlite3 tar rsync fio; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -22,22 +24,23 @@ command -v gcc >/dev/null || need_apt+=(gcc python3-dev)
 if ((${#need_apt[@]})); then
     say "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # wait for another apt-get (unattended upgrades, a parallel set-up) instead of failing
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# Ceph RGW (a single-node cluster the tests start themselves: tests/rgw.py) and fio; about 36 s
-# and 106 packages on a fresh Debian bookworm, nothing when present. No services are started.
+# Ceph RGW (a single-node cluster the tests start themselves: tests/rgw.py); about 36 s and 106
+# packages on a fresh Debian bookworm, nothing when present. No services are started.
 need_apt=()
-for pkg in ceph-mon ceph-osd ceph-mgr radosgw fio; do
+for pkg in ceph-mon ceph-osd ceph-mgr radosgw; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
     say "installing Debian packages for the test servers: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
     apt_log=$(mktemp)
-    if ! apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
+    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
         tail -n 30 "$apt_log" >&2
         echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
         exit 1
@@ -50,9 +53,9 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv with $($PY --version)"
     "$PY" -m venv .venv
 fi
-say "installing fusionfs + snapstore, test and benchmark (matplotlib) dependencies into .venv"
+say "installing fusionfs + snapstore, test, benchmark (matplotlib) and compatibility (Snakemake) dependencies into .venv"
 if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-       .venv/bin/python -m pip install -q -e '.[test,bench]'; } >.venv/pip.log 2>&1; then
+       .venv/bin/python -m pip install -q -e '.[test,bench,compat]'; } >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     echo "setup: pip install failed (log above)" >&2
     exit 1
