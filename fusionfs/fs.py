@@ -652,11 +652,24 @@ class Filesystem:
         return inode
 
     async def _store_metadata(self, inode: Inode) -> None:
-        """Make changed mode/owner/mtime durable (now, unless a commit will carry them)."""
-        if inode.staged is not None or inode.local_only:
-            if inode.staged is not None:
-                inode.staged.set_metadata_hint(self._metadata(inode))
+        """Make changed mode/owner/mtime durable: now, unless a commit will carry them (S-ATTR-1).
+
+        A file with uncommitted data gets them with its next commit. A file still staged but
+        clean (the change came after its last commit, before its release: rsync closes its
+        temporary file, then sets its times and mode) has no commit coming, so they are stored
+        now; a commit in flight has taken its metadata already, so we wait for it first."""
+        staged = inode.staged
+        if inode.local_only:
+            if staged is not None:
+                staged.set_metadata_hint(self._metadata(inode))
             return
+        if staged is not None:
+            staged.set_metadata_hint(self._metadata(inode))
+            if staged.commit_lock.locked():
+                async with staged.commit_lock:
+                    pass
+            if inode.staged is staged and staged.dirty:
+                return
         if inode.ino == ROOT_INODE:
             return  # the prefix root has no marker object to hold it
         inode.meta_unsaved = True  # until the store has it: a repeat of the change is not a no-op
@@ -681,6 +694,8 @@ class Filesystem:
         for h in self._handles.values():
             if h.inode is inode and h.ref is not None:
                 h.ref = ObjectRef(key, etag, h.ref.size, h.ref.chunked)
+        if inode.staged is not None:
+            inode.staged.copied(key, etag)
 
     # -- namespace changes ---------------------------------------------------------------------
     async def _relist(self, directory: Inode) -> None:

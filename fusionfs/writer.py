@@ -652,6 +652,13 @@ class StagedFile:
 
     _metadata_hint: Mapping[str, str] = {}
 
+    def copied(self, key: Key, etag: ETag) -> None:
+        """The object this file is based on was copied onto itself (new metadata, same bytes):
+        read the base under its new ETag from now on."""
+        base = self.base
+        if base is not None and base.key == key:
+            self.base = ObjectRef(key, etag, base.size, base.chunked)
+
     def set_metadata_hint(self, metadata: Mapping[str, str]) -> None:
         """Metadata to start a streaming upload with (the commit fixes it up if it changed)."""
         self._metadata_hint = dict(metadata)

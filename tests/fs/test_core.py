@@ -270,6 +270,35 @@ async def test_chmod_chown_utimens_kept_in_metadata(
     assert await h3.read_file("f") == b"new"
 
 
+async def test_utimens_and_chmod_after_the_last_commit_reach_the_store(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-ATTR-1: a chmod or utimens that comes after the file's last commit, while it is still
+    open (or before its release arrives), is stored at once: no commit is coming to carry it
+    (rsync: close its temporary file, then set times and mode, then rename)."""
+    h = await make_fs(any_store)
+    fh = await h.create("f")
+    await h.write(fh, 0, b"data")
+    await h.fs.flush(fh)  # close(2): committed, the release has not come yet
+    ino = (await h.lookup("f")).ino
+    mtime = 1_111_111_111_000_000_000
+    await h.fs.setattr(ino, mtime_ns=mtime)
+    await h.fs.setattr(ino, mode=0o604)
+    await h.fs.release(fh)
+    fresh = await make_fs(any_store)
+    inode = await fresh.stat("f")
+    assert inode.mode == 0o604
+    assert abs(inode.mtime_ns - mtime) < 1000
+    assert await fresh.read_file("f") == b"data"
+    # and a rewrite after such a copy reads the rest of the file from the copy (no ESTALE)
+    fh = await fresh.open("f", os.O_RDWR)
+    await fresh.fs.flush(fh)
+    await fresh.fs.setattr(inode.ino, mode=0o600)
+    await fresh.write(fh, 1, b"A")
+    await fresh.close(fh)
+    assert await (await make_fs(any_store)).read_file("f") == b"dAta"
+
+
 @pytest.mark.timeout(30)
 async def test_setattr_that_changes_nothing_stored_makes_no_request(
     make_fs: FsFactory, local_store: FaultyStore
