@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import decimal
 import enum
 import functools
 import json
@@ -109,6 +110,21 @@ _MAX_SYMLINK = 4096
 _TYPE_PROBES = 16
 #: the largest object S3 holds (5 TiB): a larger size is EFBIG (S-ATTR-4)
 MAX_FILE_SIZE = 5 * (1 << 40)
+
+
+def format_mtime(ns: int) -> str:
+    """An mtime in nanoseconds as the exact decimal seconds kept in metadata (S-ATTR-1)."""
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    return f"{sign}{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def parse_mtime(text: str) -> int:
+    """The nanoseconds of a metadata mtime, exactly (no float: a float of today's seconds
+    keeps only about 240 ns, and rsync compares nanoseconds). Raises ValueError."""
+    try:
+        return int(decimal.Decimal(text.strip()).scaleb(9).to_integral_value())
+    except (decimal.InvalidOperation, OverflowError) as e:
+        raise ValueError(f"bad mtime {text!r}") from e
 
 
 class Kind(enum.Enum):
@@ -380,7 +396,7 @@ class Filesystem:
             if "gid" in md:
                 inode.gid = int(md["gid"])
             if "mtime" in md:
-                inode.mtime_ns = int(float(md["mtime"]) * 1e9)
+                inode.mtime_ns = parse_mtime(md["mtime"])
                 inode.explicit_mtime = True
             if inode.kind is Kind.DIR:
                 inode.layout_chunked = md.get(DIR_LAYOUT_METADATA) == "chunked"
@@ -390,7 +406,7 @@ class Filesystem:
     def _metadata(self, inode: Inode) -> dict[str, str]:
         md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
         if inode.explicit_mtime:
-            md["mtime"] = f"{inode.mtime_ns / 1e9:.9f}"
+            md["mtime"] = format_mtime(inode.mtime_ns)
         if inode.kind is Kind.DIR and inode.layout_chunked:
             md[DIR_LAYOUT_METADATA] = "chunked"
         return md
@@ -572,11 +588,27 @@ class Filesystem:
 
     async def getattr(self, ino: int) -> Inode:
         inode = self.inode(ino)
-        if inode.kind is Kind.DIR or inode.staged is not None or inode.local_only:
+        if inode.kind is Kind.DIR:
+            await self._learn_dir_metadata(inode)
+            return inode
+        if inode.staged is not None or inode.local_only:
             return inode
         if not self._fresh(inode) or not inode.meta_known:
             await self._revalidate(inode)
         return inode
+
+    async def _learn_dir_metadata(self, inode: Inode) -> None:
+        """A directory known only from a listing learns its mode, owner and times from its
+        marker, once (S-ATTR-1: a `stat` after `readdir` on a fresh mount, as rsync and `ls -l`
+        do, must not see defaults); a directory without a marker keeps the defaults."""
+        if inode.meta_known or inode.ino == ROOT_INODE or inode.local_only:
+            return
+        key = self.key_of(inode)
+        with contextlib.suppress(NotFound):
+            info = await self._call(self._store.head, key, what=f"HEAD {key}")
+            if info.metadata is not None and not inode.meta_known:
+                self._apply_metadata(inode, info.metadata)
+        inode.meta_known = True
 
     async def _revalidate(self, inode: Inode, *, opening: bool = False) -> None:
         """Check an inode against the store (getattr, open, setattr after the TTL).
@@ -1364,12 +1396,7 @@ class Filesystem:
             inode.layout_chunked = value == b"chunked"
             return
         key = self.key_of(inode)
-        if not inode.meta_known:  # keep the marker's mode and owner: read them first
-            with contextlib.suppress(NotFound):
-                info = await self._call(self._store.head, key, what=f"HEAD {key}")
-                if info.metadata is not None:
-                    self._apply_metadata(inode, info.metadata)
-            inode.meta_known = True
+        await self._learn_dir_metadata(inode)  # keep the marker's mode and owner
         inode.layout_chunked = value == b"chunked"
         await self._call(self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}")
 

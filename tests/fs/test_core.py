@@ -256,7 +256,7 @@ async def test_chmod_chown_utimens_kept_in_metadata(
     h2 = await make_fs(any_store)
     inode = await h2.stat("f")
     assert (inode.mode, inode.uid, inode.gid) == (0o600, 1234, 4321)
-    assert abs(inode.mtime_ns - mtime) < 1000  # kept as decimal seconds
+    assert inode.mtime_ns == mtime  # kept exactly, as decimal seconds (S-ATTR-1)
     assert await h2.read_file("f") == b"content"
 
     # metadata set while the file is open for writing goes up with the content
@@ -1055,3 +1055,21 @@ async def test_a_streamed_file_is_not_copied_for_the_timestamp_of_its_own_writes
             assert info.metadata is not None
             assert abs(float(info.metadata["mtime"]) * 1e9 - mtime_ns) < 1e4
     assert await h.get("own") == data and await h.get("old") == data
+
+
+async def test_times_set_on_files_are_seen_after_a_listing_on_a_fresh_mount(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-ATTR-1: the mtime stored in a file's metadata is what `stat` gives after a listing on
+    a fresh mount (rsync -a compares them), for files of every size, not the LIST's time."""
+    h = await make_fs(any_store)
+    mtime = 1_500_000_000_123_456_789
+    sizes = {"empty": 0, "small": 100, "big": 3 * CHUNK + 5}
+    for name, size in sizes.items():
+        await h.write_file(name, data_of(size))
+        await h.fs.setattr((await h.lookup(name)).ino, mtime_ns=mtime)
+    fresh = await make_fs(any_store)
+    assert sorted(await fresh.listdir()) == sorted(sizes)
+    for name in sizes:
+        inode = await fresh.stat(name)
+        assert inode.mtime_ns == mtime, name
