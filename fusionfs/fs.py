@@ -480,9 +480,9 @@ class Filesystem:
             child = self._known_child(parent, name)
             if child is None and name not in parent.listed_names:  # as fresh as it gets
                 raise NoEntry(name.decode(errors="replace"))
-        small = (
+        small = (  # S-MAP-8; an object listed as empty is HEADed, never GET (S-SRV-1)
             child is not None and child.kind is Kind.FILE and child.etag is not None
-            and child.size <= _SMALL_FILE
+            and 0 < child.size <= _SMALL_FILE
         )
         if probing in self._probing:  # one began while we re-listed: share it
             return await self._resolve(parent, name)
