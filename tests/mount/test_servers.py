@@ -80,3 +80,50 @@ def test_a_directory_of_empty_files_hashes_at_once_on_a_fresh_mount(
     assert set(digests.values()) == {hashlib.sha256(b"").hexdigest()}
     assert elapsed < 60, f"hashing 300 empty files took {elapsed:.1f} s"
     assert stats(m.path)["requests"].get("get_head", 0) == 0
+
+
+_FALLBACK_LOGGED = "the server cannot do CopyObject of some keys"
+
+
+@pytest.mark.parametrize("s3_server", ["s3rver", "moto"], indirect=True)
+@pytest.mark.timeout(120)
+def test_chmod_and_rename_of_names_holding_equals_signs(
+    s3_server: Any, server_bucket: S3Bucket, fusion_mount: Any
+) -> None:
+    """S-SRV-2: Snakemake's pattern on names ending in "=" (base64 padding): stat (ENOENT),
+    create, write, close, chmod; then renames from and to such names, of a file and of a
+    directory. s3rver answers CopyObject from such a key with NoSuchKey (chmod was ENOENT 20
+    times of 20): the copy goes through this host, logged once per mount; moto copies
+    server-side and logs nothing of it."""
+    m = _mount(fusion_mount, server_bucket)
+    meta = m.path / ".snakemake" / "metadata"
+    meta.mkdir(parents=True)
+    names = [f"cmVzdWx0cy9{i}LnR4dA==" for i in range(3)]
+    for name in names:
+        p = meta / name
+        with pytest.raises(FileNotFoundError):
+            os.stat(p)
+        with open(p, "w") as f:
+            f.write('{"rule": "align"}')
+        os.chmod(p, 0o660)
+        assert os.stat(p).st_mode & 0o777 == 0o660
+    os.rename(meta / names[0], meta / "plain")
+    os.rename(meta / "plain", meta / "again=")
+    os.utime(meta / "again=", (1_700_000_000, 1_700_000_000))
+    os.rename(m.path / ".snakemake", m.path / "moved=")
+    m = m.remount(fresh_cache=True)
+    moved = m.path / "moved=" / "metadata"
+    assert sorted(os.listdir(moved)) == sorted(["again=", *names[1:]])
+    for name in ["again=", *names[1:]]:
+        assert (moved / name).read_text() == '{"rule": "align"}'
+        assert os.stat(moved / name).st_mode & 0o777 == 0o660
+    # (checked in the object: a stat after a listing on a fresh mount shows LastModified,
+    # a separate bug noted in the report)
+    head = server_bucket.client.head_object(Bucket=server_bucket.name, Key="moved=/metadata/again=")
+    assert float(head["Metadata"]["mtime"]) == 1_700_000_000
+    logged = _log_text(m).count(_FALLBACK_LOGGED)
+    first_mount_logged = sum(
+        Path(p).read_text(errors="replace").count(_FALLBACK_LOGGED)
+        for p in sorted(m.log_path.parent.glob("mount*.log"))
+    ) - logged
+    assert first_mount_logged == (1 if s3_server.name == "s3rver" else 0)
