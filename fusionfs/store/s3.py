@@ -110,6 +110,13 @@ _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+#: How a body that ends before its Content-Length surfaces from ``body.read()``.
+_SHORT_BODY: tuple[type[BaseException], ...] = (
+    _bce.ResponseStreamingError,
+    _bce.IncompleteReadError,
+    urllib3.exceptions.ProtocolError,
+    http.client.IncompleteRead,
+)
 _CREDENTIAL_EXCEPTIONS: tuple[type[BaseException], ...] = (
     _bce.NoCredentialsError,
     _bce.PartialCredentialsError,
@@ -551,8 +558,15 @@ class S3Store:
             metadata=_lower_metadata(resp.get("Metadata")),
         )
 
-    def _ranged_get(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes] | None:
-        """A ranged GetObject: the response and its whole body; None for 416 (no such range)."""
+    def _ranged_get(
+        self, args: dict[str, Any], seen: builtins.list[str] | None = None
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """A ranged GetObject: the response and its whole body; None for 416 (no such range).
+
+        ``seen`` (one list per retried call) remembers how the previous attempt's body fell
+        short: the same short body twice in a row (same ETag, same bytes read of the same
+        length) is the server's answer, not a connection that broke by chance, and raises
+        ``_Malformed`` instead of being retried until the deadline."""
         try:
             resp: dict[str, Any] = self.client.get_object(**args)
         except _bce.ClientError as err:
@@ -563,7 +577,17 @@ class S3Store:
         try:
             where = f"GET s3://{args['Bucket']}/{args['Key']}"
             self._check_if_match(resp, args.get("IfMatch"), where)
-            data: bytes = b"" if _empty_or_malformed(resp, where) else body.read()
+            try:
+                data: bytes = b"" if _empty_or_malformed(resp, where) else body.read()
+            except _SHORT_BODY as err:
+                if seen is not None:
+                    signature = f"{resp.get('ETag')} {resp.get('ContentRange')} {err}"
+                    if seen and seen[-1] == signature:
+                        raise _Malformed(
+                            f"{where}: the same short body twice ({_one_line(str(err), 160)})"
+                        ) from err
+                    seen.append(signature)
+                raise
         finally:
             body.close()
         self._fetched(len(data))
@@ -582,9 +606,12 @@ class S3Store:
         if length <= 0:
             return self.head(key), b""
 
+        seen: list[str] = []
+
         def fn() -> tuple[ObjectInfo, bytes] | None:
             got = self._ranged_get(
-                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"}
+                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"},
+                seen,
             )
             if got is None:  # an empty object has no byte 0
                 return None
@@ -616,6 +643,7 @@ class S3Store:
             raise ValueError(f"bad range start={start} length={length}")
         if length == 0:
             return b""
+        seen: list[str] = []
 
         def fn() -> bytes:
             args: dict[str, Any] = {
@@ -625,7 +653,7 @@ class S3Store:
             }
             if etag is not None:
                 args["IfMatch"] = etag
-            got = self._ranged_get(args)
+            got = self._ranged_get(args, seen)
             if got is None:  # start at or past the end
                 return b""
             resp, data = got
