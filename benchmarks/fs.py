@@ -90,6 +90,7 @@ _DIRECT = "direct boto3"
 _DISK = "local disk"
 _FUSIONFS = "fusionfs"
 _FUSIONFS_DIO = "fusionfs --direct-io"  # the same mount, page cache bypassed (S-READ-4)
+_LS_L = "ls -l {n} files, fresh mount"
 _SMALL_CREATE = "small files create"
 _SMALL_READ = "small files read"
 _SMALL_SIZE = 4096
@@ -1107,6 +1108,20 @@ class _Bench:
             self.record(
                 "list objects", mounter.name, run, n / dt, "entries/s", seconds=dt, objects=n
             )
+        # a listing followed by a stat of every entry, as ls -l, find -size and rsync do: the
+        # entries' metadata is probed ahead concurrently (S-MAP-9), not one lookup at a time
+        cache = self.fresh_dir(f"cache-{mounter.name}")
+        with self.mount(mounter, cache) as mnt:
+            t0 = time.perf_counter()
+            out = run_cmd(["ls", "-l", str(mnt / "many")], timeout=_UNMOUNT_TIMEOUT)
+            dt = time.perf_counter() - t0
+            lines = [ln for ln in out.stdout.splitlines() if not ln.startswith("total")]
+            if out.returncode != 0 or len(lines) != n:
+                raise MountError(
+                    f"{mounter.name}: ls -l gave {len(lines)} entries (exit {out.returncode}), "
+                    f"expected {n}: {last_line(out)}"
+                )
+            self.record(_LS_L.format(n=n), mounter.name, run, dt, "s", objects=n)
         shutil.rmtree(cache, ignore_errors=True)
 
     # -- read sweeps (for the read-throughput plot) ---------------------------------------

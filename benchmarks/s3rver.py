@@ -3,7 +3,9 @@
 ``with LocalS3rver() as server:`` installs s3rver into ``benchmarks/node_modules`` if it is absent
 (``npm install --no-save s3rver@3.7.1 --prefix benchmarks``; needs node and npm), starts it
 silent on a free loopback port with its own temporary data directory, waits until it answers,
-creates the bucket, and on exit (also on Ctrl-C) stops it and deletes the data directory.
+creates the bucket, and on exit (also on Ctrl-C) stops it and deletes the data directory. The
+tests start it the same way with ``install=False`` (set-up installs it beforehand; a missing
+install is an ``S3rverError`` that says so) and ``bucket=None`` (no bucket of its own).
 
 Caveats (see DESIGN.md): s3rver stores each object as a file, so a key component of 241 bytes or
 more kills the server (unhandled ENAMETOOLONG). It therefore runs under a restart loop: a watcher
@@ -39,6 +41,7 @@ __all__ = [
     "LocalS3rver",
     "S3rverError",
     "ensure_installed",
+    "installed_entry_point",
 ]
 
 S3RVER_VERSION = "3.7.1"
@@ -91,6 +94,19 @@ def ensure_installed(prefix: Path = _BENCH_DIR) -> Path:
     return _entry_point(prefix)
 
 
+def installed_entry_point(prefix: Path = _BENCH_DIR) -> Path:
+    """The s3rver entry script already installed (by ``scripts/setup.sh`` or an earlier
+    ``ensure_installed``); ``S3rverError`` saying how to install it if it is not there."""
+    if shutil.which("node") is None:
+        raise S3rverError("node is not on PATH: run scripts/setup.sh (Debian: nodejs npm)")
+    if _installed_version(prefix) != S3RVER_VERSION or not _entry_point(prefix).exists():
+        raise S3rverError(
+            f"s3rver {S3RVER_VERSION} is not installed in {prefix / 'node_modules'}: "
+            "run scripts/setup.sh"
+        )
+    return _entry_point(prefix)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,8 +116,11 @@ def _free_port() -> int:
 class LocalS3rver:
     """s3rver on ``127.0.0.1:port`` under a restart loop; see the module docstring."""
 
-    def __init__(self, bucket: str = "bench", *, max_restarts: int = 50) -> None:
+    def __init__(
+        self, bucket: str | None = "bench", *, max_restarts: int = 50, install: bool = True
+    ) -> None:
         self.bucket = bucket
+        self.install = install
         self.access_key = S3RVER_ACCESS_KEY
         self.secret_key = S3RVER_SECRET_KEY
         self.max_restarts = max_restarts
@@ -124,7 +143,7 @@ class LocalS3rver:
         return ("127.0.0.1", self.port)
 
     def start(self) -> None:
-        self._entry = ensure_installed()
+        self._entry = ensure_installed() if self.install else installed_entry_point()
         self.data_dir = Path(tempfile.mkdtemp(prefix="bench-s3rver-"))
         last_error = ""
         for _attempt in range(3):  # the free port can be taken between probe and bind
@@ -141,7 +160,8 @@ class LocalS3rver:
             raise S3rverError(f"s3rver did not start: {last_error}")
         self._watcher = threading.Thread(target=self._watch, name="s3rver-watch", daemon=True)
         self._watcher.start()
-        self._create_bucket()
+        if self.bucket is not None:
+            self._create_bucket()
 
     def stop(self) -> None:
         """Stops the server (bounded wait, then SIGKILL) and removes its data directory."""
@@ -248,6 +268,7 @@ class LocalS3rver:
                 self._wait_ready(_READY_TIMEOUT)
 
     def _create_bucket(self) -> None:
+        assert self.bucket is not None
         import boto3
         from botocore.config import Config
 

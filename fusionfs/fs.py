@@ -103,6 +103,9 @@ _RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUN
 _SMALL_FILE = 64 * 1024
 #: largest directory (entries) whose listing is refreshed to answer a lookup of an unknown name
 _RELIST_MAX_ENTRIES = 10_000
+#: entries of a directory scan (S-MAP-9) probed at once, and how far ahead of the kernel
+_SCAN_CONCURRENCY = 16
+_SCAN_AHEAD = 256
 _MAX_NAME = 255
 _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
@@ -200,6 +203,17 @@ class Handle:
 
 
 @dataclasses.dataclass(eq=False)
+class _Scan:
+    """A readdir followed by a stat of every entry, in progress (S-MAP-9)."""
+
+    names: list[bytes]  # the entries known only from the listing, in readdir order
+    index: dict[bytes, int]
+    reached: int = 0  # the highest index the kernel has looked up
+    moved: trio.Event = dataclasses.field(default_factory=trio.Event)
+    stop: bool = False
+
+
+@dataclasses.dataclass(eq=False)
 class _DirHandle:
     inode: Inode
     entries: list[tuple[bytes, Inode]] | None = None
@@ -242,6 +256,7 @@ class Filesystem:
         self._dir_handles: dict[FileHandleNo, _DirHandle] = {}
         self._relisting: dict[InodeNo, trio.Event] = {}  # directories being re-listed
         self._probing: dict[tuple[InodeNo, bytes], trio.Event] = {}  # names being probed
+        self._scans: dict[InodeNo, _Scan] = {}  # directories whose entries are probed ahead
         self._next_fh = 1
         self._gc_lock = trio.Lock()
         self._last_gc: dict[str, int] = {}
@@ -502,9 +517,9 @@ class Filesystem:
             child = self._known_child(parent, name)
             if child is None and name not in parent.listed_names:  # as fresh as it gets
                 raise NoEntry(name.decode(errors="replace"))
-        small = (
+        small = (  # S-MAP-8; an object listed as empty is HEADed, never GET (S-SRV-1)
             child is not None and child.kind is Kind.FILE and child.etag is not None
-            and child.size <= _SMALL_FILE
+            and 0 < child.size <= _SMALL_FILE
         )
         if probing in self._probing:  # one began while we re-listed: share it
             return await self._resolve(parent, name)
@@ -570,9 +585,70 @@ class Filesystem:
 
     # -- lookups and attributes ----------------------------------------------------------
     async def lookup(self, parent_ino: int, name: bytes) -> Inode:
-        inode = await self._resolve(self._dir(parent_ino), name)
+        parent = self._dir(parent_ino)
+        self._note_scan(parent, name)
+        inode = await self._resolve(parent, name)
         inode.lookups += 1
         return inode
+
+    def _note_scan(self, parent: Inode, name: bytes) -> None:
+        """A kernel lookup of an entry known only from ``parent``'s listing (``ls -l``,
+        ``find -size``, ``rsync``: a readdir, then a stat of every entry, one at a time):
+        the entries after it are probed ahead, concurrently (S-MAP-9)."""
+        child = self._known_child(parent, name)
+        if (child is None or child.meta_known or child.staged is not None or child.local_only
+                or self._fresh(child)):
+            return
+        scan = self._scans.get(parent.ino)
+        if scan is None or name not in scan.index:
+            if scan is not None:
+                scan.stop = True
+            names = sorted(
+                n for n, ino in self._children.get(parent.ino, {}).items()
+                if (c := self._inodes.get(ino)) is not None and not c.meta_known
+                and c.staged is None and not c.local_only
+            )
+            if len(names) < 2:
+                return
+            scan = self._scans[parent.ino] = _Scan(names, {n: i for i, n in enumerate(names)})
+            self._nursery.start_soon(self._prefetch_scan, parent, scan)
+        scan.reached = max(scan.reached, scan.index[name])
+        scan.moved.set()
+        scan.moved = trio.Event()
+
+    async def _prefetch_scan(self, parent: Inode, scan: _Scan) -> None:
+        """Probe ``scan.names`` in order, ``_SCAN_CONCURRENCY`` at a time, at most
+        ``_SCAN_AHEAD`` entries past the kernel's latest lookup (so what is probed is still
+        fresh when its lookup comes); stop when the lookups stop for a TTL."""
+        limit = trio.CapacityLimiter(_SCAN_CONCURRENCY)
+
+        async def probe(name: bytes) -> None:
+            try:
+                child = self._known_child(parent, name)
+                if child is not None and (child.meta_known or self._fresh(child)):
+                    return
+                await self._resolve(parent, name)
+            except Exception as err:  # the kernel's own lookup will meet it and report it
+                log.debug("prefetch of %r in %s: %s", name, self._path(parent), err)
+            finally:
+                limit.release_on_behalf_of(name)
+
+        try:
+            async with trio.open_nursery() as n:
+                for i, name in enumerate(scan.names):
+                    while i > scan.reached + _SCAN_AHEAD and not scan.stop:
+                        moved = scan.moved
+                        with trio.move_on_after(max(self.cfg.attr_timeout, 1.0)) as idle:
+                            await moved.wait()
+                        if idle.cancelled_caught:
+                            scan.stop = True
+                    if scan.stop:
+                        break
+                    await limit.acquire_on_behalf_of(name)
+                    n.start_soon(probe, name)
+        finally:
+            if self._scans.get(parent.ino) is scan:
+                del self._scans[parent.ino]
 
     def note_lookup(self, inode: Inode) -> None:
         """The kernel took a reference to ``inode`` through a readdir entry."""

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
 # FUSE 3 (fuse3, libfuse3-dev, pkg-config); the programs the compatibility tests run on the mount
-# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI); Ceph RGW for the S3 server matrix; a
-# Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
-# (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable).
-# Prints what it does; fails loudly.
+# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI); the S3 servers of the test matrix besides
+# moto (Ceph RGW from Debian; Node.js with s3rver 3.7.1 in benchmarks/node_modules: nothing is
+# installed at test time); a Python virtualenv in .venv with the project and its test
+# dependencies; and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
+# prefix when none is usable). Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,8 @@ for pkg in fuse3 libfuse3-dev pkg-config git sqlite3 tar rsync fio; do
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v gcc >/dev/null || need_apt+=(gcc python3-dev)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if ((${#need_apt[@]})); then
     say "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -60,6 +63,20 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip &&
     echo "setup: pip install failed (log above)" >&2
     exit 1
 fi
+
+say "installing s3rver 3.7.1 (npm) into benchmarks/node_modules"
+if ! s3rver_entry=$(.venv/bin/python -c '
+import sys
+from benchmarks.s3rver import S3rverError, ensure_installed
+try:
+    print(ensure_installed())
+except S3rverError as err:
+    sys.exit(f"setup: {err}")
+'); then
+    echo "setup: could not install s3rver (message above)" >&2
+    exit 1
+fi
+say "s3rver: $s3rver_entry ($(node --version))"
 
 say "looking for a usable CRIU (>= 4.0)"
 # .venv/bin/criu is our own wrapper from an earlier run: never let the search find it (with the

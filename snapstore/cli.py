@@ -30,6 +30,7 @@ from snapstore.errors import (
     EXIT_USAGE,
     SnapstoreError,
     UsageError,
+    os_error_text,
 )
 from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
@@ -560,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in err.details:
             print(f"    {line}", file=sys.stderr)
         return err.exit_code if err.exit_code != 1 else failure_code
+    except OSError as err:  # the root's mount died, a disk filled: one line, no traceback
+        _note(f"error: {os_error_text(err)}")
+        return failure_code
     except KeyboardInterrupt:
         _note(f"{args.command} interrupted")
         return failure_code if args.command in ("dump", "restore") else 130

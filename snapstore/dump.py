@@ -48,7 +48,13 @@ from snapstore.criu import (
     log_excerpt,
     read_stats,
 )
-from snapstore.errors import CriuUnavailable, DumpFailed, SnapstoreError, UsageError
+from snapstore.errors import (
+    CriuUnavailable,
+    DumpFailed,
+    SnapstoreError,
+    UsageError,
+    os_error_text,
+)
 from snapstore.root import Root
 
 __all__ = ["DumpOptions", "DumpResult", "dump"]
@@ -217,7 +223,23 @@ def dump(
     opts: DumpOptions,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> DumpResult:
-    """Checkpoint PID as a new snapshot of ``task`` under ``root``; see the module docstring."""
+    """Checkpoint PID as a new snapshot of ``task`` under ``root``; see the module docstring.
+
+    Every failure is ``DumpFailed``: an ``OSError`` from the root (a mount that died, a full
+    disk) too, whatever step it came from (the task is resumed if CRIU had stopped it)."""
+    try:
+        return _dump(pid, task, root, opts, progress)
+    except OSError as err:
+        raise DumpFailed(f"snapshot of {task!r} not committed: {os_error_text(err)}") from None
+
+
+def _dump(
+    pid: int,
+    task: str,
+    root: Root,
+    opts: DumpOptions,
+    progress: Callable[[str], None],
+) -> DumpResult:
     started = time.monotonic()
     deadline_at = started + opts.deadline if opts.deadline is not None else None
     catalog = Catalog(root.path)

@@ -30,6 +30,7 @@ __all__ = [
     "RestoreFailed",
     "SnapstoreError",
     "UsageError",
+    "os_error_text",
 ]
 
 EXIT_ERROR = 1
@@ -65,6 +66,12 @@ class RestoreFailed(SnapstoreError):
     """A restore did not bring the task back (CRIU failed, its PID is taken, images damaged)."""
 
     exit_code = EXIT_RESTORE_FAILED
+
+
+def os_error_text(err: OSError) -> str:
+    """One line for an ``OSError`` (a dead mount: "Transport endpoint is not connected: PATH")."""
+    text = err.strerror or str(err) or type(err).__name__
+    return f"{text}: {err.filename}" if err.filename is not None else text
 
 
 class CriuUnavailable(SnapstoreError):

@@ -43,7 +43,7 @@ import psutil
 
 from snapstore.catalog import Catalog, ImageFile, Manifest
 from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
-from snapstore.errors import CriuUnavailable, RestoreFailed
+from snapstore.errors import CriuUnavailable, RestoreFailed, os_error_text
 from snapstore.root import Root
 
 __all__ = ["RestoreResult", "restore", "uffd_available", "wait_task"]
@@ -205,8 +205,24 @@ def restore(
 ) -> RestoreResult:
     """Restore snapshot ``snapshot`` (default: the latest) of ``task``; the task runs on return.
 
-    ``lazy`` None means lazy where userfaultfd is available, else eager.
+    ``lazy`` None means lazy where userfaultfd is available, else eager. An ``OSError`` from
+    the root (a mount that died) is ``RestoreFailed``, like every other failure.
     """
+    try:
+        return _restore(task, root, snapshot, lazy, progress)
+    except OSError as err:
+        raise RestoreFailed(
+            f"snapshot of {task!r} not restored: {os_error_text(err)}"
+        ) from None
+
+
+def _restore(
+    task: str,
+    root: Root,
+    snapshot: int | None,
+    lazy: bool | None,
+    progress: Callable[[str], None],
+) -> RestoreResult:
     catalog = Catalog(root.path)
     n = catalog.resolve(task, snapshot)
     manifest = catalog.load(task, n)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from fusionfs import client as fusion_client
-from snapstore.errors import SnapstoreError, UsageError
+from snapstore.errors import SnapstoreError, UsageError, os_error_text
 
 __all__ = ["ALLOW_ANY_ROOT_ENV", "DEFAULT_ROOT", "ROOT_ENV", "Root", "default_root", "open_root"]
 
@@ -143,10 +144,53 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _mountpoint_of(path: Path) -> Path | None:
+    """The mount point (per /proc/self/mountinfo) that ``path`` is below, without touching
+    ``path`` itself (on a dead FUSE mount every access fails, or is answered from the
+    kernel's caches as if nothing were wrong)."""
+    target = os.path.abspath(path)
+    best: str | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) > len(best)):
+                    best = point
+    except OSError:
+        return None
+    return Path(best) if best is not None else None
+
+
+def _dead_mount(path: Path) -> str | None:
+    """Why ``path`` cannot be reached because the mount it is on lost its daemon (ENOTCONN:
+    a FUSE daemon that died), or None. ``statfs`` always reaches the daemon; ``stat`` may be
+    answered from the kernel's attribute cache."""
+    point = _mountpoint_of(path)
+    if point is None:
+        return None
+    try:
+        os.statvfs(point)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            return os_error_text(err)
+    return None
+
+
 def open_root(path: Path | None, *, create: bool) -> Root:
-    """Check the root (and create it when ``create``); raise UsageError if it is unusable."""
+    """Check the root (and create it when ``create``); raise UsageError if it is unusable,
+    ``SnapstoreError`` (the command's failure code) if its mount's daemon is gone."""
     root = Path(os.path.abspath(path if path is not None else default_root()))
     allow_any = os.environ.get(ALLOW_ANY_ROOT_ENV) == "1"
+    dead = _dead_mount(root)
+    if dead is not None:
+        raise SnapstoreError(
+            f"snapshot root {root} is on a mount whose daemon is gone ({dead}): unmount it "
+            "(fusermount3 -u) and mount it again"
+        )
     if root.exists() and not root.is_dir():
         raise UsageError(f"snapshot root {root} is not a directory")
     mount = fusion_client.find_mount(_existing_ancestor(root))

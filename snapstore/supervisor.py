@@ -45,6 +45,7 @@ open must exist on the next machine: keep them on the mount.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -68,6 +69,7 @@ from snapstore.errors import (
     EXIT_DUMP_FAILED,
     SnapstoreError,
     UsageError,
+    os_error_text,
 )
 from snapstore.metadata import (
     AwsSpot,
@@ -177,7 +179,11 @@ def _exit_code(status: int) -> int:
 
 
 class _Forwarder:
-    """Copies what the task appends to its log files to our own stdout and stderr."""
+    """Copies what the task appends to its log files to our own stdout and stderr.
+
+    A log file that cannot be read any more (its mount died: ENOTCONN) is dropped quietly:
+    the supervisor reports the failure where it matters (the checkpoint), never as a
+    traceback from this thread or from ``stop``."""
 
     def __init__(self, files: list[tuple[Path, int, int]]) -> None:
         """``files``: (log file, our fd to copy it to, offset to start at)."""
@@ -197,7 +203,17 @@ class _Forwarder:
 
     def _pump(self) -> None:
         for f, fd in self._files:
-            while data := f.read(1 << 20):
+            if f.closed:
+                continue
+            while True:
+                try:
+                    data = f.read(1 << 20)
+                except OSError:  # the log's mount is gone: nothing more to forward from it
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    break
+                if not data:
+                    break
                 view = memoryview(data)
                 try:
                     while view:
@@ -215,7 +231,8 @@ class _Forwarder:
             self._thread.join()
         self._pump()
         for f, _ in self._files:
-            f.close()
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 class _Supervisor:
@@ -450,16 +467,24 @@ class _Supervisor:
                     "nothing committed"
                 )
             result = dump(self.pid, self.opts.task, self.root, DumpOptions(deadline=remaining))
-        except SnapstoreError as err:
-            if self.exited.wait(0.5):
+        except (SnapstoreError, OSError) as err:
+            text = os_error_text(err) if isinstance(err, OSError) else str(err)
+            ended = self.exited.wait(0.5)
+            if ended:
                 self.note("the task ended during the checkpoint")
-                return self._finished()
-            self.note(f"error: checkpoint failed: {err}")
-            for line in err.details:
+                try:
+                    return self._finished()
+                except OSError as gone:  # the mount died under the checkpoint: one line
+                    text = f"{text}; then {os_error_text(gone)}"
+            self.note(f"error: checkpoint failed: {text}")
+            for line in getattr(err, "details", []):
                 self.note(f"    {line}")
             self.note(
-                f"task {self.pid} left running (exit {EXIT_DUMP_FAILED}); the next run resumes "
-                "from the latest committed snapshot, if any, else starts afresh"
+                f"task {self.pid} "
+                + (f"ended, its end not recorded (exit {EXIT_DUMP_FAILED})" if ended else
+                   f"left running (exit {EXIT_DUMP_FAILED})")
+                + "; the next run resumes from the latest committed snapshot, if any, else "
+                "starts afresh"
             )
             return EXIT_DUMP_FAILED
         self.exited.wait(_REAP_WAIT_S)  # dump killed the task after the commit

@@ -254,6 +254,30 @@ def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         pytest.fail("stopping Ceph RGW needed force: " + "; ".join(problems), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def s3rver_server() -> Iterator[S3Server]:
+    """s3rver 3.7.1 (npm) on a free loopback port for the whole session, as an ``S3Server``.
+
+    Started by ``benchmarks/s3rver.py``'s ``LocalS3rver`` (node with --openssl-legacy-provider,
+    under a restart loop: a key component of 241+ bytes kills s3rver), which scripts/setup.sh
+    installed beforehand: nothing is installed at run time. Credentials: S3RVER/S3RVER.
+    """
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.s3rver import LocalS3rver, S3rverError
+
+    server = LocalS3rver(bucket=None, install=False)
+    try:
+        server.start()
+    except S3rverError as err:
+        server.stop()
+        missing("s3rver", str(err))
+    try:
+        yield S3Server("s3rver", server.endpoint_url, server.access_key, server.secret_key)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def s3_bucket(moto: S3Server) -> Iterator[S3Bucket]:
     """A fresh bucket on the moto server, removed with its contents after the test."""

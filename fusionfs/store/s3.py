@@ -84,12 +84,13 @@ _MIN_PART = 5 * _MiB
 _MAX_PARTS = 10_000
 _COPY_PART = 512 * _MiB  # part size of a server-side multipart copy
 _FALLBACK_PART = 64 * _MiB  # part size when UploadPartCopy is not supported (held in memory)
+_FALLBACK_COPY = 64 * _MiB  # a copy the server cannot do: one GET + PUT up to this size
 _MAX_ATTEMPTS = 10
 _CHECK_DEADLINE_S = 6.0
 
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound"})
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed"})
-_NOT_SUPPORTED_CODES = frozenset({"501", "NotImplemented"})
+_NOT_SUPPORTED_CODES = frozenset({"501", "NotImplemented", "405", "MethodNotAllowed"})
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "OperationAborted",
@@ -109,6 +110,13 @@ _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     http.client.IncompleteRead,
     ConnectionError,
     TimeoutError,
+)
+#: How a body that ends before its Content-Length surfaces from ``body.read()``.
+_SHORT_BODY: tuple[type[BaseException], ...] = (
+    _bce.ResponseStreamingError,
+    _bce.IncompleteReadError,
+    urllib3.exceptions.ProtocolError,
+    http.client.IncompleteRead,
 )
 _CREDENTIAL_EXCEPTIONS: tuple[type[BaseException], ...] = (
     _bce.NoCredentialsError,
@@ -182,7 +190,7 @@ def _classify(err: BaseException) -> type[StoreError]:
             return NotFound
         if code in _PRECONDITION_CODES or status == 412:
             return PreconditionFailed
-        if code in _NOT_SUPPORTED_CODES or status == 501:
+        if code in _NOT_SUPPORTED_CODES or status in (405, 501):
             return NotSupported
         if code in _ACCESS_CODES or status == 403:
             return _AccessDenied
@@ -299,6 +307,44 @@ def _part_size(size: int, preferred: int) -> int:
     return max(_MIN_PART, preferred, math.ceil(needed / _MiB) * _MiB)
 
 
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``"bytes 0-99/1234"`` -> ``(0, 99, 1234)`` (total None for ``*``); None if unparsable."""
+    if not value:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    if unit != "bytes" or not first.isdigit() or not last.isdigit():
+        return None
+    return int(first), int(last), int(total) if total.strip().isdigit() else None
+
+
+class _Malformed(StoreError):
+    """A response that contradicts itself (a server fault that repeats): never retried."""
+
+
+def _empty_or_malformed(resp: Mapping[str, Any], where: str) -> bool:
+    """Whether a ranged GET's response says the object is empty (so its body is not read).
+
+    A Content-Range whose last byte is at or past the object's total is malformed: s3rver
+    answers a ranged GET of an empty object with ``206``, ``Content-Range: bytes 0-0/0`` and
+    ``Content-Length: 1`` but no body, so reading it fails with IncompleteRead, the same way
+    on every attempt. The headers already say the object is empty: that is the answer. Any
+    other self-contradicting range raises ``_Malformed`` (not retried: it would recur).
+    """
+    parsed = _parse_content_range(resp.get("ContentRange"))
+    if parsed is None:
+        return False
+    first, last, total = parsed
+    if total == 0:
+        return True
+    if last < first or (total is not None and last >= total):
+        raise _Malformed(
+            f"{where}: malformed response (Content-Range {resp.get('ContentRange')!r})"
+        )
+    return False
+
+
 def _total_from_content_range(value: str | None) -> int | None:
     # "bytes 0-99/1234" -> 1234 (None for "*" or a missing header)
     if not value or "/" not in value:
@@ -411,6 +457,11 @@ class S3Store:
             self.client = self._make_client(
                 max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=20
             )
+        #: What this server was found unable to do (``"UploadPartCopy"``, ...), each logged
+        #: once at INFO when first met; the fallback is taken without asking again where the
+        #: limit covers every call (see ``_note_limit``).
+        self.limits: set[str] = set()
+        self._limits_lock = threading.Lock()
         endpoint = _redact_url(self.client.meta.endpoint_url)
         self.description = (
             f"{self._location} (endpoint {endpoint})" if self._path_style else self._location
@@ -461,6 +512,14 @@ class S3Store:
             what=f"{kind} {location}",
             translate=lambda err: translate_error(err, location=location, what=kind),
         )
+
+    def _note_limit(self, limit: str, detail: str) -> None:
+        """Record that the server cannot do ``limit``; logged once per store (per mount)."""
+        with self._limits_lock:
+            if limit in self.limits:
+                return
+            self.limits.add(limit)
+        _log.info("%s: the server cannot do %s; %s", self.description, limit, detail)
 
     def _sse_args(self) -> dict[str, str]:
         args: dict[str, str] = {}
@@ -531,8 +590,15 @@ class S3Store:
             metadata=_lower_metadata(resp.get("Metadata")),
         )
 
-    def _ranged_get(self, args: dict[str, Any]) -> tuple[dict[str, Any], bytes] | None:
-        """A ranged GetObject: the response and its whole body; None for 416 (no such range)."""
+    def _ranged_get(
+        self, args: dict[str, Any], seen: builtins.list[str] | None = None
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """A ranged GetObject: the response and its whole body; None for 416 (no such range).
+
+        ``seen`` (one list per retried call) remembers how the previous attempt's body fell
+        short: the same short body twice in a row (same ETag, same bytes read of the same
+        length) is the server's answer, not a connection that broke by chance, and raises
+        ``_Malformed`` instead of being retried until the deadline."""
         try:
             resp: dict[str, Any] = self.client.get_object(**args)
         except _bce.ClientError as err:
@@ -541,19 +607,44 @@ class S3Store:
             raise
         body = resp["Body"]
         try:
-            data: bytes = body.read()
+            where = f"GET s3://{args['Bucket']}/{args['Key']}"
+            self._check_if_match(resp, args.get("IfMatch"), where)
+            try:
+                data: bytes = b"" if _empty_or_malformed(resp, where) else body.read()
+            except _SHORT_BODY as err:
+                if seen is not None:
+                    signature = f"{resp.get('ETag')} {resp.get('ContentRange')} {err}"
+                    if seen and seen[-1] == signature:
+                        raise _Malformed(
+                            f"{where}: the same short body twice ({_one_line(str(err), 160)})"
+                        ) from err
+                    seen.append(signature)
+                raise
         finally:
             body.close()
         self._fetched(len(data))
         return resp, data
 
+    @staticmethod
+    def _check_if_match(resp: Mapping[str, Any], wanted: str | None, where: str) -> None:
+        """``If-Match`` checked on our side too: s3rver ignores the header and sends the
+        current version; bytes of another version must never be returned (S-READ-3)."""
+        got = _etag(resp.get("ETag"))
+        if wanted is not None and got and got != _etag(wanted):
+            raise PreconditionFailed(
+                f"{where}: ETag is {resp.get('ETag')}, expected {wanted} (If-Match)"
+            )
+
     def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
         if length <= 0:
             return self.head(key), b""
 
+        seen: list[str] = []
+
         def fn() -> tuple[ObjectInfo, bytes] | None:
             got = self._ranged_get(
-                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"}
+                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"},
+                seen,
             )
             if got is None:  # an empty object has no byte 0
                 return None
@@ -585,6 +676,7 @@ class S3Store:
             raise ValueError(f"bad range start={start} length={length}")
         if length == 0:
             return b""
+        seen: list[str] = []
 
         def fn() -> bytes:
             args: dict[str, Any] = {
@@ -594,7 +686,7 @@ class S3Store:
             }
             if etag is not None:
                 args["IfMatch"] = etag
-            got = self._ranged_get(args)
+            got = self._ranged_get(args, seen)
             if got is None:  # start at or past the end
                 return b""
             resp, data = got
@@ -640,10 +732,14 @@ class S3Store:
                 if _client_error_fields(err)[1] == 416:
                     return written
                 raise
-            if pinned is None:
-                pinned = resp.get("ETag") or None
             body = resp["Body"]
             try:
+                where = f"GET {self._where(key)}"
+                self._check_if_match(resp, pinned, where)
+                if pinned is None:
+                    pinned = resp.get("ETag") or None
+                if _empty_or_malformed(resp, where):
+                    return written
                 content_range = resp.get("ContentRange")
                 if content_range is None and pos > 0:
                     self._skip(body, pos)  # the server ignored Range
@@ -758,17 +854,57 @@ class S3Store:
         def fn() -> Any:
             return self.client.copy_object(**args)
 
-        resp = self._call("copy", dst, fn)
+        try:
+            resp = self._call("copy", dst, fn)
+        except (NotFound, NotSupported) as err:
+            if isinstance(err, NotFound):
+                # NoSuchKey for a source the HEAD above found: s3rver cannot copy from a key
+                # holding "=" (its copy-source decoding). Unless the source went meanwhile
+                # (then NotFound stands), that is an answer: copy through this host.
+                again = self.head(src)
+                if again.etag != info.etag:
+                    raise PreconditionFailed(
+                        f"copy {self._where(src)}: changed during the copy"
+                    ) from err
+            self._note_limit(
+                "CopyObject of some keys",
+                f"copy {self._where(src)} answered {type(err).__name__}: copying such objects "
+                f"through this host (one GET and PUT up to {_FALLBACK_COPY >> 20} MiB, part by "
+                "part above)",
+            )
+            keep = metadata if metadata is not None else (info.metadata or {})
+            return self._copy_through_host(src, dst, info, keep)
         return _etag(resp["CopyObjectResult"].get("ETag"))
 
-    def _multipart_copy(
+    def _copy_through_host(
         self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str]
     ) -> ETag:
+        """A copy the server cannot do itself: the source's bytes, pinned to its ETag, are
+        read and written to ``dst`` with ``metadata``; one PUT up to ``_FALLBACK_COPY``, a
+        multipart upload of ``_FALLBACK_PART`` parts above (one part in memory at a time).
+        The source is checked again just before the PUT, so a source replaced meanwhile is
+        ``PreconditionFailed``, not overwritten with the older bytes (a window of one
+        request remains: S3 has no conditional PUT on most servers)."""
+        if info.size > _FALLBACK_COPY:
+            return self._multipart_copy(src, dst, info, metadata, server_side=False)
+        data = self.get_range(src, 0, info.size, etag=info.etag) if info.size else b""
+        if len(data) != info.size:
+            raise PreconditionFailed(f"copy {self._where(src)}: source changed size")
+        if self.head(src).etag != info.etag:
+            raise PreconditionFailed(f"copy {self._where(src)}: changed during the copy")
+        return self.put(dst, data, metadata)
+
+    def _multipart_copy(
+        self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str],
+        *, server_side: bool = True,
+    ) -> ETag:
+        if "UploadPartCopy" in self.limits:
+            server_side = False
         upload_id = self.create_multipart(dst, metadata)
         try:
-            part_size = _part_size(info.size, min(_COPY_PART, self._max_single_copy))
+            preferred = _COPY_PART if server_side else _FALLBACK_PART
+            part_size = _part_size(info.size, min(preferred, self._max_single_copy))
             parts: list[UploadPart] = []
-            server_side = True
             pos = 0
             number = 1
             while pos < info.size:
@@ -781,9 +917,8 @@ class S3Store:
                             )
                         )
                     except NotSupported:
-                        _log.info(
-                            "%s: server lacks UploadPartCopy; copying %s through this host",
-                            self.description, self._where(src),
+                        self._note_limit(
+                            "UploadPartCopy", "copying large objects through this host"
                         )
                         server_side = False
                         if number == 1:
@@ -893,3 +1028,9 @@ class S3Store:
             self._call("abort_multipart", key, fn)
         except NotFound:
             pass
+        except NotSupported:
+            # s3rver answers 405 to AbortMultipartUpload: the upload was never completed, so
+            # nothing is visible; its parts stay on the server until the bucket goes
+            self._note_limit(
+                "AbortMultipartUpload", "abandoned uploads are left to the server"
+            )

@@ -1020,11 +1020,15 @@ async def test_a_listed_small_file_is_looked_up_and_read_with_one_request(
         assert await fresh.read_file(f"d/f{i}") == f"content {i}".encode()
     spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
     assert any_store.calls.get("get_head", 0) - heads_before == 5, spent
-    assert spent.get("head", 0) == 0 and spent.get("get_range", 0) == 0, spent
+    assert spent.get("get_range", 0) == 0, spent
+    # the stats after a listing probe the other entries ahead (S-MAP-9): "big" is HEADed once,
+    # by that or by its own lookup below
+    head_so_far = spent.get("head", 0)
+    assert head_so_far <= 1, spent
     before = dict(any_store.calls)
     assert len(await fresh.read_file("d/big")) == 200_000  # above the limit: HEAD, then GET
     spent = {op: n - before.get(op, 0) for op, n in any_store.calls.items()}
-    assert spent.get("head", 0) == 1 and spent.get("get_range", 0) >= 1, spent
+    assert head_so_far + spent.get("head", 0) == 1 and spent.get("get_range", 0) >= 1, spent
 
 
 @pytest.mark.timeout(60)

@@ -472,3 +472,88 @@ def test_run_usage_errors(dir_env: SnapEnv) -> None:
     assert helped.returncode == 0
     for text in ("75", "175", "176", "-- COMMAND"):
         assert text in helped.stdout
+
+
+@pytest.mark.criu
+@pytest.mark.mount
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("when", ["flush", "criu"])
+def test_mount_dying_under_the_final_checkpoint_is_one_line_and_175(
+    s3_bucket: Any, fusion_mount: Any, criu: str, tasks: Tasks, tmp_path: Path, when: str
+) -> None:
+    """The mount under ``--root`` (and under the task's logs) is killed while the final
+    checkpoint runs (as it begins, or once CRIU is writing page images): ``snapstore run``
+    exits 175 with one error line on stderr (S-SNAP-DEAD), never a traceback (before:
+    ``OSError: [Errno 107] Transport endpoint is not connected`` from its log forwarder)."""
+    mount = fusion_mount(s3_bucket.source, env=s3_bucket.env)
+    (mount.path / "work").mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")])
+    )
+    env.pop("SNAPSTORE_ROOT", None)
+    env.pop("SNAPSTORE_ALLOW_ANY_ROOT", None)
+    env.update(s3_bucket.env)
+    snap = SnapEnv("fusion-s3", mount.path / "snapshots", mount.path / "work", env, lambda: None)
+    line = Line(snap, tmp_path, options=["--provider", "none"], exit_at=100_000, exit_code=7,
+                mib=256)
+    line.start()
+    pid = line.task_pid()
+    tasks.adopt(pid)
+    line.wait_counts(5)
+    assert line.proc is not None
+    line.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "checkpointing task" in line.stderr(), 30, "the checkpoint to start")
+    if when == "criu":
+        images = mount.path / "snapshots" / "job" / "1"
+        wait_for(lambda: images.is_dir() and any(images.glob("pages-*.img")), 30,
+                 "CRIU to write page images")
+    mount.kill()
+    code = line.wait(120)
+    stderr = line.stderr()
+    assert code == EXIT_DUMP_FAILED, stderr
+    assert "Traceback" not in stderr, stderr
+    # one error line (CRIU's log excerpt may follow it, indented, as for any failed dump)
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("snapstore: error")]
+    assert len(errors) == 1 and errors[0].startswith("snapstore: error: checkpoint failed"), stderr
+    assert all(ln.startswith("snapstore: ") for ln in stderr.splitlines()), stderr
+
+
+@pytest.mark.criu
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_every_command_on_a_dead_mount_is_one_line(
+    s3_bucket: Any, fusion_mount: Any, criu: str, tasks: Tasks, tmp_path: Path
+) -> None:
+    """S-SNAP-DEAD: every snapstore command whose root is a mount whose daemon died (ENOTCONN)
+    says so in one line and exits with its failure code, never a traceback."""
+    mount = fusion_mount(s3_bucket.source, env=s3_bucket.env)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")])
+    )
+    env.pop("SNAPSTORE_ROOT", None)
+    env.update(s3_bucket.env)
+    snap = SnapEnv("fusion-s3", mount.path / "snapshots", mount.path / "work", env, lambda: None)
+    task = tasks.start(mib=8)
+    assert snap.run("dump", "--task", "job", str(task.pid)).returncode == 0
+    os.kill(mount.proc.pid, signal.SIGKILL)  # the daemon dies; the mount stays, dead
+    mount.proc.wait(10)
+    try:
+        for args, code in (
+            (("list",), 1),
+            (("show", "--task", "job"), 1),
+            (("rm", "--task", "job"), 1),
+            (("dump", "--task", "job", str(task.pid)), EXIT_DUMP_FAILED),
+            (("restore", "--task", "job"), 176),
+            # (SnapEnv.run appends --root: for run it must come before the command)
+            (("run", "--task", "job", "--root", str(snap.root), "--provider", "none", "--",
+              "true"), 1),
+        ):
+            result = snap.run(*args, timeout=60)
+            lines = result.stderr.strip().splitlines()
+            assert "Traceback" not in result.stderr, (args, result.stderr)
+            assert result.returncode == code, (args, result.stderr)
+            assert len(lines) == 1 and lines[0].startswith("snapstore: error:"), (args, lines)
+    finally:
+        mount.kill()

@@ -17,6 +17,7 @@ import io
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,14 @@ def stats() -> Stats:
     return Stats()
 
 
-@pytest.fixture(params=["local", "moto", "faulty", "rgw"])
-def store(request: pytest.FixtureRequest, local_root: Path, stats: Stats) -> Iterator[ObjectStore]:
-    """Each backend in turn, empty, reporting to the ``stats`` fixture: S3Store on moto and on
-    Ceph RGW (``rgw_server``, whose credentials go into the environment for the test)."""
+@pytest.fixture(params=["local", "moto", "faulty", "s3rver", "rgw"])
+def store(
+    request: pytest.FixtureRequest, local_root: Path, stats: Stats,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[ObjectStore]:
+    """Each backend in turn, empty, reporting to the ``stats`` fixture: S3Store on moto, on
+    s3rver and on Ceph RGW (``<name>_server``, whose credentials go into the environment for
+    the test)."""
     if request.param == "local":
         yield LocalStore(local_root, stats=stats)
     elif request.param == "faulty":
@@ -93,11 +98,12 @@ def store(request: pytest.FixtureRequest, local_root: Path, stats: Stats) -> Ite
             s3.close()
     else:
         server: S3Server = request.getfixturevalue(f"{request.param}_server")
-        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
         for name, value in server.env.items():
             monkeypatch.setenv(name, value)
         with bucket_on(server) as bucket:
             s3 = _s3_store(bucket, stats=stats)
+            if request.param == "s3rver":
+                _S3RVER_STORES.add(s3)
             try:
                 yield s3
             finally:
@@ -115,6 +121,14 @@ def s3_store(s3_bucket: Any) -> Iterator[S3Store]:
 
 def _is_s3(store: ObjectStore) -> bool:
     return isinstance(store, S3Store)
+
+
+_S3RVER_STORES: weakref.WeakSet[S3Store] = weakref.WeakSet()
+
+
+def _is_s3rver(store: ObjectStore) -> bool:
+    """S3Store on s3rver, whose documented differences (S-SRV-5) some tests allow for."""
+    return store in _S3RVER_STORES
 
 
 def _page_items(store: ObjectStore, prefix: str, delimiter: str | None, max_keys: int) -> tuple[
@@ -337,7 +351,10 @@ def test_list_order_is_by_utf8_bytes(store: ObjectStore) -> None:
     _, items = _page_items(store, "", None, 1000)
     assert items == sorted(keys, key=lambda k: k.encode())
     page = store.list(K(""), delimiter=None)
-    assert [o.key for o in page.objects] == sorted(keys, key=lambda k: k.encode())
+    listed = [o.key for o in page.objects]
+    if _is_s3rver(store):  # S-SRV-5: s3rver lists in its directory walk's order
+        listed.sort(key=lambda k: k.encode())
+    assert listed == sorted(keys, key=lambda k: k.encode())
 
 
 def test_pagination_is_complete_and_ordered(store: ObjectStore) -> None:
@@ -373,7 +390,8 @@ def test_pagination_counts_prefixes(store: ObjectStore) -> None:
     pages, items = _page_items(store, "p/", "/", 2)
     expected = ["p/", *[f"p/d{i}/" for i in range(5)], *[f"p/f{i}" for i in range(3)]]
     assert items == expected
-    assert [len(p) for p in pages] == [2, 2, 2, 2, 1]
+    # S-SRV-5: s3rver counts MaxKeys over keys only, not over the rolled-up prefixes
+    assert [len(p) for p in pages] == ([7, 2] if _is_s3rver(store) else [2, 2, 2, 2, 1])
 
 
 def test_delete(store: ObjectStore) -> None:
@@ -462,6 +480,9 @@ def test_multipart_small_middle_part_is_refused(store: ObjectStore) -> None:
     upload = store.create_multipart(K("small"))
     p1 = store.upload_part(K("small"), upload, 1, b"a" * 100)
     p2 = store.upload_part(K("small"), upload, 2, b"b" * 100)
+    if _is_s3rver(store):  # S-SRV-5: s3rver accepts it (fusionfs never sends one)
+        store.abort_multipart(K("small"), upload)
+        return
     with pytest.raises(StoreError):
         store.complete_multipart(K("small"), upload, [p1, p2])
     store.abort_multipart(K("small"), upload)
@@ -483,6 +504,10 @@ def test_upload_part_copy(store: ObjectStore) -> None:
     src = _data(6 * MiB, 9)
     src_etag = store.put(K("src"), src)
     upload = store.create_multipart(K("grown"))
+    if _is_s3rver(store):  # S-WRITE-5: s3rver has no UploadPartCopy; callers fall back
+        with pytest.raises(NotSupported):
+            store.upload_part_copy(K("grown"), upload, 1, K("src"), 0, 5 * MiB)
+        return
     p1 = store.upload_part_copy(K("grown"), upload, 1, K("src"), 0, 5 * MiB, src_etag=src_etag)
     p2 = store.upload_part(K("grown"), upload, 2, b"appended")
     store.complete_multipart(K("grown"), upload, [p1, p2])
@@ -496,7 +521,10 @@ def test_upload_part_copy_with_stale_etag(
     store.put(K("src"), _data(6 * MiB, 1))
     upload = store.create_multipart(K("dst"))
     try:
-        if request.node.callspec.params["store"] in ("moto", "rgw"):
+        if _is_s3rver(store):  # no UploadPartCopy at all (S-WRITE-5)
+            with pytest.raises(NotSupported):
+                store.upload_part_copy(K("dst"), upload, 1, K("src"), 0, 5 * MiB, src_etag=old)
+        elif _is_s3(store):
             # moto and RGW 16 ignore x-amz-copy-source-if-match on UploadPartCopy: check that
             # we send it, at least
             sent = _capture_params(store, "UploadPartCopy")
@@ -510,12 +538,41 @@ def test_upload_part_copy_with_stale_etag(
 
 
 def test_long_key_component(store: ObjectStore) -> None:
+    if _is_s3rver(store):
+        pytest.skip("S-SRV-5: s3rver cannot store a key component of 234+ bytes "
+                    "(a PUT of 241+ kills it)")
     key = K("long/" + "n" * 250)
     store.put(K("long/"), b"")
     store.put(key, b"long name")
     assert store.head(key).size == 9
     assert store.get_range(key, 0, 100) == b"long name"
     assert [o.key for o in store.list(K("long/")).objects] == ["long/", key]
+
+
+@pytest.mark.allow_logs("the server cannot do CopyObject")
+def test_copy_of_keys_holding_equals_signs(store: ObjectStore) -> None:
+    """S-SRV-2: a copy from a key holding "=" (s3rver answers NoSuchKey: its copy-source
+    decoding) is done through this host, metadata replaced or kept as asked; a source that is
+    really gone is still NotFound."""
+    data = _data(3000)
+    etag = store.put(K("m/a2V5="), data, {"mode": "33188"})
+    new = store.copy(K("m/a2V5="), K("m/a2V5="), metadata={"mode": "33200"}, src_etag=etag)
+    info = store.head(K("m/a2V5="))
+    assert info.metadata == {"mode": "33200"} and info.etag == new
+    assert store.get_range(K("m/a2V5="), 0, 10_000) == data
+    store.copy(K("m/a2V5="), K("m/x=y/kept"))  # metadata kept
+    assert store.head(K("m/x=y/kept")).metadata == {"mode": "33200"}
+    assert store.get_range(K("m/x=y/kept"), 0, 10_000) == data
+    store.put(K("m/e="), b"")
+    store.copy(K("m/e="), K("m/e="), metadata={"mode": "33152"})
+    assert store.head(K("m/e=")).metadata == {"mode": "33152"}
+    if _is_s3(store):  # moto copies server-side; only s3rver needed the fallback
+        assert store.limits == ({"CopyObject of some keys"} if _is_s3rver(store) else set())
+    store.put(K("m/a2V5="), b"replaced")
+    with pytest.raises(PreconditionFailed):
+        store.copy(K("m/a2V5="), K("m/z"), src_etag=new)
+    with pytest.raises(NotFound):
+        store.copy(K("m/gone="), K("m/z"))
 
 
 def test_keys_with_spaces_and_unicode(store: ObjectStore) -> None:
