@@ -111,6 +111,9 @@ _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
 #: GETs in flight at once while a listing learns the type of its small objects (S-MAP-5)
 _TYPE_PROBES = 16
+#: entries one readdir call returns (and learns the metadata of, S-MAP-5) at most: the kernel's
+#: buffer takes fewer, and asks again from where it stopped
+_READDIR_BATCH = 256
 #: the largest object S3 holds (5 TiB): a larger size is EFBIG (S-ATTR-4)
 MAX_FILE_SIZE = 5 * (1 << 40)
 
@@ -1273,26 +1276,32 @@ class Filesystem:
         if dh is None:
             raise InvalidArgument(f"no directory handle {fh}")
         if dh.entries is None or start == 0:
-            dh.entries = await self._learn_types(dh.inode, await self._list_dir(dh.inode))
-        return dh.entries[start:]
+            dh.entries = await self._list_dir(dh.inode)
+        batch = await self._learn_types(dh.inode, dh.entries[start : start + _READDIR_BATCH])
+        dh.entries[start : start + len(batch)] = batch
+        return batch
 
     async def _learn_types(
         self, directory: Inode, entries: list[tuple[bytes, Inode]]
     ) -> list[tuple[bytes, Inode]]:
-        """Entries whose type a LIST cannot tell, made certain before the kernel sees them.
+        """Entries whose type and times a LIST cannot tell, made certain before the kernel
+        sees them (S-MAP-5).
 
-        The kernel takes each entry's type from READDIRPLUS and keeps it; a LIST says nothing
-        of metadata, and a symlink is an object whose ``mode`` metadata says so (S-MAP-5): shown
-        as a regular file, it stays one for ``ls -l``, ``find`` and ``os.walk``. So an object
-        known only from a listing and small enough to be a symlink (1 to 4096 bytes; an empty
-        object never is) is read first: one GET of its head (as a lookup would do, S-MAP-8,
-        which primes the read that follows), at most ``_TYPE_PROBES`` at a time, once per
-        object version. An object gone meanwhile is left for the next lookup to find gone.
+        The kernel takes each entry's type from READDIRPLUS and keeps it, and with the
+        writeback cache it keeps a regular file's mtime from then on too (later GETATTRs do not
+        change it). A LIST says nothing of metadata: a symlink or a FIFO (an object whose
+        ``mode`` metadata says so) would stay a regular file for ``ls -l``, ``find`` and
+        ``os.walk``, and a file whose mtime was set (``rsync -a``, ``cp -p``, ``tar``) would
+        show the time of its upload. So each object known only from a listing is asked first:
+        one GET of its head when it is small enough to be a symlink (as a lookup would do,
+        S-MAP-8, which primes the read that follows), else a HEAD; at most ``_TYPE_PROBES`` at
+        a time, once per object version, for the batch of entries this readdir call returns.
+        An object gone meanwhile is left for the next lookup to find gone.
         """
         unsure = [
             (name, child) for name, child in entries
             if child.kind is Kind.FILE and not child.meta_known and child.staged is None
-            and not child.local_only and 0 < child.size <= _MAX_SYMLINK
+            and not child.local_only
         ]
         if not unsure:
             return entries
@@ -1304,10 +1313,14 @@ class Filesystem:
             key = self.key_of(child)
             async with limit:
                 try:
-                    info, head = await self._call(
-                        functools.partial(self._store.get_head, key, self._chunks.chunk_size),
-                        what=f"GET {key}",
-                    )
+                    if 0 < child.size <= _MAX_SYMLINK:
+                        info, head = await self._call(
+                            functools.partial(self._store.get_head, key, self._chunks.chunk_size),
+                            what=f"GET {key}",
+                        )
+                    else:
+                        info = await self._call(self._store.head, key, what=f"HEAD {key}")
+                        head = b""
                 except NotFound:
                     return
                 except StoreError as e:
@@ -1326,7 +1339,7 @@ class Filesystem:
                 link.validated = now
                 learned[name] = link
                 return
-            if logical_size(info.metadata) is None:
+            if head and logical_size(info.metadata) is None:
                 self._chunks.prime(ObjectRef(key, info.etag, info.size), head)
             self._apply_info(child, info)
             child.validated = now

@@ -182,8 +182,13 @@ class Harness:
     async def listdir_kinds(self, path: str = "") -> dict[str, Kind]:
         inode = await self.lookup(path)
         fh = self.fs.opendir(inode.ino)
+        kinds: dict[str, Kind] = {}
         try:
-            return {os.fsdecode(n): c.kind for n, c in await self.fs.readdir(fh, 0)}
+            while True:
+                entries = await self.fs.readdir(fh, len(kinds))
+                if not entries:
+                    return kinds
+                kinds.update((os.fsdecode(n), c.kind) for n, c in entries)
         finally:
             self.fs.releasedir(fh)
 
