@@ -843,10 +843,15 @@ class Filesystem:
         key = self._child_key(parent, name, Kind.DIR)
         await self._ensure_absent(parent, name)
         now = _now_ns()
-        md = {"mode": str(stat.S_IFDIR | (mode & 0o7777)), "uid": str(uid), "gid": str(gid)}
+        # the marker keeps the directory's times too, so that a directory reads back after a
+        # remount with the mtime it showed before (S-ATTR-1; rsync -a leaves a directory's
+        # time alone when it already looks equal, and a LIST gives no time for a directory)
+        md = {"mode": str(stat.S_IFDIR | (mode & 0o7777)), "uid": str(uid), "gid": str(gid),
+              "mtime": format_mtime(now)}
         await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
         inode = self._new_inode(parent, name, Kind.DIR, mode=mode & 0o7777, uid=uid, gid=gid,
                                 mtime_ns=now, ctime_ns=now, meta_known=True)
+        inode.explicit_mtime = True
         inode.validated = trio.current_time()
         # nothing was under the name (checked above): its listing is known, and empty
         inode.listed_at = inode.validated

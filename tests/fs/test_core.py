@@ -1074,3 +1074,18 @@ async def test_times_set_on_files_are_seen_after_a_listing_on_a_fresh_mount(
     for name in sizes:
         inode = await fresh.stat(name)
         assert inode.mtime_ns == mtime, name
+
+
+async def test_a_directory_shows_the_same_mtime_on_a_fresh_mount(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-ATTR-1: a directory's marker keeps its times, so a fresh mount (after a listing, or a
+    lookup) shows the mtime this mount showed, set by mkdir or by utimens."""
+    h = await make_fs(any_store)
+    made = await h.mkdir("d")
+    await h.mkdir("e")
+    await h.fs.setattr((await h.lookup("e")).ino, mtime_ns=1_600_000_000_987_654_321)
+    fresh = await make_fs(any_store)
+    assert sorted(await fresh.listdir()) == ["d", "e"]
+    assert (await fresh.stat("d")).mtime_ns == made.mtime_ns
+    assert (await fresh.stat("e")).mtime_ns == 1_600_000_000_987_654_321
