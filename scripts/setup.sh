@@ -2,7 +2,8 @@
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
 # FUSE 3 (fuse3, libfuse3-dev, pkg-config), a Python virtualenv in .venv with the project and its
 # test dependencies, and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
-# prefix when none is usable). Prints what it does; fails loudly.
+# prefix when none is usable), and pjdfstest built into build/pjdfstest (scripts/install-pjdfstest.sh).
+# Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,4 +61,7 @@ say "CRIU: $CRIU_PATH (.venv/bin/criu runs it)"
 if [[ -d /sys/fs/fuse/connections ]] && ! mountpoint -q /sys/fs/fuse/connections; then
     mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
 fi
+say "pjdfstest (tests/compat/test_pjdfstest.py): built once into build/pjdfstest"
+bash scripts/install-pjdfstest.sh >/dev/null
+
 say "ready: activate with 'source .venv/bin/activate'"

@@ -41,6 +41,14 @@ _UNMOUNT_TIMEOUT_S = 30.0
 _LOG_TAIL_LINES = 40
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full", action="store_true", default=False,
+        help="run the long compatibility runs on every store and S3 server, not only on the "
+        "one CI uses (also FUSIONFS_TEST_FULL=1); e.g. tests/compat/test_pjdfstest.py",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
