@@ -110,6 +110,21 @@ class Kind(enum.Enum):
     FILE = stat.S_IFREG
     DIR = stat.S_IFDIR
     SYMLINK = stat.S_IFLNK
+    # special files (S-SPECIAL-1): an empty object whose ``mode`` metadata carries the type;
+    # never opened through us (the kernel serves them), so never read or written as data
+    FIFO = stat.S_IFIFO
+    SOCKET = stat.S_IFSOCK
+    CHAR = stat.S_IFCHR
+    BLOCK = stat.S_IFBLK
+
+    @property
+    def special(self) -> bool:
+        return self in _SPECIAL_KINDS
+
+
+_SPECIAL_KINDS = frozenset({Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK})
+#: the object kinds a ``mode`` metadata entry can name (directories are prefixes, not objects)
+_KIND_OF_TYPE = {k.value: k for k in Kind if k is not Kind.DIR}
 
 
 @dataclasses.dataclass
@@ -148,6 +163,7 @@ class Inode:
     writers: int = 0
     staged: StagedFile | None = None
     target: bytes | None = None  # symlink target, once known
+    rdev: int = 0  # character and block devices: the device number (metadata ``rdev``)
     local_only: bool = False  # created here, not committed to the store yet
     linked: bool = True
     kernel_etag: ETag | None = None  # the version the kernel's page cache holds
@@ -373,6 +389,8 @@ class Filesystem:
                 inode.uid = int(md["uid"])
             if "gid" in md:
                 inode.gid = int(md["gid"])
+            if inode.kind.special:
+                inode.rdev = int(md.get("rdev", "0"))
             if "mtime" in md:
                 inode.mtime_ns = int(float(md["mtime"]) * 1e9)
                 inode.explicit_mtime = True
@@ -385,16 +403,19 @@ class Filesystem:
         md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
         if inode.explicit_mtime:
             md["mtime"] = f"{inode.mtime_ns / 1e9:.9f}"
+        if inode.kind in (Kind.CHAR, Kind.BLOCK):
+            md["rdev"] = str(inode.rdev)
         if inode.kind is Kind.DIR and inode.layout_chunked:
             md[DIR_LAYOUT_METADATA] = "chunked"
         return md
 
     @staticmethod
     def _kind_from_metadata(md: Mapping[str, str] | None) -> Kind:
+        """An object's kind from the type bits of its ``mode`` metadata (S-MAP-5,
+        S-SPECIAL-1); an object without them (any other tool's) is a regular file."""
         if md and "mode" in md:
             try:
-                if stat.S_ISLNK(int(md["mode"])):
-                    return Kind.SYMLINK
+                return _KIND_OF_TYPE.get(stat.S_IFMT(int(md["mode"])), Kind.FILE)
             except ValueError:
                 pass
         return Kind.FILE
@@ -735,6 +756,32 @@ class Filesystem:
         inode = self._new_inode(parent, name, Kind.SYMLINK, uid=uid, gid=gid, size=len(target),
                                 etag=etag, mtime_ns=now, ctime_ns=now, meta_known=True,
                                 target=target)
+        inode.validated = trio.current_time()
+        inode.lookups += 1
+        return inode
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Inode:
+        """A FIFO, socket, character or block device (S-SPECIAL-1): an empty object whose
+        metadata carries its type, mode, owner and (devices) ``rdev``, as s3fs stores them."""
+        self._writable()
+        parent = self._dir(parent_ino)
+        kind = _KIND_OF_TYPE.get(stat.S_IFMT(mode))
+        if kind is None or not kind.special:
+            raise InvalidArgument(f"mknod of file type {stat.S_IFMT(mode):o}")
+        key = self._child_key(parent, name, kind)
+        await self._ensure_absent(parent, name)
+        now = _now_ns()
+        inode = self._new_inode(parent, name, kind, mode=mode & 0o7777, uid=uid, gid=gid,
+                                mtime_ns=now, ctime_ns=now, meta_known=True,
+                                rdev=rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0)
+        try:
+            inode.etag = await self._call(self._store.put, key, b"", self._metadata(inode),
+                                          what=f"PUT {key}")
+        except BaseException:
+            self._detach(inode)
+            raise
         inode.validated = trio.current_time()
         inode.lookups += 1
         return inode

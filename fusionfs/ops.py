@@ -78,7 +78,7 @@ class FusionOperations(pyfuse3.Operations):
         e.st_nlink = 2 if inode.kind is Kind.DIR else 1
         e.st_uid = inode.uid
         e.st_gid = inode.gid
-        e.st_rdev = 0
+        e.st_rdev = inode.rdev
         e.st_size = inode.size
         e.st_blksize = 1 << 20
         e.st_blocks = (inode.size + 511) // 512
@@ -141,8 +141,10 @@ class FusionOperations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
         rdev: int, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if not stat.S_ISREG(mode):  # S-SPECIAL-1
+            return self._attrs(
+                await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+            )
         handle, inode = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         fh = self.fs.register(handle)
         try:

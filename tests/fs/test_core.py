@@ -1023,3 +1023,46 @@ async def test_a_streamed_file_is_not_copied_for_the_timestamp_of_its_own_writes
             assert info.metadata is not None
             assert abs(float(info.metadata["mtime"]) * 1e9 - mtime_ns) < 1e4
     assert await h.get("own") == data and await h.get("old") == data
+
+
+# -- special files and hard links (pjdfstest) ---------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("fmt", "kind", "rdev"),
+    [(stat.S_IFIFO, Kind.FIFO, 0), (stat.S_IFSOCK, Kind.SOCKET, 0),
+     (stat.S_IFCHR, Kind.CHAR, os.makedev(1, 3)), (stat.S_IFBLK, Kind.BLOCK, os.makedev(8, 1))],
+)
+async def test_special_files_are_objects_that_carry_their_type(
+    make_fs: FsFactory, any_store: FaultyStore, fmt: int, kind: Kind, rdev: int
+) -> None:
+    """S-SPECIAL-1: mknod of a FIFO, socket, character or block device stores an empty object
+    whose metadata has its type, mode, owner and rdev; a cold mount (LIST has no metadata)
+    learns the type from the lookup's HEAD; chmod, chown, utimens, rename and unlink work."""
+    h = await make_fs(any_store)
+    root = await h.lookup("")
+    node = await h.fs.mknod(root.ino, b"sp", fmt | 0o640, rdev, 1000, 1001)
+    assert node.kind is kind and stat.S_IFMT(node.st_mode) == fmt
+    assert (node.mode, node.uid, node.gid, node.rdev) == (0o640, 1000, 1001, rdev)
+    assert await h.get("sp") == b""
+    with pytest.raises(Exists):
+        await h.fs.mknod(root.ino, b"sp", fmt | 0o640, rdev, 0, 0)
+    with pytest.raises(InvalidArgument):
+        await h.fs.open(node.ino, os.O_RDONLY)  # never read or written as data
+    await h.fs.setattr(node.ino, mode=0o600, uid=7, gid=8, mtime_ns=1_000_000_000_000)
+
+    h2 = await make_fs(any_store)
+    assert (await h2.listdir_kinds(""))["sp"] in (Kind.FILE, kind)  # LIST has no metadata
+    again = await h2.stat("sp")
+    assert again.kind is kind
+    assert (again.mode, again.uid, again.gid, again.rdev) == (0o600, 7, 8, rdev)
+    assert again.mtime_ns == 1_000_000_000_000
+    await h2.rename("sp", "moved")
+    assert (await h2.stat("moved")).kind is kind
+    assert not await h2.exists("sp")
+    await h2.unlink("moved")
+    assert await h2.listdir("") == []
+
+    h3 = await make_fs(any_store)
+    assert await h3.listdir("") == []

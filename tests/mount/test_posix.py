@@ -217,6 +217,51 @@ def test_symlink(fusion_mount: Any, target: Target) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_special_files_are_made_listed_changed_and_removed(
+    fusion_mount: Any, target: Target
+) -> None:
+    """S-SPECIAL-1: mkfifo and mknod (FIFO, socket, character and block devices) make objects
+    that keep their type, mode, owner and rdev across a cold remount, and that rename, chmod,
+    chown, utime and unlink like files; the kernel, not the store, serves the FIFO's data."""
+    m = _mount(fusion_mount, target)
+    os.mkfifo(m.path / "fifo", 0o640)
+    os.mknod(m.path / "sock", stat.S_IFSOCK | 0o600)
+    os.mknod(m.path / "chr", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(m.path / "blk", stat.S_IFBLK | 0o600, os.makedev(8, 1))
+    assert _errno_of(os.mkfifo, m.path / "fifo") == errno.EEXIST
+    os.chmod(m.path / "fifo", 0o604)
+    os.chown(m.path / "chr", 1234, 5678)
+    os.utime(m.path / "blk", ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    os.rename(m.path / "sock", m.path / "sock2")
+    # a FIFO on the mount is a FIFO: the kernel connects its reader and writer
+    fd = os.open(m.path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        wfd = os.open(m.path / "fifo", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(wfd, b"through the pipe")
+        os.close(wfd)
+        assert os.read(fd, 100) == b"through the pipe"
+    finally:
+        os.close(fd)
+    if target.kind == "s3":
+        assert target.get("fifo") == b""
+        assert stat.S_ISFIFO(int(target.metadata("fifo")["mode"]))
+    m = m.remount(fresh_cache=True)
+    assert sorted(os.listdir(m.path)) == ["blk", "chr", "fifo", "sock2"]
+    fifo, sock, chr_, blk = (os.lstat(m.path / n) for n in ("fifo", "sock2", "chr", "blk"))
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o604
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
+    assert stat.S_ISCHR(chr_.st_mode) and chr_.st_rdev == os.makedev(1, 3)
+    assert (chr_.st_uid, chr_.st_gid) == (1234, 5678)
+    assert stat.S_ISBLK(blk.st_mode) and blk.st_rdev == os.makedev(8, 1)
+    assert blk.st_mtime_ns == 1_500_000_000_000_000_000
+    for name in ("fifo", "sock2", "chr", "blk"):
+        os.unlink(m.path / name)
+    assert os.listdir(m.path) == []
+    m = m.remount(fresh_cache=True)
+    assert os.listdir(m.path) == []
+
+
+@pytest.mark.timeout(60)
 def test_chmod_chown_utime_persist_across_remount(fusion_mount: Any, target: Target) -> None:
     m = _mount(fusion_mount, target)
     f = m.path / "f"
