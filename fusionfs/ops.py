@@ -75,7 +75,8 @@ class FusionOperations(pyfuse3.Operations):
         e.entry_timeout = ttl
         e.attr_timeout = ttl
         e.st_mode = pyfuse3.ModeT(inode.st_mode)
-        e.st_nlink = 2 if inode.kind is Kind.DIR else 1
+        # an unlinked file still open has no name left (S-LINK-1)
+        e.st_nlink = 2 if inode.kind is Kind.DIR else (1 if inode.linked else 0)
         e.st_uid = inode.uid
         e.st_gid = inode.gid
         e.st_rdev = inode.rdev

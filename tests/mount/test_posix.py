@@ -403,6 +403,22 @@ def test_hard_link_is_eperm(fusion_mount: Any, target: Target) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_file_unlinked_while_open_has_no_links(fusion_mount: Any, target: Target) -> None:
+    """S-LINK-1: without hard links a file has one name, so st_nlink is 1, and 0 once it is
+    unlinked while still open (fstat, as pjdfstest's unlink/14.t checks). With a zero
+    metadata TTL the kernel asks fusionfs for every fstat instead of keeping its own count."""
+    m = _mount(fusion_mount, target, "--metadata-ttl", "0")
+    (m.path / "a").write_bytes(b"hello")
+    assert os.stat(m.path / "a").st_nlink == 1
+    fd = os.open(m.path / "a", os.O_RDONLY)
+    try:
+        os.unlink(m.path / "a")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(60)
 def test_directory_read_as_file_is_eisdir(fusion_mount: Any, target: Target) -> None:
     target.put("d/x", b"x")
     m = _mount(fusion_mount, target)
