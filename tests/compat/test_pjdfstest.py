@@ -144,10 +144,13 @@ def run_file(build: Path, name: str, cwd: Path, timeout: float) -> FileResult:
     """``prove -v tests/NAME`` from ``cwd`` (on the mount), killed with its whole process group
     after ``timeout`` seconds."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        ["prove", "-v", str(build / "tests" / name)], cwd=cwd, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            ["prove", "-v", str(build / "tests" / name)], cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as err:  # the working directory on the mount is gone, say
+        return FileResult(name, planned=1, failed=[1], note=f"could not start: {err}")
     hung = False
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -219,11 +222,16 @@ def test_pjdfstest(
     names = sorted(str(p.relative_to(pjdfstest_build / "tests"))
                    for p in (pjdfstest_build / "tests").glob(pattern))
     assert names, f"no pjdfstest files match {pattern!r}"
+    # --allow-other: the suite switches to other users (-u 65534) to test permissions, and
+    # without it FUSE refuses every request of a user other than the one who mounted
     mount = fusion_mount(
-        pjdfs_store.source, extra_args=pjdfs_store.mount_args, env=pjdfs_store.env
+        pjdfs_store.source, extra_args=(*pjdfs_store.mount_args, "--allow-other"),
+        env=pjdfs_store.env,
     )
     work = mount.path / "pjdfstest"
     work.mkdir()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{pjdfs_store.name}.txt"
     started = time.monotonic()
     results: list[FileResult] = []
     for name in names:
@@ -231,10 +239,10 @@ def test_pjdfstest(
             results.append(FileResult(name, planned=1, failed=[1], note="not run: over budget"))
             continue
         results.append(run_file(pjdfstest_build, name, work, FILE_TIMEOUT_S))
+        # progress, so that a run cut short still leaves its figures
+        out.write_text(summarize(pjdfs_store.name, results, time.monotonic() - started))
     seconds = time.monotonic() - started
     summary = summarize(pjdfs_store.name, results, seconds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{pjdfs_store.name}.txt"
     out.write_text(summary)
     print(summary)
     hung = [r.name for r in results if r.hung or r.note.startswith("not run")]
