@@ -2,10 +2,12 @@
 
 The suite (``../shared/vendor/pjdfstest-src.tar.gz``, built once by ``scripts/setup.sh`` through
 ``scripts/install-pjdfstest.sh`` into ``build/pjdfstest``, with ``fs="FUSE"`` forced in its conf
-so every filesystem gets the same tests) runs from a directory on the mount, one test file at a
-time under ``prove -v`` with a time limit: a file that does not finish in time is a hang, killed
-and counted as a failure, never a stall. Each file's TAP output gives its plan and its ``ok`` /
-``not ok`` lines; assertions a file planned but never printed count as failed.
+so every filesystem gets the same tests) runs from a directory on the mount (mounted with
+``--allow-other``: the suite acts as other users), one test file at a time, each executed as
+``prove`` executes it, with time limits: a file silent for ``IDLE_LIMIT_S`` or running longer
+than ``FILE_LIMIT_S`` is a hang, killed and counted as a failure, never a stall. Each file's TAP
+output gives its plan and its ``ok`` / ``not ok`` lines (a ``not ok # TODO`` counts as failed);
+assertions a file planned but never printed count as failed.
 
 The summary (per file: passed/planned and the failing assertion numbers; the totals, the pass
 rate and the run time) goes to ``build/pjdfstest-results/<store>.txt`` and to the test's output.
@@ -20,26 +22,32 @@ developing; a narrowed run reports its figures but is not held to the threshold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from helpers import missing
-from s3servers import SERVERS, S3Server
+from s3servers import SERVERS, S3Server, bucket_on
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build" / "pjdfstest"
 RESULTS = REPO_ROOT / "build" / "pjdfstest-results"
 
 PASS_RATE_MIN = 0.95
-FILE_TIMEOUT_S = float(os.environ.get("PJDFSTEST_FILE_TIMEOUT", "120"))
+#: a test file that prints nothing for this long is hung (the suite's slowest steps are its
+#: ``sleep 1`` for ctime checks and a 2 GiB sparse file's upload in open/25.t)
+IDLE_LIMIT_S = float(os.environ.get("PJDFSTEST_IDLE_LIMIT", "60"))
+#: ... and so is one that runs this long in all (chown/00.t, 1306 assertions, takes the longest)
+FILE_LIMIT_S = 600.0
 SUITE_BUDGET_S = 2400.0  # beyond this the remaining files are not started (and the test fails)
 
 _PLAN = re.compile(r"^1\.\.(\d+)")
@@ -79,7 +87,6 @@ def pjdfs_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stor
         server: S3Server = request.getfixturevalue("moto" if name == "moto" else f"{name}_server")
     except pytest.FixtureLookupError:
         missing(f"the {name} S3 server", f"this checkout has no '{name}_server' fixture")
-    from s3servers import bucket_on
 
     with bucket_on(server) as bucket:
         yield StoreUnderTest(
@@ -140,32 +147,52 @@ def parse_tap(name: str, text: str) -> FileResult:
     return result
 
 
-def run_file(build: Path, name: str, cwd: Path, timeout: float) -> FileResult:
-    """``prove -v tests/NAME`` from ``cwd`` (on the mount), killed with its whole process group
-    after ``timeout`` seconds."""
+def run_file(build: Path, name: str, cwd: Path, idle_limit: float, limit: float) -> FileResult:
+    """Run one test file from ``cwd`` (on the mount) and parse its TAP.
+
+    The file is run by ``/bin/sh`` (its ``#!`` line), which is what ``prove`` does through
+    perl, so each TAP line arrives as the shell prints it and a file killed half-way keeps
+    what it printed. A file silent for ``idle_limit`` seconds, or running ``limit`` seconds in
+    all, is a hang: killed with its whole process group, its missing assertions failed."""
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            ["prove", "-v", str(build / "tests" / name)], cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            ["/bin/sh", str(build / "tests" / name)], cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         )
     except OSError as err:  # the working directory on the mount is gone, say
         return FileResult(name, planned=1, failed=[1], note=f"could not start: {err}")
-    hung = False
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        hung = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # stuck in the kernel on the mount: give up reading
-            out = b""
-    result = parse_tap(name, out.decode(errors="replace"))
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    last_output = [time.monotonic()]
+
+    def read(stream: IO[bytes]) -> None:
+        for line in stream:
+            lines.append(line)
+            last_output[0] = time.monotonic()
+
+    reader = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+    reader.start()
+    hung = ""
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - last_output[0] > idle_limit:
+            hung = f"hung: no output for {idle_limit:g} s"
+        elif now - start > limit:
+            hung = f"hung: still running after {limit:g} s"
+        if hung:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)  # a process stuck in the kernel on the mount may not go at once
+    reader.join(timeout=5)
+    proc.stdout.close()
+    result = parse_tap(name, b"".join(lines).decode(errors="replace"))
     result.seconds = time.monotonic() - start
     if hung:
         result.hung = True
-        result.note = f"hung: killed after {timeout:g} s"
+        result.note = hung
         if not result.planned:
             result.planned = 1
             result.failed = [1]
@@ -211,6 +238,19 @@ def test_parse_tap_counts_missing_assertions_as_failed() -> None:
     assert _ranges([2, 4, 5, 6, 9]) == "2,4-6,9"
 
 
+@pytest.mark.timeout(30)
+def test_a_silent_test_file_is_a_hang_killed_with_its_children(tmp_path: Path) -> None:
+    (tmp_path / "tests" / "x").mkdir(parents=True)
+    (tmp_path / "tests" / "x" / "00.t").write_text(
+        "echo 1..3\necho ok 1\necho 'not ok 2 - tried'\nsleep 300 & wait\necho ok 3\n"
+    )
+    started = time.monotonic()
+    result = run_file(tmp_path, "x/00.t", tmp_path, idle_limit=1.0, limit=60.0)
+    assert time.monotonic() - started < 10
+    assert result.hung and result.note.startswith("hung: no output")
+    assert (result.planned, result.passed, result.failed) == (3, 1, [2, 3])
+
+
 @pytest.mark.mount
 @pytest.mark.timeout(SUITE_BUDGET_S + 300)
 def test_pjdfstest(
@@ -238,7 +278,7 @@ def test_pjdfstest(
         if time.monotonic() - started > SUITE_BUDGET_S:
             results.append(FileResult(name, planned=1, failed=[1], note="not run: over budget"))
             continue
-        results.append(run_file(pjdfstest_build, name, work, FILE_TIMEOUT_S))
+        results.append(run_file(pjdfstest_build, name, work, IDLE_LIMIT_S, FILE_LIMIT_S))
         # progress, so that a run cut short still leaves its figures
         out.write_text(summarize(pjdfs_store.name, results, time.monotonic() - started))
     seconds = time.monotonic() - started
