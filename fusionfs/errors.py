@@ -22,6 +22,7 @@ from fusionfs.store.base import (
 __all__ = [
     "Busy",
     "Exists",
+    "FileTooLarge",
     "FsError",
     "InvalidArgument",
     "IsADirectory",
@@ -75,6 +76,10 @@ class NameTooLong(FsError):
     pass
 
 
+class FileTooLarge(FsError):
+    """A size beyond the largest object the store can hold."""
+
+
 class InvalidArgument(FsError):
     pass
 
@@ -106,6 +111,7 @@ _ERRNO: dict[type[BaseException], int] = {
     Stale: errno.ESTALE,
     ReadOnly: errno.EROFS,
     NameTooLong: errno.ENAMETOOLONG,
+    FileTooLarge: errno.EFBIG,
     InvalidArgument: errno.EINVAL,
     OperationNotSupported: errno.EOPNOTSUPP,
     NoData: errno.ENODATA,

@@ -41,6 +41,7 @@ import trio
 from fusionfs.chunked import DIR_LAYOUT_METADATA
 from fusionfs.errors import (
     Exists,
+    FileTooLarge,
     FsError,
     InvalidArgument,
     IsADirectory,
@@ -104,6 +105,8 @@ _RELIST_MAX_ENTRIES = 10_000
 _MAX_NAME = 255
 _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
+#: the largest object S3 holds (5 TiB): a larger size is EFBIG (S-ATTR-4)
+MAX_FILE_SIZE = 5 * (1 << 40)
 
 
 class Kind(enum.Enum):
@@ -635,6 +638,8 @@ class Filesystem:
                 raise IsADirectory(self._path(inode))
             if inode.kind is not Kind.FILE:
                 raise InvalidArgument("cannot truncate a symlink")
+            if size > MAX_FILE_SIZE:
+                raise FileTooLarge(f"{self._path(inode)}: {size} bytes, more than S3 holds")
         if not inode.meta_known and inode.kind is not Kind.DIR and not inode.local_only:
             await self._revalidate(inode)
         stored = None if inode.meta_unsaved else self._metadata(inode)

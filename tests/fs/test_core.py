@@ -25,6 +25,7 @@ from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 from fusionfs import writer
 from fusionfs.errors import (
     Exists,
+    FileTooLarge,
     InvalidArgument,
     IsADirectory,
     NameTooLong,
@@ -1066,3 +1067,18 @@ async def test_special_files_are_objects_that_carry_their_type(
 
     h3 = await make_fs(any_store)
     assert await h3.listdir("") == []
+
+
+@pytest.mark.timeout(30)
+async def test_truncate_beyond_the_largest_object_is_efbig(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-ATTR-4: a size S3 cannot hold (over 5 TiB) is EFBIG at once, and the file is kept
+    (it was EIO after staging a sparse file of that size: pjdfstest ftruncate/12.t)."""
+    h = await make_fs(local_store)
+    await h.write_file("f", b"data")
+    with pytest.raises(FileTooLarge) as info:
+        await h.truncate("f", 999_999_999_999_999)
+    assert errno_for(info.value) == errno.EFBIG
+    assert await h.read_file("f") == b"data"
+    assert not any(h.staging_dir.iterdir())
