@@ -327,6 +327,14 @@ class Filesystem:
         self._children[parent.ino][name] = ino
         return inode
 
+    @staticmethod
+    def _entries_changed(*directories: Inode) -> None:
+        """An entry was added to or removed from these directories through this mount: their
+        mtime and ctime move (S-DIR-2; kept in memory only, directories store no times)."""
+        now = _now_ns()
+        for directory in directories:
+            directory.mtime_ns = directory.ctime_ns = now
+
     def _dir(self, ino: int) -> Inode:
         inode = self.inode(ino)
         if inode.kind is not Kind.DIR:
@@ -744,6 +752,7 @@ class Filesystem:
         inode.listed_at = inode.validated
         inode.listed_names = inode.listed_dirs = frozenset()
         inode.lookups += 1
+        self._entries_changed(parent)
         return inode
 
     async def symlink(
@@ -763,6 +772,7 @@ class Filesystem:
                                 target=target)
         inode.validated = trio.current_time()
         inode.lookups += 1
+        self._entries_changed(parent)
         return inode
 
     async def mknod(
@@ -789,6 +799,7 @@ class Filesystem:
             raise
         inode.validated = trio.current_time()
         inode.lookups += 1
+        self._entries_changed(parent)
         return inode
 
     async def readlink(self, ino: int) -> bytes:
@@ -814,6 +825,8 @@ class Filesystem:
         self._chunks.forget(key)
         self._chunks.chunked.forget_dir_file(key)
         self._detach(inode)
+        self._entries_changed(parent)
+        inode.ctime_ns = parent.ctime_ns  # its link count dropped
         if inode.staged is not None and inode.writers == 0:
             await self._unstage(inode)
 
@@ -827,6 +840,7 @@ class Filesystem:
         key = self.key_of(inode)
         await self._call(self._store.delete, key, what=f"DELETE {key}")
         self._detach(inode)
+        self._entries_changed(parent)
 
     async def _check_empty(self, inode: Inode) -> None:
         for ino in self._children.get(inode.ino, {}).values():
@@ -896,6 +910,7 @@ class Filesystem:
         if dst is not None:
             self._detach(dst)
         self._move(src, dst_dir, new_name)
+        self._entries_changed(src_dir, dst_dir)
 
     def _move(self, inode: Inode, new_parent: Inode, new_name: bytes) -> None:
         siblings = self._children.get(inode.parent, {})
@@ -992,6 +1007,7 @@ class Filesystem:
             staged.use_chunked(self._chunks.chunked)  # S-CHUNK-1
         inode.staged = staged
         inode.lookups += 1
+        self._entries_changed(parent)
         return self._open_handle(inode, writable=True), inode
 
     def _open_handle(self, inode: Inode, *, writable: bool) -> Handle:

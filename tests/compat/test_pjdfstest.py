@@ -113,6 +113,7 @@ class FileResult:
     hung: bool = False
     seconds: float = 0.0
     note: str = ""
+    messages: list[str] = dataclasses.field(default_factory=list)  # the first failures' lines
 
     @property
     def lost(self) -> int:
@@ -136,6 +137,8 @@ def parse_tap(name: str, text: str) -> FileResult:
             seen.add(number)
             if m.group(1):
                 result.failed.append(number)
+                if len(result.messages) < 5:
+                    result.messages.append(line)
             else:
                 result.passed += 1
     if not result.planned:  # no plan: whatever ran is what counts
@@ -216,6 +219,7 @@ def summarize(store: str, results: list[FileResult], seconds: float) -> str:
         if r.note:
             line += f" ({r.note})"
         lines.append(line)
+        lines.extend(f"    {message}" for message in r.messages)
     return "\n".join(lines) + "\n"
 
 

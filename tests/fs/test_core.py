@@ -1082,3 +1082,28 @@ async def test_truncate_beyond_the_largest_object_is_efbig(
     assert errno_for(info.value) == errno.EFBIG
     assert await h.read_file("f") == b"data"
     assert not any(h.staging_dir.iterdir())
+
+
+@pytest.mark.timeout(30)
+async def test_adding_or_removing_an_entry_moves_the_directory_times(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-DIR-2: create, mkdir, mknod, symlink, unlink, rmdir and rename move the mtime and
+    ctime of the directories whose entries they change (pjdfstest */00.t)."""
+    h = await make_fs(any_store)
+    d = await h.mkdir("d")
+    e = await h.mkdir("e")
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("create", lambda: h.write_file("d/f", b"x")),
+        ("mkdir", lambda: h.mkdir("d/sub")),
+        ("mknod", lambda: h.fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o644, 0, 0, 0)),
+        ("symlink", lambda: h.symlink("d/l", "f")),
+        ("unlink", lambda: h.unlink("d/l")),
+        ("rmdir", lambda: h.rmdir("d/sub")),
+        ("rename", lambda: h.rename("d/f", "e/f")),
+    ]
+    for what, step in steps:
+        d.mtime_ns = d.ctime_ns = e.mtime_ns = e.ctime_ns = 1
+        await step()
+        assert d.mtime_ns > 1 and d.ctime_ns > 1, what
+    assert e.mtime_ns > 1 and e.ctime_ns > 1  # the rename's target directory too
