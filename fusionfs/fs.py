@@ -171,8 +171,9 @@ class Inode:
     linked: bool = True
     kernel_etag: ETag | None = None  # the version the kernel's page cache holds
     listed_at: float = float("-inf")  # directories: when the listing below was fetched
-    listed_names: frozenset[bytes] = frozenset()
-    listed_dirs: frozenset[bytes] = frozenset()
+    # kept true as entries are made, moved and removed through this mount (S-MAP-7)
+    listed_names: set[bytes] = dataclasses.field(default_factory=set)
+    listed_dirs: set[bytes] = dataclasses.field(default_factory=set)
     write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
     read_once: bool = False  # directories: read-only opens below bypass the page cache (S-READ-5)
     no_cache: bool = False  # directories: reads below do not fill the chunk cache (S-READ-6)
@@ -325,7 +326,18 @@ class Filesystem:
         if kind is Kind.DIR:
             self._children[ino] = {}
         self._children[parent.ino][name] = ino
+        self._listing_add(parent, name, kind)
         return inode
+
+    @staticmethod
+    def _listing_add(parent: Inode, name: bytes, kind: Kind) -> None:
+        """``name`` exists in ``parent``: a listing known there says so from now on, so a
+        lookup after the kernel forgot the entry finds it within the TTL (S-MAP-7)."""
+        parent.listed_names.add(name)
+        if kind is Kind.DIR:
+            parent.listed_dirs.add(name)
+        else:
+            parent.listed_dirs.discard(name)
 
     @staticmethod
     def _entries_changed(*directories: Inode) -> None:
@@ -345,11 +357,16 @@ class Filesystem:
         ino = self._children.get(parent.ino, {}).get(name)
         return self._inodes.get(ino) if ino is not None else None
 
-    def _detach(self, inode: Inode) -> None:
-        """Remove an inode from its parent's names (it may live on while the kernel knows it)."""
+    def _detach(self, inode: Inode, *, gone: bool = True) -> None:
+        """Remove an inode from its parent's names (it may live on while the kernel knows it).
+        ``gone``: the name no longer exists at all (not: it now means another version)."""
         siblings = self._children.get(inode.parent, {})
         if siblings.get(inode.name) == inode.ino:
             del siblings[inode.name]
+            parent = self._inodes.get(inode.parent)
+            if gone and parent is not None:
+                parent.listed_names.discard(inode.name)
+                parent.listed_dirs.discard(inode.name)
         inode.linked = False
         self._maybe_drop(inode)
 
@@ -358,6 +375,8 @@ class Filesystem:
             return
         if inode.staged is not None and inode.staged.dirty and inode.linked:
             return  # unsaved data: kept until it is in the store
+        if inode.kind is Kind.DIR and self._holds_unsaved(inode):
+            return  # the key of what is below is its path through here (S-FAIL-3)
         if inode.linked:
             siblings = self._children.get(inode.parent, {})
             if siblings.get(inode.name) == inode.ino:
@@ -369,6 +388,20 @@ class Filesystem:
                 if c is not None and c.lookups == 0 and c.opens == 0 and c.staged is None:
                     self._inodes.pop(child, None)
             self._children.pop(inode.ino, None)
+
+    def _holds_unsaved(self, directory: Inode) -> bool:
+        """Whether some inode below ``directory`` still needs its path: data not yet in the
+        store, or an open handle (the kernel forgets a directory once it forgot the entries
+        below it, and a file whose commit failed is kept beyond that)."""
+        for ino in self._children.get(directory.ino, {}).values():
+            child = self._inodes.get(ino)
+            if child is None:
+                continue
+            if child.staged is not None or child.opens > 0 or child.lookups > 0:
+                return True
+            if child.kind is Kind.DIR and self._holds_unsaved(child):
+                return True
+        return False
 
     # -- attributes from the store -----------------------------------------------------------
     def _apply_info(self, inode: Inode, info: ObjectInfo) -> None:
@@ -623,10 +656,10 @@ class Filesystem:
         if self._kind_from_metadata(info.metadata) is not inode.kind:
             if inode.opens > 0:
                 return
-            self._detach(inode)
+            self._detach(inode, gone=False)
             raise NoEntry(f"{key} changed type in the store") from None
         if self._new_version(inode, info):
-            self._detach(inode)  # the name now means the new version
+            self._detach(inode, gone=False)  # the name now means the new version
             if inode.opens > 0 and not opening:
                 return  # fstat of an open file: the version it has open
             raise Stale(f"{key} has a new version in the store")
@@ -750,7 +783,7 @@ class Filesystem:
         inode.validated = trio.current_time()
         # nothing was under the name (checked above): its listing is known, and empty
         inode.listed_at = inode.validated
-        inode.listed_names = inode.listed_dirs = frozenset()
+        inode.listed_names, inode.listed_dirs = set(), set()
         inode.lookups += 1
         self._entries_changed(parent)
         return inode
@@ -916,10 +949,15 @@ class Filesystem:
         siblings = self._children.get(inode.parent, {})
         if siblings.get(inode.name) == inode.ino:
             del siblings[inode.name]
+            old_parent = self._inodes.get(inode.parent)
+            if old_parent is not None:
+                old_parent.listed_names.discard(inode.name)
+                old_parent.listed_dirs.discard(inode.name)
         inode.parent = new_parent.ino
         inode.name = new_name
         inode.validated = trio.current_time()
         self._children[new_parent.ino][new_name] = inode.ino
+        self._listing_add(new_parent, new_name, inode.kind)
         new_parent.listed_at = float("-inf")
 
     async def _rename_dir(self, src: Inode, dst_dir: Inode, new_name: bytes) -> None:
@@ -1256,8 +1294,8 @@ class Filesystem:
             else:
                 self._detach(child)
         directory.listed_at = listed_at
-        directory.listed_names = frozenset(entries)
-        directory.listed_dirs = frozenset(dirs)
+        directory.listed_names = set(entries)
+        directory.listed_dirs = set(dirs)
         return sorted(entries.items())
 
     @staticmethod
@@ -1411,12 +1449,13 @@ class Filesystem:
             pending = [i for i in self._inodes.values()
                        if i.staged is not None and i.staged.dirty and i.writers == 0 and i.linked]
             for inode in pending:
+                path = self._path(inode)
                 try:
                     await self._commit(inode)
                     await self._unstage(inode)
-                    log.info("%s: staged data is now durable", self._path(inode))
+                    log.info("%s: staged data is now durable", path)
                 except (FsError, StoreError) as e:
-                    log.warning("%s: still not durable: %s", self._path(inode), e)
+                    log.warning("%s: still not durable: %s", path, e)
 
     def statfs(self) -> dict[str, int]:
         return {

@@ -219,7 +219,7 @@ def summarize(store: str, results: list[FileResult], seconds: float) -> str:
         if r.note:
             line += f" ({r.note})"
         lines.append(line)
-        lines.extend(f"    {message}" for message in r.messages)
+        lines.extend(f"    {message[:300]}" for message in r.messages)
     return "\n".join(lines) + "\n"
 
 

@@ -1107,3 +1107,34 @@ async def test_adding_or_removing_an_entry_moves_the_directory_times(
         await step()
         assert d.mtime_ns > 1 and d.ctime_ns > 1, what
     assert e.mtime_ns > 1 and e.ctime_ns > 1  # the rename's target directory too
+
+
+@pytest.mark.timeout(30)
+async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forgets_it(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-MAP-7: a directory made here starts with a known, empty listing, and what is then
+    created, renamed or removed in it through this mount keeps that listing true: the kernel
+    may forget an entry at once, and its next lookup within the TTL must still find it (it was
+    ENOENT: pjdfstest mknod/05.t lost a fresh directory so, now and then)."""
+    h = await make_fs(any_store, attr_timeout=30.0)
+    d = await h.mkdir("d")
+    await h.mkdir("d/sub")
+    await h.write_file("d/f", b"x")
+    await h.fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o644, 0, 0, 0)
+    await h.symlink("d/l", "f")
+    await h.write_file("d/gone", b"z")
+    await h.unlink("d/gone")
+
+    async def forgotten_then_found(name: str) -> None:
+        child = await h.lookup(name)
+        h.fs.forget([(child.ino, child.lookups)])  # the kernel lets go of it
+        assert (await h.lookup(name)).name == name.rsplit("/")[-1].encode(), name
+
+    for name in ("sub", "f", "p", "l"):
+        await forgotten_then_found(f"d/{name}")
+    assert not await h.exists("d/gone")
+    await h.rename("d/f", "d/sub/f")  # a rename within listings known here
+    assert not await h.exists("d/f")
+    await forgotten_then_found("d/sub/f")
+    assert await h.read_file("d/sub/f") == b"x"
