@@ -158,6 +158,7 @@ class Inode:
     mtime_ns: int = 0
     ctime_ns: int = 0
     explicit_mtime: bool = False  # mtime set by utimens: kept in metadata
+    atime_ns: int | None = None  # set by utimens (kept in metadata); else the mtime (S-ATTR-5)
     meta_known: bool = False  # attributes come from HEAD/our own writes, not only from LIST
     meta_unsaved: bool = False  # a metadata change failed to reach the store (setattr retries it)
     validated: float = float("-inf")  # trio.current_time() of the last store answer
@@ -438,6 +439,8 @@ class Filesystem:
             if "mtime" in md:
                 inode.mtime_ns = int(float(md["mtime"]) * 1e9)
                 inode.explicit_mtime = True
+            if "atime" in md:
+                inode.atime_ns = int(float(md["atime"]) * 1e9)
             if inode.kind is Kind.DIR:
                 inode.layout_chunked = md.get(DIR_LAYOUT_METADATA) == "chunked"
         except ValueError:
@@ -447,6 +450,8 @@ class Filesystem:
         md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
         if inode.explicit_mtime:
             md["mtime"] = f"{inode.mtime_ns / 1e9:.9f}"
+        if inode.atime_ns is not None:
+            md["atime"] = f"{inode.atime_ns / 1e9:.9f}"
         if inode.kind in (Kind.CHAR, Kind.BLOCK):
             md["rdev"] = str(inode.rdev)
         if inode.kind is Kind.DIR and inode.layout_chunked:
@@ -669,11 +674,11 @@ class Filesystem:
     async def setattr(
         self, ino: int, *, size: int | None = None, mode: int | None = None,
         uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
-        fh: int | None = None,
+        fh: int | None = None, atime_ns: int | None = None,
     ) -> Inode:
         inode = self.inode(ino)
         self._writable()
-        meta_change = any(v is not None for v in (mode, uid, gid, mtime_ns))
+        meta_change = any(v is not None for v in (mode, uid, gid, mtime_ns, atime_ns))
         if size is not None:
             if inode.kind is Kind.DIR:
                 raise IsADirectory(self._path(inode))
@@ -690,9 +695,13 @@ class Filesystem:
             inode.uid = uid
         if gid is not None:
             inode.gid = gid
+        # an atime equal to what stat shows (the mtime, while none was set) is no change
+        shown_atime = inode.mtime_ns if inode.atime_ns is None else inode.atime_ns
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
             inode.explicit_mtime = True
+        if atime_ns is not None and atime_ns != shown_atime:
+            inode.atime_ns = atime_ns
         inode.ctime_ns = _now_ns()
         if size is not None:
             staged, temporary = await self._stage(inode, truncate=False)

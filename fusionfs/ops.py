@@ -83,7 +83,7 @@ class FusionOperations(pyfuse3.Operations):
         e.st_size = inode.size
         e.st_blksize = 1 << 20
         e.st_blocks = (inode.size + 511) // 512
-        e.st_atime_ns = inode.mtime_ns
+        e.st_atime_ns = inode.mtime_ns if inode.atime_ns is None else inode.atime_ns
         e.st_mtime_ns = inode.mtime_ns
         e.st_ctime_ns = inode.ctime_ns or inode.mtime_ns
         return e
@@ -120,6 +120,7 @@ class FusionOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
             fh=fh,
         )
         return self._attrs(node)

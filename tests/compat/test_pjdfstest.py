@@ -43,9 +43,10 @@ BUILD = REPO_ROOT / "build" / "pjdfstest"
 RESULTS = REPO_ROOT / "build" / "pjdfstest-results"
 
 PASS_RATE_MIN = 0.95
-#: a test file that prints nothing for this long is hung (the suite's slowest steps are its
-#: ``sleep 1`` for ctime checks and a 2 GiB sparse file's upload in open/25.t)
-IDLE_LIMIT_S = float(os.environ.get("PJDFSTEST_IDLE_LIMIT", "60"))
+#: a test file that prints nothing for this long is hung (the slowest single step is the close
+#: of open/25.t's 2 GiB sparse file: its upload, which moto cannot complete within the store
+#: timeout, fails with EIO after about 70 s of bounded retries)
+IDLE_LIMIT_S = float(os.environ.get("PJDFSTEST_IDLE_LIMIT", "180"))
 #: ... and so is one that runs this long in all (chown/00.t, 1306 assertions, takes the longest)
 FILE_LIMIT_S = 600.0
 SUITE_BUDGET_S = 2400.0  # beyond this the remaining files are not started (and the test fails)
@@ -114,6 +115,7 @@ class FileResult:
     seconds: float = 0.0
     note: str = ""
     messages: list[str] = dataclasses.field(default_factory=list)  # the first failures' lines
+    todo: int = 0  # failures marked ``# TODO`` (expected on this OS; prove counts them as passed)
 
     @property
     def lost(self) -> int:
@@ -137,7 +139,8 @@ def parse_tap(name: str, text: str) -> FileResult:
             seen.add(number)
             if m.group(1):
                 result.failed.append(number)
-                if len(result.messages) < 5:
+                result.todo += "# TODO" in m.group(3)
+                if len(result.messages) < 40:
                     result.messages.append(line)
             else:
                 result.passed += 1
@@ -209,7 +212,8 @@ def summarize(store: str, results: list[FileResult], seconds: float) -> str:
     lines = [
         f"pjdfstest on fusionfs ({store}): {passed}/{planned} assertions passed "
         f"({100 * rate:.1f}%), {len(results)} files, {seconds:.0f} s, "
-        f"hung: {sum(r.hung for r in results)}",
+        f"hung: {sum(r.hung for r in results)}; of the failures, "
+        f"{sum(r.todo for r in results)} are '# TODO' (prove would count them as passed)",
     ]
     for r in results:
         status = "HUNG" if r.hung else ("ok" if not r.failed else "FAIL")
@@ -275,7 +279,8 @@ def test_pjdfstest(
     work = mount.path / "pjdfstest"
     work.mkdir()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{pjdfs_store.name}.txt"
+    partial = "-partial" if "PJDFSTEST_FILES" in os.environ else ""
+    out = RESULTS / f"{pjdfs_store.name}{partial}.txt"
     started = time.monotonic()
     results: list[FileResult] = []
     for name in names:

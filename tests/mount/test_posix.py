@@ -936,3 +936,27 @@ def test_kernel_read_ahead_is_raised_for_the_mount(
     wait_for(tuned, timeout=10, what="max_background raised")  # tuned just after INIT
     assert (conn / "congestion_threshold").read_text().strip() == "48"
     assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == str(64 * 1024 // 4)
+
+
+@pytest.mark.timeout(60)
+def test_atime_set_by_utime_is_kept(fusion_mount: Any, target: Target) -> None:
+    """S-ATTR-5: an atime set with utimensat is kept in metadata and survives a cold remount;
+    a file never given one shows its mtime (pjdfstest utimensat/*)."""
+    m = _mount(fusion_mount, target)
+    f = m.path / "f"
+    f.write_bytes(b"x")
+    st = os.stat(f)
+    assert st.st_atime_ns == st.st_mtime_ns
+    os.utime(f, ns=(1_900_000_000_000_000_000, 1_950_000_000_000_000_000))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000_000_000_000,
+                                                1_950_000_000_000_000_000)
+    fd = os.open(f, os.O_RDONLY)
+    try:  # a new mtime with the atime it has: the atime stays
+        os.utime(fd, ns=(os.stat(f).st_atime_ns, 1_960_000_000_000_000_000))
+    finally:
+        os.close(fd)
+    m = m.remount(fresh_cache=True)
+    st = os.stat(m.path / "f")
+    assert st.st_atime_ns == 1_900_000_000_000_000_000
+    assert st.st_mtime_ns == 1_960_000_000_000_000_000
