@@ -137,6 +137,21 @@ class Kind(enum.Enum):
     FILE = stat.S_IFREG
     DIR = stat.S_IFDIR
     SYMLINK = stat.S_IFLNK
+    # special files (S-SPECIAL-1): an empty object whose ``mode`` metadata carries the type;
+    # never opened through us (the kernel serves them), so never read or written as data
+    FIFO = stat.S_IFIFO
+    SOCKET = stat.S_IFSOCK
+    CHAR = stat.S_IFCHR
+    BLOCK = stat.S_IFBLK
+
+    @property
+    def special(self) -> bool:
+        return self in _SPECIAL_KINDS
+
+
+_SPECIAL_KINDS = frozenset({Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK})
+#: the object kinds a ``mode`` metadata entry can name (directories are prefixes, not objects)
+_KIND_OF_TYPE = {k.value: k for k in Kind if k is not Kind.DIR}
 
 
 @dataclasses.dataclass
@@ -167,6 +182,7 @@ class Inode:
     mtime_ns: int = 0
     ctime_ns: int = 0
     explicit_mtime: bool = False  # mtime set by utimens: kept in metadata
+    atime_ns: int | None = None  # set by utimens (kept in metadata); else the mtime (S-ATTR-5)
     meta_known: bool = False  # attributes come from HEAD/our own writes, not only from LIST
     meta_unsaved: bool = False  # a metadata change failed to reach the store (setattr retries it)
     validated: float = float("-inf")  # trio.current_time() of the last store answer
@@ -176,12 +192,14 @@ class Inode:
     staged: StagedFile | None = None
     staging: trio.Event | None = None  # set when a _stage of this inode in progress is done
     target: bytes | None = None  # symlink target, once known
+    rdev: int = 0  # character and block devices: the device number (metadata ``rdev``)
     local_only: bool = False  # created here, not committed to the store yet
     linked: bool = True
     kernel_etag: ETag | None = None  # the version the kernel's page cache holds
     listed_at: float = float("-inf")  # directories: when the listing below was fetched
-    listed_names: frozenset[bytes] = frozenset()
-    listed_dirs: frozenset[bytes] = frozenset()
+    # kept true as entries are made, moved and removed through this mount (S-MAP-7)
+    listed_names: set[bytes] = dataclasses.field(default_factory=set)
+    listed_dirs: set[bytes] = dataclasses.field(default_factory=set)
     write_behind: bool = False  # directories: close of files below does not wait (S-WRITE-7)
     read_once: bool = False  # directories: read-only opens below bypass the page cache (S-READ-5)
     no_cache: bool = False  # directories: reads below do not fill the chunk cache (S-READ-6)
@@ -346,7 +364,26 @@ class Filesystem:
         if kind is Kind.DIR:
             self._children[ino] = {}
         self._children[parent.ino][name] = ino
+        self._listing_add(parent, name, kind)
         return inode
+
+    @staticmethod
+    def _listing_add(parent: Inode, name: bytes, kind: Kind) -> None:
+        """``name`` exists in ``parent``: a listing known there says so from now on, so a
+        lookup after the kernel forgot the entry finds it within the TTL (S-MAP-7)."""
+        parent.listed_names.add(name)
+        if kind is Kind.DIR:
+            parent.listed_dirs.add(name)
+        else:
+            parent.listed_dirs.discard(name)
+
+    @staticmethod
+    def _entries_changed(*directories: Inode) -> None:
+        """An entry was added to or removed from these directories through this mount: their
+        mtime and ctime move (S-DIR-2; kept in memory only, directories store no times)."""
+        now = _now_ns()
+        for directory in directories:
+            directory.mtime_ns = directory.ctime_ns = now
 
     def _dir(self, ino: int) -> Inode:
         inode = self.inode(ino)
@@ -358,11 +395,16 @@ class Filesystem:
         ino = self._children.get(parent.ino, {}).get(name)
         return self._inodes.get(ino) if ino is not None else None
 
-    def _detach(self, inode: Inode) -> None:
-        """Remove an inode from its parent's names (it may live on while the kernel knows it)."""
+    def _detach(self, inode: Inode, *, gone: bool = True) -> None:
+        """Remove an inode from its parent's names (it may live on while the kernel knows it).
+        ``gone``: the name no longer exists at all (not: it now means another version)."""
         siblings = self._children.get(inode.parent, {})
         if siblings.get(inode.name) == inode.ino:
             del siblings[inode.name]
+            parent = self._inodes.get(inode.parent)
+            if gone and parent is not None:
+                parent.listed_names.discard(inode.name)
+                parent.listed_dirs.discard(inode.name)
         inode.linked = False
         self._maybe_drop(inode)
 
@@ -371,6 +413,8 @@ class Filesystem:
             return
         if inode.staged is not None and inode.staged.dirty and inode.linked:
             return  # unsaved data: kept until it is in the store
+        if inode.kind is Kind.DIR and self._holds_unsaved(inode):
+            return  # the key of what is below is its path through here (S-FAIL-3)
         if inode.linked:
             siblings = self._children.get(inode.parent, {})
             if siblings.get(inode.name) == inode.ino:
@@ -382,6 +426,20 @@ class Filesystem:
                 if c is not None and c.lookups == 0 and c.opens == 0 and c.staged is None:
                     self._inodes.pop(child, None)
             self._children.pop(inode.ino, None)
+
+    def _holds_unsaved(self, directory: Inode) -> bool:
+        """Whether some inode below ``directory`` still needs its path: data not yet in the
+        store, or an open handle (the kernel forgets a directory once it forgot the entries
+        below it, and a file whose commit failed is kept beyond that)."""
+        for ino in self._children.get(directory.ino, {}).values():
+            child = self._inodes.get(ino)
+            if child is None:
+                continue
+            if child.staged is not None or child.opens > 0 or child.lookups > 0:
+                return True
+            if child.kind is Kind.DIR and self._holds_unsaved(child):
+                return True
+        return False
 
     # -- attributes from the store -----------------------------------------------------------
     def _apply_info(self, inode: Inode, info: ObjectInfo) -> None:
@@ -413,9 +471,13 @@ class Filesystem:
                 inode.uid = int(md["uid"])
             if "gid" in md:
                 inode.gid = int(md["gid"])
+            if inode.kind.special:
+                inode.rdev = int(md.get("rdev", "0"))
             if "mtime" in md:
                 inode.mtime_ns = parse_mtime(md["mtime"])
                 inode.explicit_mtime = True
+            if "atime" in md:
+                inode.atime_ns = parse_mtime(md["atime"])
             if inode.kind is Kind.DIR:
                 inode.layout_chunked = md.get(DIR_LAYOUT_METADATA) == "chunked"
         except ValueError:
@@ -425,16 +487,21 @@ class Filesystem:
         md = {"mode": str(inode.st_mode), "uid": str(inode.uid), "gid": str(inode.gid)}
         if inode.explicit_mtime:
             md["mtime"] = format_mtime(inode.mtime_ns)
+        if inode.atime_ns is not None:
+            md["atime"] = format_mtime(inode.atime_ns)
+        if inode.kind in (Kind.CHAR, Kind.BLOCK):
+            md["rdev"] = str(inode.rdev)
         if inode.kind is Kind.DIR and inode.layout_chunked:
             md[DIR_LAYOUT_METADATA] = "chunked"
         return md
 
     @staticmethod
     def _kind_from_metadata(md: Mapping[str, str] | None) -> Kind:
+        """An object's kind from the type bits of its ``mode`` metadata (S-MAP-5,
+        S-SPECIAL-1); an object without them (any other tool's) is a regular file."""
         if md and "mode" in md:
             try:
-                if stat.S_ISLNK(int(md["mode"])):
-                    return Kind.SYMLINK
+                return _KIND_OF_TYPE.get(stat.S_IFMT(int(md["mode"])), Kind.FILE)
             except ValueError:
                 pass
         return Kind.FILE
@@ -708,10 +775,10 @@ class Filesystem:
         if self._kind_from_metadata(info.metadata) is not inode.kind:
             if inode.opens > 0:
                 return
-            self._detach(inode)
+            self._detach(inode, gone=False)
             raise NoEntry(f"{key} changed type in the store") from None
         if self._new_version(inode, info):
-            self._detach(inode)  # the name now means the new version
+            self._detach(inode, gone=False)  # the name now means the new version
             if inode.opens > 0 and not opening:
                 return  # fstat of an open file: the version it has open
             raise Stale(f"{key} has a new version in the store")
@@ -721,11 +788,11 @@ class Filesystem:
     async def setattr(
         self, ino: int, *, size: int | None = None, mode: int | None = None,
         uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
-        fh: int | None = None,
+        fh: int | None = None, atime_ns: int | None = None,
     ) -> Inode:
         inode = self.inode(ino)
         self._writable()
-        meta_change = any(v is not None for v in (mode, uid, gid, mtime_ns))
+        meta_change = any(v is not None for v in (mode, uid, gid, mtime_ns, atime_ns))
         if size is not None:
             if inode.kind is Kind.DIR:
                 raise IsADirectory(self._path(inode))
@@ -742,9 +809,13 @@ class Filesystem:
             inode.uid = uid
         if gid is not None:
             inode.gid = gid
+        # an atime equal to what stat shows (the mtime, while none was set) is no change
+        shown_atime = inode.mtime_ns if inode.atime_ns is None else inode.atime_ns
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
             inode.explicit_mtime = True
+        if atime_ns is not None and atime_ns != shown_atime:
+            inode.atime_ns = atime_ns
         inode.ctime_ns = _now_ns()
         if size is not None:
             staged, temporary = await self._stage(inode, truncate=False)
@@ -855,8 +926,9 @@ class Filesystem:
         inode.validated = trio.current_time()
         # nothing was under the name (checked above): its listing is known, and empty
         inode.listed_at = inode.validated
-        inode.listed_names = inode.listed_dirs = frozenset()
+        inode.listed_names, inode.listed_dirs = set(), set()
         inode.lookups += 1
+        self._entries_changed(parent)
         return inode
 
     async def symlink(
@@ -876,6 +948,34 @@ class Filesystem:
                                 target=target)
         inode.validated = trio.current_time()
         inode.lookups += 1
+        self._entries_changed(parent)
+        return inode
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Inode:
+        """A FIFO, socket, character or block device (S-SPECIAL-1): an empty object whose
+        metadata carries its type, mode, owner and (devices) ``rdev``, as s3fs stores them."""
+        self._writable()
+        parent = self._dir(parent_ino)
+        kind = _KIND_OF_TYPE.get(stat.S_IFMT(mode))
+        if kind is None or not kind.special:
+            raise InvalidArgument(f"mknod of file type {stat.S_IFMT(mode):o}")
+        key = self._child_key(parent, name, kind)
+        await self._ensure_absent(parent, name)
+        now = _now_ns()
+        inode = self._new_inode(parent, name, kind, mode=mode & 0o7777, uid=uid, gid=gid,
+                                mtime_ns=now, ctime_ns=now, meta_known=True,
+                                rdev=rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0)
+        try:
+            inode.etag = await self._call(self._store.put, key, b"", self._metadata(inode),
+                                          what=f"PUT {key}")
+        except BaseException:
+            self._detach(inode)
+            raise
+        inode.validated = trio.current_time()
+        inode.lookups += 1
+        self._entries_changed(parent)
         return inode
 
     async def readlink(self, ino: int) -> bytes:
@@ -901,6 +1001,8 @@ class Filesystem:
         self._chunks.forget(key)
         self._chunks.chunked.forget_dir_file(key)
         self._detach(inode)
+        self._entries_changed(parent)
+        inode.ctime_ns = parent.ctime_ns  # its link count dropped
         if inode.staged is not None and inode.writers == 0:
             await self._unstage(inode)
 
@@ -914,6 +1016,7 @@ class Filesystem:
         key = self.key_of(inode)
         await self._call(self._store.delete, key, what=f"DELETE {key}")
         self._detach(inode)
+        self._entries_changed(parent)
 
     async def _check_empty(self, inode: Inode) -> None:
         for ino in self._children.get(inode.ino, {}).values():
@@ -983,15 +1086,21 @@ class Filesystem:
         if dst is not None:
             self._detach(dst)
         self._move(src, dst_dir, new_name)
+        self._entries_changed(src_dir, dst_dir)
 
     def _move(self, inode: Inode, new_parent: Inode, new_name: bytes) -> None:
         siblings = self._children.get(inode.parent, {})
         if siblings.get(inode.name) == inode.ino:
             del siblings[inode.name]
+            old_parent = self._inodes.get(inode.parent)
+            if old_parent is not None:
+                old_parent.listed_names.discard(inode.name)
+                old_parent.listed_dirs.discard(inode.name)
         inode.parent = new_parent.ino
         inode.name = new_name
         inode.validated = trio.current_time()
         self._children[new_parent.ino][new_name] = inode.ino
+        self._listing_add(new_parent, new_name, inode.kind)
         new_parent.listed_at = float("-inf")
 
     async def _rename_dir(self, src: Inode, dst_dir: Inode, new_name: bytes) -> None:
@@ -1090,6 +1199,7 @@ class Filesystem:
             staged.use_chunked(self._chunks.chunked)  # S-CHUNK-1
         inode.staged = staged
         inode.lookups += 1
+        self._entries_changed(parent)
         return self._open_handle(inode, writable=True), inode
 
     def _open_handle(self, inode: Inode, *, writable: bool) -> Handle:
@@ -1413,8 +1523,8 @@ class Filesystem:
             else:
                 self._detach(child)
         directory.listed_at = listed_at
-        directory.listed_names = frozenset(entries)
-        directory.listed_dirs = frozenset(dirs)
+        directory.listed_names = set(entries)
+        directory.listed_dirs = set(dirs)
         return sorted(entries.items())
 
     @staticmethod
@@ -1563,12 +1673,13 @@ class Filesystem:
             pending = [i for i in self._inodes.values()
                        if i.staged is not None and i.staged.dirty and i.writers == 0 and i.linked]
             for inode in pending:
+                path = self._path(inode)
                 try:
                     await self._commit(inode)
                     await self._unstage(inode)
-                    log.info("%s: staged data is now durable", self._path(inode))
+                    log.info("%s: staged data is now durable", path)
                 except (FsError, StoreError) as e:
-                    log.warning("%s: still not durable: %s", self._path(inode), e)
+                    log.warning("%s: still not durable: %s", path, e)
 
     def statfs(self) -> dict[str, int]:
         return {

@@ -82,14 +82,15 @@ class FusionOperations(pyfuse3.Operations):
         e.entry_timeout = ttl
         e.attr_timeout = ttl
         e.st_mode = pyfuse3.ModeT(inode.st_mode)
-        e.st_nlink = 2 if inode.kind is Kind.DIR else 1
+        # an unlinked file still open has no name left (S-LINK-1)
+        e.st_nlink = 2 if inode.kind is Kind.DIR else (1 if inode.linked else 0)
         e.st_uid = inode.uid
         e.st_gid = inode.gid
-        e.st_rdev = 0
+        e.st_rdev = inode.rdev
         e.st_size = inode.size
         e.st_blksize = 1 << 20
         e.st_blocks = (inode.size + 511) // 512
-        e.st_atime_ns = inode.mtime_ns
+        e.st_atime_ns = inode.mtime_ns if inode.atime_ns is None else inode.atime_ns
         e.st_mtime_ns = inode.mtime_ns
         e.st_ctime_ns = inode.ctime_ns or inode.mtime_ns
         return e
@@ -126,6 +127,7 @@ class FusionOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
             fh=fh,
         )
         return self._attrs(node)
@@ -148,8 +150,10 @@ class FusionOperations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
         rdev: int, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if not stat.S_ISREG(mode):  # S-SPECIAL-1
+            return self._attrs(
+                await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+            )
         handle, inode = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         fh = self.fs.register(handle)
         try:

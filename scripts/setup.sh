@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian/Ubuntu machine for fusionfs + snapstore, as root:
 # FUSE 3 (fuse3, libfuse3-dev, pkg-config); the programs the compatibility tests run on the mount
-# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI); the S3 servers of the test matrix besides
-# moto (Ceph RGW from Debian; Node.js with s3rver 3.7.1 in benchmarks/node_modules: nothing is
-# installed at test time); a Python virtualenv in .venv with the project and its test
-# dependencies; and a CRIU >= 4.0 (scripts/install-criu.sh puts Debian trixie's in a private
-# prefix when none is usable). Prints what it does; fails loudly.
+# (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI; pjdfstest built into build/pjdfstest by
+# scripts/install-pjdfstest.sh); the S3 servers of the test matrix besides moto (Ceph RGW from
+# Debian; Node.js with s3rver 3.7.1 in benchmarks/node_modules: nothing is installed at test
+# time); a Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
+# (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable).
+# Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,4 +100,7 @@ say "CRIU: $CRIU_PATH (.venv/bin/criu runs it)"
 if [[ -d /sys/fs/fuse/connections ]] && ! mountpoint -q /sys/fs/fuse/connections; then
     mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
 fi
+say "pjdfstest (tests/compat/test_pjdfstest.py): built once into build/pjdfstest"
+bash scripts/install-pjdfstest.sh >/dev/null
+
 say "ready: activate with 'source .venv/bin/activate'"

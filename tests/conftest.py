@@ -49,6 +49,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--stress", action="store_true", default=False,
         help="run the concurrency model tests at their long setting (thousands of examples)",
     )
+    parser.addoption(
+        "--full", action="store_true", default=False,
+        help="run the long compatibility runs on every store and S3 server, not only on the "
+        "one CI uses (also FUSIONFS_TEST_FULL=1); e.g. tests/compat/test_pjdfstest.py",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

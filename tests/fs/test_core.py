@@ -25,6 +25,7 @@ from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 from fusionfs import writer
 from fusionfs.errors import (
     Exists,
+    FileTooLarge,
     InvalidArgument,
     IsADirectory,
     NameTooLong,
@@ -1089,3 +1090,117 @@ async def test_a_directory_shows_the_same_mtime_on_a_fresh_mount(
     assert sorted(await fresh.listdir()) == ["d", "e"]
     assert (await fresh.stat("d")).mtime_ns == made.mtime_ns
     assert (await fresh.stat("e")).mtime_ns == 1_600_000_000_987_654_321
+
+
+# -- special files and hard links (pjdfstest) ---------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("fmt", "kind", "rdev"),
+    [(stat.S_IFIFO, Kind.FIFO, 0), (stat.S_IFSOCK, Kind.SOCKET, 0),
+     (stat.S_IFCHR, Kind.CHAR, os.makedev(1, 3)), (stat.S_IFBLK, Kind.BLOCK, os.makedev(8, 1))],
+)
+async def test_special_files_are_objects_that_carry_their_type(
+    make_fs: FsFactory, any_store: FaultyStore, fmt: int, kind: Kind, rdev: int
+) -> None:
+    """S-SPECIAL-1: mknod of a FIFO, socket, character or block device stores an empty object
+    whose metadata has its type, mode, owner and rdev; a cold mount (LIST has no metadata)
+    learns the type from the lookup's HEAD; chmod, chown, utimens, rename and unlink work."""
+    h = await make_fs(any_store)
+    root = await h.lookup("")
+    node = await h.fs.mknod(root.ino, b"sp", fmt | 0o640, rdev, 1000, 1001)
+    assert node.kind is kind and stat.S_IFMT(node.st_mode) == fmt
+    assert (node.mode, node.uid, node.gid, node.rdev) == (0o640, 1000, 1001, rdev)
+    assert await h.get("sp") == b""
+    with pytest.raises(Exists):
+        await h.fs.mknod(root.ino, b"sp", fmt | 0o640, rdev, 0, 0)
+    with pytest.raises(InvalidArgument):
+        await h.fs.open(node.ino, os.O_RDONLY)  # never read or written as data
+    await h.fs.setattr(node.ino, mode=0o600, uid=7, gid=8, mtime_ns=1_000_000_000_000)
+
+    h2 = await make_fs(any_store)
+    assert (await h2.listdir_kinds(""))["sp"] in (Kind.FILE, kind)  # LIST has no metadata
+    again = await h2.stat("sp")
+    assert again.kind is kind
+    assert (again.mode, again.uid, again.gid, again.rdev) == (0o600, 7, 8, rdev)
+    assert again.mtime_ns == 1_000_000_000_000
+    await h2.rename("sp", "moved")
+    assert (await h2.stat("moved")).kind is kind
+    assert not await h2.exists("sp")
+    await h2.unlink("moved")
+    assert await h2.listdir("") == []
+
+    h3 = await make_fs(any_store)
+    assert await h3.listdir("") == []
+
+
+@pytest.mark.timeout(30)
+async def test_truncate_beyond_the_largest_object_is_efbig(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-ATTR-4: a size S3 cannot hold (over 5 TiB) is EFBIG at once, and the file is kept
+    (it was EIO after staging a sparse file of that size: pjdfstest ftruncate/12.t)."""
+    h = await make_fs(local_store)
+    await h.write_file("f", b"data")
+    with pytest.raises(FileTooLarge) as info:
+        await h.truncate("f", 999_999_999_999_999)
+    assert errno_for(info.value) == errno.EFBIG
+    assert await h.read_file("f") == b"data"
+    assert not any(h.staging_dir.iterdir())
+
+
+@pytest.mark.timeout(30)
+async def test_adding_or_removing_an_entry_moves_the_directory_times(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-DIR-2: create, mkdir, mknod, symlink, unlink, rmdir and rename move the mtime and
+    ctime of the directories whose entries they change (pjdfstest */00.t)."""
+    h = await make_fs(any_store)
+    d = await h.mkdir("d")
+    e = await h.mkdir("e")
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("create", lambda: h.write_file("d/f", b"x")),
+        ("mkdir", lambda: h.mkdir("d/sub")),
+        ("mknod", lambda: h.fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o644, 0, 0, 0)),
+        ("symlink", lambda: h.symlink("d/l", "f")),
+        ("unlink", lambda: h.unlink("d/l")),
+        ("rmdir", lambda: h.rmdir("d/sub")),
+        ("rename", lambda: h.rename("d/f", "e/f")),
+    ]
+    for what, step in steps:
+        d.mtime_ns = d.ctime_ns = e.mtime_ns = e.ctime_ns = 1
+        await step()
+        assert d.mtime_ns > 1 and d.ctime_ns > 1, what
+    assert e.mtime_ns > 1 and e.ctime_ns > 1  # the rename's target directory too
+
+
+@pytest.mark.timeout(30)
+async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forgets_it(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    """S-MAP-7: a directory made here starts with a known, empty listing, and what is then
+    created, renamed or removed in it through this mount keeps that listing true: the kernel
+    may forget an entry at once, and its next lookup within the TTL must still find it (it was
+    ENOENT: pjdfstest mknod/05.t lost a fresh directory so, now and then)."""
+    h = await make_fs(any_store, attr_timeout=30.0)
+    d = await h.mkdir("d")
+    await h.mkdir("d/sub")
+    await h.write_file("d/f", b"x")
+    await h.fs.mknod(d.ino, b"p", stat.S_IFIFO | 0o644, 0, 0, 0)
+    await h.symlink("d/l", "f")
+    await h.write_file("d/gone", b"z")
+    await h.unlink("d/gone")
+
+    async def forgotten_then_found(name: str) -> None:
+        child = await h.lookup(name)
+        h.fs.forget([(child.ino, child.lookups)])  # the kernel lets go of it
+        assert (await h.lookup(name)).name == name.rsplit("/")[-1].encode(), name
+
+    for name in ("sub", "f", "p", "l"):
+        await forgotten_then_found(f"d/{name}")
+    assert not await h.exists("d/gone")
+    await h.rename("d/f", "d/sub/f")  # a rename within listings known here
+    assert not await h.exists("d/f")
+    await forgotten_then_found("d/sub/f")
+    assert await h.read_file("d/sub/f") == b"x"

@@ -393,3 +393,28 @@ async def test_failed_part_of_a_rewrite_is_upload_failed_and_kept(
     await h.fs.flush(fh)
     await h.fs.release(fh)
     assert await h.get("big") == bytes(expected)
+
+
+@pytest.mark.allow_logs("not yet durable")
+@pytest.mark.timeout(30)
+async def test_a_failed_commit_keeps_its_directory_known_when_the_kernel_forgets_both(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-FAIL-3: data whose commit failed stays staged and is retried; the kernel may forget
+    the file and its directory meanwhile, and the retry must still find the file's key (it
+    was a KeyError that ended the daemon: pjdfstest open/25.t's 2 GiB upload on moto, then
+    the retry after its directory was forgotten)."""
+    h = await make_fs(local_store)
+    d = await h.mkdir("d")
+    fh = await h.create("d/f")
+    await h.write(fh, 0, b"kept")
+    local_store.fail("put", Transient, times=1)
+    with pytest.raises(UploadFailed):
+        await h.fs.flush(fh)
+    await h.fs.release(fh)
+    f = await h.lookup("d/f")
+    h.fs.forget([(f.ino, f.lookups)])
+    h.fs.forget([(d.ino, d.lookups)])  # the kernel forgets the directory after the file
+    await h.fs.flush_all()
+    assert await h.get("d/f") == b"kept"
+    assert await h.read_file("d/f") == b"kept"

@@ -217,6 +217,51 @@ def test_symlink(fusion_mount: Any, target: Target) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_special_files_are_made_listed_changed_and_removed(
+    fusion_mount: Any, target: Target
+) -> None:
+    """S-SPECIAL-1: mkfifo and mknod (FIFO, socket, character and block devices) make objects
+    that keep their type, mode, owner and rdev across a cold remount, and that rename, chmod,
+    chown, utime and unlink like files; the kernel, not the store, serves the FIFO's data."""
+    m = _mount(fusion_mount, target)
+    os.mkfifo(m.path / "fifo", 0o640)
+    os.mknod(m.path / "sock", stat.S_IFSOCK | 0o600)
+    os.mknod(m.path / "chr", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(m.path / "blk", stat.S_IFBLK | 0o600, os.makedev(8, 1))
+    assert _errno_of(os.mkfifo, m.path / "fifo") == errno.EEXIST
+    os.chmod(m.path / "fifo", 0o604)
+    os.chown(m.path / "chr", 1234, 5678)
+    os.utime(m.path / "blk", ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    os.rename(m.path / "sock", m.path / "sock2")
+    # a FIFO on the mount is a FIFO: the kernel connects its reader and writer
+    fd = os.open(m.path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        wfd = os.open(m.path / "fifo", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(wfd, b"through the pipe")
+        os.close(wfd)
+        assert os.read(fd, 100) == b"through the pipe"
+    finally:
+        os.close(fd)
+    if target.kind == "s3":
+        assert target.get("fifo") == b""
+        assert stat.S_ISFIFO(int(target.metadata("fifo")["mode"]))
+    m = m.remount(fresh_cache=True)
+    assert sorted(os.listdir(m.path)) == ["blk", "chr", "fifo", "sock2"]
+    fifo, sock, chr_, blk = (os.lstat(m.path / n) for n in ("fifo", "sock2", "chr", "blk"))
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o604
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
+    assert stat.S_ISCHR(chr_.st_mode) and chr_.st_rdev == os.makedev(1, 3)
+    assert (chr_.st_uid, chr_.st_gid) == (1234, 5678)
+    assert stat.S_ISBLK(blk.st_mode) and blk.st_rdev == os.makedev(8, 1)
+    assert blk.st_mtime_ns == 1_500_000_000_000_000_000
+    for name in ("fifo", "sock2", "chr", "blk"):
+        os.unlink(m.path / name)
+    assert os.listdir(m.path) == []
+    m = m.remount(fresh_cache=True)
+    assert os.listdir(m.path) == []
+
+
+@pytest.mark.timeout(60)
 def test_chmod_chown_utime_persist_across_remount(fusion_mount: Any, target: Target) -> None:
     m = _mount(fusion_mount, target)
     f = m.path / "f"
@@ -355,6 +400,22 @@ def test_hard_link_is_eperm(fusion_mount: Any, target: Target) -> None:
     assert _errno_of(os.link, m.path / "a", m.path / "b") == errno.EPERM
     assert os.listdir(m.path) == ["a"]
     assert target.get("b") is None
+
+
+@pytest.mark.timeout(60)
+def test_a_file_unlinked_while_open_has_no_links(fusion_mount: Any, target: Target) -> None:
+    """S-LINK-1: without hard links a file has one name, so st_nlink is 1, and 0 once it is
+    unlinked while still open (fstat, as pjdfstest's unlink/14.t checks). With a zero
+    metadata TTL the kernel asks fusionfs for every fstat instead of keeping its own count."""
+    m = _mount(fusion_mount, target, "--metadata-ttl", "0")
+    (m.path / "a").write_bytes(b"hello")
+    assert os.stat(m.path / "a").st_nlink == 1
+    fd = os.open(m.path / "a", os.O_RDONLY)
+    try:
+        os.unlink(m.path / "a")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.timeout(60)
@@ -875,3 +936,27 @@ def test_kernel_read_ahead_is_raised_for_the_mount(
     wait_for(tuned, timeout=10, what="max_background raised")  # tuned just after INIT
     assert (conn / "congestion_threshold").read_text().strip() == "48"
     assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == str(64 * 1024 // 4)
+
+
+@pytest.mark.timeout(60)
+def test_atime_set_by_utime_is_kept(fusion_mount: Any, target: Target) -> None:
+    """S-ATTR-5: an atime set with utimensat is kept in metadata and survives a cold remount;
+    a file never given one shows its mtime (pjdfstest utimensat/*)."""
+    m = _mount(fusion_mount, target)
+    f = m.path / "f"
+    f.write_bytes(b"x")
+    st = os.stat(f)
+    assert st.st_atime_ns == st.st_mtime_ns
+    os.utime(f, ns=(1_900_000_000_000_000_000, 1_950_000_000_000_000_000))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000_000_000_000,
+                                                1_950_000_000_000_000_000)
+    fd = os.open(f, os.O_RDONLY)
+    try:  # a new mtime with the atime it has: the atime stays
+        os.utime(fd, ns=(os.stat(f).st_atime_ns, 1_960_000_000_000_000_000))
+    finally:
+        os.close(fd)
+    m = m.remount(fresh_cache=True)
+    st = os.stat(m.path / "f")
+    assert st.st_atime_ns == 1_900_000_000_000_000_000
+    assert st.st_mtime_ns == 1_960_000_000_000_000_000
