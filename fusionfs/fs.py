@@ -1445,14 +1445,15 @@ class Filesystem:
                     or child.local_only or info.etag != child.etag):
                 return  # changed meanwhile: its next lookup looks again
             now = trio.current_time()
-            if self._kind_from_metadata(info.metadata) is Kind.SYMLINK:
+            kind = self._kind_from_metadata(info.metadata)
+            if kind is not Kind.FILE:  # a symlink, a FIFO, a socket, a device (S-SPECIAL-1)
                 self._detach(child)
-                link = self._new_inode(directory, name, Kind.SYMLINK)
-                self._apply_info(link, info)
-                if len(head) == info.size:
-                    link.target = head
-                link.validated = now
-                learned[name] = link
+                other = self._new_inode(directory, name, kind)
+                self._apply_info(other, info)
+                if kind is Kind.SYMLINK and len(head) == info.size:
+                    other.target = head
+                other.validated = now
+                learned[name] = other
                 return
             if head and logical_size(info.metadata) is None:
                 self._chunks.prime(ObjectRef(key, info.etag, info.size), head)

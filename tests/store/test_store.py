@@ -463,10 +463,11 @@ def test_etags_from_writes_are_those_head_and_list_show(store: ObjectStore) -> N
     }
     upload = store.create_multipart(K("mp"))
     src = store.put(K("src"), _data(6 * MiB, 4))
-    parts = [
-        store.upload_part(K("mp"), upload, 1, _data(5 * MiB, 5)),
-        store.upload_part_copy(K("mp"), upload, 2, K("src"), 0, 6 * MiB, src_etag=src),
-    ]
+    second = (  # s3rver has no UploadPartCopy (S-SRV-5): a plain part there
+        store.upload_part(K("mp"), upload, 2, _data(6 * MiB, 4)) if _is_s3rver(store)
+        else store.upload_part_copy(K("mp"), upload, 2, K("src"), 0, 6 * MiB, src_etag=src)
+    )
+    parts = [store.upload_part(K("mp"), upload, 1, _data(5 * MiB, 5)), second]
     returned["mp"] = store.complete_multipart(K("mp"), upload, parts)
     listed = {str(o.key): o.etag for o in store.list(K(""), delimiter=None).objects}
     for key, etag in returned.items():
