@@ -72,6 +72,7 @@ from fusionfs.stats import Stats
 from fusionfs.store.base import (
     ETag,
     Key,
+    NotFound,
     NotSupported,
     ObjectStore,
     StoreError,
@@ -901,13 +902,16 @@ class StagedFile:
             functools.partial(up.store.create_multipart, key, metadata), f"create upload {key}"
         )
         results: dict[int, UploadPart] = {}
+        copied: set[int] = set()
         try:
             with first_error():
                 async with trio.open_nursery() as nursery:
                     for number, start, length in plan:
                         nursery.start_soon(self._upload_part, key, upload_id, number, start,
-                                           length, results)
+                                           length, results, copied)
             parts = [results[n] for n in sorted(results)]
+            if copied:
+                await self._check_base_unchanged()
             self._begin_replacing()
             etag = await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),
@@ -923,9 +927,26 @@ class StagedFile:
                     )
             raise
 
+    async def _check_base_unchanged(self) -> None:
+        """After parts were copied server-side from the base: the base must still be the
+        version they were meant to come from. S3 checks the copy's ``If-Match`` itself, but
+        moto and Ceph RGW 16 ignore it on UploadPartCopy, and a base replaced by another
+        client meanwhile would give an object mixing its bytes with ours (S-WRITE-5): that
+        commit fails (``Stale``, EIO to the caller) and the data stays staged."""
+        base = self.base
+        assert base is not None
+        try:
+            info = await self._up.call(
+                functools.partial(self._up.store.head, base.key), f"HEAD {base.key}"
+            )
+        except NotFound:
+            raise Stale(f"{base.key} was removed from the store during the rewrite") from None
+        if info.etag != base.etag:
+            raise Stale(f"{base.key} was replaced in the store during the rewrite")
+
     async def _upload_part(
         self, key: Key, upload_id: str, number: int, start: int, length: int,
-        results: dict[int, UploadPart],
+        results: dict[int, UploadPart], copied: set[int],
     ) -> None:
         up = self._up
         cs = up.chunks.chunk_size
@@ -944,6 +965,7 @@ class StagedFile:
                         ),
                         f"copy part {number} of {key}",
                     )
+                    copied.add(number)
                     return
                 except NotSupported:
                     log.info("store has no UploadPartCopy: uploading unchanged parts instead")

@@ -219,3 +219,25 @@ async def test_two_opens_for_writing_at_once_share_one_staged_file(
         await h.close(fh)
     assert await _cold_read(make_fs, local_store, "f") == _patched(base, a, b)
     assert sorted(p.name for p in h.staging_dir.iterdir()) == []
+
+
+@pytest.mark.allow_logs("data not yet durable stays staged")
+async def test_a_rewrite_whose_object_was_replaced_meanwhile_is_never_mixed(
+    make_fs: FsFactory, s3_store: FaultyStore
+) -> None:
+    """S-WRITE-5: a rewrite whose unchanged parts are copied server-side, while another client
+    replaced the object, fails (ESTALE) instead of completing an object that mixes the other
+    client's bytes with ours: moto, like Ceph RGW 16, ignores the copy's If-Match."""
+    from fusionfs.errors import Stale
+
+    base = data_of(PART + 2 * CHUNK, seed=6)  # part 1 is copied, part 2 uploaded
+    await (await make_fs(s3_store)).write_file("f", base)
+    h = await make_fs(s3_store)
+    fh = await h.open("f", os.O_RDWR)
+    await h.write(fh, PART, data_of(2 * CHUNK, seed=8))  # all of part 2: nothing to fill
+    theirs = data_of(PART + 2 * CHUNK, seed=7)
+    await h.put("f", theirs)  # another client replaces the object
+    with pytest.raises(Stale):
+        await h.fs.fsync(fh)
+    assert await h.get("f") == theirs, "the store's object was overwritten or mixed"
+    await h.fs.release(fh)
