@@ -1442,11 +1442,15 @@ class Filesystem:
                     failures.append(e)
                     return
             if (self._known_child(directory, name) is not child or child.staged is not None
-                    or child.local_only or info.etag != child.etag):
-                return  # changed meanwhile: its next lookup looks again
+                    or child.local_only):
+                return  # changed here meanwhile: its next lookup looks again
             now = trio.current_time()
             kind = self._kind_from_metadata(info.metadata)
-            if kind is not Kind.FILE:  # a symlink, a FIFO, a socket, a device (S-SPECIAL-1)
+            if kind is not Kind.FILE or info.etag != child.etag:
+                # a symlink, a FIFO, a socket, a device (S-SPECIAL-1); or a newer version than
+                # the listing showed (Ceph RGW's bucket index can lag its objects: a symlink
+                # that replaced an empty placeholder, as tar makes them, was still listed as
+                # the placeholder): what the object itself says wins
                 self._detach(child)
                 other = self._new_inode(directory, name, kind)
                 self._apply_info(other, info)

@@ -1204,3 +1204,36 @@ async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forget
     assert not await h.exists("d/f")
     await forgotten_then_found("d/sub/f")
     assert await h.read_file("d/sub/f") == b"x"
+
+
+async def test_a_listing_that_lags_the_objects_does_not_turn_a_symlink_into_a_file(
+    make_fs: FsFactory, any_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S-MAP-5: tar makes a symlink that points outside (../a) as an empty placeholder file
+    first, then replaces it; Ceph RGW's bucket index can still list the placeholder (size 0,
+    its ETag) after the object is the symlink. The readdir's metadata probe asks the object,
+    and what the object says wins: the entry is a symlink with its target, on this mount and
+    on a fresh one (the CI run that found it: diff -r saw 'a regular empty file')."""
+    import dataclasses
+
+    from fusionfs.store.base import ETag, ListPage
+
+    h = await make_fs(any_store)
+    await h.mkdir("d")
+    await h.write_file("d/l", b"")  # the placeholder
+    placeholder = any_store.inner.head(Key("d/l"))
+    await h.unlink("d/l")
+    await h.symlink("d/l", "../a")
+    real_list = any_store.inner.list
+
+    def lagging(*args: Any, **kwargs: Any) -> ListPage:
+        page = real_list(*args, **kwargs)
+        objects = [dataclasses.replace(o, size=0, etag=ETag(placeholder.etag))
+                   if o.key == "d/l" else o for o in page.objects]
+        return dataclasses.replace(page, objects=objects)
+
+    monkeypatch.setattr(any_store.inner, "list", lagging)
+    await trio.sleep(0.25)  # past the attribute TTL: the next readdir lists again
+    for fs in (h, await make_fs(any_store)):
+        assert (await fs.listdir_kinds("d"))["l"] is Kind.SYMLINK
+        assert await fs.readlink("d/l") == "../a"
