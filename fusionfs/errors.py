@@ -12,6 +12,7 @@ import errno
 from collections.abc import Iterator
 
 from fusionfs.store.base import (
+    Corrupt,
     NotFound,
     NotSupported,
     PreconditionFailed,
@@ -122,6 +123,7 @@ _ERRNO: dict[type[BaseException], int] = {
     NotFound: errno.ENOENT,
     PreconditionFailed: errno.ESTALE,
     Transient: errno.EIO,
+    Corrupt: errno.EIO,  # S-INTEG-2: never served, never a retry the caller could win
     NotSupported: errno.EIO,
     StoreError: errno.EIO,
 }

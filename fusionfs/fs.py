@@ -68,6 +68,8 @@ from fusionfs.layout import (
 from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
+    Checksum,
+    Corrupt,
     ETag,
     Key,
     NotFound,
@@ -196,6 +198,7 @@ class Inode:
     local_only: bool = False  # created here, not committed to the store yet
     linked: bool = True
     kernel_etag: ETag | None = None  # the version the kernel's page cache holds
+    checksum: Checksum | None = None  # the stored full-object checksum of ``etag`` (S-INTEG-2)
     listed_at: float = float("-inf")  # directories: when the listing below was fetched
     # kept true as entries are made, moved and removed through this mount (S-MAP-7)
     listed_names: set[bytes] = dataclasses.field(default_factory=set)
@@ -286,7 +289,7 @@ class Filesystem:
     def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
         assert inode.etag is not None
         return ObjectRef(key if key is not None else self.key_of(inode), inode.etag, inode.size,
-                         inode.chunked)
+                         inode.chunked, inode.checksum)
 
     def _chunked_dir(self, inode: Inode) -> bool:
         """Whether ``inode`` (a file) is below a directory marked chunked (S-CHUNK-1)."""
@@ -448,7 +451,10 @@ class Filesystem:
             return  # our local content is newer than anything in the store
         if info.etag != inode.etag:
             inode.target = None
+            inode.checksum = info.checksum
             self._chunks.forget(Key(self.key_of(inode)))
+        elif info.checksum is not None:  # a LIST answer (None) keeps what a HEAD said
+            inode.checksum = info.checksum
         inode.size = info.size
         inode.etag = info.etag
         inode.mtime_ns = inode.ctime_ns = info.mtime_ns
@@ -533,7 +539,9 @@ class Filesystem:
                     )
                     kind = self._kind_from_metadata(info.metadata)
                     if kind is Kind.FILE and logical_size(info.metadata) is None:  # plain
-                        self._chunks.prime(ObjectRef(file_key, info.etag, info.size), head)
+                        self._chunks.prime(
+                            ObjectRef(file_key, info.etag, info.size, checksum=info.checksum), head
+                        )
                     return kind, info
                 info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
                 return self._kind_from_metadata(info.metadata), info
@@ -875,7 +883,7 @@ class Filesystem:
         inode.meta_known = True
         for h in self._handles.values():
             if h.inode is inode and h.ref is not None:
-                h.ref = ObjectRef(key, etag, h.ref.size, h.ref.chunked)
+                h.ref = ObjectRef(key, etag, h.ref.size, h.ref.chunked, h.ref.checksum)
         if inode.staged is not None:
             inode.staged.copied(key, etag)
 
@@ -1082,7 +1090,7 @@ class Filesystem:
             src.kernel_etag = etag
             for h in self._handles.values():
                 if h.inode is src and h.ref is not None:
-                    h.ref = ObjectRef(new_key, etag, h.ref.size, h.ref.chunked)
+                    h.ref = ObjectRef(new_key, etag, h.ref.size, h.ref.chunked, h.ref.checksum)
         if dst is not None:
             self._detach(dst)
         self._move(src, dst_dir, new_name)
@@ -1275,9 +1283,15 @@ class Filesystem:
         elif h.ref is None:
             data = b""
         else:
-            data = await self._chunks.read(
-                h.ref, off, size, h.rstate, cache=h.cache, release=h.page_cache
-            )
+            try:
+                data = await self._chunks.read(
+                    h.ref, off, size, h.rstate, cache=h.cache, release=h.page_cache
+                )
+            except Corrupt:
+                # S-INTEG-2: the kernel keeps the pages of the chunks served before the check
+                # failed; the next open must not reuse them (no FOPEN_KEEP_CACHE)
+                inode.kernel_etag = None
+                raise
         self.stats.bytes_read += len(data)  # trio thread only: no lock needed for these two
         self.stats.read_calls += 1
         return data
@@ -1307,6 +1321,7 @@ class Filesystem:
         ref = await staged.commit(key, self._metadata(inode))
         inode.chunked = ref.chunked
         inode.etag = ref.etag
+        inode.checksum = ref.checksum
         inode.kernel_etag = ref.etag
         # writes (or a truncate) that came in during the commit are in the staged file, not in
         # the object yet: the file's size is the staged one while it is staged
@@ -1460,7 +1475,9 @@ class Filesystem:
                 learned[name] = other
                 return
             if head and logical_size(info.metadata) is None:
-                self._chunks.prime(ObjectRef(key, info.etag, info.size), head)
+                self._chunks.prime(
+                    ObjectRef(key, info.etag, info.size, checksum=info.checksum), head
+                )
             self._apply_info(child, info)
             child.validated = now
 

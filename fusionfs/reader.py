@@ -16,6 +16,16 @@ one past what read-ahead already requested) is sequential and doubles the handle
 ``max_readahead`` bytes; any other read resets it. The chunks in the window are fetched in the
 background as several ranged GETs in flight at once.
 
+Integrity (S-INTEG-2): where the version has a full-object checksum (``ObjectRef.checksum``),
+every chunk gets its CRC in the worker thread that fetched it or read it from the disk cache; the
+reads that touch the chunks in order fold those CRCs together (``combine``, no second pass over
+the bytes), and the read that touches the last chunk compares the result with the stored
+checksum: on a mismatch it fails with ``Corrupt`` (EIO) and the version's chunks are dropped
+from memory and from the disk cache, so a later read fetches them again. A single GET that
+covers the whole object is checked before any of its bytes are served or cached: a mismatch is
+fetched once more, then ``Corrupt``. Caveat: a file read in part, or out of order beyond the
+slack below, is not checked; bytes of chunks before the last are served before the check.
+
 Concurrency: everything here runs on the trio thread except the store and cache calls, which go
 through ``trio.to_thread.run_sync`` (store calls under the mount's ``CapacityLimiter``). State is
 only touched on the trio thread, so it needs no lock. A fetch that fails wakes its waiters with
@@ -39,7 +49,17 @@ import trio
 from fusionfs.cache import WRITER_THREADS
 from fusionfs.errors import Stale
 from fusionfs.stats import Stats
-from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, Transient
+from fusionfs.store import checksum as _checksum
+from fusionfs.store.base import (
+    Checksum,
+    Corrupt,
+    ETag,
+    Key,
+    NotFound,
+    ObjectStore,
+    PreconditionFailed,
+    Transient,
+)
 
 if TYPE_CHECKING:
     from fusionfs.cache import ChunkCache
@@ -62,6 +82,11 @@ class ObjectRef:
     etag: ETag
     size: int
     chunked: bool = False  # a chunked-layout manifest: ``size`` is the logical size
+    checksum: Checksum | None = None  # the version's full-object checksum, if known (S-INTEG-2)
+
+    @property
+    def verifiable(self) -> bool:
+        return self.checksum is not None and not self.chunked
 
 
 @dataclasses.dataclass(slots=True)
@@ -118,6 +143,23 @@ _REORDER_SLACK = 8
 _PAGE = 4096
 #: Chunks remembered as touched by a sparse read: a second random read of one fetches it whole.
 _TOUCHED_MAX = 1 << 16
+#: Objects of at most this many chunks (and one request) are fetched whole by any read of them
+#: until verified (S-INTEG-2).
+_WHOLE_CHUNKS = 8
+#: How far ahead of the next chunk to fold a served chunk's CRC may be kept (S-INTEG-2).
+_FOLD_AHEAD = 4096
+#: Object versions with a fold in progress, and versions already verified, remembered at most.
+_FOLDS_MAX = 1024
+
+
+@dataclasses.dataclass(slots=True)
+class _Fold:
+    """The CRC of a version's chunks ``0..next-1`` (served in order), and the CRCs and lengths
+    of chunks served ahead of ``next``."""
+
+    next: int = 0
+    crc: int = 0
+    ahead: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class _Pending:
@@ -172,6 +214,14 @@ class ChunkSource:
         self._mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
         self._inflight: dict[_ChunkId, _Pending] = {}
         self._touched: OrderedDict[_ChunkId, None] = OrderedDict()  # by sparse reads
+        # S-INTEG-2: the CRC of each chunk in memory (of a version with a checksum), the folds
+        # in progress, and the versions verified whole in this mount
+        self._crcs: dict[_ChunkId, int] = {}
+        self._folds: OrderedDict[tuple[Key, ETag], _Fold] = OrderedDict()
+        self._verified: OrderedDict[tuple[Key, ETag], None] = OrderedDict()
+        # versions found corrupt, and how often: a cache write of a chunk fetched before the
+        # last drop is not made (it would put back what the drop took away)
+        self._drops: dict[tuple[Key, ETag], int] = {}
         self._call_timeout = call_timeout
         # Cache writes happen in the background, off the read's critical path; bounded so a slow
         # cache disk cannot make memory grow without limit (excess writes are simply skipped).
@@ -215,6 +265,14 @@ class ChunkSource:
         end = min(off + size, ref.size)
         cs = self.chunk_size
         first, last = off // cs, (end - 1) // cs
+        if (
+            ref.verifiable
+            and ref.size <= min(self._run_chunks, _WHOLE_CHUNKS) * cs
+            and (ref.key, ref.etag) not in self._verified
+        ):
+            # a small object: one GET of all of it, checked before any byte is served
+            # (S-INTEG-2), rather than the read's chunks (or pages) and then read-ahead's
+            self._request(ref, 0, (ref.size - 1) // cs, cache)
         if state is not None:
             self._advance_window(ref, state, first, last, cache)
             if (
@@ -226,13 +284,18 @@ class ChunkSource:
                 return await self._read_pages(ref, off, end)
         self._request(ref, first, last, cache)
         out: bytes | memoryview
+        check = ref.verifiable and (ref.key, ref.etag) not in self._verified
         if first == last:
             data = await self._chunk(ref, first)
+            if check:
+                await self._fold(ref, first, data)
             out = memoryview(data)[off - first * cs : end - first * cs]
         else:
             parts = []
             for idx in range(first, last + 1):
                 data = await self._chunk(ref, idx)
+                if check:
+                    await self._fold(ref, idx, data)
                 lo = max(off, idx * cs) - idx * cs
                 hi = min(end, (idx + 1) * cs) - idx * cs
                 parts.append(memoryview(data)[lo:hi])  # a view: the join below is the one copy
@@ -241,6 +304,82 @@ class ChunkSource:
             passed = last if end == min((last + 1) * cs, ref.size) else last - 1
             self._release_read(ref, first, passed)
         return out
+
+    # -- integrity (S-INTEG-2) -----------------------------------------------------------------
+    async def _fold(self, ref: ObjectRef, idx: int, data: _Data) -> None:
+        """Note that chunk ``idx`` of ``ref`` was served; when that completes the version in
+        order, compare with its stored checksum (``Corrupt`` on a mismatch)."""
+        assert ref.checksum is not None
+        vkey = (ref.key, ref.etag)
+        fold = self._folds.get(vkey)
+        if fold is None:
+            fold = self._folds[vkey] = _Fold()
+            while len(self._folds) > _FOLDS_MAX:
+                self._folds.popitem(last=False)
+        if idx < fold.next or idx in fold.ahead or idx >= fold.next + _FOLD_AHEAD:
+            return
+        crc = self._crcs.get((ref.key, ref.etag, idx))
+        if crc is None:  # a chunk that came without one (primed, say): computed here
+            crc = _checksum.compute(ref.checksum.algorithm, data)
+        fold.ahead[idx] = (crc, len(data))
+        algorithm = ref.checksum.algorithm
+        while fold.next in fold.ahead:
+            chunk_crc, length = fold.ahead.pop(fold.next)
+            fold.crc = _checksum.combine(algorithm, fold.crc, chunk_crc, length)
+            fold.next += 1
+        if fold.next * self.chunk_size < ref.size:
+            return
+        del self._folds[vkey]
+        if fold.crc == ref.checksum.value:
+            self._stats.add("objects_verified")
+            self._mark_verified(ref)
+            return
+        self._stats.add("checksum_mismatches")
+        got = _checksum.encode(algorithm, fold.crc)
+        log.warning(
+            "%s: the bytes read do not match the object's %s (stored %s, read %s); its cached "
+            "chunks are dropped", ref.key, algorithm, ref.checksum.b64(), got,
+        )
+        await self.drop_version(ref)
+        raise Corrupt(
+            f"{ref.key}: read bytes do not match the stored {algorithm} "
+            f"({ref.checksum.source}): {got} != {ref.checksum.b64()}"
+        )
+
+    def _mark_verified(self, ref: ObjectRef) -> None:
+        self._verified[(ref.key, ref.etag)] = None
+        while len(self._verified) > _FOLDS_MAX:
+            self._verified.popitem(last=False)
+
+    async def drop_version(self, ref: ObjectRef) -> None:
+        """Forget every chunk of ``ref``'s key, in memory and in the disk cache (a version found
+        corrupt: the next read fetches it again)."""
+        self.forget(ref.key)
+        self._folds.pop((ref.key, ref.etag), None)
+        self._drops[(ref.key, ref.etag)] = self._drops.get((ref.key, ref.etag), 0) + 1
+        cache = self._cache
+        if cache is not None:
+            await trio.to_thread.run_sync(cache.drop_object, ref.key)
+
+    def _crcs_of(self, ref: ObjectRef, view: memoryview, count: int) -> list[int] | None:
+        """Per-chunk CRCs of ``count`` chunks in ``view`` (worker thread), or None when the
+        version has no checksum to check or was already verified in this mount."""
+        if not ref.verifiable or (ref.key, ref.etag) in self._verified:
+            return None
+        assert ref.checksum is not None
+        cs = self.chunk_size
+        algorithm = ref.checksum.algorithm
+        return [_checksum.compute(algorithm, view[n * cs : (n + 1) * cs]) for n in range(count)]
+
+    def _whole(self, ref: ObjectRef, crcs: list[int], view: memoryview) -> bool:
+        """Whether per-chunk ``crcs`` of the whole object ``view`` add up to its checksum."""
+        assert ref.checksum is not None
+        algorithm = ref.checksum.algorithm
+        total = 0
+        cs = self.chunk_size
+        for n, crc in enumerate(crcs):
+            total = _checksum.combine(algorithm, total, crc, len(view[n * cs : (n + 1) * cs]))
+        return total == ref.checksum.value
 
     def _first_touch(self, ref: ObjectRef, first: int, last: int) -> bool:
         """Whether a random read of chunks ``first..last`` should fetch only its own pages
@@ -296,12 +435,15 @@ class ChunkSource:
             data = self._mem.pop((ref.key, ref.etag, idx), None)
             if data is not None:
                 self._mem_bytes -= len(data)
+            self._crcs.pop((ref.key, ref.etag, idx), None)
 
     def forget(self, key: Key) -> None:
         """Drop in-memory chunks of ``key`` (any version): after an overwrite or unlink."""
         self.chunked.forget(key)
         for cid in [c for c in self._mem if c[0] == key]:
             self._mem_bytes -= len(self._mem.pop(cid))
+        for cid in [c for c in self._crcs if c[0] == key]:
+            del self._crcs[cid]
 
     # -- read-ahead ----------------------------------------------------------------------
     def _advance_window(
@@ -373,8 +515,8 @@ class ChunkSource:
                     self._cache_lookup, ref, run, limiter=self._cache_read_limiter
                 )
                 missing = [i for i in run if i not in hits]
-                for idx, data in hits.items():
-                    self._resolve(ref, idx, data)
+                for idx, (data, crc) in hits.items():
+                    self._resolve(ref, idx, data, crc)
             # cache hits may have split the run: fetch each contiguous stretch of misses
             stretches: list[list[int]] = []
             for idx in missing:
@@ -399,24 +541,69 @@ class ChunkSource:
         cs = self.chunk_size
         start = stretch[0] * cs
         length = min((stretch[-1] + 1) * cs, ref.size) - start
-        blob = await self._get(ref, start, length)
+
+        def fetch() -> tuple[bytes, list[int] | None]:
+            """The GET, and the chunks' CRCs, in the worker thread (S-INTEG-2). A GET of the
+            whole object is checked before anything is served: fetched once more on a
+            mismatch, then ``Corrupt``."""
+            for attempt in (1, 2):
+                blob = self._store.get_range(ref.key, start, length, ref.etag)
+                if len(blob) != length:
+                    return blob, None
+                view = memoryview(blob)
+                crcs = self._crcs_of(ref, view, len(stretch))
+                if crcs is None or start != 0 or length != ref.size or self._whole(
+                    ref, crcs, view
+                ):
+                    return blob, crcs
+                self._stats.add("checksum_mismatches")
+                log.warning(
+                    "GET %s: the object does not match its stored checksum%s", ref.key,
+                    "; fetching it again" if attempt == 1 else "",
+                )
+            assert ref.checksum is not None
+            raise Corrupt(
+                f"{ref.key}: the object does not match its stored {ref.checksum.algorithm} "
+                f"({ref.checksum.source}) on two fetches"
+            )
+
+        blob, crcs = await self._get_with(ref, fetch, length)
+        if crcs is not None and start == 0 and length == ref.size:
+            self._stats.add("objects_verified")
+            self._mark_verified(ref)  # checked whole before serving: no fold needed
+            crcs = None
         # chunks are views into the one response buffer: no copy until the reply to the kernel
         view = memoryview(blob)
         fetched: list[tuple[int, _Data]] = [
             (idx, view[n * cs : (n + 1) * cs]) for n, idx in enumerate(stretch)
         ]
-        for idx, data in fetched:
-            self._resolve(ref, idx, data)
+        for n, (idx, data) in enumerate(fetched):
+            self._resolve(ref, idx, data, None if crcs is None else crcs[n])
         if cache:
             self._cache_store(ref, fetched)
 
-    def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, bytes]:
+    async def _get_with(
+        self, ref: ObjectRef, fn: Callable[[], tuple[bytes, list[int] | None]], length: int
+    ) -> tuple[bytes, list[int] | None]:
+        """``fn()`` (a ranged GET of ``length`` bytes and what goes with it) in a worker thread."""
+        try:
+            blob, extra = await run_store_call(
+                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
+            )
+        except (PreconditionFailed, NotFound) as e:
+            raise Stale(f"{ref.key} changed in the store while being read") from e
+        if len(blob) != length:
+            raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
+        return blob, extra
+
+    def _cache_lookup(self, ref: ObjectRef, run: list[int]) -> dict[int, tuple[bytes, int | None]]:
         assert self._cache is not None
-        hits: dict[int, bytes] = {}
+        hits: dict[int, tuple[bytes, int | None]] = {}
         for idx in run:
             data = self._cache.get(ref.key, ref.etag, self.chunk_size, idx)
             if data is not None:
-                hits[idx] = data
+                crcs = self._crcs_of(ref, memoryview(data), 1)
+                hits[idx] = (data, None if crcs is None else crcs[0])
         return hits
 
     def prime(self, ref: ObjectRef, data: bytes) -> None:
@@ -426,18 +613,33 @@ class ChunkSource:
             return
         cid = (ref.key, ref.etag, 0)
         if cid not in self._mem and cid not in self._inflight:
-            self._resolve(ref, 0, data)
+            crcs = self._crcs_of(ref, memoryview(data), 1)
+            if crcs is not None and len(data) == ref.size:  # the whole object: checked now
+                if not self._whole(ref, crcs, memoryview(data)):
+                    self._stats.add("checksum_mismatches")
+                    log.warning("GET %s: the object does not match its stored checksum; "
+                                "fetching it again", ref.key)
+                    return  # not served: the read fetches (and checks) it again
+                self._stats.add("objects_verified")
+                self._mark_verified(ref)
+                crcs = None
+            self._resolve(ref, 0, data, None if crcs is None else crcs[0])
 
-    def _resolve(self, ref: ObjectRef, idx: int, data: _Data) -> None:
+    def _resolve(self, ref: ObjectRef, idx: int, data: _Data, crc: int | None = None) -> None:
         cid = (ref.key, ref.etag, idx)
         old = self._mem.pop(cid, None)
         if old is not None:
             self._mem_bytes -= len(old)
         self._mem[cid] = data
         self._mem_bytes += len(data)
+        if crc is not None:
+            self._crcs[cid] = crc
+        else:
+            self._crcs.pop(cid, None)
         while self._mem_bytes > self._mem_limit and len(self._mem) > 1:
-            _, dropped = self._mem.popitem(last=False)
+            gone, dropped = self._mem.popitem(last=False)
             self._mem_bytes -= len(dropped)
+            self._crcs.pop(gone, None)
         pending = self._inflight.pop(cid, None)
         if pending is not None:
             pending.data = data
@@ -459,12 +661,16 @@ class ChunkSource:
                 self._cache_backlog += len(data)
             taken.append((idx, data))
         if taken:
-            self._nursery.start_soon(self._cache_put, ref, taken)
+            epoch = self._drops.get((ref.key, ref.etag), 0)
+            self._nursery.start_soon(self._cache_put, ref, taken, epoch)
 
-    async def _cache_put(self, ref: ObjectRef, chunks: list[tuple[int, _Data]]) -> None:
+    async def _cache_put(
+        self, ref: ObjectRef, chunks: list[tuple[int, _Data]], epoch: int = 0
+    ) -> None:
         cache = self._cache
         assert cache is not None
         chunk_size = self.chunk_size
+        vkey = (ref.key, ref.etag)
 
         pending = sum(len(data) for _, data in chunks)
 
@@ -477,7 +683,8 @@ class ChunkSource:
         def put_all() -> None:
             for idx, data in chunks:
                 try:
-                    cache.put(ref.key, ref.etag, chunk_size, idx, data)
+                    if self._drops.get(vkey, 0) == epoch:  # not found corrupt since fetched
+                        cache.put(ref.key, ref.etag, chunk_size, idx, data)
                 finally:
                     release(len(data))
 

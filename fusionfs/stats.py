@@ -39,6 +39,10 @@ class Stats:
     cache_write_failures: int = 0
     cache_writes_skipped: int = 0  # fetched chunks not cached: the write backlog was full
     sparse_reads: int = 0  # random small reads that fetched only their own pages (S-READ-8)
+    # integrity (S-INTEG-2): object versions whose bytes were checked whole against their
+    # stored checksum, and checks that failed (a mismatch fetched again counts each time)
+    objects_verified: int = 0
+    checksum_mismatches: int = 0
     # uploads
     uploads_pending: int = 0
     uploads_done: int = 0

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..stats import Stats
 from .base import (
+    Checksum,
+    Corrupt,
     ETag,
     Key,
     ListPage,
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from .s3 import S3Store
 
 __all__ = [
+    "Checksum",
+    "Corrupt",
     "ETag",
     "FaultyStore",
     "Key",

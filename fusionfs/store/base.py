@@ -19,8 +19,12 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO, NewType, Protocol, runtime_checkable
 
+from .checksum import Checksum
+
 __all__ = [
     "Body",
+    "Checksum",
+    "Corrupt",
     "ETag",
     "Key",
     "ListPage",
@@ -70,6 +74,11 @@ class PreconditionFailed(StoreError):
     """A conditional request failed: the object's ETag is no longer the one asked for."""
 
 
+class Corrupt(StoreError):
+    """Data failed its checksum, the same way on a second fetch: the object's bytes are not the
+    ones its checksum vouches for (corrupt at rest, or on every path to it). Maps to EIO."""
+
+
 class Transient(StoreError):
     """A failure worth retrying (throttling, 5xx, connection reset, timeout).
 
@@ -91,6 +100,10 @@ class ObjectInfo:
     # User metadata (S3 ``x-amz-meta-*``), lower-case names without the prefix. Only HEAD and GET
     # fill it; LIST results carry ``None`` because S3's LIST does not return metadata.
     metadata: Mapping[str, str] | None = None
+    # The full-object checksum of this version where the store knows one (S-INTEG-2): what the
+    # server reports (HEAD with ChecksumMode=ENABLED), else what fusionfs recorded at upload.
+    # None from LIST, and for objects without one (any other tool's upload to s3rver, say).
+    checksum: Checksum | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +119,7 @@ class ListPage:
 class UploadPart:
     number: int  # 1-based part number
     etag: ETag
+    checksum: str | None = None  # the part's CRC32C as the server took it (base64), if any
 
 
 @runtime_checkable

@@ -13,7 +13,12 @@ method names (``"get_range"``, ``"complete_multipart"``, ...; see ``OPS``); a mi
   ``seconds`` pass, or ``clear``/``release`` is called; then they proceed to the inner store.
   ``waiting(op)`` says how many calls are blocked right now.
 - ``corrupt(op="get_range", times=None)``: flips one byte in the data returned by
-  ``get_range`` (or written by ``get_into``).
+  ``get_range`` (or written by ``get_into``): corruption in flight.
+- ``keep_checksums()``: from then on act as a server that keeps full-object checksums (S3 with
+  ``ChecksumMode=ENABLED``): the CRC32C of every object written through this wrapper (``put``,
+  ``complete_multipart``, ``copy``) is reported by ``head`` and ``get_head`` while the object is
+  that version. ``rot(key)``: flip one byte of the stored object, keeping the checksum of the
+  original (corruption at rest; the object gets a new ETag, as a rewrite on S3 would).
 
 ``calls[op]`` counts every call, including the failed ones. Order within a call: count, stall,
 fail, then the inner store, then corruption. The injected errors are raised as they are: there is
@@ -35,7 +40,18 @@ import time
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from .base import Body, ETag, Key, ListPage, ObjectInfo, ObjectStore, UploadPart
+from . import checksum as _checksum
+from .base import (
+    Body,
+    Checksum,
+    ETag,
+    Key,
+    ListPage,
+    ObjectInfo,
+    ObjectStore,
+    UploadPart,
+    body_views,
+)
 
 __all__ = ["OPS", "FaultyStore"]
 
@@ -96,6 +112,8 @@ class FaultyStore:
         self._stalls: dict[str, _Stall] = {}
         self._corrupt: dict[str, int | None] = {}
         self._waiting: collections.Counter[str] = collections.Counter()
+        self._keep_checksums = False
+        self._checksums: dict[Key, tuple[ETag, Checksum]] = {}
 
     # -- injection API ---------------------------------------------------------------------
     def fail(self, op: str, error: _Error, *, nth: int = 1, times: int = 1) -> None:
@@ -215,6 +233,38 @@ class FaultyStore:
                     self._corrupt[op] = left - 1
             return True
 
+    def keep_checksums(self) -> None:
+        """Report the CRC32C of objects written from now on (see the module docstring)."""
+        self._keep_checksums = True
+
+    def rot(self, key: Key) -> None:
+        """Flip one byte of ``key`` in the inner store, keeping its recorded checksum."""
+        info = self.inner.head(key)
+        kept = self._checksums.get(key)
+        data = self.inner.get_range(key, 0, info.size)
+        etag = self.inner.put(key, _flip(data), info.metadata)
+        if kept is not None:
+            with self._lock:
+                self._checksums[key] = (etag, kept[1])
+
+    def _record(self, key: Key, etag: ETag, pieces: builtins.list[memoryview] | None) -> None:
+        if not self._keep_checksums:
+            return
+        if pieces is None:  # read what was stored
+            size = self.inner.head(key).size
+            pieces = [memoryview(self.inner.get_range(key, 0, size, etag))] if size else []
+        algorithm = _checksum.UPLOAD_ALGORITHM
+        crc = Checksum(algorithm, _checksum.compute_all(algorithm, pieces))
+        with self._lock:
+            self._checksums[key] = (etag, crc)
+
+    def _with_checksum(self, info: ObjectInfo) -> ObjectInfo:
+        with self._lock:
+            kept = self._checksums.get(info.key)
+        if kept is None or kept[0] != info.etag:
+            return info
+        return dataclasses.replace(info, checksum=kept[1])
+
     def close(self) -> None:
         """Close the inner store if it has a ``close`` (not part of ``ObjectStore``)."""
         close = getattr(self.inner, "close", None)
@@ -228,11 +278,12 @@ class FaultyStore:
 
     def head(self, key: Key) -> ObjectInfo:
         self._enter("head")
-        return self.inner.head(key)
+        return self._with_checksum(self.inner.head(key))
 
     def get_head(self, key: Key, length: int) -> tuple[ObjectInfo, bytes]:
         self._enter("get_head")
         info, data = self.inner.get_head(key, length)
+        info = self._with_checksum(info)
         return info, (_flip(data) if data and self._should_corrupt("get_range") else data)
 
     def get_range(self, key: Key, start: int, length: int, etag: ETag | None = None) -> bytes:
@@ -253,7 +304,9 @@ class FaultyStore:
 
     def put(self, key: Key, data: Body, metadata: Mapping[str, str] | None = None) -> ETag:
         self._enter("put")
-        return self.inner.put(key, data, metadata)
+        etag = self.inner.put(key, data, metadata)
+        self._record(key, etag, body_views(data))
+        return etag
 
     def list(
         self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
@@ -271,7 +324,9 @@ class FaultyStore:
         src_etag: ETag | None = None,
     ) -> ETag:
         self._enter("copy")
-        return self.inner.copy(src, dst, metadata, src_etag)
+        etag = self.inner.copy(src, dst, metadata, src_etag)
+        self._record(dst, etag, None)
+        return etag
 
     def create_multipart(self, key: Key, metadata: Mapping[str, str] | None = None) -> str:
         self._enter("create_multipart")
@@ -294,7 +349,9 @@ class FaultyStore:
         self, key: Key, upload_id: str, parts: builtins.list[UploadPart]
     ) -> ETag:
         self._enter("complete_multipart")
-        return self.inner.complete_multipart(key, upload_id, parts)
+        etag = self.inner.complete_multipart(key, upload_id, parts)
+        self._record(key, etag, None)
+        return etag
 
     def abort_multipart(self, key: Key, upload_id: str) -> None:
         self._enter("abort_multipart")

@@ -23,9 +23,21 @@ Caveats:
 - A ``complete_multipart`` whose response was lost and is then retried may get NoSuchUpload
   (the first attempt did complete): it raises ``NotFound``; callers that care may HEAD the key.
 - The store's own root marker (the key equal to the prefix) is left out of listings.
-- Request checksums are computed only when the API requires them
-  (``request_checksum_calculation="when_required"``): newer botocore defaults break several
-  S3-compatible servers.
+- botocore's own request checksums are off (``request_checksum_calculation="when_required"``:
+  botocore >= 1.36 would compute a CRC32 of every body itself). Instead every upload carries
+  a CRC32C that this module computes (``x-amz-checksum-crc32c``, with
+  ``x-amz-sdk-checksum-algorithm``; multipart uploads as type ``FULL_OBJECT``, each part with
+  its own) while the payload stays ``UNSIGNED-PAYLOAD`` (S-INTEG-1). A server that refuses
+  them (a 400 or 501 other than a checksum mismatch) is answered at once with the same
+  request without them, and the mount sends none from then on (``limits``: "flexible
+  checksums"). Whether the server keeps them is learnt from the first PUT's answer (it
+  echoes the checksum): until it has been seen to, a single PUT also records its CRC32C in
+  user metadata (``fusion-crc32c``), which ``head`` reports as the object's checksum where
+  the server reports none (s3rver, Ceph RGW 16).
+- ``head`` asks for the stored checksum (``ChecksumMode=ENABLED``) and returns it in
+  ``ObjectInfo.checksum``; ``get_head`` does too, and botocore then validates a whole-object
+  answer that carries one: a mismatch is fetched once more, and the same mismatch twice raises
+  ``Corrupt``. Ranged GETs carry no checksum on S3; the reader checks those (S-INTEG-2).
 """
 
 from __future__ import annotations
@@ -53,8 +65,11 @@ import urllib3.exceptions
 from botocore.config import Config
 
 from ..stats import Stats
+from . import checksum as _checksum
 from .base import (
     Body,
+    Checksum,
+    Corrupt,
     ETag,
     Key,
     ListPage,
@@ -87,6 +102,11 @@ _FALLBACK_PART = 64 * _MiB  # part size when UploadPartCopy is not supported (he
 _FALLBACK_COPY = 64 * _MiB  # a copy the server cannot do: one GET + PUT up to this size
 _MAX_ATTEMPTS = 10
 _CHECK_DEADLINE_S = 6.0
+#: User metadata that records an upload's CRC32C where the server keeps no checksum (S-INTEG-1).
+CRC_METADATA = "fusion-crc32c"
+#: Codes that mean "the body does not match its checksum": the body was hurt on the way, a
+#: resend is the answer (never taken for a refusal of checksums).
+_CHECKSUM_MISMATCH_CODES = frozenset({"BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"})
 
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound"})
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed"})
@@ -94,7 +114,7 @@ _NOT_SUPPORTED_CODES = frozenset({"501", "NotImplemented", "405", "MethodNotAllo
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "OperationAborted",
-    "InternalFailure", "500", "502", "503", "504",
+    "InternalFailure", "500", "502", "503", "504", "BadDigest", "XAmzContentChecksumMismatch",
 })
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _ACCESS_CODES = frozenset({
@@ -268,7 +288,33 @@ def _is_aws_endpoint(url: str) -> bool:
 
 
 def _lower_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    return {k.lower(): v for k, v in (metadata or {}).items()}
+    """User metadata as sent and as returned: lower-case names, without ``CRC_METADATA`` (the
+    store's own record, never the caller's: S-INTEG-1)."""
+    return {k.lower(): v for k, v in (metadata or {}).items() if k.lower() != CRC_METADATA}
+
+
+def _object_checksum(resp: Mapping[str, Any]) -> Checksum | None:
+    """The full-object checksum a HEAD or GET answer gives: the server's own, else the CRC32C
+    fusionfs recorded in metadata at upload (S-INTEG-1)."""
+    found = _checksum.from_headers(resp)
+    if found is not None:
+        return found
+    recorded = (resp.get("Metadata") or {}).get(CRC_METADATA)
+    if isinstance(recorded, str):
+        value = _checksum.decode(_checksum.UPLOAD_ALGORITHM, recorded)
+        if value is not None:
+            return Checksum(_checksum.UPLOAD_ALGORITHM, value, source="metadata")
+    return None
+
+
+def _refuses_checksums(err: BaseException) -> bool:
+    """Whether a request that carried flexible-checksum arguments was refused for them (a 400
+    or 501 that is not a checksum mismatch). Only taken as such if the same request without
+    them then succeeds (``S3Store._upload_call``)."""
+    if not isinstance(err, _bce.ClientError):
+        return False
+    code, status = _client_error_fields(err)
+    return status in (400, 501) and code not in _CHECKSUM_MISMATCH_CODES
 
 
 def _etag(value: Any) -> ETag:
@@ -442,6 +488,9 @@ class S3Store:
         self._sign_payload = sign_payload
         self._location = f"s3://{bucket}/{prefix.rstrip('/')}".rstrip("/")
         self._said_no_complete_etag = False  # logged once per store (S-STORE-1)
+        #: Whether the server keeps the checksums uploads carry (None until the first PUT's
+        #: answer says; S-INTEG-1). While not True, single PUTs record theirs in metadata.
+        self.keeps_checksums: bool | None = None
         self._session = _new_session(region)
         self._endpoint_url = endpoint_url
         # Path-style addressing for any endpoint other than AWS's own (given here, or through
@@ -579,7 +628,9 @@ class S3Store:
 
     def head(self, key: Key) -> ObjectInfo:
         def fn() -> Any:
-            return self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            return self.client.head_object(
+                Bucket=self.bucket, Key=self._full(key), ChecksumMode="ENABLED"
+            )
 
         resp = self._call("head", key, fn)
         return ObjectInfo(
@@ -588,6 +639,7 @@ class S3Store:
             etag=_etag(resp.get("ETag")),
             mtime_ns=_mtime_ns(resp.get("LastModified")),
             metadata=_lower_metadata(resp.get("Metadata")),
+            checksum=_object_checksum(resp),
         )
 
     def _ranged_get(
@@ -611,6 +663,18 @@ class S3Store:
             self._check_if_match(resp, args.get("IfMatch"), where)
             try:
                 data: bytes = b"" if _empty_or_malformed(resp, where) else body.read()
+            except _bce.FlexibleChecksumError as err:
+                # botocore checked a whole-object answer against the checksum it carried
+                # (get_head asks for it): fetched once more; the same mismatch twice is the
+                # object's own (S-INTEG-2)
+                if self._stats is not None:
+                    self._stats.add("checksum_mismatches")
+                signature = f"{resp.get('ETag')} checksum"
+                if seen is not None and seen and seen[-1] == signature:
+                    raise Corrupt(f"{where}: {_one_line(str(err), 200)}") from err
+                if seen is not None:
+                    seen.append(signature)
+                raise Transient(f"{where}: {_one_line(str(err), 200)}") from err
             except _SHORT_BODY as err:
                 if seen is not None:
                     signature = f"{resp.get('ETag')} {resp.get('ContentRange')} {err}"
@@ -643,7 +707,10 @@ class S3Store:
 
         def fn() -> tuple[ObjectInfo, bytes] | None:
             got = self._ranged_get(
-                {"Bucket": self.bucket, "Key": self._full(key), "Range": f"bytes=0-{length - 1}"},
+                {
+                    "Bucket": self.bucket, "Key": self._full(key),
+                    "Range": f"bytes=0-{length - 1}", "ChecksumMode": "ENABLED",
+                },
                 seen,
             )
             if got is None:  # an empty object has no byte 0
@@ -665,6 +732,7 @@ class S3Store:
                 etag=_etag(resp.get("ETag")),
                 mtime_ns=_mtime_ns(resp.get("LastModified")),
                 metadata=_lower_metadata(resp.get("Metadata")),
+                checksum=_object_checksum(resp),
             )
             return info, data
 
@@ -772,19 +840,71 @@ class S3Store:
             count -= len(chunk)
 
     def put(self, key: Key, data: Body, metadata: Mapping[str, str] | None = None) -> ETag:
+        crc = _checksum.encode(
+            _checksum.UPLOAD_ALGORITHM,
+            _checksum.compute_all(_checksum.UPLOAD_ALGORITHM, body_views(data)),
+        )
+        meta = _lower_metadata(metadata)
+        if self.keeps_checksums is not True:
+            meta[CRC_METADATA] = crc  # S-INTEG-1: where the server may keep none
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._full(key),
-            "Metadata": _lower_metadata(metadata),
+            "Metadata": meta,
             **self._sse_args(),
         }
 
-        def fn() -> Any:
-            return self.client.put_object(Body=_Payload(data), **args)
+        def call(extra: dict[str, Any]) -> Any:
+            return self.client.put_object(Body=_Payload(data), **args, **extra)
 
-        resp = self._call("put", key, fn)
+        resp = self._upload_call("put", key, call, self._checksum_args(crc))
         self._uploaded(body_size(data))
+        if self.keeps_checksums is None and "flexible checksums" not in self.limits:
+            self.keeps_checksums = resp.get(f"Checksum{_checksum.UPLOAD_ALGORITHM}") == crc
+            _log.info(
+                "%s: the server %s the checksums uploads carry%s", self.description,
+                "keeps" if self.keeps_checksums else "does not keep",
+                "" if self.keeps_checksums else "; single PUTs record theirs in metadata",
+            )
         return _etag(resp.get("ETag"))
+
+    # -- flexible checksums (S-INTEG-1) -------------------------------------------------------
+    def _checksum_args(self, crc: str | None = None) -> dict[str, Any]:
+        """The flexible-checksum arguments of an upload: none once the server refused them."""
+        if "flexible checksums" in self.limits:
+            return {}
+        args: dict[str, Any] = {"ChecksumAlgorithm": _checksum.UPLOAD_ALGORITHM}
+        if crc is not None:
+            args[f"Checksum{_checksum.UPLOAD_ALGORITHM}"] = crc
+        return args
+
+    def _upload_call(
+        self, kind: str, key: Key, call: Callable[[dict[str, Any]], Any], extra: dict[str, Any]
+    ) -> Any:
+        """``call(extra)`` through the retry loop. A server that refuses the checksum
+        arguments in ``extra`` gets the same request without them at once, in the same attempt
+        (a quirk, not weather: never retried with them), and none from then on."""
+
+        def fn() -> Any:
+            if not extra or "flexible checksums" in self.limits:
+                return call({})
+            try:
+                return call(extra)
+            except _bce.ClientError as err:
+                if not _refuses_checksums(err):
+                    raise
+                first = err
+            resp = call({})  # succeeded without them: the refusal was theirs
+            code, status = _client_error_fields(first)
+            self._note_limit(
+                "flexible checksums",
+                f"{kind} with x-amz-checksum-* answered {code or 'error'} (HTTP {status}): "
+                "uploads go without them; single PUTs record their CRC32C in metadata",
+            )
+            self.keeps_checksums = False
+            return resp
+
+        return self._call(kind, key, fn)
 
     def list(
         self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
@@ -848,14 +968,17 @@ class S3Store:
         }
         if metadata is not None:
             args["Metadata"] = _lower_metadata(metadata)
+            if info.checksum is not None and info.checksum.source == "metadata":
+                # the same bytes: their recorded CRC32C goes with them (S-INTEG-1)
+                args["Metadata"][CRC_METADATA] = info.checksum.b64()
         if src_etag is not None:
             args["CopySourceIfMatch"] = src_etag
 
-        def fn() -> Any:
-            return self.client.copy_object(**args)
+        def call(extra: dict[str, Any]) -> Any:
+            return self.client.copy_object(**args, **extra)
 
         try:
-            resp = self._call("copy", dst, fn)
+            resp = self._upload_call("copy", dst, call, self._checksum_args())
         except (NotFound, NotSupported) as err:
             if isinstance(err, NotFound):
                 # NoSuchKey for a source the HEAD above found: s3rver cannot copy from a key
@@ -949,23 +1072,31 @@ class S3Store:
             **self._sse_args(),
         }
 
-        def fn() -> Any:
-            return self.client.create_multipart_upload(**args)
+        def call(extra: dict[str, Any]) -> Any:
+            return self.client.create_multipart_upload(**args, **extra)
 
-        return str(self._call("create_multipart", key, fn)["UploadId"])
+        extra = self._checksum_args()
+        if extra:  # one checksum over the whole object, whatever the parts (S-INTEG-1)
+            extra["ChecksumType"] = "FULL_OBJECT"
+        return str(self._upload_call("create_multipart", key, call, extra)["UploadId"])
 
     def upload_part(
         self, key: Key, upload_id: str, number: int, data: bytes | memoryview
     ) -> UploadPart:
-        def fn() -> Any:
+        algorithm = _checksum.UPLOAD_ALGORITHM
+        crc = _checksum.encode(algorithm, _checksum.compute(algorithm, data))
+
+        def call(extra: dict[str, Any]) -> Any:
             return self.client.upload_part(
                 Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
-                PartNumber=number, Body=_Payload(data),
+                PartNumber=number, Body=_Payload(data), **extra,
             )
 
-        resp = self._call("upload_part", key, fn)
+        extra = self._checksum_args(crc)
+        resp = self._upload_call("upload_part", key, call, extra)
         self._uploaded(memoryview(data).nbytes)
-        return UploadPart(number=number, etag=_etag(resp.get("ETag")))
+        sent = crc if extra and "flexible checksums" not in self.limits else None
+        return UploadPart(number=number, etag=_etag(resp.get("ETag")), checksum=sent)
 
     def upload_part_copy(
         self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
@@ -988,13 +1119,25 @@ class S3Store:
             return self.client.upload_part_copy(**args)
 
         resp = self._call("upload_part_copy", key, fn)
-        return UploadPart(number=number, etag=_etag(resp["CopyPartResult"].get("ETag")))
+        result = resp["CopyPartResult"]
+        crc = result.get(f"Checksum{_checksum.UPLOAD_ALGORITHM}")
+        return UploadPart(
+            number=number, etag=_etag(result.get("ETag")),
+            checksum=crc if isinstance(crc, str) else None,
+        )
 
     def complete_multipart(
         self, key: Key, upload_id: str, parts: builtins.list[UploadPart]
     ) -> ETag:
         ordered = sorted(parts, key=lambda p: p.number)
-        payload = {"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in ordered]}
+        field = f"Checksum{_checksum.UPLOAD_ALGORITHM}"
+        with_crc = "flexible checksums" not in self.limits and all(p.checksum for p in ordered)
+        listed: list[dict[str, Any]] = []
+        for p in ordered:
+            listed.append({"PartNumber": p.number, "ETag": p.etag})
+            if with_crc:
+                listed[-1][field] = p.checksum
+        payload = {"Parts": listed}
 
         def fn() -> Any:
             return self.client.complete_multipart_upload(
