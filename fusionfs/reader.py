@@ -103,6 +103,10 @@ class ReadState:
     high: int = -1  # highest chunk read in the current stream; -1 before the first read
     window: int = 0  # chunks
     prefetched_until: int = -1  # highest chunk index already requested by read-ahead
+    #: Why this handle's version failed its checksum (S-INTEG-2): every later read of the
+    #: handle fails too. The kernel retries a failed read-ahead page with a read of its own,
+    #: which must not succeed: the pages before it hold bytes the check refused.
+    corrupt: str | None = None
 
     def advance(self, first: int, last: int, *, max_window: int, min_window: int = 1) -> bool:
         """Note a read of chunks ``first..last``: a sequential one doubles the read-ahead
@@ -258,6 +262,8 @@ class ChunkSource:
         once, S-READ-5); chunks already cached are still used. ``release=True`` (the kernel
         keeps what it reads in its page cache): a sequential read drops from memory the chunks
         it has read to their end (S-READ-7)."""
+        if state is not None and state.corrupt is not None:
+            raise Corrupt(state.corrupt)
         if size <= 0 or off >= ref.size:
             return b""
         if ref.chunked:
@@ -288,14 +294,14 @@ class ChunkSource:
         if first == last:
             data = await self._chunk(ref, first)
             if check:
-                await self._fold(ref, first, data)
+                await self._fold(ref, first, data, state)
             out = memoryview(data)[off - first * cs : end - first * cs]
         else:
             parts = []
             for idx in range(first, last + 1):
                 data = await self._chunk(ref, idx)
                 if check:
-                    await self._fold(ref, idx, data)
+                    await self._fold(ref, idx, data, state)
                 lo = max(off, idx * cs) - idx * cs
                 hi = min(end, (idx + 1) * cs) - idx * cs
                 parts.append(memoryview(data)[lo:hi])  # a view: the join below is the one copy
@@ -306,7 +312,9 @@ class ChunkSource:
         return out
 
     # -- integrity (S-INTEG-2) -----------------------------------------------------------------
-    async def _fold(self, ref: ObjectRef, idx: int, data: _Data) -> None:
+    async def _fold(
+        self, ref: ObjectRef, idx: int, data: _Data, state: ReadState | None
+    ) -> None:
         """Note that chunk ``idx`` of ``ref`` was served; when that completes the version in
         order, compare with its stored checksum (``Corrupt`` on a mismatch)."""
         assert ref.checksum is not None
@@ -341,10 +349,13 @@ class ChunkSource:
             "chunks are dropped", ref.key, algorithm, ref.checksum.b64(), got,
         )
         await self.drop_version(ref)
-        raise Corrupt(
+        message = (
             f"{ref.key}: read bytes do not match the stored {algorithm} "
             f"({ref.checksum.source}): {got} != {ref.checksum.b64()}"
         )
+        if state is not None:
+            state.corrupt = message
+        raise Corrupt(message)
 
     def _mark_verified(self, ref: ObjectRef) -> None:
         self._verified[(ref.key, ref.etag)] = None
