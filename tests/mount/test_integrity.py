@@ -1,5 +1,5 @@
 """End-to-end integrity through real mounts on real S3 servers (``docs/SEMANTICS.md``,
-S-INTEG-1 to S-INTEG-3, and the servers' measured answers in S-SRV-7).
+S-INTEG-1 to S-INTEG-3, and the servers' measured answers in S-SRV-6).
 
 What each server does with the CRC32C uploads carry is checked out of band with boto3; then a
 byte is flipped where it would rot -- in the object in the bucket (rewritten with boto3, keeping
@@ -75,7 +75,7 @@ def _rot(bucket: S3Bucket, key: str) -> bytes:
 def test_uploads_carry_a_crc32c_that_the_server_keeps_or_metadata_records(
     server_bucket: S3Bucket, fusion_mount: Any
 ) -> None:
-    """S-INTEG-1, S-SRV-7: what each server keeps of the CRC32C an upload carries. moto keeps
+    """S-INTEG-1, S-SRV-6: what each server keeps of the CRC32C an upload carries. moto keeps
     it (and a multipart upload's FULL_OBJECT CRC32C); s3rver 3.7.1 and Ceph RGW 16 ignore it,
     so a single PUT records it in metadata (``fusion-crc32c``) and a multipart object has none."""
     m = _mount(fusion_mount, server_bucket)
