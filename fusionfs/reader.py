@@ -348,13 +348,13 @@ class ChunkSource:
             "%s: the bytes read do not match the object's %s (stored %s, read %s); its cached "
             "chunks are dropped", ref.key, algorithm, ref.checksum.b64(), got,
         )
-        await self.drop_version(ref)
         message = (
             f"{ref.key}: read bytes do not match the stored {algorithm} "
             f"({ref.checksum.source}): {got} != {ref.checksum.b64()}"
         )
         if state is not None:
-            state.corrupt = message
+            state.corrupt = message  # before the await: reads in flight on it fail too
+        await self.drop_version(ref)
         raise Corrupt(message)
 
     def _mark_verified(self, ref: ObjectRef) -> None:

@@ -107,13 +107,18 @@ def test_a_byte_flipped_in_the_bucket_is_eio_never_served_and_the_fixed_object_r
     """S-INTEG-2: objects written through the mount get a byte flipped in the bucket by another
     client that keeps their checksum (corruption at rest). On a fresh mount every whole read
     fails with EIO (the small object before any byte is served); once the object is put right,
-    the same mount reads the right bytes (nothing wrong was cached). On moto a multipart
+    the same mount reads the right bytes (nothing wrong was cached). Lookups never fail for it:
+    the corrupt file can be listed, stat'ed and removed. On moto a multipart
     object is checked too (its FULL_OBJECT CRC32C); on s3rver and RGW it has none (S-INTEG-3)."""
     m = _mount(fusion_mount, server_bucket, "--metadata-ttl", "0.2")
     server = server_bucket.server
     assert server is not None
     rng = random.Random(2)
-    files = {"small": rng.randbytes(SMALL), "large": rng.randbytes(LARGE)}
+    files = {
+        "tiny": rng.randbytes(100_000),  # looked up and read by one GET (S-MAP-8)
+        "small": rng.randbytes(SMALL),
+        "large": rng.randbytes(LARGE),
+    }
     if server.name == "moto":
         files["multi"] = rng.randbytes(MULTI)
     for name, data in files.items():
@@ -121,7 +126,8 @@ def test_a_byte_flipped_in_the_bucket_is_eio_never_served_and_the_fixed_object_r
     m = m.remount(fresh_cache=True)
     originals = {name: _rot(server_bucket, name) for name in files}
     assert originals == files
-    for name in files:
+    for name, data in files.items():
+        assert os.stat(m.path / name).st_size == len(data)  # the lookup does not fail
         assert _read_or_errno(m.path / name) == errno.EIO, name
         assert _read_or_errno(m.path / name) == errno.EIO, name  # every time
     with open(m.path / "small", "rb") as f:  # not one byte of the small object
