@@ -21,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_CHECKPOINTED",
+    "EXIT_CORRUPT",
     "EXIT_DUMP_FAILED",
     "EXIT_ERROR",
     "EXIT_RESTORE_FAILED",
@@ -28,6 +29,7 @@ __all__ = [
     "CriuUnavailable",
     "DumpFailed",
     "RestoreFailed",
+    "SnapshotCorrupt",
     "SnapstoreError",
     "UsageError",
     "os_error_text",
@@ -38,6 +40,7 @@ EXIT_USAGE = 2
 EXIT_DUMP_FAILED = 175
 EXIT_RESTORE_FAILED = 176
 EXIT_CHECKPOINTED = 75
+EXIT_CORRUPT = 177
 
 
 class SnapstoreError(Exception):
@@ -66,6 +69,13 @@ class RestoreFailed(SnapstoreError):
     """A restore did not bring the task back (CRIU failed, its PID is taken, images damaged)."""
 
     exit_code = EXIT_RESTORE_FAILED
+
+
+class SnapshotCorrupt(SnapstoreError):
+    """The snapshot does not verify (a file, chunk or pack missing, wrong or of the wrong size,
+    a damaged manifest): it is never restored. A retry elsewhere reads the same bytes."""
+
+    exit_code = EXIT_CORRUPT
 
 
 def os_error_text(err: OSError) -> str:
