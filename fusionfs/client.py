@@ -21,7 +21,7 @@ is needed and the answer always comes from the daemon serving that exact mount:
   ``dir`` since mount (logical, stored and new bytes).
 - ``setxattr(file, "user.fusionfs.verify", b"quick"|b"full [START END]")`` checks the file's
   committed version against the store past every cache (``fusionfs.verify``);
-  ``getxattr(file, "user.fusionfs.verify")`` then returns the result as JSON (S-VERIFY-1).
+  ``getxattr(file, "user.fusionfs.verify")`` then returns the result as JSON (S-CHUNK-10).
 - ``setxattr(root, "user.fusionfs.gc", b"<grace seconds>")``: garbage-collect unreferenced
   packs (two phases); ``getxattr(root, "user.fusionfs.gc")``: the last run's counts.
 """

@@ -98,7 +98,7 @@ CONTROL_LAYOUT = b"user.fusionfs.layout"
 CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
 CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
 CONTROL_GC = b"user.fusionfs.gc"
-CONTROL_VERIFY = b"user.fusionfs.verify"  # S-VERIFY-1: fusionfs/verify.py
+CONTROL_VERIFY = b"user.fusionfs.verify"  # S-CHUNK-10: fusionfs/verify.py
 _VERIFY_MODES = (b"quick", b"manifest", b"full")
 _RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUNK-4)
 
@@ -1637,7 +1637,7 @@ class Filesystem:
         log.info("dedup index primed from %s: %s", prefix, result)
 
     async def _verify(self, inode: Inode, value: bytes) -> None:
-        """Check a committed file against the store, past every cache (S-VERIFY-1); the result
+        """Check a committed file against the store, past every cache (S-CHUNK-10); the result
         is what ``getxattr(FILE, "user.fusionfs.verify")`` returns next."""
         words = value.split()
         if inode.kind is not Kind.FILE or not words or words[0] not in _VERIFY_MODES:

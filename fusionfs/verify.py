@@ -1,6 +1,6 @@
 """Check one stored file against the store, past every cache: the ``user.fusionfs.verify`` hook.
 
-snapstore asks this before it restores a snapshot and in ``snapstore verify`` (S-VERIFY-1):
+snapstore asks this before it restores a snapshot and in ``snapstore verify`` (S-CHUNK-10):
 ``setxattr(FILE, "user.fusionfs.verify", MODE)`` runs ``verify_object`` on the file's committed
 version in a worker thread, and ``getxattr(FILE, "user.fusionfs.verify")`` then returns the
 result as JSON. MODE is

@@ -86,6 +86,7 @@ class RestoreResult:
     pages_s: float | None = None  # until the lazy-pages daemon exited (all pages in)
     lazy_status: int | None = None
     root: Root | None = None  # for the check after a failure (``lazy_failure``)
+    ended: bool = False  # the task was killed because its lazy-pages daemon failed
 
 
 def _busy(pids: list[int]) -> list[int]:
@@ -336,10 +337,20 @@ def _raise_if_corrupt(
 def end_task(result: RestoreResult) -> None:
     """SIGKILL a lazily restored task whose lazy-pages daemon died: the pages it has not
     touched yet will never come, and it must not run on with a hole in its memory."""
+    result.ended = True
     try:
         os.kill(result.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def lazy_failed(result: RestoreResult, task_status: int) -> bool:
+    """Whether the lazy restore failed under the task: its daemon exited with an error and the
+    task did not end by itself first (it was ended for it, or killed by a signal: the fault of
+    a page that never came). A task that exits normally keeps its own status."""
+    if result.lazy_status in (None, 0):
+        return False
+    return result.ended or task_status < 0
 
 
 def lazy_failure(result: RestoreResult) -> SnapstoreError:
@@ -408,18 +419,22 @@ def wait_task(
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = os.waitstatus_to_exitcode(status)
+    stuck = False
     if waiter is not None:
         waiter.join(_READY_TIMEOUT_S)
         if waiter.is_alive() and result.lazy_pid is not None:  # daemon stuck after the task
+            stuck = True
             try:
                 os.kill(result.lazy_pid, signal.SIGKILL)  # the reaper thread reaps it
             except ProcessLookupError:
                 pass
             waiter.join()
+    if not stuck and lazy_failed(result, code):
+        raise lazy_failure(result)
     if code < 0:
         code = 128 - code
     if result.lazy_status not in (None, 0):
-        raise lazy_failure(result)
+        return code
     shutil.rmtree(result.workdir, ignore_errors=True)
     return code
 

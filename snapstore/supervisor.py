@@ -87,7 +87,7 @@ from snapstore.metadata import (
     Poller,
     detect,
 )
-from snapstore.restore import RestoreResult, end_task, lazy_failure, restore
+from snapstore.restore import RestoreResult, end_task, lazy_failed, lazy_failure, restore
 from snapstore.root import Root, open_root
 from snapstore.verify import verify_snapshot
 
@@ -593,7 +593,7 @@ class _Supervisor:
         if r is None or r.lazy_pid is None:
             return 0
         self.pages_in.wait(_PAGES_WAIT_S)
-        if r.lazy_status in (None, 0):
+        if not lazy_failed(r, -1 if self.status >= 128 else self.status):
             return 0
         err = lazy_failure(r)
         if isinstance(err, SnapshotCorrupt):

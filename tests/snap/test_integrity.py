@@ -185,6 +185,9 @@ def test_flipped_byte_in_a_pack_of_the_latest_snapshot(
     _flip(store, own[0])
     env.move()
 
+    stderr = _restore_fails_177(env, pid)
+    assert "snapshot 2" in stderr and own[0].hex() in stderr, stderr
+
     quick = env.run("verify", "--task", "job", "--quick")
     assert quick.returncode == 0, quick.stderr  # quick: the pack is there, with its size
     full = env.run("verify", "--task", "job")
@@ -192,9 +195,6 @@ def test_flipped_byte_in_a_pack_of_the_latest_snapshot(
     assert own[0].hex() in full.stderr and "corrupt" in full.stderr, full.stderr
     assert "MB" in full.stderr  # progress
     assert env.run("verify", "--task", "job", "--snapshot", "1").returncode == 0
-
-    stderr = _restore_fails_177(env, pid)
-    assert "snapshot 2" in stderr, stderr
     _restores_intact(env, tasks, pid, 1)
 
 
@@ -205,12 +205,12 @@ def test_deleted_pack(setup: tuple[SnapEnv, Store], tasks: Tasks) -> None:
     own = sorted(two - one)
     store.delete(pack_key(own[0], PACKS_PREFIX))
     env.move()
+    stderr = _restore_fails_177(env, pid)
+    assert own[0].hex() in stderr and "missing" in stderr, stderr
     for args in ((), ("--quick",)):
         result = env.run("verify", "--task", "job", *args)
         assert result.returncode == EXIT_CORRUPT, result.stderr
         assert own[0].hex() in result.stderr and "missing" in result.stderr, result.stderr
-    stderr = _restore_fails_177(env, pid)
-    assert "missing" in stderr, stderr
     _restores_intact(env, tasks, pid, 1)
 
 
@@ -221,10 +221,11 @@ def test_truncated_manifest(setup: tuple[SnapEnv, Store], tasks: Tasks) -> None:
     data = store.read("snapshots/job/2.json")
     store.write("snapshots/job/2.json", data[: len(data) // 2])
     env.move()
+    stderr = _restore_fails_177(env, pid)
+    assert "2.json" in stderr, stderr
     result = env.run("verify", "--task", "job", "--quick")
     assert result.returncode == EXIT_CORRUPT, result.stderr
     assert "2.json" in result.stderr, result.stderr
-    _restore_fails_177(env, pid)
     _restores_intact(env, tasks, pid, 1)
 
 
@@ -303,12 +304,12 @@ def test_bad_parent_chunk_makes_both_snapshots_bad(
     assert shared, "snapshot 2 reused no pack of snapshot 1"
     _flip(store, shared[0])
     env.move()
-    for n in ("1", "2"):
-        result = env.run("verify", "--task", "job", "--snapshot", n)
-        assert result.returncode == EXIT_CORRUPT, result.stderr
     line, err = _run(env, "--eager")
     line.wait(300)
     assert line.returncode == EXIT_CORRUPT, err.read_text()
     assert "falling back to snapshot 1" in err.read_text()
     assert "snapshot 1 of 'job' is damaged" in err.read_text()
     _no_process(pid)
+    for n in ("1", "2"):
+        result = env.run("verify", "--task", "job", "--snapshot", n)
+        assert result.returncode == EXIT_CORRUPT, result.stderr
