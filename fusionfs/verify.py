@@ -28,7 +28,9 @@ connections) are raised, not reported as a problem.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import threading
 from typing import Any
 
 import blake3
@@ -51,6 +53,26 @@ __all__ = ["verify_object"]
 
 _WORKERS = 8
 _RUN_BYTES = 16 << 20
+
+
+_MANIFESTS: collections.OrderedDict[tuple[int, Key, ETag], Manifest] = collections.OrderedDict()
+_MANIFESTS_LOCK = threading.Lock()
+
+
+def _manifest(store: ObjectStore, key: Key, etag: ETag) -> Manifest:
+    """The manifest of that version, remembered for the next ranges of a ``full`` check (a
+    version never changes; a few are kept)."""
+    mkey = (id(store), key, etag)
+    with _MANIFESTS_LOCK:
+        if mkey in _MANIFESTS:
+            _MANIFESTS.move_to_end(mkey)
+            return _MANIFESTS[mkey]
+    manifest = read_manifest(store, key, etag)
+    with _MANIFESTS_LOCK:
+        _MANIFESTS[mkey] = manifest
+        while len(_MANIFESTS) > 8:
+            _MANIFESTS.popitem(last=False)
+    return manifest
 
 
 def _result(layout: str, size: int, etag: str) -> dict[str, Any]:
@@ -163,7 +185,7 @@ def verify_object(
                 result["digest"] = blake3.blake3(data).hexdigest()
                 result["checked_bytes"] = len(data)
             return result
-        manifest = read_manifest(store, key, info.etag)
+        manifest = _manifest(store, key, info.etag)
     except ManifestError as err:
         return _fail(result, f"{key}: {err}")
     except (NotFound, PreconditionFailed):

@@ -19,7 +19,7 @@ Two depths:
   read (fusionfs verifies every chunk it fetches) or by ``full``.
 - ``full`` (``snapstore verify``; and after a restore failed, to tell corruption from other
   failures): every byte once. Chunked files: every chunk fetched from the store, past every
-  cache, and checked against its BLAKE3 (in 64 MiB steps, with progress); plain files: read
+  cache, and checked against its BLAKE3 (in 128 MiB steps, with progress); plain files: read
   from the store (through the hook when on fusionfs) and hashed.
 
 Any mismatch raises ``SnapshotCorrupt`` (exit 177) naming the file and what is wrong. A snapshot
@@ -47,7 +47,7 @@ from snapstore.root import Root
 
 __all__ = ["STEP", "Report", "file_digest", "record_digests", "verify_snapshot"]
 
-STEP = 64 << 20  # bytes of a chunked file checked per request in a full check
+STEP = 128 << 20  # bytes of a chunked file checked per request in a full check
 SMALL = 1 << 20  # files this size or smaller are read whole even by a quick check
 _THREADS = 8
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENODATA)
