@@ -17,6 +17,8 @@ each run, one task from ``tests/snap/memtask.py`` holding that much known memory
    then, each on a fresh mount with an empty cache dir ("another machine"), by ``snapstore
    restore --eager`` and ``snapstore restore --lazy`` (``--detach --json``). After each
    restore the task verifies its whole memory (SIGUSR1 -> ``verify.json``) and is killed;
+   Before them, ``snapstore verify --quick`` and ``snapstore verify`` (every chunk read once)
+   each run on a fresh mount with an empty cache (the ``verify <size>`` rows);
 5. restored again by ``snapstore restore --eager`` and ``--lazy`` on fresh mounts whose endpoint
    adds each other first-byte latency of ``--resume-latencies-ms`` (default 0 and
    ``--latency-ms`` when set, else 0 and 30): a proxy of its own with the run's bandwidth cap
@@ -143,6 +145,8 @@ _R_DIRECT = "direct GET of the images, 8 x 8 MiB"
 _R_EAGER = "snapstore restore eager, fusionfs"
 _R_LAZY = "snapstore restore lazy, fusionfs"
 _R_PAGES = "snapstore lazy: all pages in"
+_V_QUICK = "snapstore verify --quick, fusionfs"
+_V_FULL = "snapstore verify (every chunk), fusionfs"
 _SERIES = "resume vs latency"  # scenario prefix of the resume-against-latency series
 
 
@@ -744,6 +748,12 @@ class _Bench:
                 except _RunFailed as exc:
                     self.results.mark_unavailable(rest_sc, _R_LOCAL_LAZY, str(exc))
                     self.log(f"[red]{exc}")
+            self.step(f"{label} run {run + 1}: snapstore verify, empty cache")
+            try:
+                self.verify_fusion(task_id, snap_prefix, manifest["total_bytes"], run, label)
+            except _RunFailed as exc:
+                self.results.mark_unavailable(f"verify {label}", _V_FULL, str(exc))
+                self.log(f"[red]{exc}")
             eager = lazy = None
             self.step(f"{label} run {run + 1}: snapstore restore --eager, empty cache")
             try:
@@ -981,6 +991,35 @@ class _Bench:
             daemon.wait(30)
             raise _RunFailed(f"criu lazy-pages did not become ready; log {workdir}")
         return daemon
+
+    def verify_fusion(
+        self, task_id: str, snap_prefix: str, image_bytes: int, run: int, label: str
+    ) -> None:
+        """``snapstore verify --quick`` and ``snapstore verify`` (every chunk read once from the
+        store), each on a fresh mount with an empty cache; wall time of the command."""
+        scenario = f"verify {label}"
+        for row, flags in ((_V_QUICK, ["--quick"]), (_V_FULL, [])):
+            with self.mount(f"verify-{task_id}") as mnt:
+                if self.can_drop:
+                    drop_page_cache()
+                self.warm_server(snap_prefix)
+                t0 = time.perf_counter()
+                res = run_cmd(
+                    [*self.snapstore, "verify", "--task", task_id, "--root",
+                     str(mnt / "snapshots"), "--json", *flags],
+                    timeout=_CMD_TIMEOUT,
+                    env=self.env(),
+                )
+                took = time.perf_counter() - t0
+                if res.returncode != 0:
+                    raise _RunFailed(f"snapstore verify {flags} exited {res.returncode}: "
+                                     f"{_stderr(res)}")
+                report = json.loads(res.stdout)
+                self.record(
+                    scenario, row, run, took, "s", mb_per_s=image_bytes / took / 1e6,
+                    chunks=report.get("chunks"), packs=report.get("packs"),
+                    read_mb=report.get("checked_bytes", 0) / 1e6,
+                )
 
     def restore_fusion(
         self,

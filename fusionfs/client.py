@@ -19,6 +19,9 @@ is needed and the answer always comes from the daemon serving that exact mount:
   written next de-duplicate against the chunked files of that directory (S-CHUNK-6).
 - ``getxattr(dir, "user.fusionfs.chunk-stats")``: JSON of what chunked commits stored in
   ``dir`` since mount (logical, stored and new bytes).
+- ``setxattr(file, "user.fusionfs.verify", b"quick"|b"full [START END]")`` checks the file's
+  committed version against the store past every cache (``fusionfs.verify``);
+  ``getxattr(file, "user.fusionfs.verify")`` then returns the result as JSON (S-CHUNK-10).
 - ``setxattr(root, "user.fusionfs.gc", b"<grace seconds>")``: garbage-collect unreferenced
   packs (two phases); ``getxattr(root, "user.fusionfs.gc")``: the last run's counts.
 """
@@ -44,6 +47,7 @@ __all__ = [
     "set_read_once",
     "set_write_behind",
     "stats",
+    "verify",
 ]
 
 _INFO = "user.fusionfs.info"
@@ -56,6 +60,7 @@ _LAYOUT = "user.fusionfs.layout"
 _DEDUP_FROM = "user.fusionfs.dedup-from"
 _CHUNK_STATS = "user.fusionfs.chunk-stats"
 _GC = "user.fusionfs.gc"
+_VERIFY = "user.fusionfs.verify"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,3 +184,16 @@ def collect_garbage(
     root = mount_root(path)
     os.setxattr(root, _GC, f"{grace_seconds:g}".encode())
     return _getxattr_json(root, _GC)
+
+
+def verify(
+    path: str | os.PathLike[str], mode: str = "quick", start: int | None = None,
+    end: int | None = None,
+) -> dict[str, Any]:
+    """Check one file of a mount against the store (see ``fusionfs.verify``); the result dict.
+    Raises ``OSError`` when the check could not run (EINVAL: not a committed file; EOPNOTSUPP:
+    an older fusionfs; EIO: the store could not be asked)."""
+    value = mode if start is None else f"{mode} {start} {end if end is not None else ''}"
+    os.setxattr(path, _VERIFY, value.strip().encode())
+    result: dict[str, Any] = json.loads(os.getxattr(path, _VERIFY))
+    return result

@@ -78,6 +78,7 @@ from fusionfs.store.base import (
     StoreError,
     iter_list,
 )
+from fusionfs.verify import verify_object
 from fusionfs.writer import StagedFile, Uploader
 
 __all__ = ["ROOT_INODE", "Filesystem", "FsConfig", "Handle", "Inode", "InodeNo", "Kind"]
@@ -99,6 +100,8 @@ CONTROL_LAYOUT = b"user.fusionfs.layout"
 CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
 CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
 CONTROL_GC = b"user.fusionfs.gc"
+CONTROL_VERIFY = b"user.fusionfs.verify"  # S-CHUNK-10: fusionfs/verify.py
+_VERIFY_MODES = (b"quick", b"manifest", b"full")
 _RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUNK-4)
 
 #: files up to this size (as last listed) are looked up with a GET that also brings their bytes
@@ -284,6 +287,7 @@ class Filesystem:
         self._next_fh = 1
         self._gc_lock = trio.Lock()
         self._last_gc: dict[str, int] = {}
+        self._verified: dict[InodeNo, bytes] = {}  # the last user.fusionfs.verify result
 
     # -- plumbing ----------------------------------------------------------------------------
     def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
@@ -1572,6 +1576,8 @@ class Filesystem:
         if name == CONTROL_CHUNK_STATS and inode.kind is Kind.DIR:
             d = self._chunks.chunked.dirs.get(self.key_of(inode))
             return json.dumps(d.as_dict() if d is not None else {}).encode()
+        if name == CONTROL_VERIFY and inode.ino in self._verified:
+            return self._verified[inode.ino]
         if ino == ROOT_INODE and name == CONTROL_INFO:
             return json.dumps(dict(self.cfg.info)).encode()
         if ino == ROOT_INODE and name == CONTROL_STATS:
@@ -1611,6 +1617,9 @@ class Filesystem:
         if ino == ROOT_INODE and name == CONTROL_GC:
             await self._collect_garbage(value)
             return
+        if name == CONTROL_VERIFY:
+            await self._verify(inode, value)
+            return
         raise OperationNotSupported("extended attributes are not stored")
 
     async def _set_layout(self, inode: Inode, value: bytes) -> None:
@@ -1643,6 +1652,31 @@ class Filesystem:
             timeout=max(self.cfg.call_timeout, 300.0), what=f"dedup-from {prefix}",
         )
         log.info("dedup index primed from %s: %s", prefix, result)
+
+    async def _verify(self, inode: Inode, value: bytes) -> None:
+        """Check a committed file against the store, past every cache (S-CHUNK-10); the result
+        is what ``getxattr(FILE, "user.fusionfs.verify")`` returns next."""
+        words = value.split()
+        if inode.kind is not Kind.FILE or not words or words[0] not in _VERIFY_MODES:
+            raise InvalidArgument("verify: on a file, 'quick', 'manifest' or 'full [START END]'")
+        try:
+            bounds = [int(w) for w in words[1:3]] if words[0] == b"full" else []
+        except ValueError:
+            raise InvalidArgument("verify: START and END are byte offsets") from None
+        if inode.etag is None or (inode.staged is not None and inode.staged.dirty):
+            raise InvalidArgument("verify: the file has data not committed to the store")
+        key = self.key_of(inode)
+        fn = functools.partial(verify_object, self._store, key, inode.etag, words[0].decode(),
+                               *bounds)
+        result = await run_store_call(fn, limiter=self._limiter,
+                                      timeout=max(self.cfg.call_timeout, 600.0),
+                                      what=f"verify {key}")
+        self._verified.pop(inode.ino, None)
+        self._verified[inode.ino] = json.dumps(result).encode()
+        while len(self._verified) > 1024:
+            del self._verified[next(iter(self._verified))]
+        if not result["ok"]:
+            log.warning("verify: %s", result["problem"])
 
     async def _collect_garbage(self, value: bytes) -> None:
         """Run the chunked layout's two-phase pack collection over the whole mount (S-CHUNK-7).

@@ -13,7 +13,10 @@ Rules (docs/snapstore.md has the long form):
   atomic ``mkdir``, so it never reuses a half-written directory, even with concurrent dumps;
 - the manifest is written to a hidden temporary name, fsynced, renamed into place, and the
   directory fsynced (on fusionfs, fsync returns once the object is committed in the store);
-- ``rm`` removes the manifest first, so a half-removed snapshot is never restorable.
+- ``rm`` removes the manifest first, so a half-removed snapshot is never restorable;
+- the manifest records a digest of every image file and of itself (format 2): a manifest that
+  does not parse or whose digest does not match is ``SnapshotCorrupt`` (exit 177), never read
+  as a snapshot; format 1 manifests (no digests) are still read, their files checked by size.
 
 Caveat: on a filesystem where rename is not atomic (fusionfs renames as copy then delete), a
 crash mid-rename can leave both the temporary and the final name; the final name is only ever
@@ -32,7 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from snapstore.errors import SnapstoreError, UsageError
+import blake3
+
+from snapstore.errors import SnapshotCorrupt, SnapstoreError, UsageError
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -44,7 +49,8 @@ __all__ = [
     "validate_task_id",
 ]
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+_FORMATS = (1, 2)  # 1: no digests
 _TASK_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _NUM_RE = re.compile(r"^[1-9][0-9]{0,9}$")
 _MANIFEST_RE = re.compile(r"^([1-9][0-9]{0,9})\.json$")
@@ -81,6 +87,19 @@ def fsync_dir(path: Path) -> None:
 class ImageFile:
     name: str
     size: int
+    # "blake3:<hex>" of the bytes, or "chunked:<hex>": the BLAKE3 trailer of the file's
+    # chunked-layout manifest in fusionfs (it covers every chunk's digest); "" if not recorded
+    digest: str = ""
+
+
+def _canonical(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """The digest a manifest records of itself: BLAKE3 of its canonical JSON without it."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return "blake3:" + blake3.blake3(_canonical(body)).hexdigest()
 
 
 @dataclasses.dataclass
@@ -110,14 +129,25 @@ class Manifest:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
+        data["digest"] = manifest_digest(data)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest. ``ValueError`` (or ``KeyError``/``TypeError``) if it is damaged:
+        not JSON, fields missing, or (format 2) its digest does not match its content;
+        ``UnsupportedFormat`` for a format this snapstore does not know."""
         data: dict[str, Any] = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unsupported manifest format {data.get('format')!r}")
-        files = [ImageFile(str(f["name"]), int(f["size"])) for f in data["files"]]
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("format") not in _FORMATS:
+            raise UnsupportedFormat(f"unsupported manifest format {data.get('format')!r}")
+        if data["format"] >= 2 and data.get("digest") != manifest_digest(data):
+            raise ValueError("its digest does not match its content")
+        files = [
+            ImageFile(str(f["name"]), int(f["size"]), str(f.get("digest", "")))
+            for f in data["files"]
+        ]
         return cls(
             task=str(data["task"]),
             snapshot=int(data["snapshot"]),
@@ -137,6 +167,10 @@ class Manifest:
             criu_stats={str(k): int(v) for k, v in data.get("criu_stats", {}).items()},
             storage={str(k): int(v) for k, v in data.get("storage", {}).items()},
         )
+
+
+class UnsupportedFormat(Exception):
+    """A manifest written by another version of snapstore (not damaged)."""
 
 
 def utc_now() -> str:
@@ -214,10 +248,16 @@ class Catalog:
             raise SnapstoreError(f"cannot read {path}: {err.strerror}") from err
         try:
             manifest = Manifest.from_json(text)
+        except UnsupportedFormat as err:
+            raise SnapstoreError(f"{path}: {err} (written by another snapstore?)") from None
         except (ValueError, KeyError, TypeError) as err:
-            raise SnapstoreError(f"{path} is not a valid snapshot manifest: {err}") from err
+            what = f"{type(err).__name__} {err}" if isinstance(err, KeyError) else str(err)
+            raise SnapshotCorrupt(
+                f"snapshot {n} of {task!r} is damaged: its manifest {path} is not valid "
+                f"({len(text)} bytes): {what}"
+            ) from None
         if manifest.task != task or manifest.snapshot != n:
-            raise SnapstoreError(
+            raise SnapshotCorrupt(
                 f"{path} names task {manifest.task!r} snapshot {manifest.snapshot}, "
                 f"not {task!r} {n}"
             )

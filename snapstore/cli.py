@@ -1,7 +1,7 @@
 """``snapstore``: checkpoint a running task into a fusionfs mount with CRIU, and restore it.
 
-Commands: dump, restore, list, show, rm, run (``snapstore COMMAND --help``). Errors are one line on
-stderr (plus the relevant lines of CRIU's log when CRIU failed) and an exit code from
+Commands: dump, restore, verify, list, show, rm, run (``snapstore COMMAND --help``). Errors are
+one line on stderr (plus the relevant lines of CRIU's log when CRIU failed) and an exit code from
 ``snapstore.errors``; a traceback means a bug.
 
 Caveat: ``restore`` without ``--detach`` waits for the task and exits with the task's own
@@ -25,9 +25,11 @@ from snapstore.catalog import Catalog, Manifest, validate_task_id
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
     EXIT_CHECKPOINTED,
+    EXIT_CORRUPT,
     EXIT_DUMP_FAILED,
     EXIT_RESTORE_FAILED,
     EXIT_USAGE,
+    SnapshotCorrupt,
     SnapstoreError,
     UsageError,
     os_error_text,
@@ -36,6 +38,7 @@ from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
 from snapstore.supervisor import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, RunOptions
 from snapstore.supervisor import run as supervise
+from snapstore.verify import verify_snapshot
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +52,8 @@ exit codes:
        deadline passed, the snapshot could not be made durable (nothing committed)
   {EXIT_RESTORE_FAILED}  restore failed: CRIU missing or too old, the task's PID is in use,
        damaged snapshot, CRIU could not restore
+  {EXIT_CORRUPT}  the snapshot does not verify (a file, chunk or pack missing or wrong, a damaged
+       manifest): it was not restored (run tried the previous snapshots first); verify: bad
   {EXIT_CHECKPOINTED}   run: the task was checkpointed and committed (spot notice or SIGTERM);
        run the same command again to resume it
   restore without --detach, and run, exit with the task's own exit status (128+N if killed
@@ -216,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print the restore result as JSON (once the task runs)"
     )
+
+    p = sub.add_parser(
+        "verify",
+        help="check a committed snapshot end to end without restoring it",
+        description="Check the manifest's digest, every image file's size and digest, and "
+        "read every chunk once from the store (past every cache) against its BLAKE3; "
+        "progress on stderr. --quick checks the manifest, the files, their sizes and that "
+        "every pack exists, without reading chunks.",
+        epilog=_EXIT_CODES,
+        formatter_class=fmt,
+    )
+    common(p)
+    p.add_argument(
+        "--snapshot",
+        type=_snapshot_number,
+        metavar="N",
+        help="snapshot number (default: the latest committed)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="existence and sizes only (no chunk is read)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("list", help="list committed snapshots")
     common(p, task_required=False)
@@ -425,6 +452,23 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    root = open_root(args.root, create=False)
+    n = Catalog(root.path).resolve(args.task, args.snapshot)
+    report = verify_snapshot(root, args.task, n, full=not args.quick, progress=_note)
+    if args.json:
+        _say(json.dumps(report.as_dict(), sort_keys=True))
+        return 0
+    what = "quick check" if args.quick else "every chunk read once"
+    rate = report.checked_bytes / 1e6 / report.seconds if report.seconds > 0 else 0.0
+    _say(
+        f"snapshot {n} of task {args.task} verifies ({what}): {report.files} files, "
+        f"{_mb(report.bytes)}, {report.chunks} chunks in {report.packs} pack references, "
+        f"{report.seconds:.2f} s ({rate:.0f} MB/s read)"
+    )
+    return 0
+
+
 def _manifest_row(m: Manifest) -> str:
     return (
         f"{m.task:<24} {m.snapshot:>5}  {m.created:<29} {_mb(m.total_bytes):>11}  "
@@ -442,7 +486,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     lines: list[str] = []
     for task in tasks:
         for n in catalog.committed(task):
-            m = catalog.load(task, n)
+            try:
+                m = catalog.load(task, n)
+            except SnapshotCorrupt as err:  # listed, not fatal: `verify` and `rm` need its n
+                rows.append({"task": task, "snapshot": n, "committed": True, "damaged": str(err)})
+                lines.append(f"{task:<24} {n:>5}  (damaged manifest: see snapstore verify)")
+                continue
             rows.append(
                 {
                     "task": task,
@@ -538,6 +587,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "dump": (_cmd_dump, EXIT_DUMP_FAILED),
     "restore": (_cmd_restore, EXIT_RESTORE_FAILED),
+    "verify": (_cmd_verify, 1),
     "list": (_cmd_list, 1),
     "show": (_cmd_show, 1),
     "rm": (_cmd_rm, 1),

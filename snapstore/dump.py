@@ -8,7 +8,9 @@ Steps (each timed; the manifest records the timings):
 4. fsync every image file and the directories, and flush the mount again (the task's files,
    now that it is stopped), so everything the snapshot refers to is durable; CRIU's log is
    copied into the images dir meanwhile (it is not one of the snapshot's files);
-5. write the manifest ``ROOT/ID/n.json`` (the commit point);
+5. record a digest of every image file (``verify.record_digests``: for a file in fusionfs's
+   chunked layout the digest of its chunked manifest, one GET; for the others their BLAKE3)
+   and write the manifest ``ROOT/ID/n.json``, with a digest of itself (the commit point);
 6. kill the (stopped) task, unless ``--leave-running``.
 
 Why ``--leave-stopped`` and not CRIU's default (kill at the end of the dump): until the
@@ -56,6 +58,7 @@ from snapstore.errors import (
     os_error_text,
 )
 from snapstore.root import Root
+from snapstore.verify import record_digests
 
 __all__ = ["DumpOptions", "DumpResult", "dump"]
 
@@ -323,6 +326,9 @@ def _dump(
         files = _sync_images(images)
         root.flush()
         flush_s = time.monotonic() - t
+        t = time.monotonic()
+        files = record_digests(root, images, files)
+        digest_s = time.monotonic() - t
         if deadline_at is not None and time.monotonic() > deadline_at:
             raise DumpFailed(
                 f"deadline of {opts.deadline:g} s passed while making the snapshot durable "
@@ -359,6 +365,7 @@ def _dump(
                 "memwrite_s": round(stats.get("memwrite_time_us", 0) * _US, 6),
                 "criu_s": round(run.seconds, 6),
                 "flush_s": round(flush_s, 6),
+                "digest_s": round(digest_s, 6),
                 "total_s": round(total_s, 6),
             },
             criu_stats=stats,

@@ -5,8 +5,11 @@ stderr (plus ``err.details``, indented, when CRIU's log has something to say) an
 ``err.exit_code``. Nothing else escapes as a traceback except real bugs.
 
 Exit codes follow Fusion Snapshots' convention so workflow engines configured for it retry the
-same way: 175 when a dump fails, 176 when a restore fails. 2 is bad usage or input (which a
-retry will not fix). ``restore`` without ``--detach`` exits with the task's own status instead.
+same way: 175 when a dump fails, 176 when a restore fails, 177 (``EXIT_CORRUPT``) when the
+snapshot does not verify (a damaged manifest, a file, pack or chunk missing or wrong: it is never
+restored; ``run`` falls back to older snapshots first; ``verify`` says so with 177 too). 177 is
+not worth a retry on another machine, which reads the same bytes. 2 is bad usage or input
+(which a retry will not fix). ``restore`` without ``--detach`` exits with the task's own status instead.
 
 ``run`` adds 75 (``EXIT_CHECKPOINTED``): the task was checkpointed and committed because the
 machine is going away (a spot notice or SIGTERM); run the same command again to resume it. 75 is
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_CHECKPOINTED",
+    "EXIT_CORRUPT",
     "EXIT_DUMP_FAILED",
     "EXIT_ERROR",
     "EXIT_RESTORE_FAILED",
@@ -28,6 +32,7 @@ __all__ = [
     "CriuUnavailable",
     "DumpFailed",
     "RestoreFailed",
+    "SnapshotCorrupt",
     "SnapstoreError",
     "UsageError",
     "os_error_text",
@@ -38,6 +43,7 @@ EXIT_USAGE = 2
 EXIT_DUMP_FAILED = 175
 EXIT_RESTORE_FAILED = 176
 EXIT_CHECKPOINTED = 75
+EXIT_CORRUPT = 177
 
 
 class SnapstoreError(Exception):
@@ -66,6 +72,13 @@ class RestoreFailed(SnapstoreError):
     """A restore did not bring the task back (CRIU failed, its PID is taken, images damaged)."""
 
     exit_code = EXIT_RESTORE_FAILED
+
+
+class SnapshotCorrupt(SnapstoreError):
+    """The snapshot does not verify (a file, chunk or pack missing, wrong or of the wrong size,
+    a damaged manifest): it is never restored. A retry elsewhere reads the same bytes."""
+
+    exit_code = EXIT_CORRUPT
 
 
 def os_error_text(err: OSError) -> str:

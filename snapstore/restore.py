@@ -16,16 +16,21 @@ as shells report it). A plain foreground ``criu restore`` would only report CRIU
 CRIU's logs, pidfile, stats and the lazy-pages socket go to a local work directory (never the
 images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets).
 
+Before CRIU starts, the snapshot gets ``verify``'s quick check (manifest digest, files, sizes,
+small files' digests, chunked manifests and their packs); a snapshot that fails it is
+``SnapshotCorrupt`` (177) and CRIU never runs. A chunk that fails fusionfs's own check while
+CRIU reads it is EIO: an eager restore then fails, a lazy one loses its daemon after the task
+resumed; either way the whole snapshot is read once to name the bad part (177), and a lazily
+restored task is killed at once (``wait_task``), never left to run on with a hole in its memory.
+
 Caveats: CRIU restores the task under its original PIDs and thread ids, so they must be free
-(checked first; a just-killed task's zombie is waited for up to a few seconds). If the
-lazy-pages daemon dies before all pages are in, the task gets SIGBUS on its next fault of a
-missing page.
+(checked first; a just-killed task's zombie is waited for up to a few seconds). With
+``--detach`` nobody waits for the lazy-pages daemon: if it dies before all pages are in, the
+task dies on its next fault of a missing page (SIGSEGV here) and nobody reports it.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import os
 import platform
@@ -41,18 +46,23 @@ from types import FrameType
 
 import psutil
 
-from snapstore.catalog import Catalog, ImageFile, Manifest
+from snapstore.catalog import Catalog, Manifest
 from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
-from snapstore.errors import CriuUnavailable, RestoreFailed, os_error_text
+from snapstore.errors import (
+    CriuUnavailable,
+    RestoreFailed,
+    SnapshotCorrupt,
+    SnapstoreError,
+    os_error_text,
+)
 from snapstore.root import Root
+from snapstore.verify import verify_snapshot
 
 __all__ = ["RestoreResult", "restore", "uffd_available", "wait_task"]
 
 _READY_TIMEOUT_S = 30.0
 _PID_WAIT_S = 5.0
 _US = 1e-6
-_PREFETCH_THREADS = 8
-_PREFETCH_MAX = 1 << 20  # image files read ahead whole before CRIU starts (the small ones)
 
 
 def uffd_available() -> bool:
@@ -75,6 +85,8 @@ class RestoreResult:
     stats: dict[str, int]
     pages_s: float | None = None  # until the lazy-pages daemon exited (all pages in)
     lazy_status: int | None = None
+    root: Root | None = None  # for the check after a failure (``lazy_failure``)
+    ended: bool = False  # the task was killed because its lazy-pages daemon failed
 
 
 def _busy(pids: list[int]) -> list[int]:
@@ -101,38 +113,6 @@ def _check_pids_free(manifest: Manifest) -> None:
         raise RestoreFailed(
             f"cannot restore task {manifest.task!r}: CRIU restores it under its original "
             f"PID(s), and {which} {'is' if len(busy) == 1 else 'are'} in use on this machine"
-        )
-
-
-def _check_files(images: Path, manifest: Manifest) -> None:
-    """Every image file is there with its size; the small ones (CRIU's core, mm, pagemap...
-    images, read whole by the restore) are read ahead, in parallel: on a mount with store
-    latency, one round trip each in sequence is most of a lazy restore's time to resume."""
-    with contextlib.suppress(OSError):
-        os.listdir(images)  # one LIST: then a small file's lookup also brings its bytes
-    with concurrent.futures.ThreadPoolExecutor(_PREFETCH_THREADS) as pool:
-        for _ in pool.map(lambda f: _check_file(images, manifest, f), manifest.files):
-            pass
-
-
-def _check_file(images: Path, manifest: Manifest, f: ImageFile) -> None:
-    path = images / f.name
-    try:
-        size = path.stat().st_size
-        if size == f.size and size <= _PREFETCH_MAX:
-            with open(path, "rb") as fh:
-                while fh.read(1 << 20):
-                    pass
-    except FileNotFoundError:
-        raise RestoreFailed(
-            f"snapshot {manifest.snapshot} of {manifest.task!r} is damaged: {path} is missing"
-        ) from None
-    except OSError as err:
-        raise RestoreFailed(f"cannot read {path}: {err.strerror}") from None
-    if size != f.size:
-        raise RestoreFailed(
-            f"snapshot {manifest.snapshot} of {manifest.task!r} is damaged: "
-            f"{path} has {size} bytes, the manifest says {f.size}"
         )
 
 
@@ -202,14 +182,17 @@ def restore(
     snapshot: int | None,
     lazy: bool | None,
     progress: Callable[[str], None] = lambda _msg: None,
+    *,
+    verified: bool = False,
 ) -> RestoreResult:
     """Restore snapshot ``snapshot`` (default: the latest) of ``task``; the task runs on return.
 
     ``lazy`` None means lazy where userfaultfd is available, else eager. An ``OSError`` from
-    the root (a mount that died) is ``RestoreFailed``, like every other failure.
+    the root (a mount that died) is ``RestoreFailed``, like every other failure. ``verified``:
+    the caller ran the quick check already (``run``, before it rewound the task's files).
     """
     try:
-        return _restore(task, root, snapshot, lazy, progress)
+        return _restore(task, root, snapshot, lazy, progress, verified)
     except OSError as err:
         raise RestoreFailed(
             f"snapshot of {task!r} not restored: {os_error_text(err)}"
@@ -222,6 +205,7 @@ def _restore(
     snapshot: int | None,
     lazy: bool | None,
     progress: Callable[[str], None],
+    verified: bool,
 ) -> RestoreResult:
     catalog = Catalog(root.path)
     n = catalog.resolve(task, snapshot)
@@ -240,7 +224,10 @@ def _restore(
         lazy = uffd_available()
     elif lazy and not uffd_available():
         raise RestoreFailed("--lazy needs userfaultfd, which this kernel does not offer")
-    _check_files(images, manifest)
+    # the quick check (verify.py): files, sizes, small files' digests, chunked manifests and
+    # their packs; it also reads the small images ahead, in parallel, before CRIU needs them
+    if not verified:
+        verify_snapshot(root, task, n, full=False, manifest=manifest)
     _check_pids_free(manifest)
 
     if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
@@ -285,11 +272,16 @@ def _restore(
     if run.returncode != 0 or not pidfile.exists():
         if lazy_pid is not None:
             _stop_daemon(lazy_pid)
+        _reap_restored(manifest)
         log = workdir / "restore.log"
+        details = log_excerpt(log)
+        # a chunk that fails fusionfs's check is EIO to CRIU: tell that from other failures
+        _raise_if_corrupt(root, task, n, manifest, f"CRIU could not restore it; log: {log}",
+                          details, progress)
         raise RestoreFailed(
             f"CRIU could not restore snapshot {n} of {task!r} (criu exit status "
             f"{run.returncode}); log: {log}",
-            details=log_excerpt(log),
+            details=details,
         )
     pid = int(pidfile.read_text().split()[0])
     stats = read_stats(workdir / "stats-restore")
@@ -303,6 +295,82 @@ def _restore(
         workdir=workdir,
         lazy_pid=lazy_pid,
         stats=stats,
+        root=root,
+    )
+
+
+def _reap_restored(manifest: Manifest) -> None:
+    """Reap what a failed ``--restore-sibling`` restore left as our children (CRIU kills the
+    half-restored tasks; they are zombies of ours), so their PIDs are free for another try
+    (``run`` falling back to an older snapshot) within this process."""
+    deadline = time.monotonic() + _PID_WAIT_S
+    pending = set(manifest.pids) | {manifest.pid}
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not ours (or gone already)
+                pending.discard(pid)
+                continue
+            if done:
+                pending.discard(pid)
+        if pending:
+            time.sleep(0.01)
+
+
+def _raise_if_corrupt(
+    root: Root, task: str, n: int, manifest: Manifest, context: str, details: list[str],
+    progress: Callable[[str], None],
+) -> None:
+    """After a failed restore: read the whole snapshot once (``verify_snapshot(full=True)``)
+    and raise ``SnapshotCorrupt`` if it does not verify; return if it does, or if it cannot be
+    told (the mount is gone: that is the failure to report)."""
+    progress(f"checking every chunk of snapshot {n} of {task!r} to tell why")
+    try:
+        verify_snapshot(root, task, n, full=True, manifest=manifest)
+    except SnapshotCorrupt as err:
+        raise SnapshotCorrupt(f"{err}; {context}", details=details) from None
+    except (SnapstoreError, OSError):
+        return
+
+
+def end_task(result: RestoreResult) -> None:
+    """SIGKILL a lazily restored task whose lazy-pages daemon died: the pages it has not
+    touched yet will never come, and it must not run on with a hole in its memory."""
+    result.ended = True
+    try:
+        os.kill(result.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def lazy_failed(result: RestoreResult, task_status: int) -> bool:
+    """Whether the lazy restore failed under the task: its daemon exited with an error and the
+    task did not end by itself first (it was ended for it, or killed by a signal: the fault of
+    a page that never came). A task that exits normally keeps its own status."""
+    if result.lazy_status in (None, 0):
+        return False
+    return result.ended or task_status < 0
+
+
+def lazy_failure(result: RestoreResult) -> SnapstoreError:
+    """The error for a lazy restore whose daemon exited before all pages were in (the task has
+    been ended): ``SnapshotCorrupt`` if the snapshot does not verify (a chunk failed its check:
+    fusionfs answered EIO to the daemon), else ``RestoreFailed``."""
+    log = result.workdir / "lazy-pages.log"
+    context = (
+        f"criu lazy-pages stopped with status {result.lazy_status} before all pages were in, "
+        f"and task {result.pid} was ended; log: {log}"
+    )
+    if result.root is not None:
+        try:
+            _raise_if_corrupt(result.root, result.task, result.snapshot, result.manifest,
+                              context, [], lambda _m: None)
+        except SnapshotCorrupt as err:
+            return err
+    return RestoreFailed(
+        f"snapshot {result.snapshot} of {result.task!r} not restored: {context}",
+        details=log_excerpt(log) if log.exists() else [],
     )
 
 
@@ -316,6 +384,10 @@ def wait_task(
     SIGINT, SIGTERM and SIGHUP sent to snapstore meanwhile are forwarded to the task. In lazy
     mode a thread reaps the lazy-pages daemon, fills ``result.pages_s`` and calls
     ``on_pages_in``. The work directory is removed if everything went well.
+
+    A lazy-pages daemon that exits with an error ends the task at once (``end_task``) and
+    makes this raise ``lazy_failure``: ``SnapshotCorrupt`` (177) when a chunk did not verify,
+    never the task's own status after a silent death.
     """
     origin = started if started is not None else time.monotonic() - result.resume_s
     waiter: threading.Thread | None = None
@@ -326,6 +398,8 @@ def wait_task(
             _, status = os.waitpid(lazy_pid, 0)
             result.pages_s = time.monotonic() - origin
             result.lazy_status = os.waitstatus_to_exitcode(status)
+            if result.lazy_status != 0:
+                end_task(result)
             on_pages_in(result)
 
         waiter = threading.Thread(target=reap, name="lazy-pages-reaper", daemon=True)
@@ -345,18 +419,23 @@ def wait_task(
         for s, handler in previous.items():
             signal.signal(s, handler)
     code = os.waitstatus_to_exitcode(status)
+    stuck = False
     if waiter is not None:
         waiter.join(_READY_TIMEOUT_S)
         if waiter.is_alive() and result.lazy_pid is not None:  # daemon stuck after the task
+            stuck = True
             try:
                 os.kill(result.lazy_pid, signal.SIGKILL)  # the reaper thread reaps it
             except ProcessLookupError:
                 pass
             waiter.join()
+    if not stuck and lazy_failed(result, code):
+        raise lazy_failure(result)
     if code < 0:
         code = 128 - code
-    if result.lazy_status in (None, 0):
-        shutil.rmtree(result.workdir, ignore_errors=True)
+    if result.lazy_status not in (None, 0):
+        return code
+    shutil.rmtree(result.workdir, ignore_errors=True)
     return code
 
 

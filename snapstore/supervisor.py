@@ -36,6 +36,13 @@ size CRIU recorded (for O_APPEND files: the task's file offset, when it is not 0
 for files the task only appends to (logs, results written sequentially); bytes rewritten in
 place after the snapshot are not undone (CRIU does not snapshot file contents).
 
+Snapshots that do not verify: before its files are rewound, a snapshot gets ``verify``'s
+quick check; one that fails it (177) is reported and the previous committed snapshot is tried,
+down to the oldest, then 177. A lazily restored task whose daemon meets a bad chunk after the
+resume is ended, and the same fallback applies (its files are rewound again, to the older
+snapshot). Each snapshot is checked through its own manifests, so one that reuses a bad chunk
+of its parent fails too.
+
 Caveats: only one supervisor may run per task id at a time (nothing locks it). A supervisor that
 is SIGKILLed leaves the task running without its guard; a rerun on the same machine then fails
 with 176 (the task's PID is taken). A snapshot must be restored under the task's original PIDs,
@@ -67,6 +74,7 @@ from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
     EXIT_CHECKPOINTED,
     EXIT_DUMP_FAILED,
+    SnapshotCorrupt,
     SnapstoreError,
     UsageError,
     os_error_text,
@@ -79,8 +87,9 @@ from snapstore.metadata import (
     Poller,
     detect,
 )
-from snapstore.restore import RestoreResult, restore
+from snapstore.restore import RestoreResult, end_task, lazy_failed, lazy_failure, restore
 from snapstore.root import Root, open_root
+from snapstore.verify import verify_snapshot
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -351,6 +360,7 @@ class _Supervisor:
     def _restore(self, n: int, logs: tuple[Path, Path]) -> None:
         assert self.catalog is not None and self.root is not None
         images = self.catalog.images_dir(self.opts.task, n)
+        verify_snapshot(self.root, self.opts.task, n, full=False)  # before files.img is trusted
         for path, before, after in rewind_files(images):
             self.note(f"rewound {path} from {before} to {after} bytes (its size at snapshot {n})")
         for log in logs:  # forward only what the restored task adds (earlier runs did the rest)
@@ -359,7 +369,7 @@ class _Supervisor:
             except OSError:
                 pass
         started = time.monotonic()
-        result = restore(self.opts.task, self.root, n, self.opts.lazy)
+        result = restore(self.opts.task, self.root, n, self.opts.lazy, verified=True)
         self.restored = result
         self.pid = result.pid
         how = "lazily" if result.lazy else "eagerly"
@@ -385,6 +395,7 @@ class _Supervisor:
             result.pages_s = time.monotonic() - started
             result.lazy_status = os.waitstatus_to_exitcode(status)
             if result.lazy_status != 0:
+                end_task(result)  # it must not run on with a hole in its memory
                 self.note(
                     f"criu lazy-pages exited with status {result.lazy_status} before all pages "
                     f"were in; log: {result.workdir / 'lazy-pages.log'}"
@@ -557,13 +568,53 @@ class _Supervisor:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _resume(self, logs: tuple[Path, Path], below: int | None = None) -> None:
+        """Restore the newest committed snapshot (below ``below``) that verifies; each one that
+        does not is reported and the previous one tried (its files rewound to their sizes at
+        that snapshot); ``SnapshotCorrupt`` (177) when none is left."""
+        assert self.catalog is not None
+        candidates = [n for n in self.catalog.committed(self.opts.task)
+                      if below is None or n < below]
+        for i, n in enumerate(reversed(candidates)):
+            try:
+                self._restore(n, logs)
+                return
+            except SnapshotCorrupt as err:
+                older = candidates[-i - 2] if i + 1 < len(candidates) else None
+                if older is None:
+                    raise
+                self.note(f"{err}: falling back to snapshot {older}")
+
+    def _lazy_failure(self, logs: tuple[Path, Path]) -> int | None:
+        """The restored task ended because its lazy-pages daemon failed (and ended it): fall
+        back to an older snapshot if the failure was a bad chunk (None: a task runs again),
+        else the exit code (the snapshots are kept: the task did not finish)."""
+        r = self.restored
+        if r is None or r.lazy_pid is None:
+            return 0
+        self.pages_in.wait(_PAGES_WAIT_S)
+        if not lazy_failed(r, -1 if self.status >= 128 else self.status):
+            return 0
+        err = lazy_failure(r)
+        if isinstance(err, SnapshotCorrupt):
+            older = [n for n in self.catalog.committed(self.opts.task) if n < r.snapshot] \
+                if self.catalog is not None else []
+            if older:
+                self.note(f"{err}: falling back to snapshot {older[-1]}")
+                self.exited.clear()
+                self.pages_in.clear()
+                self.restored = None
+                self._resume(logs, below=r.snapshot)
+                return None
+        raise err
+
     def _supervise(self, log_dir: Path) -> int:
         assert self.catalog is not None
         o = self.opts
         self._finish_old_run()
         latest = self.catalog.latest(o.task)
         if latest is not None:
-            self._restore(latest, log_paths(log_dir, o.task))
+            self._resume(log_paths(log_dir, o.task))
         else:
             self._start_command(log_dir)
         out, err = log_paths(log_dir, o.task)
@@ -586,6 +637,8 @@ class _Supervisor:
                 next_periodic = time.monotonic() + o.checkpoint_interval
                 continue
             if kind == "exit":
+                if self._lazy_failure(log_paths(log_dir, o.task)) is None:
+                    continue  # fell back to an older snapshot: its task runs now
                 return self._finished()
             if kind == "notice":
                 if self.poller is not None:

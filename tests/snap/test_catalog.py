@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from snapstore.catalog import Catalog, ImageFile, Manifest, validate_task_id
 from snapstore.criu import log_excerpt, read_stats
-from snapstore.errors import UsageError
+from snapstore.errors import SnapshotCorrupt, SnapstoreError, UsageError
 
 
 def _manifest(task: str, n: int, files: list[ImageFile] | None = None) -> Manifest:
@@ -73,11 +74,35 @@ def test_corrupt_or_mismatched_manifest_is_an_error_not_a_crash(tmp_path: Path) 
     catalog = Catalog(tmp_path)
     catalog.reserve("job")
     catalog.manifest_path("job", 1).write_text("{not json")
-    with pytest.raises(Exception, match="not a valid snapshot manifest"):
+    with pytest.raises(SnapshotCorrupt, match="is damaged: its manifest .* is not valid"):
         catalog.load("job", 1)
     catalog.manifest_path("job", 1).write_text(_manifest("other", 1).to_json())
-    with pytest.raises(Exception, match="names task 'other'"):
+    with pytest.raises(SnapshotCorrupt, match="names task 'other'"):
         catalog.load("job", 1)
+
+
+def test_manifest_digest_catches_a_changed_field_and_format_1_still_loads(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path)
+    catalog.reserve("job")
+    text = _manifest("job", 1).to_json()
+    data = json.loads(text)
+    assert data["format"] == 2 and data["digest"].startswith("blake3:")
+    path = catalog.manifest_path("job", 1)
+    path.write_text(text.replace('"pid": ', '"pid": 1', 1))  # one field changed, still JSON
+    with pytest.raises(SnapshotCorrupt, match="digest does not match"):
+        catalog.load("job", 1)
+    path.write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(SnapshotCorrupt, match="is not valid"):
+        catalog.load("job", 1)
+    old = {k: v for k, v in data.items() if k != "digest"}
+    old["format"] = 1
+    path.write_text(json.dumps(old))  # written before digests: sizes only
+    assert catalog.load("job", 1).files == _manifest("job", 1).files
+    old["format"] = 3
+    path.write_text(json.dumps(old))
+    with pytest.raises(SnapstoreError, match="unsupported manifest format 3") as info:
+        catalog.load("job", 1)
+    assert not isinstance(info.value, SnapshotCorrupt)
 
 
 @pytest.mark.parametrize("bad", ["", ".hidden", "-x", "a/b", "..", "x" * 129, "a b"])

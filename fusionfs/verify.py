@@ -1,0 +1,210 @@
+"""Check one stored file against the store, past every cache: the ``user.fusionfs.verify`` hook.
+
+snapstore asks this before it restores a snapshot and in ``snapstore verify`` (S-CHUNK-10):
+``setxattr(FILE, "user.fusionfs.verify", MODE)`` runs ``verify_object`` on the file's committed
+version in a worker thread, and ``getxattr(FILE, "user.fusionfs.verify")`` then returns the
+result as JSON. MODE is
+
+- ``quick``: the object is still the version the mount knows (HEAD: ETag and size); for a
+  chunked file its manifest decodes (magic, lengths, its own BLAKE3 trailer) and every pack it
+  names exists (HEAD each pack once, 8 at a time; a pack set aside by garbage collection counts
+  from its fossil) and is long enough for the chunks the manifest places in it. No chunk is read.
+- ``manifest``: the object check and, for a chunked file, its manifest decoded (its digest),
+  nothing more (what snapstore records when it commits a snapshot).
+- ``full [START END]``: the object check, then every chunk overlapping bytes
+  ``[START, END)`` of the file (default: all of it) is fetched from the store (ranged GETs of
+  the packs, never the chunk cache), decompressed and compared with its BLAKE3 digest
+  (``layout.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
+  read whole (``If-Match``) and its BLAKE3 returned, for the caller to compare with what it
+  recorded.
+
+The result: ``{"ok", "layout" ("chunked"|"plain"), "size", "etag", "digest", "chunks",
+"packs", "checked_bytes", "problem"}``. ``digest`` is, for a chunked file, the manifest's own
+BLAKE3 trailer (it covers every chunk's digest and place, so it names the content), for a plain
+one the BLAKE3 of its bytes (``full`` only). ``problem`` is one line naming what is missing or
+wrong, with ``ok`` false. Store errors that say nothing about the content (timeouts, refused
+connections) are raised, not reported as a problem.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+from typing import Any
+
+import blake3
+
+from fusionfs.layout import (
+    FOSSILS_PREFIX,
+    PACKS_PREFIX,
+    CorruptChunk,
+    Manifest,
+    ManifestError,
+    encode_manifest,
+    fetch_chunks,
+    is_chunked,
+    pack_key,
+    read_manifest,
+)
+from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed
+
+__all__ = ["verify_object"]
+
+_WORKERS = 8
+_RUN_BYTES = 16 << 20
+
+
+_MANIFESTS: collections.OrderedDict[tuple[int, Key, ETag], Manifest] = collections.OrderedDict()
+_MANIFESTS_LOCK = threading.Lock()
+
+
+def _manifest(store: ObjectStore, key: Key, etag: ETag) -> Manifest:
+    """The manifest of that version, remembered for the next ranges of a ``full`` check (a
+    version never changes; a few are kept)."""
+    mkey = (id(store), key, etag)
+    with _MANIFESTS_LOCK:
+        if mkey in _MANIFESTS:
+            _MANIFESTS.move_to_end(mkey)
+            return _MANIFESTS[mkey]
+    manifest = read_manifest(store, key, etag)
+    with _MANIFESTS_LOCK:
+        _MANIFESTS[mkey] = manifest
+        while len(_MANIFESTS) > 8:
+            _MANIFESTS.popitem(last=False)
+    return manifest
+
+
+def _result(layout: str, size: int, etag: str) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "layout": layout,
+        "size": size,
+        "etag": etag,
+        "digest": None,
+        "chunks": 0,
+        "packs": 0,
+        "checked_bytes": 0,
+        "problem": None,
+    }
+
+
+def _fail(result: dict[str, Any], problem: str) -> dict[str, Any]:
+    result["ok"] = False
+    result["problem"] = problem
+    return result
+
+
+def _check_packs(store: ObjectStore, manifest: Manifest) -> str | None:
+    """None if every pack the manifest names exists and is long enough, else the first problem."""
+    need: dict[bytes, int] = {}
+    for entry in manifest.chunks:
+        need[entry.pack] = max(need.get(entry.pack, 0), entry.offset + entry.stored)
+
+    def check(pack: bytes) -> str | None:
+        for prefix in (PACKS_PREFIX, FOSSILS_PREFIX):
+            try:
+                info = store.head(pack_key(pack, prefix))
+            except NotFound:
+                continue
+            if info.size < need[pack]:
+                return f"pack {pack.hex()} has {info.size} bytes, its chunks need {need[pack]}"
+            return None
+        return f"pack {pack.hex()} is missing from the store"
+
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+        for problem in pool.map(check, list(need)):
+            if problem is not None:
+                return problem
+    return None
+
+
+def _check_chunks(
+    store: ObjectStore, manifest: Manifest, start: int, end: int
+) -> tuple[int, int, str | None]:
+    """Fetch and verify the chunks overlapping ``[start, end)``: (chunks, stored bytes, problem)."""
+    span = manifest.span(start, end - start)
+    if not span:
+        return 0, 0, None
+    first, last = span[0][0], span[-1][0]
+    runs: list[tuple[int, int]] = []
+    i = first
+    while i <= last:  # runs of back-to-back chunks, one ranged GET each, several at once
+        j, total = i, manifest.chunks[i].stored
+        while (
+            j < last
+            and manifest.contiguous(j)
+            and total + manifest.chunks[j + 1].stored <= _RUN_BYTES
+        ):
+            j += 1
+            total += manifest.chunks[j].stored
+        runs.append((i, j))
+        i = j + 1
+
+    def fetch(run: tuple[int, int]) -> str | None:
+        try:
+            fetch_chunks(store, manifest, run[0], run[1], max_request=_RUN_BYTES)
+        except CorruptChunk as err:
+            return f"{err} (bytes {manifest.offset(run[0])}-{manifest.offset(run[1] + 1)})"
+        except NotFound as err:
+            return str(err)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+        for problem in pool.map(fetch, runs):
+            if problem is not None:
+                return 0, 0, problem
+    stored = sum(manifest.chunks[k].stored for k in range(first, last + 1))
+    return last - first + 1, stored, None
+
+
+def verify_object(
+    store: ObjectStore,
+    key: Key,
+    etag: ETag | None,
+    mode: str,
+    start: int = 0,
+    end: int | None = None,
+) -> dict[str, Any]:
+    """Check the object ``key`` (the version ``etag``, when given); see the module docstring.
+    Blocking: run it in a worker thread."""
+    try:
+        info = store.head(key)
+    except NotFound:
+        return _fail(_result("plain", 0, ""), f"{key} is missing from the store")
+    chunked = is_chunked(info.metadata)
+    result = _result("chunked" if chunked else "plain", info.size, str(info.etag))
+    if etag is not None and info.etag != etag:
+        return _fail(result, f"{key} changed in the store (ETag {info.etag}, expected {etag})")
+    try:
+        if not chunked:
+            if mode == "full":
+                data = store.get_range(key, 0, info.size, info.etag) if info.size else b""
+                if len(data) != info.size:
+                    return _fail(result, f"{key}: read {len(data)} of {info.size} bytes")
+                result["digest"] = blake3.blake3(data).hexdigest()
+                result["checked_bytes"] = len(data)
+            return result
+        manifest = _manifest(store, key, info.etag)
+    except ManifestError as err:
+        return _fail(result, f"{key}: {err}")
+    except (NotFound, PreconditionFailed):
+        return _fail(result, f"{key} changed in the store while it was checked")
+    result["size"] = manifest.size
+    result["digest"] = encode_manifest(manifest)[-32:].hex()
+    result["packs"] = len(manifest.packs())
+    if mode == "manifest":
+        result["chunks"] = len(manifest.chunks)
+    elif mode != "full":  # a full check finds a missing pack when it reads it
+        problem = _check_packs(store, manifest)
+        if problem is not None:
+            return _fail(result, f"{key}: {problem}")
+        result["chunks"] = len(manifest.chunks)
+    else:
+        stop = manifest.size if end is None else min(end, manifest.size)
+        chunks, stored, problem = _check_chunks(store, manifest, max(0, start), stop)
+        if problem is not None:
+            return _fail(result, f"{key}: {problem}")
+        result["chunks"] = chunks
+        result["checked_bytes"] = stored
+    return result

@@ -1,0 +1,86 @@
+"""``fusionfs.verify.verify_object`` (the ``user.fusionfs.verify`` hook, S-CHUNK-10) on a
+LocalStore: every mode on a good chunked file and a plain one, then each fault it must name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+import pytest
+
+from fusionfs.layout import (
+    PACKS_PREFIX,
+    ChunkPolicy,
+    ChunkWriter,
+    encode_manifest,
+    pack_key,
+    write_manifest,
+)
+from fusionfs.store import Key, LocalStore
+from fusionfs.verify import verify_object
+
+_POLICY = ChunkPolicy(page_size=4096, min_size=8192, avg_size=24576, max_size=65536)
+_KEY = Key("snapshots/t/1/pages-1.img")
+
+
+def _chunked(tmp_path: Path) -> tuple[LocalStore, bytes, list[bytes]]:
+    store = LocalStore(tmp_path / "bucket")
+    data = os.urandom(3 << 20)
+    with ChunkWriter(store, policy=_POLICY, pack_size=1 << 20) as writer:
+        for off in range(0, len(data), 1 << 18):
+            writer.feed(off, data[off : off + (1 << 18)])
+        manifest = writer.finish()
+    write_manifest(store, _KEY, manifest)
+    assert len(manifest.packs()) >= 2
+    return store, encode_manifest(manifest)[-32:], manifest.packs()
+
+
+def test_good_chunked_and_plain_files_verify_in_every_mode(tmp_path: Path) -> None:
+    store, trailer, packs = _chunked(tmp_path)
+    etag = store.head(_KEY).etag
+    for mode in ("manifest", "quick", "full"):
+        result = verify_object(store, _KEY, etag, mode)
+        assert result["ok"], result
+        assert result["layout"] == "chunked" and result["digest"] == trailer.hex()
+        assert result["size"] == 3 << 20 and result["packs"] == len(packs)
+    full = verify_object(store, _KEY, etag, "full")
+    assert full["checked_bytes"] >= 3 << 20 and full["chunks"] > 10
+    part = verify_object(store, _KEY, etag, "full", 0, 1 << 20)  # a range: fewer chunks
+    assert part["ok"] and 0 < part["chunks"] < full["chunks"]
+    store.put(Key("snapshots/t/1/core-1.img"), b"core bytes", {})
+    plain = verify_object(store, Key("snapshots/t/1/core-1.img"), None, "full")
+    assert plain["ok"] and plain["layout"] == "plain"
+    assert plain["digest"] == blake3.blake3(b"core bytes").hexdigest()
+
+
+@pytest.mark.allow_logs("failed verification; fetching it again")
+def test_each_fault_is_named(tmp_path: Path) -> None:
+    store, _, packs = _chunked(tmp_path)
+    etag = store.head(_KEY).etag
+    root = tmp_path / "bucket"
+    path = root / pack_key(packs[1], PACKS_PREFIX)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    st = path.stat()
+    path.write_bytes(bytes(blob))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verify_object(store, _KEY, etag, "quick")["ok"]  # quick reads no chunk
+    full = verify_object(store, _KEY, etag, "full")
+    assert not full["ok"] and "is corrupt" in full["problem"] and packs[1].hex() in full["problem"]
+
+    path.write_bytes(bytes(blob[: len(blob) // 2]))  # short
+    quick = verify_object(store, _KEY, etag, "quick")
+    assert not quick["ok"] and "its chunks need" in quick["problem"]
+    path.unlink()
+    quick = verify_object(store, _KEY, etag, "quick")
+    assert not quick["ok"] and f"pack {packs[1].hex()} is missing" in quick["problem"]
+
+    manifest = root / _KEY
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    changed = verify_object(store, _KEY, etag, "quick")
+    assert not changed["ok"] and "changed in the store" in changed["problem"]
+    broken = verify_object(store, _KEY, None, "quick")
+    assert not broken["ok"] and broken["layout"] == "chunked", broken
+    gone = verify_object(store, Key("snapshots/t/1/nope.img"), None, "quick")
+    assert not gone["ok"] and "missing" in gone["problem"]
