@@ -12,6 +12,7 @@ which it was.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -36,7 +37,13 @@ from snapstore.errors import (
 )
 from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
-from snapstore.supervisor import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, RunOptions
+from snapstore.supervisor import (
+    DEFAULT_KEEP,
+    PROVIDERS,
+    SIGTERM_WINDOW_S,
+    RunOptions,
+    default_margin,
+)
 from snapstore.supervisor import run as supervise
 
 __all__ = ["build_parser", "main"]
@@ -110,6 +117,16 @@ def _interval(text: str) -> float | str:
         return _positive(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a number of seconds or 'auto': {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction is between 0 and 1, not {text}")
+    return value
 
 
 def _non_negative(text: str) -> float:
@@ -250,6 +267,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="the manifest as stored, and the attempt records"
     )
+
+    p = sub.add_parser(
+        "check",
+        help="measure whether a full and an incremental checkpoint fit the window here",
+        description="Writes a sample through the snapshot root's mount as a checkpoint would "
+        "(new memory, then the same memory again as an incremental snapshot sees it), and "
+        "estimates the checkpoint times of a task of --size bytes or of the running --pid "
+        "against the deadline (window minus margin). Exit 0: both fit; 3: only an incremental "
+        "checkpoint fits (use --checkpoint-interval); 4: neither fits.",
+    )
+    p.add_argument(
+        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--size", metavar="SIZE", help="the task's memory, e.g. 4G or 512M")
+    what.add_argument(
+        "--pid", type=_pid, help="a running task: its memory, compressibility and churn"
+    )
+    p.add_argument(
+        "--window",
+        type=_positive,
+        default=SIGTERM_WINDOW_S,
+        metavar="S",
+        help=f"seconds from notice to stop (default {SIGTERM_WINDOW_S:g}: GCP, Azure, "
+        "SIGTERM; AWS gives 120)",
+    )
+    p.add_argument(
+        "--deadline-margin",
+        type=_non_negative,
+        metavar="S",
+        help="seconds kept free at the end of the window (default 10%% of it, at least 1)",
+    )
+    p.add_argument(
+        "--churn",
+        type=_fraction,
+        metavar="F",
+        help="fraction of the memory changed since the last periodic checkpoint (default: "
+        "measured with --pid, else 0.1)",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        default=300.0,
+        metavar="S",
+        help="the periodic interval the measured churn is applied over (default 300)",
+    )
+    p.add_argument(
+        "--measure",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds to watch --pid's memory change (default 10)",
+    )
+    p.add_argument(
+        "--sample-mib",
+        type=_count,
+        default=256,
+        metavar="N",
+        help="MiB written to measure the rates (default 256)",
+    )
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser(
         "report",
@@ -601,6 +679,77 @@ def _show_manifest(catalog: Catalog, m: Manifest) -> None:
         _say(f"    {f.size:>14}  {f.name}")
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from snapstore.check import parse_size, run_check  # only this command needs it
+
+    size = parse_size(args.size) if args.size is not None else None
+    margin = (
+        args.deadline_margin if args.deadline_margin is not None else default_margin(args.window)
+    )
+    deadline = args.window - margin
+    if deadline <= 0:
+        raise UsageError(f"a margin of {margin:g} s leaves nothing of a {args.window:g} s window")
+    root = open_root(args.root, create=True)
+    r = run_check(
+        root,
+        window=args.window,
+        deadline=deadline,
+        size=size,
+        pid=args.pid,
+        churn=args.churn,
+        interval=args.checkpoint_interval,
+        measure_s=args.measure,
+        sample_bytes=args.sample_mib << 20,
+        progress=_note,
+    )
+    if args.json:
+        data = dataclasses.asdict(r)
+        data.update(
+            full_fits=r.full_fits, incremental_fits=r.incremental_fits, exit_code=r.exit_code
+        )
+        _say(json.dumps(data))
+        return r.exit_code
+
+    def verdict(ok: bool) -> str:
+        return "fits" if ok else "does NOT fit"
+
+    _say(f"snapshot root   {root.path}")
+    _say(f"task            {_mb(r.size)} ({r.size_from})")
+    _say(
+        f"rates           new memory {r.new_rate / 1e6:.0f} MB/s, unchanged memory "
+        f"{r.same_rate / 1e6:.0f} MB/s ({_mb(r.sample_bytes)} sample of {r.sample_from})"
+    )
+    _say(f"deadline        {r.deadline:g} s (window {r.window:g} s minus {margin:g} s margin)")
+    _say(f"full            {r.full_s:.1f} s: {verdict(r.full_fits)}")
+    _say(
+        f"incremental     {r.incremental_s:.1f} s with {r.churn:.0%} changed ({r.churn_from}): "
+        f"{verdict(r.incremental_fits)}"
+    )
+    if r.churn_rate is not None:
+        longest = r.max_interval_s
+        _say(
+            f"churn           {r.churn_rate / 1e6:.1f} MB/s; "
+            + (
+                f"--checkpoint-interval {longest:.0f} or less keeps the final one in the window"
+                if longest is not None and longest != float("inf")
+                else "any interval fits"
+                if longest is not None
+                else "no interval fits"
+            )
+        )
+    if not r.full_fits:
+        _say(
+            "advice          "
+            + (
+                "take periodic checkpoints (--checkpoint-interval auto): a final checkpoint "
+                "before the first one would not fit"
+                if r.incremental_fits
+                else "neither fits: a faster link, a longer window, or a smaller task"
+            )
+        )
+    return r.exit_code
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     root = open_root(args.root, create=False)
     if not root.path.is_dir():
@@ -719,6 +868,7 @@ _COMMANDS = {
     "rm": (_cmd_rm, 1),
     "run": (_cmd_run, 1),
     "report": (_cmd_report, 1),
+    "check": (_cmd_check, 1),
 }
 
 

@@ -313,3 +313,41 @@ def test_report_on_an_empty_root_and_bad_usage(dir_env: SnapEnv) -> None:
     )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.criu
+@pytest.mark.timeout(180)
+def test_check_measures_the_root_and_tells_what_fits(snap_env: SnapEnv, tasks: Tasks) -> None:
+    fits = snap_env.run("check", "--size", "64M", "--sample-mib", "16", "--window", "120", "--json")
+    assert fits.returncode == 0, fits.stderr
+    r = json.loads(fits.stdout)
+    assert r["size"] == 64 << 20 and r["sample_bytes"] == 16 << 20
+    assert r["new_rate"] > 0 and r["same_rate"] > 0 and r["full_fits"]
+    assert r["deadline"] == pytest.approx(108.0)
+    assert "new memory: 17 MB in" in fits.stderr, "progress is shown"
+    assert not any(p.name.startswith(".check-") for p in snap_env.root.iterdir()), "scratch left"
+
+    hopeless = snap_env.run("check", "--size", "4T", "--sample-mib", "8", "--window", "30")
+    assert hopeless.returncode == 4, hopeless.stderr
+    assert "full" in hopeless.stdout and "does NOT fit" in hopeless.stdout
+
+    task = tasks.start(mib=32)
+    live = snap_env.run(
+        "check", "--pid", str(task.pid), "--sample-mib", "8", "--measure", "1", "--json"
+    )
+    assert live.returncode in (0, 3, 4), live.stderr
+    r = json.loads(live.stdout)
+    assert r["size"] > 32 << 20, "the task's resident memory"
+    assert r["churn_rate"] is not None and r["churn_rate"] >= 0
+    assert "process" in r["sample_from"] and "over 1 s" in r["churn_from"]
+
+    for bad in (
+        ("check", "--size", "lots"),
+        ("check", "--size", "1G", "--churn", "2"),
+        ("check", "--pid", "999999999"),
+        ("check",),
+        ("check", "--size", "1G", "--window", "1", "--deadline-margin", "1"),
+    ):
+        result = snap_env.run(*bad)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert "Traceback" not in result.stderr
