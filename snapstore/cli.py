@@ -587,7 +587,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _attempt_lines(records: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"  {'#':>3}  {'HOST':<16} {'STARTED (UTC)':<19}  {'ENDED':<19}  {'BEGAN':<14} "
-        f"{'OUTCOME':<18} {'CPU CARRIED':>11}  CHECKPOINTS"
+        f"{'OUTCOME':<22} {'CPU CARRIED':>11}  CHECKPOINTS"
     ]
     for rec in records:
         how = str(rec.get("how") or "-")
@@ -610,7 +610,7 @@ def _attempt_lines(records: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"  {rec.get('attempt'):>3}  {str(rec.get('host'))[:16]:<16} "
             f"{attempt_records.age(str(rec.get('started') or '')):<19}  "
-            f"{attempt_records.age(str(rec.get('ended') or '')):<19}  {how:<14} {outcome:<18} "
+            f"{attempt_records.age(str(rec.get('ended') or '')):<19}  {how:<14} {outcome:<22} "
             f"{attempt_records.duration(float(rec.get('cpu_carried_s') or 0.0)):>11}  "
             f"{cp_text or '-'}"
         )
