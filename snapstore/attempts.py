@@ -44,6 +44,7 @@ from typing import Any
 
 import psutil
 
+from fusionfs import client as fusion_client
 from snapstore.catalog import fsync_dir, utc_now
 
 __all__ = [
@@ -124,8 +125,11 @@ def _checkpoint_of(records: Iterable[dict[str, Any]], snapshot: int) -> dict[str
 class AttemptLog:
     """The record of the current attempt; every method persists it (best effort)."""
 
-    def __init__(self, root: Path, task: str, warn: Callable[[str], None]) -> None:
+    def __init__(
+        self, root: Path, task: str, warn: Callable[[str], None], on_fusion: bool = False
+    ) -> None:
         self.root = root
+        self._on_fusion = on_fusion
         self.task = task
         self._warn = warn
         self._dir = _records_dir(root, task)
@@ -162,6 +166,10 @@ class AttemptLog:
     def _claim(self) -> None:
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
+            if self._on_fusion:  # small JSON rewritten in place: plain objects, not packs
+                for d in (self._dir.parent, self._dir):
+                    with contextlib.suppress(OSError):
+                        fusion_client.set_layout(d, "plain")
             n = max((int(r.get("attempt", 0)) for r in self.previous), default=0) + 1
             for _ in range(_CLAIM_TRIES):
                 path = self._dir / f"{n:06d}.json"

@@ -622,7 +622,9 @@ class _Supervisor:
         except OSError as err:
             raise UsageError(f"cannot create the log dir {log_dir}: {err.strerror}") from None
         self.source = self._resolve_source()
-        self.attempt = AttemptLog(self.root.path, o.task, self.note)
+        self.attempt = AttemptLog(
+            self.root.path, o.task, self.note, on_fusion=self.root.mountpoint is not None
+        )
         handlers: dict[signal.Signals, Any] = {
             signal.SIGTERM: self._sigterm,
             signal.SIGUSR2: self._sigusr2,
@@ -634,6 +636,9 @@ class _Supervisor:
             return self._supervise(log_dir)
         except SnapstoreError as err:
             self.attempt.ended("error", err.exit_code, error=str(err))
+            raise
+        except OSError as err:  # the mount died under us: the CLI says so in one line
+            self.attempt.ended("error", 1, error=os_error_text(err))
             raise
         finally:
             if self.poller is not None:
