@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="snapshot number (default: the latest committed)",
     )
     p.add_argument(
-        "--json", action="store_true", help="the manifest as stored, and the attempt records"
+        "--json",
+        action="store_true",
+        help='the manifest as stored, with the attempt records added as "attempts"',
     )
 
     p = sub.add_parser(
@@ -630,15 +632,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     else:
         n = catalog.resolve(task, args.snapshot)
         m = catalog.load(task, n)
-    if args.json:
-        _say(
-            json.dumps(
-                {
-                    "manifest": json.loads(m.to_json()) if m is not None else None,
-                    "attempts": records,
-                }
-            )
-        )
+    if args.json:  # the manifest as stored, plus the attempt records under "attempts"
+        data = json.loads(m.to_json()) if m is not None else {}
+        data["attempts"] = records
+        _say(json.dumps(data, indent=2, sort_keys=True))
         return 0
     if m is None:
         _say(f"task {task}: no committed snapshot")

@@ -237,6 +237,8 @@ def test_rebalance_checkpoints_early_and_the_final_uploads_only_the_change(
     assert "no committed snapshot" in shown.stdout  # finished: its snapshots are gone
     assert "checkpointed (aws)" in shown.stdout and "finished (7)" in shown.stdout
     assert "restored 2" in shown.stdout and "early 1" in shown.stdout
+    as_json = json.loads(snap_env.run("show", "--task", "job", "--json").stdout)
+    assert [r["outcome"] for r in as_json["attempts"]] == ["checkpointed", "finished"]
 
 
 @pytest.mark.criu
