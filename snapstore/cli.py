@@ -1,8 +1,8 @@
 """``snapstore``: checkpoint a running task into a fusionfs mount with CRIU, and restore it.
 
-Commands: dump, restore, verify, list, show, rm, run (``snapstore COMMAND --help``). Errors are
-one line on stderr (plus the relevant lines of CRIU's log when CRIU failed) and an exit code from
-``snapstore.errors``; a traceback means a bug.
+Commands: dump, restore, verify, list, show, rm, run, report, check (``snapstore COMMAND
+--help``). Errors are one line on stderr (plus the relevant lines of CRIU's log when CRIU
+failed) and an exit code from ``snapstore.errors``; a traceback means a bug.
 
 Caveat: ``restore`` without ``--detach`` waits for the task and exits with the task's own
 status, which may happen to equal one of snapstore's codes (2, 175, 176); a line on stderr says
@@ -12,6 +12,7 @@ which it was.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -20,7 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from snapstore import attempts as attempt_records
 from snapstore.catalog import Catalog, Manifest, validate_task_id
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
@@ -36,7 +39,13 @@ from snapstore.errors import (
 )
 from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
-from snapstore.supervisor import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, RunOptions
+from snapstore.supervisor import (
+    DEFAULT_KEEP,
+    PROVIDERS,
+    SIGTERM_WINDOW_S,
+    RunOptions,
+    default_margin,
+)
 from snapstore.supervisor import run as supervise
 from snapstore.verify import verify_snapshot
 
@@ -103,6 +112,25 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _interval(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds or 'auto': {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction is between 0 and 1, not {text}")
     return value
 
 
@@ -253,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("show", help="show a snapshot's manifest")
+    p = sub.add_parser(
+        "show", help="show a snapshot's manifest and the task's attempts (snapstore run)"
+    )
     common(p)
     p.add_argument(
         "--snapshot",
@@ -261,7 +291,85 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="snapshot number (default: the latest committed)",
     )
-    p.add_argument("--json", action="store_true", help="the manifest as stored")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='the manifest as stored, with the attempt records added as "attempts"',
+    )
+
+    p = sub.add_parser(
+        "check",
+        help="measure whether a full and an incremental checkpoint fit the window here",
+        description="Writes a sample through the snapshot root's mount as a checkpoint would "
+        "(new memory, then the same memory again as an incremental snapshot sees it), and "
+        "estimates the checkpoint times of a task of --size bytes or of the running --pid "
+        "against the deadline (window minus margin). Exit 0: both fit; 3: only an incremental "
+        "checkpoint fits (use --checkpoint-interval); 4: neither fits.",
+    )
+    p.add_argument(
+        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--size", metavar="SIZE", help="the task's memory, e.g. 4G or 512M")
+    what.add_argument(
+        "--pid", type=_pid, help="a running task: its memory, compressibility and churn"
+    )
+    p.add_argument(
+        "--window",
+        type=_positive,
+        default=SIGTERM_WINDOW_S,
+        metavar="S",
+        help=f"seconds from notice to stop (default {SIGTERM_WINDOW_S:g}: GCP, Azure, "
+        "SIGTERM; AWS gives 120)",
+    )
+    p.add_argument(
+        "--deadline-margin",
+        type=_non_negative,
+        metavar="S",
+        help="seconds kept free at the end of the window (default 10%% of it, at least 1)",
+    )
+    p.add_argument(
+        "--churn",
+        type=_fraction,
+        metavar="F",
+        help="fraction of the memory changed since the last periodic checkpoint (default: "
+        "measured with --pid, else 0.1)",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        default=300.0,
+        metavar="S",
+        help="the periodic interval the measured churn is applied over (default 300)",
+    )
+    p.add_argument(
+        "--measure",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds to watch --pid's memory change (default 10)",
+    )
+    p.add_argument(
+        "--sample-mib",
+        type=_count,
+        default=256,
+        metavar="N",
+        help="MiB written to measure the rates (default 256)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "report",
+        help="what snapstore run saved, summed over every task under the root",
+        description="Sums the attempt records of every task under the root: attempts, "
+        "reclaims survived (checkpointed on a notice), restores and the CPU time they carried "
+        "over (the compute a restart from zero would have redone), checkpoint and restore "
+        "time, bytes uploaded by checkpoints and bytes the task's kept snapshots hold.",
+    )
+    p.add_argument(
+        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
+    )
+    p.add_argument("--json", action="store_true", help="one object per task, and the totals")
 
     p = sub.add_parser(
         "run",
@@ -280,14 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider",
         choices=PROVIDERS,
         default="auto",
-        help="whose reclamation notice to poll (default auto: AWS, else GCP, else none, "
-        "probed with short timeouts); SIGTERM always counts as a notice",
+        help="whose reclamation notice to poll (default auto: AWS, else Azure, else GCP, "
+        "else none, probed with short timeouts); SIGTERM always counts as a notice",
     )
     p.add_argument(
         "--checkpoint-interval",
-        type=_positive,
-        metavar="S",
-        help="also take a --leave-running snapshot every S seconds",
+        type=_interval,
+        metavar="S|auto",
+        help="also take a --leave-running snapshot every S seconds; auto: as often as needed "
+        "for the final checkpoint to fit the window, from the measured checkpoint rate, the "
+        "task's size and its churn (each choice is logged)",
     )
     p.add_argument(
         "--keep",
@@ -325,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gcp-host",
         metavar="HOST[:PORT]",
         help="GCP metadata host (default $GCE_METADATA_HOST, else metadata.google.internal)",
+    )
+    p.add_argument(
+        "--azure-endpoint",
+        metavar="URL",
+        help="Azure instance metadata base URL (default $SNAPSTORE_AZURE_METADATA_ENDPOINT, "
+        "else http://169.254.169.254)",
     )
     p.add_argument(
         "--log-dir",
@@ -519,14 +635,75 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attempt_lines(records: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"  {'#':>3}  {'HOST':<16} {'STARTED (UTC)':<19}  {'ENDED':<19}  {'BEGAN':<14} "
+        f"{'OUTCOME':<22} {'CPU CARRIED':>11}  CHECKPOINTS"
+    ]
+    for rec in records:
+        how = str(rec.get("how") or "-")
+        if how == "restored":
+            how = f"restored {rec.get('restored_from')}"
+        outcome = str(rec.get("outcome"))
+        notice = rec.get("notice")
+        if outcome == "checkpointed" and isinstance(notice, dict):
+            outcome = f"checkpointed ({notice.get('source')})"
+        elif outcome == "finished":
+            outcome = f"finished ({rec.get('task_status')})"
+        elif outcome in ("error", "checkpoint-failed"):
+            outcome = f"{outcome} ({rec.get('exit_code')})"
+        cps = rec.get("checkpoints") or []
+        assert isinstance(cps, list)
+        cp_text = ", ".join(
+            f"{cp['kind']} {cp['snapshot']}: {cp['seconds']:.1f} s {cp['uploaded'] / 1e6:.0f} MB"
+            for cp in cps
+        )
+        lines.append(
+            f"  {rec.get('attempt'):>3}  {str(rec.get('host'))[:16]:<16} "
+            f"{attempt_records.age(str(rec.get('started') or '')):<19}  "
+            f"{attempt_records.age(str(rec.get('ended') or '')):<19}  {how:<14} {outcome:<22} "
+            f"{attempt_records.duration(float(rec.get('cpu_carried_s') or 0.0)):>11}  "
+            f"{cp_text or '-'}"
+        )
+        if rec.get("error"):
+            lines.append(f"       error: {rec.get('error')}")
+    return lines
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     root = open_root(args.root, create=False)
     catalog = Catalog(root.path)
-    n = catalog.resolve(args.task, args.snapshot)
-    m = catalog.load(args.task, n)
-    if args.json:
-        _say(m.to_json().rstrip())
+    task = validate_task_id(args.task)
+    records = attempt_records.load_attempts(root.path, task)
+    m: Manifest | None = None
+    if records and args.snapshot is None and catalog.latest(task) is None:
+        pass  # a task with a history but no snapshot (finished, or never checkpointed)
+    else:
+        n = catalog.resolve(task, args.snapshot)
+        m = catalog.load(task, n)
+    if args.json:  # the manifest as stored, plus the attempt records under "attempts"
+        data = json.loads(m.to_json()) if m is not None else {}
+        data["attempts"] = records
+        _say(json.dumps(data, indent=2, sort_keys=True))
         return 0
+    if m is None:
+        _say(f"task {task}: no committed snapshot")
+    else:
+        _show_manifest(catalog, m)
+    if records:
+        s = attempt_records.summarize(task, records)
+        _say(
+            f"attempts ({s.attempts}; {s.reclaims} reclaim(s) survived, "
+            f"{attempt_records.duration(s.cpu_saved_s)} CPU carried across {s.restores} "
+            f"restore(s)):"
+        )
+        for line in _attempt_lines(records):
+            _say(line)
+    return 0
+
+
+def _show_manifest(catalog: Catalog, m: Manifest) -> None:
+    n = m.snapshot
     _say(f"task {m.task} snapshot {m.snapshot} (committed {m.created} on {m.host})")
     _say(
         f"  images   {catalog.images_dir(m.task, n)}: {_mb(m.total_bytes)} in {len(m.files)} files"
@@ -546,6 +723,147 @@ def _cmd_show(args: argparse.Namespace) -> int:
     _say("  timings  " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in m.timings.items()))
     for f in m.files:
         _say(f"    {f.size:>14}  {f.name}")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from snapstore.check import parse_size, run_check  # only this command needs it
+
+    size = parse_size(args.size) if args.size is not None else None
+    margin = (
+        args.deadline_margin if args.deadline_margin is not None else default_margin(args.window)
+    )
+    deadline = args.window - margin
+    if deadline <= 0:
+        raise UsageError(f"a margin of {margin:g} s leaves nothing of a {args.window:g} s window")
+    root = open_root(args.root, create=True)
+    r = run_check(
+        root,
+        window=args.window,
+        deadline=deadline,
+        size=size,
+        pid=args.pid,
+        churn=args.churn,
+        interval=args.checkpoint_interval,
+        measure_s=args.measure,
+        sample_bytes=args.sample_mib << 20,
+        progress=_note,
+    )
+    if args.json:
+        data = dataclasses.asdict(r)
+        data.update(
+            full_fits=r.full_fits, incremental_fits=r.incremental_fits, exit_code=r.exit_code
+        )
+        _say(json.dumps(data))
+        return r.exit_code
+
+    def verdict(ok: bool) -> str:
+        return "fits" if ok else "does NOT fit"
+
+    _say(f"snapshot root   {root.path}")
+    _say(f"task            {_mb(r.size)} ({r.size_from})")
+    _say(
+        f"rates           new memory {r.new_rate / 1e6:.0f} MB/s, unchanged memory "
+        f"{r.same_rate / 1e6:.0f} MB/s ({_mb(r.sample_bytes)} sample of {r.sample_from})"
+    )
+    _say(f"deadline        {r.deadline:g} s (window {r.window:g} s minus {margin:g} s margin)")
+    _say(f"full            {r.full_s:.1f} s: {verdict(r.full_fits)}")
+    _say(
+        f"incremental     {r.incremental_s:.1f} s with {r.churn:.0%} changed ({r.churn_from}): "
+        f"{verdict(r.incremental_fits)}"
+    )
+    if r.churn_rate is not None:
+        longest = r.max_interval_s
+        _say(
+            f"churn           {r.churn_rate / 1e6:.1f} MB/s; "
+            + (
+                f"--checkpoint-interval {longest:.0f} or less keeps the final one in the window"
+                if longest is not None and longest != float("inf")
+                else "any interval fits"
+                if longest is not None
+                else "no interval fits"
+            )
+        )
+    if not r.full_fits:
+        _say(
+            "advice          "
+            + (
+                "take periodic checkpoints (--checkpoint-interval auto): a final checkpoint "
+                "before the first one would not fit"
+                if r.incremental_fits
+                else "neither fits: a faster link, a longer window, or a smaller task"
+            )
+        )
+    return r.exit_code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    root = open_root(args.root, create=False)
+    if not root.path.is_dir():
+        raise UsageError(f"no snapshot root at {root.path}")
+    catalog = Catalog(root.path)
+    tasks = sorted(set(attempt_records.recorded_tasks(root.path)) | set(catalog.tasks()))
+    summaries: list[attempt_records.TaskSummary] = []
+    for task in tasks:
+        stored = 0
+        latest = catalog.latest(task)
+        if latest is not None:
+            m = catalog.load(task, latest)
+            stored = m.storage.get("stored_bytes", m.total_bytes)
+        records = attempt_records.load_attempts(root.path, task)
+        summaries.append(attempt_records.summarize(task, records, stored))
+    total = attempt_records.TaskSummary(task="(all)")
+    for s in summaries:
+        total.attempts += s.attempts
+        total.finished = total.finished or s.finished
+        total.reclaims += s.reclaims
+        total.restores += s.restores
+        total.lost += s.lost
+        total.failed_checkpoints += s.failed_checkpoints
+        total.failed_restores += s.failed_restores
+        total.cpu_saved_s += s.cpu_saved_s
+        total.checkpoints += s.checkpoints
+        total.checkpoint_s += s.checkpoint_s
+        total.restore_s += s.restore_s
+        total.bytes_uploaded += s.bytes_uploaded
+        total.bytes_stored += s.bytes_stored
+    if args.json:
+        _say(
+            json.dumps(
+                {
+                    "root": str(root.path),
+                    "tasks": [s.as_dict() for s in summaries],
+                    "total": {
+                        **total.as_dict(),
+                        "tasks": len(summaries),
+                        "finished_tasks": sum(s.finished for s in summaries),
+                    },
+                }
+            )
+        )
+        return 0
+    _say(
+        f"{'TASK':<24} {'STATE':<18} {'ATTEMPTS':>8} {'RECLAIMS':>8} {'RESTORES':>8} "
+        f"{'CPU SAVED':>10} {'CKPT TIME':>10} {'UPLOADED':>11} {'STORED':>11}"
+    )
+    for s in [*summaries, total]:
+        if s is total:
+            state = f"{sum(x.finished for x in summaries)}/{len(summaries)} finished"
+        elif s.finished:
+            state = f"finished ({s.task_status})"
+        else:
+            state = s.last_outcome or "no attempts"
+        _say(
+            f"{s.task:<24} {state:<18} {s.attempts:>8} {s.reclaims:>8} {s.restores:>8} "
+            f"{attempt_records.duration(s.cpu_saved_s):>10} "
+            f"{attempt_records.duration(s.checkpoint_s):>10} {_mb(s.bytes_uploaded):>11} "
+            f"{_mb(s.bytes_stored):>11}"
+        )
+    if total.lost or total.failed_checkpoints or total.failed_restores:
+        _say(
+            f"not saved: {total.failed_checkpoints} failed checkpoint(s), "
+            f"{total.failed_restores} failed restore(s), {total.lost} attempt(s) ended "
+            "without a record (machine gone before a checkpoint, or the supervisor killed)"
+        )
     return 0
 
 
@@ -571,7 +889,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command=command,
         root=args.root,
         provider=args.provider,
-        checkpoint_interval=args.checkpoint_interval,
+        checkpoint_interval=(
+            None if args.checkpoint_interval == "auto" else args.checkpoint_interval
+        ),
+        auto_interval=args.checkpoint_interval == "auto",
         window=args.window,
         deadline_margin=args.deadline_margin,
         keep=args.keep,
@@ -580,6 +901,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lazy=args.lazy,
         aws_endpoint=args.aws_endpoint,
         gcp_host=args.gcp_host,
+        azure_endpoint=args.azure_endpoint,
     )
     return supervise(opts, _note)
 
@@ -592,6 +914,8 @@ _COMMANDS = {
     "show": (_cmd_show, 1),
     "rm": (_cmd_rm, 1),
     "run": (_cmd_run, 1),
+    "report": (_cmd_report, 1),
+    "check": (_cmd_check, 1),
 }
 
 

@@ -1,31 +1,46 @@
-"""Cloud reclamation notices: ask AWS's or GCP's metadata service whether the machine goes away.
+"""Cloud reclamation notices: ask AWS's, GCP's or Azure's metadata service whether the machine goes.
 
 - AWS (IMDSv2): ``PUT /latest/api/token`` with ``X-aws-ec2-metadata-token-ttl-seconds``, then
   ``GET /latest/meta-data/spot/instance-action`` with ``X-aws-ec2-metadata-token``: 404 while
   nothing is pending, 200 with JSON ``{"action": "terminate"|"stop"|"hibernate", "time":
-  "2024-01-01T12:00:00Z"}`` about two minutes before the machine goes. The base URL comes from
-  ``$AWS_EC2_METADATA_SERVICE_ENDPOINT`` (botocore's own setting), default
-  ``http://169.254.169.254``. AWS asks for a poll every 5 s.
+  "2024-01-01T12:00:00Z"}`` about two minutes before the machine goes. While no action is
+  pending, ``GET /latest/meta-data/events/recommendations/rebalance`` is asked too: 404, or
+  ``{"noticeTime": ...}`` when EC2 recommends moving off the instance, often minutes before the
+  interruption notice. That one is an *early* notice (``Notice.early``): the supervisor takes a
+  checkpoint at once and leaves the task running, so that the final checkpoint only uploads what
+  changed since. The base URL comes from ``$AWS_EC2_METADATA_SERVICE_ENDPOINT`` (botocore's own
+  setting), default ``http://169.254.169.254``. AWS asks for a poll every 5 s.
 - GCP: ``GET http://HOST/computeMetadata/v1/instance/preempted`` with ``Metadata-Flavor:
   Google`` answers ``TRUE`` or ``FALSE``; about 30 s between the notice and the stop. HOST comes
   from ``$GCE_METADATA_HOST`` (Google's client libraries' setting), default
-  ``metadata.google.internal``.
-- ``detect`` probes both at once with short timeouts (AWS wins if both answer) and returns None
-  when neither does: then only SIGTERM announces the end.
+  ``metadata.google.internal``. GCP gives no earlier warning.
+- Azure: Scheduled Events, ``GET BASE/metadata/scheduledevents?api-version=2020-07-01`` with
+  ``Metadata: true`` answers ``{"DocumentIncarnation": N, "Events": [...]}``. An event of type
+  ``Preempt`` (spot eviction, at least 30 s ahead), ``Terminate``, ``Reboot`` or ``Redeploy``
+  ends the processes on this VM, so it is a final notice; ``Freeze`` (a pause of seconds) is
+  not. Its ``NotBefore`` (RFC 1123) is the announced stop time. Events may name other VMs of an
+  availability set in ``Resources``: an event is ours when ``Resources`` is empty or names this
+  VM (``/metadata/instance/compute/name``). The event is acknowledged (``POST`` of
+  ``{"StartRequests": [{"EventId": ...}]}``) once the checkpoint committed or failed, never
+  before: an acknowledged event lets Azure proceed at once. BASE comes from
+  ``$SNAPSTORE_AZURE_METADATA_ENDPOINT``, default ``http://169.254.169.254``.
+- ``detect`` probes all three at once with short timeouts (AWS, then Azure, then GCP wins if
+  several answer) and returns None when none does: then only SIGTERM announces the end.
 
 Every request bypasses HTTP proxies (the metadata service is link-local) and has a short timeout,
 so a poll never blocks the supervisor for long. ``check`` raises ``MetadataError`` for an
 unexpected answer or an unreachable service; the poller reports it and keeps polling.
 
-Caveats: AWS's notice carries the stop time, which bounds the checkpoint deadline; GCP's does
-not, so a notice seen one poll interval late leaves that much less of the 30 s. GCP's
-``?wait_for_change=true`` long poll is not used (a plain poll keeps both providers alike).
+Caveats: AWS's and Azure's notices carry the stop time, which bounds the checkpoint deadline;
+GCP's does not, so a notice seen one poll interval late leaves that much less of the 30 s.
+GCP's ``?wait_for_change=true`` long poll is not used (a plain poll keeps the providers alike).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import email.utils
 import json
 import os
 import threading
@@ -38,9 +53,12 @@ from typing import Protocol
 __all__ = [
     "AWS_ENDPOINT_ENV",
     "AWS_WINDOW_S",
+    "AZURE_ENDPOINT_ENV",
+    "AZURE_WINDOW_S",
     "GCP_HOST_ENV",
     "GCP_WINDOW_S",
     "AwsSpot",
+    "AzureScheduledEvents",
     "GcpPreemption",
     "MetadataError",
     "Notice",
@@ -51,10 +69,16 @@ __all__ = [
 
 AWS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 GCP_HOST_ENV = "GCE_METADATA_HOST"
+AZURE_ENDPOINT_ENV = "SNAPSTORE_AZURE_METADATA_ENDPOINT"
 AWS_DEFAULT_ENDPOINT = "http://169.254.169.254"
 GCP_DEFAULT_HOST = "metadata.google.internal"
+AZURE_DEFAULT_ENDPOINT = "http://169.254.169.254"
 AWS_WINDOW_S = 120.0
 GCP_WINDOW_S = 30.0
+AZURE_WINDOW_S = 30.0  # Preempt's minimum notice
+AZURE_API_VERSION = "2020-07-01"
+# Scheduled Events that end the processes on this VM (Freeze only pauses it for seconds)
+AZURE_FINAL_EVENTS = ("Preempt", "Terminate", "Reboot", "Redeploy")
 
 _TOKEN_TTL_S = 21600  # six hours, the maximum IMDSv2 allows
 _REQUEST_TIMEOUT_S = 2.0
@@ -69,17 +93,27 @@ class MetadataError(Exception):
 class Notice:
     """A reclamation notice (or SIGTERM), and when this process saw it."""
 
-    source: str  # "aws", "gcp" or "SIGTERM"
+    source: str  # "aws", "gcp", "azure" or "SIGTERM"
     detail: str  # one line for humans
     seen: float  # time.monotonic() when seen
     stop_at: float | None = None  # time.monotonic() of the announced stop, if announced
+    # an early warning (AWS's rebalance recommendation): checkpoint, keep the task running,
+    # and keep polling for the final notice
+    early: bool = False
+    event_id: str | None = None  # what acknowledge() answers (Azure's EventId)
 
 
 class NoticeSource(Protocol):
     name: str
     window: float  # seconds from notice to stop, by default
 
-    def check(self) -> Notice | None: ...
+    def check(self) -> Notice | None:
+        """The pending notice, if any. An early notice is returned once; a final one for good."""
+        ...
+
+    def acknowledge(self, notice: Notice) -> None:
+        """Tell the provider we are ready for it to proceed (a no-op where it has no such call)."""
+        ...
 
 
 def _opener() -> urllib.request.OpenerDirector:
@@ -133,6 +167,7 @@ class AwsSpot:
         self._opener = _opener()
         self._token: str | None = None
         self._token_expires = 0.0
+        self._rebalance_seen = False
 
     def _get_token(self) -> str:
         if self._token is not None and time.monotonic() < self._token_expires:
@@ -172,7 +207,7 @@ class AwsSpot:
                 continue
             break
         if status == 404:
-            return None
+            return None if self._rebalance_seen else self._check_rebalance()
         if status != 200:
             raise MetadataError(f"GET {url} answered HTTP {status}")
         seen = time.monotonic()
@@ -182,6 +217,26 @@ class AwsSpot:
         except (ValueError, KeyError, TypeError):
             return Notice("aws", f"spot instance-action {body[:100]!r}", seen)
         return Notice("aws", f"spot instance-action {action} at {when}", seen, _parse_time(when))
+
+    def _check_rebalance(self) -> Notice | None:
+        """EC2's rebalance recommendation, reported once (an early notice)."""
+        url = f"{self.endpoint}/latest/meta-data/events/recommendations/rebalance"
+        status, body, _ = _request(
+            self._opener, "GET", url, {"X-aws-ec2-metadata-token": self._get_token()}, self._timeout
+        )
+        if status in (404, 401):  # 401: the token expired; the next instance-action poll renews
+            return None
+        if status != 200:
+            raise MetadataError(f"GET {url} answered HTTP {status}")
+        self._rebalance_seen = True
+        try:
+            when = str(json.loads(body)["noticeTime"])
+        except (ValueError, KeyError, TypeError):
+            when = repr(body[:60])
+        return Notice("aws", f"rebalance recommendation at {when}", time.monotonic(), early=True)
+
+    def acknowledge(self, notice: Notice) -> None:
+        """AWS has nothing to acknowledge."""
 
 
 class GcpPreemption:
@@ -221,39 +276,159 @@ class GcpPreemption:
             return None
         raise MetadataError(f"GET {self.url} answered {value[:40]!r}, not TRUE or FALSE")
 
+    def acknowledge(self, notice: Notice) -> None:
+        """GCP has nothing to acknowledge."""
 
-def detect(timeout: float = _PROBE_TIMEOUT_S) -> AwsSpot | GcpPreemption | None:
-    """The provider whose metadata service answers (AWS first), else None.
 
-    Both probes run at once in daemon threads (name resolution cannot be given a timeout), and
+def _parse_http_date(text: str) -> float | None:
+    """Azure's RFC 1123 ``NotBefore`` as a time.monotonic() value (None if empty/unparsable)."""
+    if not text:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return time.monotonic() + (when.timestamp() - time.time())
+
+
+class AzureScheduledEvents:
+    """Azure Scheduled Events: a ``Preempt`` (or another event that ends this VM's processes)."""
+
+    name = "azure"
+    window = AZURE_WINDOW_S
+
+    def __init__(self, endpoint: str | None = None, timeout: float = _REQUEST_TIMEOUT_S) -> None:
+        base = endpoint or os.environ.get(AZURE_ENDPOINT_ENV) or AZURE_DEFAULT_ENDPOINT
+        self.endpoint = base.rstrip("/")
+        self.url = f"{self.endpoint}/metadata/scheduledevents?api-version={AZURE_API_VERSION}"
+        self._timeout = timeout
+        self._opener = _opener()
+        self._vm_name: str | None = None
+
+    def _events(self) -> list[dict[str, object]]:
+        status, body, _ = _request(
+            self._opener, "GET", self.url, {"Metadata": "true"}, self._timeout
+        )
+        if status != 200:
+            raise MetadataError(f"GET {self.url} answered HTTP {status}")
+        try:
+            data = json.loads(body)
+            events = data["Events"]
+        except (ValueError, KeyError, TypeError):
+            raise MetadataError(
+                f"{self.url} answered {body[:60]!r}, not Scheduled Events"
+            ) from None
+        if not isinstance(events, list):
+            raise MetadataError(f"{self.url}: Events is not a list")
+        return [e for e in events if isinstance(e, dict)]
+
+    def _name(self) -> str:
+        """This VM's name, for events that list the VMs they affect ("" if unknown)."""
+        if self._vm_name is None:
+            url = (
+                f"{self.endpoint}/metadata/instance/compute/name?api-version=2021-02-01&format=text"
+            )
+            try:
+                status, body, _ = _request(
+                    self._opener, "GET", url, {"Metadata": "true"}, self._timeout
+                )
+            except MetadataError:
+                return ""  # asked again at the next event
+            self._vm_name = body.decode("utf-8", "replace").strip() if status == 200 else ""
+        return self._vm_name
+
+    def probe(self) -> bool:
+        try:
+            self._events()
+        except MetadataError:
+            return False
+        return True
+
+    def check(self) -> Notice | None:
+        for event in self._events():
+            kind = str(event.get("EventType", ""))
+            if kind not in AZURE_FINAL_EVENTS:
+                continue
+            resources = event.get("Resources") or []
+            if isinstance(resources, list) and resources:
+                name = self._name()
+                if name and name not in [str(r) for r in resources]:
+                    continue  # another VM of the set
+            event_id = str(event.get("EventId", ""))
+            not_before = str(event.get("NotBefore", "") or "")
+            detail = f"scheduled event {kind} {event_id}" + (
+                f" not before {not_before}" if not_before else ""
+            )
+            return Notice(
+                "azure",
+                detail,
+                time.monotonic(),
+                _parse_http_date(not_before),
+                event_id=event_id or None,
+            )
+        return None
+
+    def acknowledge(self, notice: Notice) -> None:
+        """Approve the event (``StartRequests``): Azure may then proceed at once."""
+        if notice.source != "azure" or not notice.event_id:
+            return
+        body = json.dumps({"StartRequests": [{"EventId": notice.event_id}]}).encode()
+        req = urllib.request.Request(
+            self.url,
+            data=body,
+            method="POST",
+            headers={"Metadata": "true", "Content-Type": "application/json"},
+        )
+        try:
+            with self._opener.open(req, timeout=self._timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as err:
+            err.close()
+            raise MetadataError(f"POST {self.url} answered HTTP {err.code}") from None
+        except (OSError, ValueError) as err:
+            raise MetadataError(f"POST {self.url}: {getattr(err, 'reason', err)}") from None
+
+
+Provider = AwsSpot | GcpPreemption | AzureScheduledEvents
+
+
+def detect(timeout: float = _PROBE_TIMEOUT_S) -> Provider | None:
+    """The provider whose metadata service answers (AWS, then Azure, then GCP), else None.
+
+    The probes run at once in daemon threads (name resolution cannot be given a timeout), and
     the answer comes after at most about ``timeout`` seconds.
     """
-    aws, gcp = AwsSpot(timeout=timeout), GcpPreemption(timeout=timeout)
+    candidates: list[Provider] = [
+        AwsSpot(timeout=timeout),
+        AzureScheduledEvents(timeout=timeout),
+        GcpPreemption(timeout=timeout),
+    ]
     found: dict[str, bool] = {}
 
     def probe(name: str, fn: Callable[[], bool]) -> None:
         found[name] = fn()
 
     threads = [
-        threading.Thread(target=probe, args=("aws", aws.probe), daemon=True),
-        threading.Thread(target=probe, args=("gcp", gcp.probe), daemon=True),
+        threading.Thread(target=probe, args=(c.name, c.probe), daemon=True) for c in candidates
     ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout + 0.5
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    if found.get("aws"):
-        return aws
-    if found.get("gcp"):
-        return gcp
+    for c in candidates:
+        if found.get(c.name):
+            return c
     return None
 
 
 class Poller:
-    """A daemon thread that calls ``source.check()`` every ``interval`` s until a notice.
+    """A daemon thread that calls ``source.check()`` every ``interval`` s until a final notice.
 
-    ``on_notice`` runs in the poller's thread, once. ``on_error`` gets a message when polling
+    ``on_notice`` runs in the poller's thread: once for each early notice (polling goes on) and
+    once for the final one (polling stops). ``on_error`` gets a message when polling
     starts failing and None when it works again (so a flapping service is reported once per
     outage, not once per poll).
     """
@@ -296,5 +471,7 @@ class Poller:
                 if notice is not None:
                     if not self._stop.is_set():
                         self._on_notice(notice)
-                    return
+                    if not notice.early:
+                        return
+                    continue  # poll again at once: the final notice may already be there
             self._stop.wait(self._interval)

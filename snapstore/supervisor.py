@@ -68,7 +68,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from snapstore.catalog import Catalog, fsync_dir, utc_now, validate_task_id
+from snapstore.attempts import AttemptLog, summary_line
+from snapstore.catalog import Catalog, Manifest, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
@@ -79,9 +80,12 @@ from snapstore.errors import (
     UsageError,
     os_error_text,
 )
+from snapstore.interval import AutoInterval
 from snapstore.metadata import (
     AwsSpot,
+    AzureScheduledEvents,
     GcpPreemption,
+    MetadataError,
     Notice,
     NoticeSource,
     Poller,
@@ -102,11 +106,11 @@ __all__ = [
     "run",
 ]
 
-PROVIDERS = ("auto", "aws", "gcp", "none")
+PROVIDERS = ("auto", "aws", "gcp", "azure", "none")
 SIGTERM_WINDOW_S = 30.0  # Kubernetes' default terminationGracePeriodSeconds, ECS's stopTimeout
 DEFAULT_KEEP = 2
 FINISHED_MARKER = ".finished"
-_DEFAULT_POLL_S = {"aws": 5.0, "gcp": 1.0}
+_DEFAULT_POLL_S = {"aws": 5.0, "gcp": 1.0, "azure": 1.0}
 _FORWARD_EVERY_S = 0.2
 _REAP_WAIT_S = 10.0
 _PAGES_WAIT_S = 30.0
@@ -123,6 +127,7 @@ class RunOptions:
     root: Path | None = None
     provider: str = "auto"
     checkpoint_interval: float | None = None
+    auto_interval: bool = False  # --checkpoint-interval auto (snapstore.interval)
     window: float | None = None
     deadline_margin: float | None = None
     keep: int = DEFAULT_KEEP
@@ -131,6 +136,7 @@ class RunOptions:
     lazy: bool | None = None
     aws_endpoint: str | None = None
     gcp_host: str | None = None
+    azure_endpoint: str | None = None
 
 
 def default_margin(window: float) -> float:
@@ -263,12 +269,15 @@ class _Supervisor:
         self.forwarder: _Forwarder | None = None
         self.log_offsets: dict[Path, int] = {}
         self.main_ident = threading.get_ident()
+        self.attempt: AttemptLog | None = None
+        self.early_done = False
+        self.child_cpu = 0.0  # the ended task's CPU time (wait4's rusage)
 
     # -- notices and signals
 
     def _on_notice(self, notice: Notice) -> None:  # poller thread
         self.events.put(("notice", notice))
-        if self.periodic_on:
+        if self.periodic_on and not notice.early:  # the final checkpoint gets the whole window
             signal.pthread_kill(self.main_ident, signal.SIGUSR2)
 
     def _on_poll_error(self, message: str | None) -> None:
@@ -302,6 +311,8 @@ class _Supervisor:
             return AwsSpot(o.aws_endpoint)
         if o.provider == "gcp":
             return GcpPreemption(o.gcp_host)
+        if o.provider == "azure":
+            return AzureScheduledEvents(o.azure_endpoint)
         if o.provider == "none":
             return None
         found = detect()
@@ -309,12 +320,18 @@ class _Supervisor:
             self.note("no cloud metadata service answered: only SIGTERM triggers a checkpoint")
         return found
 
-    def _window(self, notice: Notice) -> float:
+    def _window(self, notice: Notice | None) -> float:
+        """The notice's window (None: the window the provider's notice would give)."""
         if self.opts.window is not None:
             return self.opts.window
-        if notice.source == "SIGTERM" or self.source is None:
+        if (notice is not None and notice.source == "SIGTERM") or self.source is None:
             return SIGTERM_WINDOW_S
         return self.source.window
+
+    def _budget(self, window: float) -> float:
+        if self.opts.deadline_margin is not None:
+            return window - self.opts.deadline_margin
+        return window - default_margin(window)
 
     def _finish_old_run(self) -> None:
         assert self.catalog is not None
@@ -349,12 +366,17 @@ class _Supervisor:
         proc = self.proc
 
         def wait() -> None:
-            self.status = _exit_code(proc.wait())
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            self.child_cpu = usage.ru_utime + usage.ru_stime
+            self.status = _exit_code(proc.returncode)
             self.exited.set()
             self.events.put(("exit", self.status))
 
         threading.Thread(target=wait, name="task-waiter", daemon=True).start()
         self.pages_in.set()
+        if self.attempt is not None:
+            self.attempt.started()
         self.note(f"started task {self.opts.task!r}: pid {self.pid}, output in {out}, {err}")
 
     def _restore(self, n: int, logs: tuple[Path, Path]) -> None:
@@ -369,9 +391,13 @@ class _Supervisor:
             except OSError:
                 pass
         started = time.monotonic()
+        if self.attempt is not None:
+            self.attempt.restoring(n)
         result = restore(self.opts.task, self.root, n, self.opts.lazy, verified=True)
         self.restored = result
         self.pid = result.pid
+        if self.attempt is not None:
+            self.attempt.restored(n, result.resume_s, result.lazy, result.manifest.total_bytes)
         how = "lazily" if result.lazy else "eagerly"
         self.note(
             f"restored snapshot {n} of task {self.opts.task!r} {how}: pid {self.pid} running "
@@ -379,7 +405,8 @@ class _Supervisor:
         )
 
         def wait() -> None:
-            _, status = os.waitpid(result.pid, 0)
+            _, status, usage = os.wait4(result.pid, 0)
+            self.child_cpu = usage.ru_utime + usage.ru_stime
             self.status = _exit_code(os.waitstatus_to_exitcode(status))
             self.exited.set()
             self.events.put(("exit", self.status))
@@ -426,21 +453,44 @@ class _Supervisor:
             if summary is not None:
                 self.note(summary)
 
-    def _periodic(self) -> None:
+    def _record_checkpoint(
+        self, kind: str, manifest: Manifest, cpu_s: float, wall_s: float
+    ) -> None:
+        if self.attempt is None:
+            return
+        self.attempt.checkpoint(
+            kind,
+            manifest.snapshot,
+            manifest.timings.get("total_s", 0.0),
+            manifest.storage.get("logical_bytes", manifest.total_bytes),
+            manifest.storage.get("new_stored_bytes", manifest.total_bytes),
+            cpu_s,
+            wall_s,
+        )
+
+    def _totals(self) -> tuple[float, float]:
+        if self.attempt is None:
+            return 0.0, 0.0
+        return self.attempt.task_totals(self.pid)
+
+    def _periodic(self, kind: str = "periodic") -> Manifest | None:
+        """A ``--leave-running`` checkpoint; its manifest, or None when none committed."""
         assert self.root is not None
         if not self.pages_in.is_set():
-            self.note("periodic checkpoint skipped: the lazy restore is still fetching pages")
-            return
+            self.note(f"{kind} checkpoint skipped: the lazy restore is still fetching pages")
+            return None
         try:
             self.periodic_on = True
             try:
+                cpu_s, wall_s = self._totals()
                 result = dump(self.pid, self.opts.task, self.root, DumpOptions(leave_running=True))
             finally:
                 self.periodic_on = False
+            self._record_checkpoint(kind, result.manifest, cpu_s, wall_s)
             self._prune()
         except _Preempted:
-            self.note("periodic checkpoint abandoned for the final one")
-            return
+            self.note(f"{kind} checkpoint abandoned for the final one")
+            return None
         except (SnapstoreError, OSError) as err:
             if not self.exited.wait(0.2):
                 self.note(f"warning: periodic checkpoint failed, task still running: {err}")
@@ -449,9 +499,18 @@ class _Supervisor:
             if isinstance(err, SnapstoreError):
                 for line in err.details:
                     self.note(f"    {line}")
-            return
+            return None
         t = result.manifest.timings.get("total_s", 0.0)
-        self.note(f"periodic snapshot {result.manifest.snapshot} committed in {t:.2f} s")
+        self.note(f"{kind} snapshot {result.manifest.snapshot} committed in {t:.2f} s")
+        return result.manifest
+
+    def _early(self, notice: Notice) -> None:
+        """An early warning (AWS's rebalance recommendation): checkpoint now, keep running."""
+        if self.early_done:
+            return
+        self.early_done = True
+        self.note(f"{notice.detail}: checkpointing now, the task keeps running")
+        self._periodic("early")
 
     def _final(self, notice: Notice) -> int:
         assert self.root is not None
@@ -471,6 +530,7 @@ class _Supervisor:
         if not self.pages_in.is_set():  # CRIU must read every page anyway: let them arrive
             self.pages_in.wait(max(0.0, end - time.monotonic()))
         remaining = end - time.monotonic()
+        cpu_s, wall_s = self._totals()
         try:
             if remaining <= 0:
                 raise SnapstoreError(
@@ -492,15 +552,34 @@ class _Supervisor:
                 self.note(f"    {line}")
             self.note(
                 f"task {self.pid} "
-                + (f"ended, its end not recorded (exit {EXIT_DUMP_FAILED})" if ended else
-                   f"left running (exit {EXIT_DUMP_FAILED})")
+                + (
+                    f"ended, its end not recorded (exit {EXIT_DUMP_FAILED})"
+                    if ended
+                    else f"left running (exit {EXIT_DUMP_FAILED})"
+                )
                 + "; the next run resumes from the latest committed snapshot, if any, else "
                 "starts afresh"
             )
+            if self.attempt is not None:
+                self.attempt.ended(
+                    "checkpoint-failed",
+                    EXIT_DUMP_FAILED,
+                    notice=(notice.source, notice.detail),
+                    error=text,
+                    task_cpu_s=cpu_s,
+                )
             return EXIT_DUMP_FAILED
         self.exited.wait(_REAP_WAIT_S)  # dump killed the task after the commit
         self._drop_workdir()
         m = result.manifest
+        self._record_checkpoint("final", m, cpu_s, wall_s)
+        if self.attempt is not None:
+            self.attempt.ended(
+                "checkpointed",
+                EXIT_CHECKPOINTED,
+                notice=(notice.source, notice.detail),
+                task_cpu_s=cpu_s,
+            )
         self.note(
             f"snapshot {m.snapshot} of task {m.task!r} committed in "
             f"{m.timings.get('total_s', 0.0):.2f} s ({m.total_bytes / 1e6:.1f} MB); exit "
@@ -521,6 +600,7 @@ class _Supervisor:
     def _finished(self) -> int:
         """The task ended by itself: mark it finished, drop its snapshots, report its status."""
         assert self.catalog is not None
+        cpu_s = self.attempt.cpu_base + self.child_cpu if self.attempt is not None else 0.0
         if self.restored is not None and self.restored.lazy_pid is not None:
             self.pages_in.wait(_PAGES_WAIT_S)
         self._drop_workdir()
@@ -532,6 +612,8 @@ class _Supervisor:
             fsync_dir(task_dir)
             self.catalog.remove(task, None)
         self.note(f"task {self.pid} exited with status {self.status}")
+        if self.attempt is not None:
+            self.attempt.ended("finished", self.status, task_status=self.status, task_cpu_s=cpu_s)
         return self.status
 
     # -- the whole run
@@ -551,6 +633,9 @@ class _Supervisor:
         except OSError as err:
             raise UsageError(f"cannot create the log dir {log_dir}: {err.strerror}") from None
         self.source = self._resolve_source()
+        self.attempt = AttemptLog(
+            self.root.path, o.task, self.note, on_fusion=self.root.mountpoint is not None
+        )
         handlers: dict[signal.Signals, Any] = {
             signal.SIGTERM: self._sigterm,
             signal.SIGUSR2: self._sigusr2,
@@ -560,6 +645,12 @@ class _Supervisor:
         previous = {s: signal.signal(s, h) for s, h in handlers.items()}
         try:
             return self._supervise(log_dir)
+        except SnapstoreError as err:
+            self.attempt.ended("error", err.exit_code, error=str(err))
+            raise
+        except OSError as err:  # the mount died under us: the CLI says so in one line
+            self.attempt.ended("error", 1, error=os_error_text(err))
+            raise
         finally:
             if self.poller is not None:
                 self.poller.stop()
@@ -567,6 +658,7 @@ class _Supervisor:
                 self.forwarder.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
+            self.note(summary_line(self.attempt))
 
     def _resume(self, logs: tuple[Path, Path], below: int | None = None) -> None:
         """Restore the newest committed snapshot (below ``below``) that verifies; each one that
@@ -626,24 +718,60 @@ class _Supervisor:
             interval = o.poll_interval or _DEFAULT_POLL_S.get(self.source.name, 5.0)
             self.poller = Poller(self.source, interval, self._on_notice, self._on_poll_error)
             self.poller.start()
+        planner: AutoInterval | None = None
         next_periodic = time.monotonic() + o.checkpoint_interval if o.checkpoint_interval else None
+        if o.auto_interval:
+            planner = AutoInterval(self._budget(self._window(None)))
+            plan = planner.first()
+            next_periodic = time.monotonic() + plan.interval
+            self.note(f"auto checkpoint interval: {plan.reason}")
         while True:
             timeout = None if next_periodic is None else max(0.0, next_periodic - time.monotonic())
             try:
                 kind, value = self.events.get(timeout=timeout)
             except queue.Empty:
-                self._periodic()
-                assert o.checkpoint_interval is not None
-                next_periodic = time.monotonic() + o.checkpoint_interval
+                began = time.monotonic()
+                manifest = self._periodic()
+                if planner is None:
+                    assert o.checkpoint_interval is not None
+                    next_periodic = time.monotonic() + o.checkpoint_interval
+                    continue
+                if manifest is None:
+                    plan = planner.first()
+                else:
+                    st = manifest.storage
+                    plan = planner.after(
+                        began,
+                        st.get("new_stored_bytes", manifest.total_bytes),
+                        st.get("stored_bytes", manifest.total_bytes),
+                        manifest.timings.get("total_s", time.monotonic() - began),
+                    )
+                next_periodic = time.monotonic() + plan.interval
+                self.note(f"auto checkpoint interval: {plan.reason}")
                 continue
             if kind == "exit":
                 if self._lazy_failure(log_paths(log_dir, o.task)) is None:
                     continue  # fell back to an older snapshot: its task runs now
                 return self._finished()
+            if kind == "notice" and value.early:
+                self._early(value)
+                continue
             if kind == "notice":
                 if self.poller is not None:
                     self.poller.stop()
-                return self._final(value)
+                try:
+                    return self._final(value)
+                finally:
+                    self._acknowledge(value)
+
+    def _acknowledge(self, notice: Notice) -> None:
+        """Let the provider proceed (Azure), now that the checkpoint committed or failed."""
+        if self.source is None or notice.source != self.source.name:
+            return
+        try:
+            self.source.acknowledge(notice)
+        except MetadataError as err:
+            self.note(f"warning: could not acknowledge the {notice.source} event: {err}")
 
 
 def run(opts: RunOptions, note: Callable[[str], None]) -> int:

@@ -258,6 +258,7 @@ def test_metadata_clients_against_the_fake_server(
         port = dead.port
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{port}")
+    monkeypatch.setenv("SNAPSTORE_AZURE_METADATA_ENDPOINT", f"http://127.0.0.1:{port}")
     started = time.monotonic()
     assert detect() is None
     assert time.monotonic() - started < 3
@@ -453,7 +454,8 @@ def test_run_usage_errors(dir_env: SnapEnv) -> None:
         ("run", "--task", "job"),  # no command
         ("run", "--task", "job", "--"),
         ("run", "--task", "a/b", "--", "true"),
-        ("run", "--task", "job", "--provider", "azure", "--", "true"),
+        ("run", "--task", "job", "--provider", "oracle", "--", "true"),
+        ("run", "--task", "job", "--checkpoint-interval", "often", "--", "true"),
         ("run", "--task", "job", "--window", "0", "--", "true"),
         ("run", "--task", "job", "--keep", "0", "--", "true"),
         ("run", "--task", "job", "--provider", "none", "--", "/nonexistent/command"),
