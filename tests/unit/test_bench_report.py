@@ -184,6 +184,26 @@ def test_plots_without_matplotlib_say_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_checkpoint_plot_has_the_window_rows_and_lines(tmp_path: Path) -> None:
+    """The 4 GiB window figures (full, incremental, the machine's ceiling) are on the
+    checkpoint plot, with the 30 s line once the times come near it (not the 120 s one)."""
+    rows = [
+        _row("dump 4 GiB", "snapstore dump via fusionfs", 29.0),
+        _row("dump 4 GiB", "snapstore dump via fusionfs, incremental (10 % changed)", 12.0),
+        _row("dump 4 GiB", "ceiling: the machine's cores and the link", 15.0),
+    ]
+    data = plots.series(
+        rows,  # type: ignore[arg-type]
+        lambda r: plots.checkpoint_sizes(str(r["scenario"])),
+        lambda r: str(r["tool"]),
+    )
+    assert [w for w, _ in plots.window_lines(data)] == [30.0]
+    assert plots.window_lines({}) == []
+    _need_matplotlib()
+    written = plots.write_plots({"summary": rows}, tmp_path, print)
+    assert [p.name for p in written] == ["checkpoint_time.png"]
+
+
 def test_series_groups_and_sorts() -> None:
     data = plots.series(
         _FAKE["summary"],  # type: ignore[arg-type]
