@@ -32,6 +32,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="cap per connection (and direction) in megabits/s: 800 = 100 MB/s; 0 = off",
     )
     p.add_argument(
+        "--link-mbps",
+        type=float,
+        default=0.0,
+        help="cap of all connections together (and direction) in megabits/s, as an instance's "
+        "NIC: 800 = 100 MB/s in total; 0 = off",
+    )
+    p.add_argument(
         "--error-rate", type=float, default=0.0, help="share of requests failed with 503 or reset"
     )
     p.add_argument("--runs", type=int, default=3, help="runs per figure (default 3; median shown)")
@@ -95,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
         help="first-byte latencies (ms) of the resume-against-latency restores "
         "(default: 0 and --latency-ms if set, else 0,30)",
     )
+    snap.add_argument(
+        "--memory",
+        choices=("random", "fastq"),
+        default="random",
+        help="what the task's memory holds: random bytes (incompressible, the default) or "
+        "fastq (sequencing reads: every page distinct, about 3x with zstd)",
+    )
+    snap.add_argument(
+        "--dump-only",
+        action="store_true",
+        help="only the snapstore dumps (full, then incremental) and their window fit: no CRIU "
+        "or direct-upload references, no restores",
+    )
     everything = sub.add_parser("all", help="every benchmark")
     _add_common(everything)
     return parser
@@ -108,6 +128,7 @@ def _fs_config(args: argparse.Namespace, out: Path | None) -> object:
         bucket=args.bucket,
         latency_ms=args.latency_ms,
         bandwidth_mbps=args.bandwidth_mbps,
+        link_mbps=args.link_mbps,
         error_rate=args.error_rate,
         runs=args.runs,
         out=out,
@@ -128,10 +149,13 @@ def _snap_config(args: argparse.Namespace, out: Path | None) -> object:
         bucket=args.bucket,
         latency_ms=args.latency_ms,
         bandwidth_mbps=args.bandwidth_mbps,
+        link_mbps=args.link_mbps,
         error_rate=args.error_rate,
         runs=args.runs,
         out=out,
         quick=args.quick,
+        memory=getattr(args, "memory", "random"),
+        dump_only=getattr(args, "dump_only", False),
         sizes_mib=getattr(args, "sizes_mib", None) or [],
         resume_latencies_ms=getattr(args, "resume_latencies_ms", None) or [],
     )
@@ -144,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     if not 0 <= args.error_rate <= 1:
         parser.error("--error-rate must be within [0, 1]")
-    if args.latency_ms < 0 or args.bandwidth_mbps < 0:
-        parser.error("--latency-ms and --bandwidth-mbps must be >= 0")
+    if args.latency_ms < 0 or args.bandwidth_mbps < 0 or args.link_mbps < 0:
+        parser.error("--latency-ms, --bandwidth-mbps and --link-mbps must be >= 0")
     for flag in ("size_mib", "objects", "small_files"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:

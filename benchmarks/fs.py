@@ -110,6 +110,7 @@ class FsConfig:
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0
     error_rate: float = 0.0
+    link_mbps: float = 0.0
     runs: int = 3
     out: Path | None = None
     quick: bool = False
@@ -133,7 +134,7 @@ class FsConfig:
 
     @property
     def proxied(self) -> bool:
-        return bool(self.latency_ms or self.bandwidth_mbps or self.error_rate)
+        return bool(self.latency_ms or self.bandwidth_mbps or self.link_mbps or self.error_rate)
 
 
 class BenchError(Exception):
@@ -270,7 +271,7 @@ def _open_store(cfg: FsConfig, results: Results, console: Console) -> Iterator[_
             parsed = urllib.parse.urlsplit(setup_url)
             if parsed.scheme != "http" or parsed.hostname is None:
                 raise BenchError(
-                    "the proxy (--latency-ms/--bandwidth-mbps/--error-rate) needs http"
+                    "the proxy (--latency-ms/--bandwidth-mbps/--link-mbps/--error-rate) needs http"
                 )
             port = parsed.port or 80
             args = [
@@ -278,6 +279,8 @@ def _open_store(cfg: FsConfig, results: Results, console: Console) -> Iterator[_
                 str(cfg.latency_ms),
                 "--bandwidth-mbps",
                 str(cfg.bandwidth_mbps),
+                "--link-mbps",
+                str(cfg.link_mbps),
             ]
             args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
             proxy = ProxyProcess((parsed.hostname, port), args)
@@ -1390,6 +1393,7 @@ def _settings(cfg: FsConfig) -> dict[str, Any]:
     settings["small_file_bytes"] = _SMALL_SIZE
     settings["small_files_workers"] = _SMALL_WORKERS
     settings["bandwidth_unit"] = "megabits per second per connection and direction"
+    settings["link_unit"] = "megabits per second, all connections together, per direction"
     settings["seed"] = _SEED
     return settings
 
@@ -1448,7 +1452,8 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
             if cfg.proxied:
                 results.notes.append(
                     f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
-                    f"{cfg.bandwidth_mbps} Mbit/s per connection, error rate {cfg.error_rate}"
+                    f"{cfg.bandwidth_mbps} Mbit/s per connection, {cfg.link_mbps} Mbit/s for "
+                    f"all connections together, error rate {cfg.error_rate}"
                 )
             try:
                 bench.run()

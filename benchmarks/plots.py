@@ -6,7 +6,9 @@ are there:
 - ``read_throughput.png`` (fs): read MB/s against concurrency (direct boto3 ranged GETs with 1-16
   threads; 1, 2, 4 files read at once through fusionfs) and against fusionfs's ``--chunk-size``.
 - ``checkpoint_time.png`` (snap): seconds until a checkpoint is durable against the task's memory
-  size: snapstore through fusionfs beside the local-disk dump, the direct upload and the naive sum.
+  size: snapstore through fusionfs (full and incremental) beside the local-disk dump, the direct
+  upload, the naive sum and the machine's ceiling (cores and link), with the spot windows (GCP's
+  30 s, AWS's 120 s) drawn where the times come near them.
 - ``resume_latency.png`` (snap): time to resume after a restore on an empty cache, lazy against
   eager, against the first-byte latency the proxy added.
 
@@ -23,7 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MISSING_MATPLOTLIB", "checkpoint_sizes", "series", "write_plots"]
+__all__ = [
+    "MISSING_MATPLOTLIB",
+    "WINDOWS",
+    "checkpoint_sizes",
+    "series",
+    "window_lines",
+    "write_plots",
+]
 
 MISSING_MATPLOTLIB = (
     "plots skipped: matplotlib is not installed (pip install -e '.[bench]'); "
@@ -42,7 +51,11 @@ _DUMP_TOOLS = (
     "direct upload, multipart",
     "naive: dump + fsync + upload (multipart)",
     "snapstore dump via fusionfs",
+    "snapstore dump via fusionfs, incremental (10 % changed)",
+    "ceiling: the machine's cores and the link",
 )
+#: reclamation windows drawn on the checkpoint plot: (seconds, label)
+WINDOWS = ((30.0, "GCP preemption notice, 30 s"), (120.0, "AWS spot notice, 120 s"))
 _DUMP_SCENARIO = re.compile(r"^dump (\d+) (MiB|GiB)$")
 _LATENCY_SCENARIO = "resume vs latency"
 
@@ -149,6 +162,13 @@ def _read_plot(plt: Any, summary: Sequence[Row], path: Path, title: str) -> bool
     return True
 
 
+def window_lines(data: Mapping[str, Sequence[Point]]) -> list[tuple[float, str]]:
+    """The windows worth drawing: those the slowest time reaches a third of (a 120 s line over
+    a few seconds of dumps would flatten them)."""
+    top = max((p[3] for points in data.values() for p in points), default=0.0)
+    return [(w, label) for w, label in WINDOWS if top >= w / 3]
+
+
 def _checkpoint_plot(plt: Any, summary: Sequence[Row], path: Path, title: str) -> bool:
     data = series(
         summary,
@@ -158,6 +178,8 @@ def _checkpoint_plot(plt: Any, summary: Sequence[Row], path: Path, title: str) -
     if not data:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (seconds, label) in enumerate(window_lines(data)):
+        ax.axhline(seconds, color="grey", linestyle=("--", ":")[i % 2], linewidth=1, label=label)
     _draw(ax, data)
     _log2_axis(ax, data)
     ax.set_xlabel("task memory (MiB)")

@@ -9,6 +9,10 @@ connection it can:
 - cap bandwidth with a token bucket, separately in each direction. The unit is **megabits per
   second** (1 Mbit = 10**6 bits), as ``mbps`` says everywhere else: ``--bandwidth-mbps 800`` is
   100 MB/s per connection, about what one connection to real S3 gets;
+- cap the bandwidth of all connections together (``--link-mbps``, per direction): one token
+  bucket shared by every connection, as an instance's NIC is shared by all its flows. ``800`` is
+  100 MB/s in total however many connections a client opens (with both caps set, a connection
+  waits for both);
 - inject faults at ``error_rate`` per request: a ``503 SlowDown`` reply (sent by the proxy, with
   ``Connection: close``; the request never reaches the server) or a connection reset (TCP RST),
   half of the time before any response byte and half of the time in the middle of the response.
@@ -40,6 +44,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -61,12 +66,15 @@ class ProxySettings:
     error_rate: float = 0.0
     reset_share: float = 0.5
     seed: int | None = None
+    link_mbps: float = 0.0  # all connections together, per direction
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
         if self.bandwidth_mbps < 0:
             raise ValueError(f"bandwidth_mbps must be >= 0, got {self.bandwidth_mbps}")
+        if self.link_mbps < 0:
+            raise ValueError(f"link_mbps must be >= 0, got {self.link_mbps}")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate}")
         if not 0.0 <= self.reset_share <= 1.0:
@@ -77,6 +85,11 @@ class ProxySettings:
         """The per-connection, per-direction cap in bytes per second (0: no cap)."""
         return self.bandwidth_mbps * 1e6 / 8
 
+    @property
+    def link_bytes_per_second(self) -> float:
+        """The cap of all connections together, per direction, in bytes per second (0: none)."""
+        return self.link_mbps * 1e6 / 8
+
     def describe(self) -> str:
         """A short human description, e.g. ``latency 30 ms, 800 Mbit/s per connection``."""
         parts = []
@@ -85,6 +98,9 @@ class ProxySettings:
         if self.bandwidth_mbps:
             mb_s = self.bytes_per_second / 1e6
             parts.append(f"{self.bandwidth_mbps:g} Mbit/s ({mb_s:g} MB/s) per connection")
+        if self.link_mbps:
+            mb_s = self.link_bytes_per_second / 1e6
+            parts.append(f"{self.link_mbps:g} Mbit/s ({mb_s:g} MB/s) for all connections")
         if self.error_rate:
             parts.append(f"errors {self.error_rate:g}/request")
         return ", ".join(parts) or "pass-through"
@@ -104,21 +120,39 @@ class ProxyStats:
 
 
 class _TokenBucket:
-    """Caps a byte stream at ``rate`` bytes per second, with a small burst."""
+    """Caps a byte stream at ``rate`` bytes per second, with a small burst.
 
-    def __init__(self, rate: float) -> None:
+    Thread-safe, so one bucket can be shared by several connections (the link cap): a taker
+    reserves its bytes under the lock and sleeps off its own share of the debt outside it, so N
+    connections together get ``rate`` and each waits in the order it reserved. ``clock`` and
+    ``sleep`` are injectable so that tests need no real time."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._rate = rate
         self.burst = max(128 << 10, int(rate * 0.01))
         self._tokens = float(self.burst)
-        self._last = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._lock = threading.Lock()
 
-    def take(self, n: int) -> None:
-        now = time.monotonic()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        self._tokens -= n
-        if self._tokens < 0:
-            time.sleep(-self._tokens / self._rate)
+    def take(self, n: int) -> float:
+        """Account ``n`` bytes; sleep until the bucket allows them. Returns the wait."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            self._tokens -= n
+            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
 
 
 # Events produced by the framer: a request head, or a piece of a request body. ``last`` is true
@@ -264,10 +298,13 @@ class _Connection:
         self._deadline: float | None = None
         self._reset_mid_response = False
         rate = self._settings.bytes_per_second
-        self._up_bucket = _TokenBucket(rate) if rate else None
-        self._down_bucket = _TokenBucket(rate) if rate else None
+        self._up_buckets = [_TokenBucket(rate)] if rate else []
+        self._down_buckets = [_TokenBucket(rate)] if rate else []
+        if proxy.link_up is not None and proxy.link_down is not None:
+            self._up_buckets.append(proxy.link_up)
+            self._down_buckets.append(proxy.link_down)
         self._buf = bytearray(_BUF_SIZE)
-        self._chunk = min(_BUF_SIZE, self._down_bucket.burst) if self._down_bucket else _BUF_SIZE
+        self._chunk = min([_BUF_SIZE, *(b.burst for b in self._down_buckets)])
 
     def run(self) -> None:
         try:
@@ -321,8 +358,8 @@ class _Connection:
                 self._client.sendall(data[:cut])
             self._reset()
             return False
-        if self._down_bucket is not None:
-            self._down_bucket.take(len(data))
+        for bucket in self._down_buckets:
+            bucket.take(len(data))
         self._client.sendall(data)
         self._proxy._count(bytes_down=len(data))
         return True
@@ -342,8 +379,8 @@ class _Connection:
                     self._reset_mid_response = True
             if seg.last and self._settings.latency_ms:
                 self._deadline = time.monotonic() + self._settings.latency_ms / 1000
-            if self._up_bucket is not None:
-                self._up_bucket.take(len(seg.data))
+            for bucket in self._up_buckets:
+                bucket.take(len(seg.data))
             self._upstream.sendall(seg.data)
             self._proxy._count(bytes_up=len(seg.data))
         return True
@@ -399,6 +436,10 @@ class ThrottlingProxy:
         self._stats = ProxyStats()
         self._rng = random.Random(self.settings.seed)
         self.stopping = False
+        # the link cap: one bucket per direction shared by every connection
+        link = self.settings.link_bytes_per_second
+        self.link_up = _TokenBucket(link) if link else None
+        self.link_down = _TokenBucket(link) if link else None
 
     @property
     def port(self) -> int:
@@ -520,13 +561,24 @@ def main(argv: list[str] | None = None) -> int:
         help="cap per connection and direction, megabits/s (800 = 100 MB/s); 0 = off",
     )
     parser.add_argument(
+        "--link-mbps",
+        type=float,
+        default=0.0,
+        help="cap of all connections together, per direction, megabits/s (an instance's NIC); "
+        "0 = off",
+    )
+    parser.add_argument(
         "--error-rate", type=float, default=0.0, help="share of requests failed (503 or reset)"
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for fault injection")
     args = parser.parse_args(argv)
     try:
         settings = ProxySettings(
-            args.latency_ms, args.bandwidth_mbps, args.error_rate, seed=args.seed
+            args.latency_ms,
+            args.bandwidth_mbps,
+            args.error_rate,
+            seed=args.seed,
+            link_mbps=args.link_mbps,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -6,8 +6,11 @@ AWS's 120 s spot notice and GCP's 30 s preemption notice, in two ways:
 
 - at the measured bandwidth: the dump throughput of this run, in bytes of task memory per
   second, ``R = M / T``, so ``M_max(W) = W * M / T``;
-- at the emulated bandwidth (only with ``--bandwidth-mbps``): the link the proxy emulates for
-  fusionfs's parallel uploads, ``B = bandwidth_mbps * 10**6 / 8 * connections`` bytes/s, used
+- at the emulated bandwidth (only with ``--link-mbps`` or ``--bandwidth-mbps``): the link the
+  proxy emulates for fusionfs's parallel uploads: with ``--link-mbps`` (one cap for all
+  connections together, as an instance's NIC) ``B = link_mbps * 10**6 / 8`` bytes/s, else
+  ``B = bandwidth_mbps * 10**6 / 8 * connections`` (the per-connection cap times them; both
+  set: the smaller), used
   with the efficiency measured in the same run against a direct upload of the same image files
   over the same path, ``e = T_upload / T``, and the image bytes per memory byte ``I / M``:
   ``M_max(W) = W * B * e * M / I``.
@@ -67,9 +70,12 @@ def largest_fit(window_s: float, mem_bytes_per_s: float) -> float:
     return window_s * mem_bytes_per_s
 
 
-def link_bytes_per_s(bandwidth_mbps: float, connections: int) -> float:
-    """The emulated link: ``bandwidth_mbps`` megabits/s per connection times ``connections``."""
-    return bandwidth_mbps * 1e6 / 8 * connections
+def link_bytes_per_s(bandwidth_mbps: float, connections: int, link_mbps: float = 0.0) -> float:
+    """The emulated link in bytes/s: ``link_mbps`` megabits/s for all connections together;
+    else ``bandwidth_mbps`` per connection times ``connections``; the smaller when both are set
+    (0: none)."""
+    caps = [c for c in (link_mbps * 1e6 / 8, bandwidth_mbps * 1e6 / 8 * connections) if c > 0]
+    return min(caps) if caps else 0.0
 
 
 def fit_rows(
@@ -77,6 +83,7 @@ def fit_rows(
     *,
     bandwidth_mbps: float = 0.0,
     connections: int = 8,
+    link_mbps: float = 0.0,
 ) -> list[FitRow]:
     """One row per task size that has ``snapstore dump via fusionfs`` measurements."""
     ours: dict[int, dict[int, tuple[float, float]]] = {}  # size -> run -> (T, image bytes)
@@ -91,7 +98,7 @@ def fit_rows(
             ours.setdefault(mib, {})[m.run] = (m.value, image)
         elif m.tool == _UPLOAD and m.value > 0:
             upload.setdefault(mib, {})[m.run] = m.value
-    link = link_bytes_per_s(bandwidth_mbps, connections) if bandwidth_mbps > 0 else 0.0
+    link = link_bytes_per_s(bandwidth_mbps, connections, link_mbps)
     rows = []
     for mib in sorted(ours):
         mem = mib * _MIB
@@ -142,15 +149,31 @@ def _size(mib: int) -> str:
     return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
 
 
-def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: int = 8) -> str:
+def markdown(
+    rows: list[FitRow],
+    *,
+    bandwidth_mbps: float = 0.0,
+    connections: int = 8,
+    link_mbps: float = 0.0,
+) -> str:
     """The window-fit table with its formula, as a Markdown section ('' without rows)."""
     if not rows:
         return ""
     names = list(WINDOWS)
-    link = link_bytes_per_s(bandwidth_mbps, connections)
+    link = link_bytes_per_s(bandwidth_mbps, connections, link_mbps)
+    if link_mbps > 0:
+        how = (
+            f"`B = link_mbps * 10^6 / 8` bytes/s (the {link_mbps:g} Mbit/s cap of all "
+            "connections together, as an instance's NIC)"
+        )
+    else:
+        how = (
+            f"`B = bandwidth_mbps * 10^6 / 8 * {connections}` bytes/s (per-connection cap times "
+            f"fusionfs's {connections} upload connections)"
+        )
     header = ["task", "runs", "dump until durable (s)", "memory MB/s"]
     header += [f"largest in {n} (measured)" for n in names]
-    if bandwidth_mbps > 0:
+    if link > 0:
         header += [f"largest in {n} (emulated {link / 1e6:.0f} MB/s link)" for n in names]
     header += ["direct upload MB/s", "efficiency vs direct upload", "measured size fits"]
     lines = [
@@ -160,11 +183,9 @@ def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: in
         "`snapstore dump via fusionfs` times (median of the per-run values).",
         "",
         "- measured bandwidth: `M_max = W * M / T` (M task memory, T dump-until-durable time)",
-        "- emulated bandwidth: `M_max = W * B * e * M / I` with `B = bandwidth_mbps * 10^6 / 8 * "
-        f"{connections}` bytes/s (per-connection cap times fusionfs's {connections} upload "
-        "connections), `e = T_upload / T` (direct multipart upload of the same images, same "
-        "run), `I` the image bytes"
-        + ("" if bandwidth_mbps > 0 else "; not computed: run with `--bandwidth-mbps`"),
+        f"- emulated bandwidth: `M_max = W * B * e * M / I` with {how}, `e = T_upload / T` "
+        "(direct multipart upload of the same images, same run), `I` the image bytes"
+        + ("" if link > 0 else "; not computed: run with `--link-mbps` or `--bandwidth-mbps`"),
         "- the emulated figure assumes the link, not the server, limits the upload: compare the "
         "emulated link with the direct upload MB/s measured in this run",
         "- a straight-line extrapolation: fixed costs weigh more in short windows; only a "
@@ -176,7 +197,7 @@ def markdown(rows: list[FitRow], *, bandwidth_mbps: float = 0.0, connections: in
     for row in rows:
         cells = [_size(row.size_mib), str(row.runs), f"{row.dump_s:.2f}", f"{row.mem_mb_per_s:.0f}"]
         cells += [_gib(row.measured[n]) for n in names]
-        if bandwidth_mbps > 0:
+        if link > 0:
             cells += [_gib(row.emulated[n]) if row.emulated else "-" for n in names]
         cells.append(f"{row.upload_mb_per_s:.0f}" if row.upload_mb_per_s is not None else "-")
         cells.append(f"{row.efficiency:.2f}" if row.efficiency is not None else "-")

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from snapstore import attempts as attempt_records
+from snapstore import criu as _criu
 from snapstore.catalog import Catalog, Manifest, validate_task_id
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
@@ -480,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_dump(args: argparse.Namespace) -> int:
     started = time.monotonic()
     validate_task_id(args.task)
+    _criu.prefetch()
     root = open_root(args.root, create=True)
     opts = DumpOptions(
         leave_running=args.leave_running,
@@ -533,6 +535,7 @@ def _restore_json(r: RestoreResult) -> str:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     validate_task_id(args.task)
+    _criu.prefetch()  # its version check overlaps the root's checks and the manifest's read
     root = open_root(args.root, create=False)
     started = time.monotonic()
     result = restore(args.task, root, args.snapshot, args.lazy)
@@ -884,6 +887,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UsageError("no command given: snapstore run --task ID [options] -- COMMAND")
+    _criu.prefetch()
     opts = RunOptions(
         task=validate_task_id(args.task),
         command=command,

@@ -30,6 +30,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,10 +248,47 @@ def _parse_version(text: str) -> tuple[str, tuple[int, ...]] | None:
     return version, tuple(int(p) for p in version.split("."))
 
 
+#: ``criu --version`` answers, per binary: (path, inode, size, mtime) -> Criu. A binary
+#: replaced or changed on disk is checked again; see ``prefetch``.
+_checked: dict[tuple[str, int, int, int], Criu] = {}
+_checked_lock = threading.Lock()
+
+
+def prefetch() -> threading.Thread:
+    """Check the CRIU that ``find_criu`` will pick in a thread, so that a command can read its
+    snapshot meanwhile: ``criu --version`` is a process start (about 30 ms, more under load)
+    on the path from the command's start to the task running. The later ``find_criu`` reuses
+    the answer (or checks again if the prefetch has not finished or failed)."""
+
+    def check() -> None:
+        with contextlib.suppress(Exception):
+            find_criu()
+
+    thread = threading.Thread(target=check, name="criu-version", daemon=True)
+    thread.start()
+    return thread
+
+
 def _check(path: Path, where: str) -> Criu | str:
     """A Criu if ``path`` is usable, else why not."""
     if not (path.is_file() and os.access(path, os.X_OK)):
         return f"{path} ({where}) is not an executable file"
+    try:
+        st = path.stat()
+    except OSError as err:
+        return f"{path} ({where}) cannot be read: {err.strerror}"
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _checked_lock:  # held while checking: a caller behind the prefetch waits for it
+        known = _checked.get(key)
+        if known is not None:
+            return known
+        found = _run_version(path, where)
+        if isinstance(found, Criu):
+            _checked[key] = found
+    return found
+
+
+def _run_version(path: Path, where: str) -> Criu | str:
     try:
         out = subprocess.run(
             [str(path), "--version"],

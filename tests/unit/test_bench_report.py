@@ -56,6 +56,22 @@ def test_window_fit_at_emulated_link_uses_efficiency_and_image_ratio() -> None:
     assert row.emulated["AWS spot, 120 s"] == pytest.approx(expected)
 
 
+def test_window_fit_at_a_link_cap_counts_the_link_once_for_all_connections() -> None:
+    """--link-mbps caps all connections together (an instance's NIC): 800 Mbit/s is 100 MB/s
+    for the dump's uploads, not 8 x 100 MB/s as the per-connection cap would count it."""
+    ms = _dump(4096, 0, 40.0, 30.0, 4300.0)
+    (row,) = window.fit_rows(ms, connections=8, link_mbps=800)
+    expected = 30 * 100e6 * (30.0 / 40.0) * (4 * _GIB / 4300e6)
+    assert row.emulated is not None
+    assert row.emulated["GCP preemption, 30 s"] == pytest.approx(expected)
+    # both caps: the smaller one is the link
+    assert window.link_bytes_per_s(800, 8, 800) == pytest.approx(100e6)
+    assert window.link_bytes_per_s(800, 8, 0) == pytest.approx(800e6)
+    text = window.markdown([row], connections=8, link_mbps=800)
+    assert "emulated 100 MB/s link" in text
+    assert "for all connections together" in text or "all connections together" in text
+
+
 def test_window_fit_takes_the_median_of_runs_and_flags_a_size_that_does_not_fit() -> None:
     ms = []
     for run, t in enumerate((40.0, 50.0, 200.0)):
@@ -83,7 +99,7 @@ def test_window_markdown_states_formula_and_table() -> None:
     assert "emulated 800 MB/s link" in text
     assert window.markdown([]) == ""
     plain = window.markdown(window.fit_rows(_dump(1024, 0, 10.0, 8.0, 1000.0)))
-    assert "run with `--bandwidth-mbps`" in plain
+    assert "run with `--link-mbps` or `--bandwidth-mbps`" in plain
 
 
 def test_largest_fit_rejects_negative_input() -> None:
@@ -166,6 +182,26 @@ def test_plots_without_matplotlib_say_one_line(
     assert plots.write_plots(_FAKE, tmp_path, said.append) == []
     assert said == [plots.MISSING_MATPLOTLIB]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_plot_has_the_window_rows_and_lines(tmp_path: Path) -> None:
+    """The 4 GiB window figures (full, incremental, the machine's ceiling) are on the
+    checkpoint plot, with the 30 s line once the times come near it (not the 120 s one)."""
+    rows = [
+        _row("dump 4 GiB", "snapstore dump via fusionfs", 29.0),
+        _row("dump 4 GiB", "snapstore dump via fusionfs, incremental (10 % changed)", 12.0),
+        _row("dump 4 GiB", "ceiling: the machine's cores and the link", 15.0),
+    ]
+    data = plots.series(
+        rows,  # type: ignore[arg-type]
+        lambda r: plots.checkpoint_sizes(str(r["scenario"])),
+        lambda r: str(r["tool"]),
+    )
+    assert [w for w, _ in plots.window_lines(data)] == [30.0]
+    assert plots.window_lines({}) == []
+    _need_matplotlib()
+    written = plots.write_plots({"summary": rows}, tmp_path, print)
+    assert [p.name for p in written] == ["checkpoint_time.png"]
 
 
 def test_series_groups_and_sorts() -> None:
@@ -284,8 +320,14 @@ def test_cpu_meter_counts_a_busy_process_itself_and_waited_children() -> None:
             end = time.process_time() + 0.3
             while time.process_time() < end:  # this process: 0.3 s of CPU
                 pass
-            subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()+0.3\n"
-                            "while time.process_time() < t: pass"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import time\nt=time.process_time()+0.3\nwhile time.process_time() < t: pass",
+                ],
+                check=True,
+            )
             time.sleep(0.2)
     finally:
         busy.kill()
@@ -300,16 +342,51 @@ def test_cpu_meter_counts_a_busy_process_itself_and_waited_children() -> None:
 
 def test_cpu_budget_note_states_the_budget_of_a_throughput_target() -> None:
     results = Results("fs", {})
-    results.add(Measurement("seq read cold", "direct boto3", 0, 1073.741824, "MB/s",
-                            {"cpu_server": 1.0, "cpu_client": 0.5}))
-    results.add(Measurement("seq read cold", "fusionfs", 0, 500.0, "MB/s",
-                            {"cpu_server": 1.2, "cpu_daemon": 2.0, "cpu_reader": 0.1}))
-    note = cpu_budget_note(results, "seq read cold", "fusionfs", "direct boto3", 0.5, 2,
-                           mine=("cpu_daemon", "cpu_reader"), others=("cpu_server",))
+    results.add(
+        Measurement(
+            "seq read cold",
+            "direct boto3",
+            0,
+            1073.741824,
+            "MB/s",
+            {"cpu_server": 1.0, "cpu_client": 0.5},
+        )
+    )
+    results.add(
+        Measurement(
+            "seq read cold",
+            "fusionfs",
+            0,
+            500.0,
+            "MB/s",
+            {"cpu_server": 1.2, "cpu_daemon": 2.0, "cpu_reader": 0.1},
+        )
+    )
+    note = cpu_budget_note(
+        results,
+        "seq read cold",
+        "fusionfs",
+        "direct boto3",
+        0.5,
+        2,
+        mine=("cpu_daemon", "cpu_reader"),
+        others=("cpu_server",),
+    )
     assert note is not None
     # 0.5x of 1 GiB/s: 2 s per GiB, on 2 cores 4 CPU-s; the server took 1.2 of them
     assert "allows at most 4.00 CPU-s per GiB" in note
     assert "leaving 2.80 for fusionfs, which used 2.10" in note
-    assert cpu_budget_note(results, "seq read cold", "rclone", "direct boto3", 0.5, 2,
-                           mine=("cpu_daemon",), others=()) is None
+    assert (
+        cpu_budget_note(
+            results,
+            "seq read cold",
+            "rclone",
+            "direct boto3",
+            0.5,
+            2,
+            mine=("cpu_daemon",),
+            others=(),
+        )
+        is None
+    )
     assert os.cpu_count()

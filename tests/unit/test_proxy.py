@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.proxy import ProxySettings, ThrottlingProxy
+from benchmarks.proxy import ProxySettings, ThrottlingProxy, _TokenBucket
 
 _PATTERN = bytes(range(256)) * 4096  # 1 MiB
 
@@ -249,3 +249,90 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="latency_ms"):
         ProxySettings(latency_ms=-1)
     assert ProxySettings(bandwidth_mbps=800).bytes_per_second == 100e6
+
+
+class _FakeTime:
+    """A clock that only moves when someone sleeps: token-bucket tests without real time."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+        self.now += seconds
+
+
+def test_a_shared_bucket_caps_all_takers_together() -> None:
+    """The link cap: three connections taking turns on one bucket get its rate in total, not
+    three times it (what per-connection buckets give them)."""
+    rate, piece, rounds = 1e6, 100_000, 30
+    fake = _FakeTime()
+    link = _TokenBucket(rate, clock=fake.clock, sleep=fake.sleep)
+    for _ in range(rounds):
+        for _conn in range(3):
+            link.take(piece)
+    total = 3 * piece * rounds
+    assert fake.now - 100.0 == pytest.approx((total - link.burst) / rate, rel=1e-9)
+
+    fake = _FakeTime()
+    own = [_TokenBucket(rate, clock=fake.clock, sleep=fake.sleep) for _ in range(3)]
+    for _ in range(rounds):
+        for bucket in own:
+            bucket.take(piece)
+    # separately, each bucket refills while the others' takers sleep: about a third of the time
+    assert fake.now - 100.0 < (total - link.burst) / rate / 2
+
+
+def test_a_shared_bucket_makes_concurrent_takers_wait_their_turn() -> None:
+    """Takers reserve under the lock and sleep their own debt: the second of two simultaneous
+    takes waits for both (the clock does not move between them)."""
+    fake = _FakeTime()
+    waits: list[float] = []
+    bucket = _TokenBucket(1e6, clock=fake.clock, sleep=waits.append)
+    burst = bucket.burst
+    bucket.take(burst)  # the burst is free
+    assert waits == []
+    bucket.take(500_000)
+    bucket.take(500_000)
+    assert waits == [pytest.approx(0.5), pytest.approx(1.0)]
+
+
+@pytest.mark.timeout(60)
+def test_link_cap_is_shared_by_all_connections(upstream: _Upstream) -> None:
+    """Two connections downloading at once through a 16 Mbit/s (2 MB/s) link cap take at least
+    as long as their sum at 2 MB/s (a lower bound only: the cap can only slow them down; with
+    a per-connection cap they would take half of it)."""
+    size = 2_000_000
+    settings = ProxySettings(link_mbps=16.0)
+    assert "16 Mbit/s (2 MB/s) for all connections" in settings.describe()
+    bodies: list[bytes] = []
+    with ThrottlingProxy(("127.0.0.1", upstream.port), settings) as p:
+        assert p.link_down is not None
+        burst = p.link_down.burst
+
+        def fetch(salt: int) -> None:
+            client = _Client(p.port)
+            try:
+                bodies.append(client.get(size, salt)[1])
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(50)
+        elapsed = time.perf_counter() - t0
+    assert sorted(bodies) == sorted([_body(size, 0), _body(size, 1)])
+    assert elapsed >= (2 * size - burst) / 2e6 * 0.98, f"{elapsed:.2f} s: the cap was not shared"
+
+
+def test_link_setting_is_validated() -> None:
+    with pytest.raises(ValueError, match="link_mbps"):
+        ProxySettings(link_mbps=-1)
+    assert ProxySettings(link_mbps=800).link_bytes_per_second == 100e6
