@@ -9,7 +9,8 @@ same way: 175 when a dump fails, 176 when a restore fails, 177 (``EXIT_CORRUPT``
 snapshot does not verify (a damaged manifest, a file, pack or chunk missing or wrong: it is never
 restored; ``run`` falls back to older snapshots first; ``verify`` says so with 177 too). 177 is
 not worth a retry on another machine, which reads the same bytes. 2 is bad usage or input
-(which a retry will not fix). ``restore`` without ``--detach`` exits with the task's own status instead.
+(which a retry will not fix). ``restore`` without ``--detach`` exits with the task's own status
+instead.
 
 ``run`` adds 75 (``EXIT_CHECKPOINTED``): the task was checkpointed and committed because the
 machine is going away (a spot notice or SIGTERM); run the same command again to resume it. 75 is

@@ -74,7 +74,7 @@ def test_corrupt_or_mismatched_manifest_is_an_error_not_a_crash(tmp_path: Path) 
     catalog = Catalog(tmp_path)
     catalog.reserve("job")
     catalog.manifest_path("job", 1).write_text("{not json")
-    with pytest.raises(SnapshotCorrupt, match="is damaged: its manifest .* is not valid"):
+    with pytest.raises(SnapshotCorrupt, match=r"is damaged: its manifest .* is not valid"):
         catalog.load("job", 1)
     catalog.manifest_path("job", 1).write_text(_manifest("other", 1).to_json())
     with pytest.raises(SnapshotCorrupt, match="names task 'other'"):
