@@ -16,8 +16,11 @@ as shells report it). A plain foreground ``criu restore`` would only report CRIU
 CRIU's logs, pidfile, stats and the lazy-pages socket go to a local work directory (never the
 images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets).
 
-Caveats: CRIU restores the task under its original PIDs and thread ids, so they must be free
-(checked first; a just-killed task's zombie is waited for up to a few seconds). If the
+Caveats: CRIU restores the task under its original PIDs and thread ids. For a task that is the
+init of a PID namespace of its own (what ``snapstore run`` starts: ``snapstore.pidns``) those
+are the namespace's PIDs, and CRIU makes a fresh namespace: nothing on this machine can collide.
+For any other task they are the machine's PIDs, so they must be free (checked first; a
+just-killed task's zombie is waited for up to a few seconds). If the
 lazy-pages daemon dies before all pages are in, the task gets SIGBUS on its next fault of a
 missing page.
 """
@@ -241,7 +244,8 @@ def _restore(
     elif lazy and not uffd_available():
         raise RestoreFailed("--lazy needs userfaultfd, which this kernel does not offer")
     _check_files(images, manifest)
-    _check_pids_free(manifest)
+    if not manifest.options.get("pid_namespace"):
+        _check_pids_free(manifest)
 
     if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
         root.read_once(images)
