@@ -89,9 +89,9 @@ fi
 say "podman import as $image"
 podman import -q "${changes[@]}" "$out/rootfs.tar" "$image" >/dev/null
 rm -f "$out/rootfs.tar"
-# older builds of this image are not needed any more
-podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/snapstore-task:' | grep -vxF "$image" |
-    xargs -r podman rmi -f >/dev/null 2>&1 || true
+# builds of this image older than a day (other checkouts on this machine may use newer ones)
+podman images --filter reference=localhost/snapstore-task --filter until=24h \
+    --format '{{.Repository}}:{{.Tag}}' | grep -vxF "$image" | xargs -r podman rmi >/dev/null 2>&1 || true
 say "built in $((SECONDS - started)) s"
 echo "$image" >"$out/IMAGE"
 echo "$image"

@@ -189,6 +189,11 @@ def test_task_container_checkpointed_in_a_resumed_in_b(
     setup.unmount()
 
     start_a = containers.run(names[0], image, env, volumes, entry)
+    begun = time.monotonic()
+    wait_for(
+        lambda: "mounted at /fusion" in containers.logs(names[0]), 60, "/fusion in container A"
+    )
+    mounted_a = time.monotonic() - begun + start_a
     try:
         wait_for(
             lambda: progress(state / "job.progress") >= 1000,
@@ -227,7 +232,8 @@ def test_task_container_checkpointed_in_a_resumed_in_b(
     got = decompressed(mount.path / "work" / "out.gz")
     assert got == expected, "the output resumed in container B differs from an uninterrupted run"
     print(
-        f"podman run A {start_a:.2f} s, B {start_b:.2f} s; checkpoint in A {checkpoint_s:.2f} s "
+        f"podman run A {start_a:.2f} s (/fusion mounted {mounted_a:.2f} s after the start), "
+        f"B {start_b:.2f} s; checkpoint in A {checkpoint_s:.2f} s "
         f"at line {at_dump}; restore in B {restore_s:.3f} s"
     )
     print(shlex.join(["podman", "run", "--network", "host", *RUN_FLAGS]))
