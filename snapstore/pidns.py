@@ -31,6 +31,7 @@ snapshot (measured in docs/snapstore.md).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _check_command(name: str) -> None:
+    """Refuse a command that cannot be run, as starting it directly would (the init would only
+    report it as exit status 127 or 126 of the task)."""
+    if "/" in name:
+        path = Path(name)
+        if not path.exists():
+            raise UsageError(f"cannot start {name!r}: No such file or directory")
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise UsageError(f"cannot start {name!r}: Permission denied")
+    elif shutil.which(name) is None:
+        raise UsageError(f"cannot start {name!r}: No such file or directory")
+
+
 def start(command: list[str], out_fd: int, err_fd: int) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``command`` under snapstore's init in a new PID namespace, stdout and stderr on
     ``out_fd`` and ``err_fd``, stdin ``/dev/null``, in a session of its own.
@@ -73,6 +87,7 @@ def start(command: list[str], out_fd: int, err_fd: int) -> tuple[subprocess.Pope
     Returns the holder process (``unshare``; it exits with the init's status) and the init's
     PID as we see it (what to dump). Raises UsageError if the namespace cannot be made.
     """
+    _check_command(command[0])
     unshare = shutil.which("unshare")
     if unshare is None:
         raise UsageError(
