@@ -225,6 +225,7 @@ def test_task_container_checkpointed_in_a_resumed_in_b(
     assert code == 0, logs_b
     assert "holds the task's original PIDs" in logs_b, logs_b
     restore_s = _seconds(r"running after ([0-9.]+) s", logs_b)
+    how = "lazily" if "lazily: pid" in logs_b else "eagerly"
     containers.remove(names[1])
 
     # a third machine reads the result from the store
@@ -234,6 +235,6 @@ def test_task_container_checkpointed_in_a_resumed_in_b(
     print(
         f"podman run A {start_a:.2f} s (/fusion mounted {mounted_a:.2f} s after the start), "
         f"B {start_b:.2f} s; checkpoint in A {checkpoint_s:.2f} s "
-        f"at line {at_dump}; restore in B {restore_s:.3f} s"
+        f"at line {at_dump}; restore in B ({how}) {restore_s:.3f} s"
     )
     print(shlex.join(["podman", "run", "--network", "host", *RUN_FLAGS]))
