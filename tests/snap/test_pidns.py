@@ -30,6 +30,7 @@ from conftest import SnapEnv
 from helpers import wait_for
 
 from snapstore import pidns
+from snapstore.criu import read_reg_files
 from snapstore.errors import EXIT_CHECKPOINTED
 
 TREETASK = Path(__file__).with_name("treetask.py")
@@ -47,13 +48,15 @@ def tree_command(python: str, treetask: Path, progress: Path, out: Path, lines: 
 class Run:
     """``snapstore run --task TASK -- sh -c COMMAND``, its stderr in a file."""
 
-    def __init__(self, env: SnapEnv, tmp_path: Path, task: str, command: str) -> None:
+    def __init__(
+        self, env: SnapEnv, tmp_path: Path, task: str, command: str, options: tuple[str, ...] = ()
+    ) -> None:
         self.env = env
         self.logs = tmp_path / f"supervisor-{task}"
         self.logs.mkdir()
         self.argv = [
             sys.executable, "-m", "snapstore", "run", "--task", task, "--root", str(env.root),
-            "--provider", "none", "--", "sh", "-c", command,
+            "--provider", "none", *options, "--", "sh", "-c", command,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
@@ -203,6 +206,78 @@ def test_process_tree_resumes_where_its_pids_are_taken(
     print(f"resumed at line {at_dump} with PIDs {tree} taken; resume run {took:.2f} s")
     got = decompressed(out)
     assert got == expected, "resumed output differs from the uninterrupted run"
+    assert out.read_bytes() == ref_out.read_bytes()
+
+
+@pytest.mark.criu
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("snap_env", ["fusion-s3"], indirect=True)  # the realistic one: ~50 s
+def test_process_tree_resumes_from_a_periodic_snapshot_after_the_machine_died(
+    snap_env: SnapEnv, tmp_path: Path, runs: list[Run]
+) -> None:
+    """No notice at all: the machine dies (supervisor and task SIGKILLed) after a periodic
+    snapshot; gzip's output, grown since, is cut back to its size at the snapshot, and the
+    resumed tree still ends with the uninterrupted run's bytes."""
+    state = tmp_path / "state"
+    state.mkdir()
+    lines = 3 * _LINES  # long enough for a periodic snapshot and gzip's output to grow after it
+    ref_out = snap_env.work / "ref.gz"
+    ref = Run(
+        snap_env,
+        tmp_path,
+        "ref",
+        tree_command(sys.executable, TREETASK, state / "ref.progress", ref_out, lines),
+    )
+    runs.append(ref)
+    ref.start()
+    assert ref.wait() == 0, ref.stderr()
+
+    out = snap_env.work / "out.gz"
+    job = Run(
+        snap_env,
+        tmp_path,
+        "job",
+        tree_command(sys.executable, TREETASK, state / "job.progress", out, lines),
+        ("--checkpoint-interval", "2"),
+    )
+    runs.append(job)
+    job.start()
+
+    def recorded() -> int | None:
+        """out.gz's size as the latest committed snapshot recorded it."""
+        task_dir = snap_env.root / "job"
+        committed = sorted(int(p.stem) for p in task_dir.glob("*.json"))
+        if not committed:
+            return None
+        files = read_reg_files(task_dir / str(committed[-1]))
+        sizes = [f.size for f in files if f.name == str(out)]
+        return sizes[0] if sizes else None
+
+    # gzip writes its output in large blocks, seconds apart: wait until it wrote one after
+    # the latest committed snapshot
+    wait_for(
+        lambda: (size := recorded()) is not None and out.stat().st_size > size,
+        90,
+        "gzip's output to grow past a periodic snapshot",
+    )
+    assert job.proc is not None
+    job.proc.send_signal(signal.SIGSTOP)  # no commit from here on
+    assert progress(state / "job.progress") < lines, "the task ended before the machine died"
+    (init,) = [ln for ln in job.stderr().splitlines() if "init of its own PID namespace" in ln]
+    init_pid = int(init.split("pid ")[1].split()[0])
+    assert job.proc is not None
+    job.proc.kill()  # the machine dies: no notice, no final checkpoint
+    job.proc.wait(10)
+    os.kill(init_pid, signal.SIGKILL)  # the init's end takes its whole namespace
+    wait_for(lambda: not os.path.exists(f"/proc/{init_pid}"), 10, "the task to go")
+
+    snap_env.move()
+    job.start()
+    code = job.wait()
+    stderr = job.stderr()
+    assert code == 0, stderr
+    assert "restored snapshot" in stderr and f"rewound {out}" in stderr, stderr
+    assert decompressed(out) == decompressed(ref_out)
     assert out.read_bytes() == ref_out.read_bytes()
 
 
