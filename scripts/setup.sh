@@ -5,7 +5,9 @@
 # scripts/install-pjdfstest.sh); the S3 servers of the test matrix besides moto (Ceph RGW from
 # Debian; Node.js with s3rver 3.7.1 in benchmarks/node_modules: nothing is installed at test
 # time); a Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
-# (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable).
+# (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable); podman,
+# runc and mmdebstrap, and the task image of containers/Containerfile (scripts/build-task-image.sh,
+# cached in podman's storage by a hash of its inputs).
 # Prints what it does; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,5 +104,28 @@ if [[ -d /sys/fs/fuse/connections ]] && ! mountpoint -q /sys/fs/fuse/connections
 fi
 say "pjdfstest (tests/compat/test_pjdfstest.py): built once into build/pjdfstest"
 bash scripts/install-pjdfstest.sh >/dev/null
+
+# Task containers (tests/snap/test_container.py, containers/): rootful podman with runc (crun
+# refuses this machine's cgroup v1 hybrid layout) and mmdebstrap to build the task image from
+# Debian packages (no container registry is reachable). --no-install-recommends keeps Debian's
+# criu 3.17 (too old) out. About 25 s on a fresh machine, nothing when present.
+need_apt=()
+for pkg in podman runc mmdebstrap; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+    say "installing Debian packages for task containers: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt_log=$(mktemp)
+    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
+        tail -n 30 "$apt_log" >&2
+        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
+fi
+say "task image (containers/Containerfile): built once per set of inputs by scripts/build-task-image.sh"
+say "task image: $(bash scripts/build-task-image.sh | tail -n 1)"
 
 say "ready: activate with 'source .venv/bin/activate'"

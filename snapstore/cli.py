@@ -450,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the task's stdout and stderr go, as TASK.stdout and TASK.stderr (default "
         "ROOT/.logs; must be on the mount, the task keeps them open across machines)",
     )
+    p.add_argument(
+        "--no-pid-namespace",
+        dest="pid_namespace",
+        action="store_false",
+        help="run COMMAND directly, not under an init in a PID namespace of its own (a "
+        "restore then needs the task's original PIDs free)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--lazy",
@@ -906,6 +913,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         aws_endpoint=args.aws_endpoint,
         gcp_host=args.gcp_host,
         azure_endpoint=args.azure_endpoint,
+        pid_namespace=args.pid_namespace,
     )
     return supervise(opts, _note)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import psutil
 
+from snapstore import pidns
 from snapstore.catalog import Catalog, ImageFile, Manifest, fsync_dir, fsync_file, utc_now
 from snapstore.criu import (
     KILL_GRACE_S,
@@ -248,6 +249,7 @@ def _dump(
     catalog = Catalog(root.path)
     catalog.task_dir(task)  # validates the id
     proc = _check_pid(pid)
+    own_pid_ns = pidns.is_namespace_init(pid)
     try:
         criu: Criu = find_criu()
     except CriuUnavailable as err:
@@ -354,6 +356,8 @@ def _dump(
                 "tcp_established": opts.tcp_established,
                 "shell_job": opts.shell_job,
                 "file_locks": opts.file_locks,
+                # restored in a new PID namespace: no PID of the restoring machine matters
+                "pid_namespace": own_pid_ns,
             },
             files=files,
             total_bytes=sum(f.size for f in files),

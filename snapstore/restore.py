@@ -23,10 +23,13 @@ CRIU reads it is EIO: an eager restore then fails, a lazy one loses its daemon a
 resumed; either way the whole snapshot is read once to name the bad part (177), and a lazily
 restored task is killed at once (``wait_task``), never left to run on with a hole in its memory.
 
-Caveats: CRIU restores the task under its original PIDs and thread ids, so they must be free
-(checked first; a just-killed task's zombie is waited for up to a few seconds). With
-``--detach`` nobody waits for the lazy-pages daemon: if it dies before all pages are in, the
-task dies on its next fault of a missing page (SIGSEGV here) and nobody reports it.
+Caveats: CRIU restores the task under its original PIDs and thread ids. For a task that is the
+init of a PID namespace of its own (what ``snapstore run`` starts: ``snapstore.pidns``) those
+are the namespace's PIDs, and CRIU makes a fresh namespace: nothing on this machine can collide.
+For any other task they are the machine's PIDs, so they must be free (checked first; a
+just-killed task's zombie is waited for up to a few seconds). With ``--detach`` nobody waits for
+the lazy-pages daemon: if it dies before all pages are in, the task dies on its next fault of a
+missing page (SIGSEGV or SIGBUS) and nobody reports it.
 """
 
 from __future__ import annotations
@@ -228,7 +231,8 @@ def _restore(
     # their packs; it also reads the small images ahead, in parallel, before CRIU needs them
     if not verified:
         verify_snapshot(root, task, n, full=False, manifest=manifest)
-    _check_pids_free(manifest)
+    if not manifest.options.get("pid_namespace"):
+        _check_pids_free(manifest)
 
     if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
         root.read_once(images)

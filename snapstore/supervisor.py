@@ -43,11 +43,14 @@ resume is ended, and the same fallback applies (its files are rewound again, to 
 snapshot). Each snapshot is checked through its own manifests, so one that reuses a bad chunk
 of its parent fails too.
 
+PID namespace: unless ``pid_namespace`` is off (``--no-pid-namespace``), COMMAND runs under a
+small init as PID 1 of a PID namespace of its own (``snapstore.pidns``): the task keeps its PIDs
+on every machine, and a restore never needs any PID of the machine free. Without it, a snapshot
+must be restored under the task's original PIDs, which must then be free on the next machine.
+
 Caveats: only one supervisor may run per task id at a time (nothing locks it). A supervisor that
-is SIGKILLed leaves the task running without its guard; a rerun on the same machine then fails
-with 176 (the task's PID is taken). A snapshot must be restored under the task's original PIDs,
-so they must be free on the next machine. The task's working directory and every file it has
-open must exist on the next machine: keep them on the mount.
+is SIGKILLed leaves the task running without its guard. The task's working directory and every
+file it has open must exist on the next machine: keep them on the mount.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from snapstore import pidns
 from snapstore.attempts import AttemptLog, summary_line
 from snapstore.catalog import Catalog, Manifest, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
@@ -137,6 +141,7 @@ class RunOptions:
     aws_endpoint: str | None = None
     gcp_host: str | None = None
     azure_endpoint: str | None = None
+    pid_namespace: bool = True  # run the task under an init in a PID namespace of its own
 
 
 def default_margin(window: float) -> float:
@@ -347,14 +352,18 @@ class _Supervisor:
         try:
             for path in (out, err):
                 fds.append(os.open(path, flags, 0o644))
-            self.proc = subprocess.Popen(
-                self.opts.command,
-                stdin=subprocess.DEVNULL,
-                stdout=fds[0],
-                stderr=fds[1],
-                start_new_session=True,
-                close_fds=True,
-            )
+            if self.opts.pid_namespace:
+                self.proc, self.pid = pidns.start(self.opts.command, fds[0], fds[1])
+            else:
+                self.proc = subprocess.Popen(
+                    self.opts.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fds[0],
+                    stderr=fds[1],
+                    start_new_session=True,
+                    close_fds=True,
+                )
+                self.pid = self.proc.pid
         except OSError as exc:
             raise UsageError(
                 f"cannot start {self.opts.command[0]!r}: {exc.strerror or exc}"
@@ -362,7 +371,6 @@ class _Supervisor:
         finally:
             for fd in fds:
                 os.close(fd)
-        self.pid = self.proc.pid
         proc = self.proc
 
         def wait() -> None:
@@ -377,7 +385,8 @@ class _Supervisor:
         self.pages_in.set()
         if self.attempt is not None:
             self.attempt.started()
-        self.note(f"started task {self.opts.task!r}: pid {self.pid}, output in {out}, {err}")
+        where = " (init of its own PID namespace)" if self.opts.pid_namespace else ""
+        self.note(f"started task {self.opts.task!r}: pid {self.pid}{where}, output in {out}, {err}")
 
     def _restore(self, n: int, logs: tuple[Path, Path]) -> None:
         assert self.catalog is not None and self.root is not None

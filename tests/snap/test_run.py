@@ -102,6 +102,10 @@ class Line:
             "job",
             "--root",
             str(env.root),
+            # these tests follow the task by its PID as the host sees it (memtask reports
+            # getpid()); the PID namespace snapstore run uses by default is tested in
+            # test_pidns.py
+            "--no-pid-namespace",
             *options,
             "--",
             "sh",
