@@ -61,6 +61,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from snapstore import slurm
 from snapstore.catalog import Catalog, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
 from snapstore.dump import DumpOptions, dump
@@ -81,6 +82,7 @@ from snapstore.metadata import (
 )
 from snapstore.restore import RestoreResult, restore
 from snapstore.root import Root, open_root
+from snapstore.slurm import SlurmJob
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -254,6 +256,10 @@ class _Supervisor:
         self.forwarder: _Forwarder | None = None
         self.log_offsets: dict[Path, int] = {}
         self.main_ident = threading.get_ident()
+        self.slurm: SlurmJob | None = None
+        self.ended = False  # the task ended by itself (``_finished`` ran)
+        self.settled = False  # the Slurm job was told to run again (or not): SIGTERM is moot
+        self.slurm_window: float | None = None
 
     # -- notices and signals
 
@@ -303,6 +309,12 @@ class _Supervisor:
     def _window(self, notice: Notice) -> float:
         if self.opts.window is not None:
             return self.opts.window
+        if notice.source == "SIGTERM" and self.slurm is not None:
+            found = slurm.window(self.slurm, time.time() - (time.monotonic() - notice.seen))
+            if found is not None:
+                self.note(found[1])
+                self.slurm_window = found[0]
+                return found[0]
         if notice.source == "SIGTERM" or self.source is None:
             return SIGTERM_WINDOW_S
         return self.source.window
@@ -481,8 +493,11 @@ class _Supervisor:
                 self.note(f"    {line}")
             self.note(
                 f"task {self.pid} "
-                + (f"ended, its end not recorded (exit {EXIT_DUMP_FAILED})" if ended else
-                   f"left running (exit {EXIT_DUMP_FAILED})")
+                + (
+                    f"ended, its end not recorded (exit {EXIT_DUMP_FAILED})"
+                    if ended
+                    else f"left running (exit {EXIT_DUMP_FAILED})"
+                )
                 + "; the next run resumes from the latest committed snapshot, if any, else "
                 "starts afresh"
             )
@@ -500,6 +515,36 @@ class _Supervisor:
         except (SnapstoreError, OSError) as err:
             self.note(f"warning: could not prune old snapshots: {err}")
         return EXIT_CHECKPOINTED
+
+    def _settle_slurm(self, job: SlurmJob, code: int, notice: Notice) -> None:
+        """After the final checkpoint in a Slurm job: have the job run again (``snapstore.slurm``).
+
+        If it can be neither requeued nor seen ending, stay alive until Slurm's next SIGTERM
+        (its own preemption requeues a job still running when the grace ends), at most the
+        window plus ``slurm.STAY_SLACK_S`` from the notice."""
+        assert self.catalog is not None
+        latest = self.catalog.latest(self.opts.task)
+        if code == EXIT_CHECKPOINTED and latest is not None:
+            resumes = f"resumes from snapshot {latest}"
+        elif latest is not None:
+            resumes = f"resumes from snapshot {latest} (the checkpoint failed)"
+        else:
+            resumes = "starts the task afresh (the checkpoint failed, no snapshot)"
+        outcome = slurm.settle(job, self.opts.task, resumes, self.note)
+        self.settled = True
+        if not outcome.stay:
+            return
+        window = self.opts.window or self.slurm_window or SIGTERM_WINDOW_S
+        until = notice.seen + window + slurm.STAY_SLACK_S
+        while (left := until - time.monotonic()) > 0:
+            try:
+                kind, _ = self.events.get(timeout=left)
+            except queue.Empty:
+                break
+            if kind == "notice":
+                self.note(f"Slurm is ending {job}")
+                return
+        self.note(f"{job} was not ended by Slurm in time; exiting")
 
     def _drop_workdir(self) -> None:
         """Remove the restore's local work dir once CRIU's lazy-pages daemon is done with it."""
@@ -520,6 +565,7 @@ class _Supervisor:
             marker.write_text(json.dumps({"status": self.status, "finished": utc_now()}))
             fsync_dir(task_dir)
             self.catalog.remove(task, None)
+        self.ended = True
         self.note(f"task {self.pid} exited with status {self.status}")
         return self.status
 
@@ -539,6 +585,7 @@ class _Supervisor:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"cannot create the log dir {log_dir}: {err.strerror}") from None
+        self.slurm = slurm.detect(os.environ)
         self.source = self._resolve_source()
         handlers: dict[signal.Signals, Any] = {
             signal.SIGTERM: self._sigterm,
@@ -556,12 +603,22 @@ class _Supervisor:
                 self.forwarder.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
+            if self.settled:  # Slurm's SIGTERM to the requeued job must not look like a failure
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _supervise(self, log_dir: Path) -> int:
         assert self.catalog is not None
         o = self.opts
         self._finish_old_run()
         latest = self.catalog.latest(o.task)
+        if self.slurm is not None:
+            self.note(
+                f"in {self.slurm}"
+                + (f", restart {self.slurm.restarts}" if self.slurm.restarts else "")
+                + ": after a final checkpoint the job requeues itself"
+            )
+            if self.slurm.restarts and latest is None:
+                self.note(f"warning: task {o.task!r} has no snapshot to resume: starting it afresh")
         if latest is not None:
             self._restore(latest, log_paths(log_dir, o.task))
         else:
@@ -590,7 +647,10 @@ class _Supervisor:
             if kind == "notice":
                 if self.poller is not None:
                     self.poller.stop()
-                return self._final(value)
+                code = self._final(value)
+                if self.slurm is not None and not self.ended:
+                    self._settle_slurm(self.slurm, code, value)
+                return code
 
 
 def run(opts: RunOptions, note: Callable[[str], None]) -> int:
