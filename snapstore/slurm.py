@@ -24,8 +24,10 @@ $SLURM_JOB_ID``; the batch script then runs again from the top and the same ``sn
   ``KillWait`` seconds until SIGKILL.
 
 Hence the window (when ``--window`` is not given): while the job still runs, until its
-``EndTime`` (which Slurm sets to the preemption time plus ``GraceTime``, or the time limit);
-when it is already being killed, ``KillWait``. When the job cannot be requeued (no scontrol,
+``EndTime`` (which Slurm sets to the preemption time plus ``GraceTime``, or the time limit) or
+the end of its partition's ``GraceTime``, whichever comes first (``EndTime`` may not show the
+preemption yet when the signal arrives: measured); when it is already being killed,
+``KillWait``. When the job cannot be requeued (no scontrol,
 controller unreachable, ``--no-requeue``) and is still running, ``snapstore run`` stays alive
 until Slurm ends the job (the next SIGTERM), so that Slurm's own preemption requeues it, for at
 most the window plus ``STAY_SLACK_S``.
@@ -134,6 +136,15 @@ def _seconds_until(stamp: str, now: float) -> float | None:
     return when.timestamp() - now
 
 
+def _grace_time(partition: str) -> float | None:
+    """The partition's preemption GraceTime (0 when none), None if unknown."""
+    if not partition or "," in partition:
+        return None
+    info, _ = _show("partition", partition)
+    text = info.get("GraceTime", "") if info is not None else ""
+    return float(text) if text.isdigit() else None
+
+
 def _kill_wait() -> float | None:
     out, _ = _scontrol("show", "config")
     if out is None:
@@ -142,26 +153,33 @@ def _kill_wait() -> float | None:
     return float(found.group(1)) if found else None
 
 
-def window(job: SlurmJob, now: float) -> tuple[float, str] | None:
-    """The seconds left at a SIGTERM (``now``: ``time.time()``), and why; None if unknown.
+def window(job: SlurmJob, now: float) -> tuple[float | None, str]:
+    """The seconds left at a SIGTERM (``now``: ``time.time()``) and a line saying why; the
+    seconds are None when unknown (the line then says why).
 
     A job still running may run until its ``EndTime`` (the preemption time plus GraceTime, or
     the time limit); a job already ending has ``KillWait`` before SIGKILL."""
-    info, _ = _job(job)
+    info, why = _job(job)
     if info is None:
-        return None
+        return None, f"cannot tell how long {job} may run ({why})"
     state = info.get("JobState", "")
     if state == "RUNNING":
+        bounds: list[tuple[float, str]] = []
         left = _seconds_until(info.get("EndTime", ""), now)
-        if left is None or left > 365 * 86400:
-            return None
-        preempted = info.get("PreemptTime", "None") not in ("None", "")
-        why = "the GraceTime of its preemption" if preempted else "its time limit"
+        if left is not None and left < 365 * 86400:
+            bounds.append((left, "its EndTime"))
+        grace = _grace_time(info.get("Partition", ""))
+        if grace:  # EndTime may not show the preemption yet when the signal arrives
+            since = _seconds_until(info.get("PreemptTime", ""), now)
+            bounds.append((grace + min(0.0, since or 0.0), f"GraceTime {grace:g} s"))
+        if not bounds:
+            return None, f"{job} has no end in sight (EndTime={info.get('EndTime')})"
+        left, cause = min(bounds)
         left = max(1.0, float(math.floor(left)))  # Slurm's times have whole seconds
-        return left, f"{job} may run {left:g} s more ({why})"
+        return left, f"{job} may run {left:g} s more ({cause})"
     kill_wait = _kill_wait()
     if kill_wait is None:
-        return None
+        return None, f"{job} is {state.lower() or 'ending'}; its KillWait is unknown"
     return kill_wait, f"{job} is {state.lower() or 'ending'}: KillWait {kill_wait:g} s to SIGKILL"
 
 

@@ -310,11 +310,11 @@ class _Supervisor:
         if self.opts.window is not None:
             return self.opts.window
         if notice.source == "SIGTERM" and self.slurm is not None:
-            found = slurm.window(self.slurm, time.time() - (time.monotonic() - notice.seen))
-            if found is not None:
-                self.note(found[1])
-                self.slurm_window = found[0]
-                return found[0]
+            seconds, why = slurm.window(self.slurm, time.time() - (time.monotonic() - notice.seen))
+            self.note(why)
+            if seconds is not None:
+                self.slurm_window = seconds
+                return seconds
         if notice.source == "SIGTERM" or self.source is None:
             return SIGTERM_WINDOW_S
         return self.source.window
@@ -542,7 +542,7 @@ class _Supervisor:
             except queue.Empty:
                 break
             if kind == "notice":
-                self.note(f"Slurm is ending {job}")
+                self.note(f"SIGTERM again: {job} is ending")
                 return
         self.note(f"{job} was not ended by Slurm in time; exiting")
 

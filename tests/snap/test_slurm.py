@@ -15,7 +15,9 @@ end; each test has a timeout and waits on deadlines.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shlex
 import sys
 import time
@@ -79,58 +81,121 @@ def _job_script(env: SnapEnv, tmp_path: Path, exit_at: int, sbatch: list[str]) -
     return script
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("snap_env", ["fusion-s3"], indirect=True)
-def test_preempted_job_requeues_itself_and_resumes(
-    slurm: SlurmCluster, snap_env: SnapEnv, tasks: Tasks, tmp_path: Path
-) -> None:
-    exit_at = 1500  # 30 s of counting at 0.02 s: preempted long before the end
+@dataclasses.dataclass
+class _Run:
+    job: int
+    fields: dict[str, str]  # the job's at its end
+    text: str  # the job's output (both runs: --open-mode=append)
+    timings: str
+
+
+def _preempt_and_resume(
+    slurm: SlurmCluster, snap: SnapEnv, tasks: Tasks, tmp_path: Path, exit_at: int,
+    job_env: dict[str, str] | None = None,
+) -> _Run:  # fmt: skip
+    """Submit the docs/spot.md job to ``low``, preempt it from ``high``, wait until it ends."""
     output = tmp_path / "job.out"
     script = _job_script(
-        snap_env, tmp_path, exit_at,
+        snap, tmp_path, exit_at,
         ["--partition=low", "--requeue", "--signal=B:TERM@60", "--open-mode=append",
          f"--output={output}"],
     )  # fmt: skip
-    env = dict(snap_env.env)
-    env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+    env = dict(snap.env)
+    env.update(job_env or {})
     submitted = time.monotonic()
     job = slurm.sbatch(str(script), env=env, cwd=tmp_path)
     try:
         pid = int(wait_for(lambda: _ready(tmp_path), 90, "the task to fill its memory"))
         tasks.adopt(pid)
         started = time.monotonic()
-        wait_for(lambda: len(read_counts(snap_env.work / "out.txt")) >= 20, 60, "20 lines")
+        wait_for(lambda: len(read_counts(snap.work / "out.txt")) >= 20, 60, "20 lines")
 
         preempted = time.monotonic()
         high = slurm.sbatch("--partition=high", f"--output={tmp_path / 'high.out'}",
-                            "--wrap", "sleep 1", env=env, cwd=tmp_path)  # fmt: skip
-        fields = wait_for(
-            lambda: f if int((f := slurm.job(job)).get("Restarts", "0")) >= 1 else None,
-            120, f"job {job} to be requeued:\n{_tail(output)}",
-        )  # fmt: skip
+                            "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
+        wait_for(lambda: _requeued(slurm, job, output), 120, f"job {job} to be requeued")
         requeued = time.monotonic()
-        wait_for(lambda: slurm.job(high).get("JobState") == "COMPLETED", 120, "the high job")
+        wait_for(lambda: "restored snapshot" in _tail(output), 120, f"job {job} to resume")
+        resumed = time.monotonic()
+        assert slurm.job(high).get("JobState") == "COMPLETED"
         fields = wait_for(
             lambda: f if (f := slurm.job(job)).get("JobState") in _DONE else None,
-            180, f"job {job} to end:\n{_tail(output)}",
+            120, f"job {job} to end:\n{_tail(output)}",
         )  # fmt: skip
         ended = time.monotonic()
     finally:
         slurm.run("scancel", str(job), check=False)
-    text = output.read_text(errors="replace")
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
-    assert read_counts(snap_env.work / "out.txt") == list(range(1, exit_at + 1)), text
-    assert f"Slurm job {job} requeued (restart 1)" in text, text
-    assert "restored snapshot 1 of task 'job'" in text, text
-    assert text.count(_GREETING) == 1, "the task's stdout is forwarded once over both runs"
-    assert not (snap_env.root / "job").exists(), "a finished task's snapshots must go"
-    print(
-        f"submit to running {started - submitted:.1f} s; preempt to requeued "
-        f"{requeued - preempted:.1f} s; requeued to done {ended - requeued:.1f} s"
+    timings = (
+        f"submit to task running {started - submitted:.1f} s; preempt to requeued "
+        f"{requeued - preempted:.1f} s; requeued to resumed {resumed - requeued:.1f} s; "
+        f"resumed to done {ended - resumed:.1f} s"
     )
+    print(timings)
+    return _Run(job, fields, output.read_text(errors="replace"), timings)
+
+
+def _resumed_intact(run: _Run, snap: SnapEnv, exit_at: int) -> None:
+    """The job ran twice and the task's output is that of an uninterrupted run."""
+    assert run.fields["JobState"] == "COMPLETED" and run.fields["Restarts"] == "1", run
+    assert read_counts(snap.work / "out.txt") == list(range(1, exit_at + 1)), run.text
+    assert "restored snapshot 1 of task 'job'" in run.text, run.text
+    assert run.text.count(_GREETING) == 1, "the task's stdout is forwarded once over both runs"
+    assert run.text.count("script starts") == 2, run.text
+    assert not (snap.root / "job").exists(), "a finished task's snapshots must go"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("snap_env", ["fusion-s3"], indirect=True)
+def test_preempted_job_requeues_itself_and_resumes(
+    slurm: SlurmCluster, snap_env: SnapEnv, tasks: Tasks, tmp_path: Path
+) -> None:
+    """SIGTERM at the start of the grace period: checkpoint, ``scontrol requeue``, resume.
+
+    Before: ``snapstore run`` exited 75 and Slurm marked the job FAILED, never to run again."""
+    run = _preempt_and_resume(slurm, snap_env, tasks, tmp_path, exit_at=800)
+    window = re.search(
+        rf"Slurm job {run.job} may run (\d+) s more \(GraceTime {_GRACE_S} s\)", run.text
+    )
+    assert window is not None and 10 <= int(window.group(1)) <= _GRACE_S, run.text
+    assert f"Slurm job {run.job} requeued (restart 1)" in run.text, run.text
+    _resumed_intact(run, snap_env, 800)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("snap_env", ["fusion-s3"], indirect=True)
+def test_job_that_cannot_requeue_itself_stays_until_slurm_requeues_it(
+    slurm: SlurmCluster, snap_env: SnapEnv, tasks: Tasks, tmp_path: Path
+) -> None:
+    """scontrol fails (here: one that cannot reach the controller comes first on PATH):
+    ``snapstore run`` stays alive after its checkpoint until Slurm ends the job when the grace
+    time is over, so Slurm's own preemption requeues it; the rerun resumes."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    (fake / "scontrol").chmod(0o755)
+    path = f"{fake}{os.pathsep}{snap_env.env['PATH']}"
+    run = _preempt_and_resume(slurm, snap_env, tasks, tmp_path, 800, {"PATH": path})
+    assert f"cannot requeue Slurm job {run.job} (scontrol requeue Incomplete" in run.text
+    assert "Unable to contact slurm controller" in run.text and "staying alive" in run.text
+    assert f"SIGTERM again: Slurm job {run.job} is ending" in run.text, run.text
+    _resumed_intact(run, snap_env, 800)
 
 
 _DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _requeued(slurm: SlurmCluster, job: int, output: Path) -> dict[str, str] | None:
+    """The job's fields once it was requeued; fails at once if it ended without that."""
+    fields = slurm.job(job)
+    if int(fields.get("Restarts", "0")) >= 1:
+        return fields
+    if fields.get("JobState") in _DONE:
+        raise AssertionError(
+            f"job {job} ended {fields['JobState']} without being requeued:\n{_tail(output)}"
+        )
+    return None
 
 
 def _ready(tmp_path: Path) -> int:
