@@ -30,7 +30,10 @@ preemption yet when the signal arrives: measured); when it is already being kill
 ``KillWait``. When the job cannot be requeued (no scontrol,
 controller unreachable, ``--no-requeue``) and is still running, ``snapstore run`` stays alive
 until Slurm ends the job (the next SIGTERM), so that Slurm's own preemption requeues it, for at
-most the window plus ``STAY_SLACK_S``.
+most the window plus ``STAY_SLACK_S``. A task killed by SIGTERM or SIGKILL while Slurm ends the
+job (a preemption's grace over without a signal to the batch script alone, ``scancel``, the time
+limit: Slurm signals every process of the job) did not end by itself: its snapshots are kept
+(exit 175), so the rerun resumes from the latest periodic one.
 
 Every scontrol call ignores SIGTERM (Slurm sends it to every process of the job when it is
 requeued) and has a timeout; a failure is one line, never a traceback.
@@ -52,6 +55,7 @@ __all__ = [
     "Outcome",
     "SlurmJob",
     "detect",
+    "ending",
     "settle",
     "window",
 ]
@@ -183,6 +187,12 @@ def window(job: SlurmJob, now: float) -> tuple[float | None, str]:
     return kill_wait, f"{job} is {state.lower() or 'ending'}: KillWait {kill_wait:g} s to SIGKILL"
 
 
+def ending(job: SlurmJob) -> bool:
+    """Whether Slurm is ending the job (no longer RUNNING), or its state cannot be read."""
+    info, _ = _job(job)
+    return info is None or info.get("JobState") != "RUNNING"
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     requeued: bool  # Slurm will run the job's script again
@@ -206,8 +216,7 @@ def settle(job: SlurmJob, task: str, resumes_from: str, note: Callable[[str], No
     restarts = _restarts(info)
     again = f"its script runs again and `snapstore run --task {task}` {resumes_from}"
     if restarts is not None and restarts > job.restarts:
-        how = "requeued" if not requeue_error else "requeued by Slurm"
-        note(f"{job} {how} (restart {restarts}): {again}")
+        note(f"{job} requeued (restart {restarts}): {again}")
         return Outcome(requeued=True, stay=False)
     state = info.get("JobState", "") if info is not None else ""
     if state == "RUNNING" or info is None:

@@ -516,7 +516,7 @@ class _Supervisor:
             self.note(f"warning: could not prune old snapshots: {err}")
         return EXIT_CHECKPOINTED
 
-    def _settle_slurm(self, job: SlurmJob, code: int, notice: Notice) -> None:
+    def _settle_slurm(self, job: SlurmJob, code: int, notice: Notice | None) -> None:
         """After the final checkpoint in a Slurm job: have the job run again (``snapstore.slurm``).
 
         If it can be neither requeued nor seen ending, stay alive until Slurm's next SIGTERM
@@ -527,15 +527,16 @@ class _Supervisor:
         if code == EXIT_CHECKPOINTED and latest is not None:
             resumes = f"resumes from snapshot {latest}"
         elif latest is not None:
-            resumes = f"resumes from snapshot {latest} (the checkpoint failed)"
+            resumes = f"resumes from snapshot {latest}, the latest committed"
         else:
-            resumes = "starts the task afresh (the checkpoint failed, no snapshot)"
+            resumes = "starts the task afresh (no snapshot)"
         outcome = slurm.settle(job, self.opts.task, resumes, self.note)
         self.settled = True
         if not outcome.stay:
             return
         window = self.opts.window or self.slurm_window or SIGTERM_WINDOW_S
-        until = notice.seen + window + slurm.STAY_SLACK_S
+        seen = notice.seen if notice is not None else time.monotonic()
+        until = seen + window + slurm.STAY_SLACK_S
         while (left := until - time.monotonic()) > 0:
             try:
                 kind, _ = self.events.get(timeout=left)
@@ -552,9 +553,24 @@ class _Supervisor:
         if r is not None and self.pages_in.is_set() and r.lazy_status in (None, 0):
             shutil.rmtree(r.workdir, ignore_errors=True)
 
+    def _killed_with_slurm_job(self) -> bool:
+        """Whether the task was killed (SIGTERM, SIGKILL) because Slurm is ending the job: then
+        it did not end by itself and its snapshots must stay for the rerun."""
+        if self.slurm is None or self.status not in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
+            return False
+        if not slurm.ending(self.slurm):
+            return False
+        self.note(
+            f"task {self.pid} was killed (status {self.status}) as Slurm ends {self.slurm}: "
+            f"its snapshots are kept (exit {EXIT_DUMP_FAILED})"
+        )
+        return True
+
     def _finished(self) -> int:
         """The task ended by itself: mark it finished, drop its snapshots, report its status."""
         assert self.catalog is not None
+        if self._killed_with_slurm_job():
+            return EXIT_DUMP_FAILED
         if self.restored is not None and self.restored.lazy_pid is not None:
             self.pages_in.wait(_PAGES_WAIT_S)
         self._drop_workdir()
@@ -643,7 +659,10 @@ class _Supervisor:
                 next_periodic = time.monotonic() + o.checkpoint_interval
                 continue
             if kind == "exit":
-                return self._finished()
+                code = self._finished()
+                if self.slurm is not None and not self.ended:
+                    self._settle_slurm(self.slurm, code, None)
+                return code
             if kind == "notice":
                 if self.poller is not None:
                     self.poller.stop()
