@@ -21,8 +21,9 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from conftest import MEMTASK, SnapEnv, Tasks, read_counts
@@ -31,6 +32,7 @@ from slurmcluster import SlurmCluster, SlurmError, missing_programs
 
 pytestmark = [pytest.mark.criu, pytest.mark.mount, pytest.mark.s3]
 
+_T = TypeVar("_T")
 _GREETING = "memtask-starting"
 _GRACE_S = 10
 
@@ -116,12 +118,12 @@ def _preempt_and_resume(
                             "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
         wait_for(lambda: _requeued(slurm, job, output), 120, f"job {job} to be requeued")
         requeued = time.monotonic()
-        wait_for(lambda: "restored snapshot" in _tail(output), 120, f"job {job} to resume")
+        _wait(lambda: "restored snapshot" in _tail(output), 120, f"job {job} to resume", output)
         resumed = time.monotonic()
         assert slurm.job(high).get("JobState") == "COMPLETED"
-        fields = wait_for(
+        fields = _wait(
             lambda: f if (f := slurm.job(job)).get("JobState") in _DONE else None,
-            120, f"job {job} to end:\n{_tail(output)}",
+            120, f"job {job} to end", output,
         )  # fmt: skip
         ended = time.monotonic()
     finally:
@@ -216,6 +218,14 @@ def _requeued(slurm: SlurmCluster, job: int, output: Path) -> dict[str, str] | N
             f"job {job} ended {fields['JobState']} without being requeued:\n{_tail(output)}"
         )
     return None
+
+
+def _wait(predicate: Callable[[], _T], timeout: float, what: str, output: Path) -> _T:
+    """``wait_for``, with the job's output in the failure."""
+    try:
+        return wait_for(predicate, timeout, what)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; the job's output:\n{_tail(output, 60)}") from None
 
 
 def _ready(tmp_path: Path) -> int:
