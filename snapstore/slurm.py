@@ -62,6 +62,7 @@ __all__ = [
 
 STAY_SLACK_S = 60.0  # slurmctld checks grace periods about every 30 s, then KillWait
 _SCONTROL_TIMEOUT_S = 15.0
+_LOOKUP_TIMEOUT_S = 3.0  # the window's look-ups: they run inside the window
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
 
@@ -96,7 +97,7 @@ def _ignore_sigterm() -> None:  # in the child, before exec: SIG_IGN survives ex
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _scontrol(*args: str) -> tuple[str | None, str]:
+def _scontrol(*args: str, timeout: float = _SCONTROL_TIMEOUT_S) -> tuple[str | None, str]:
     """Run scontrol; return (stdout, "") or (None, one line saying why it failed)."""
     exe = shutil.which("scontrol")
     if exe is None:
@@ -106,13 +107,13 @@ def _scontrol(*args: str) -> tuple[str | None, str]:
             [exe, *args],
             capture_output=True,
             text=True,
-            timeout=_SCONTROL_TIMEOUT_S,
+            timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
             preexec_fn=_ignore_sigterm,  # a thread-safe call: signal() only
         )
     except subprocess.TimeoutExpired:
-        return None, f"scontrol {' '.join(args)} did not answer in {_SCONTROL_TIMEOUT_S:g} s"
+        return None, f"scontrol {' '.join(args)} did not answer in {timeout:g} s"
     except OSError as err:
         return None, f"cannot run scontrol: {err.strerror or err}"
     if result.returncode != 0:
@@ -121,15 +122,15 @@ def _scontrol(*args: str) -> tuple[str | None, str]:
     return result.stdout, ""
 
 
-def _show(*what: str) -> tuple[dict[str, str] | None, str]:
-    out, why = _scontrol("-o", "show", *what)
+def _show(*what: str, timeout: float = _SCONTROL_TIMEOUT_S) -> tuple[dict[str, str] | None, str]:
+    out, why = _scontrol("-o", "show", *what, timeout=timeout)
     if out is None:
         return None, why
     return dict(_FIELD.findall(out)), ""
 
 
-def _job(job: SlurmJob) -> tuple[dict[str, str] | None, str]:
-    return _show("job", job.job_id)
+def _job(job: SlurmJob, timeout: float = _SCONTROL_TIMEOUT_S) -> tuple[dict[str, str] | None, str]:
+    return _show("job", job.job_id, timeout=timeout)
 
 
 def _seconds_until(stamp: str, now: float) -> float | None:
@@ -144,13 +145,13 @@ def _grace_time(partition: str) -> float | None:
     """The partition's preemption GraceTime (0 when none), None if unknown."""
     if not partition or "," in partition:
         return None
-    info, _ = _show("partition", partition)
+    info, _ = _show("partition", partition, timeout=_LOOKUP_TIMEOUT_S)
     text = info.get("GraceTime", "") if info is not None else ""
     return float(text) if text.isdigit() else None
 
 
 def _kill_wait() -> float | None:
-    out, _ = _scontrol("show", "config")
+    out, _ = _scontrol("show", "config", timeout=_LOOKUP_TIMEOUT_S)
     if out is None:
         return None
     found = re.search(r"^KillWait\s*=\s*(\d+)", out, re.MULTILINE)
@@ -163,7 +164,7 @@ def window(job: SlurmJob, now: float) -> tuple[float | None, str]:
 
     A job still running may run until its ``EndTime`` (the preemption time plus GraceTime, or
     the time limit); a job already ending has ``KillWait`` before SIGKILL."""
-    info, why = _job(job)
+    info, why = _job(job, _LOOKUP_TIMEOUT_S)
     if info is None:
         return None, f"cannot tell how long {job} may run ({why})"
     state = info.get("JobState", "")

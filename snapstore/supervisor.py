@@ -22,10 +22,13 @@
    periodic snapshot in progress is abandoned at once (its CRIU killed, the task resumed) so the
    final one gets the whole window. Committed: exit ``EXIT_CHECKPOINTED`` (75). Failed: exit 175
    and leave the task running (the machine is going away anyway; the last periodic snapshot, if
-   any, is what the next run resumes).
+   any, is what the next run resumes). In a Slurm job the job then requeues itself, since
+   Slurm requeues a preempted job only if it still runs when its grace time ends
+   (``snapstore.slurm``; the hook is ``_settle_slurm``).
 5. When the task ends by itself: write ``ROOT/<task>/.finished``, remove the task's snapshots
    (manifests first; the marker goes last), and exit with the task's status (128+N for signal
-   N). A later run of the same line starts COMMAND afresh.
+   N). A later run of the same line starts COMMAND afresh. Except in a Slurm job, for a task
+   killed by SIGTERM or SIGKILL while Slurm ends the job: its snapshots stay (exit 175).
 
 Rewinding files: a snapshot older than the task's last state (a periodic one, after a failed
 final checkpoint) describes files shorter than they are now. CRIU refuses to restore a file
