@@ -230,7 +230,7 @@ def settle(job: SlurmJob, task: str, resumes_from: str, note: Callable[[str], No
         )
         return Outcome(requeued=False, stay=True)
     note(
-        f"{job} is {state} and will not run again: submit the same script again, "
+        f"{job} is ending ({state}) without being requeued: submit the same script again, "
         f"`snapstore run --task {task}` {resumes_from}"
     )
     return Outcome(requeued=False, stay=False)
