@@ -4,7 +4,8 @@
 # (git, sqlite3, tar, rsync, fio; Snakemake 9 from PyPI; pjdfstest built into build/pjdfstest by
 # scripts/install-pjdfstest.sh); the S3 servers of the test matrix besides moto (Ceph RGW from
 # Debian; Node.js with s3rver 3.7.1 in benchmarks/node_modules: nothing is installed at test
-# time); a Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
+# time); Slurm and munge from Debian for the preemption tests (tests/slurmcluster.py starts
+# them); a Python virtualenv in .venv with the project and its test dependencies; and a CRIU >= 4.0
 # (scripts/install-criu.sh puts Debian trixie's in a private prefix when none is usable); podman,
 # runc and mmdebstrap, and the task image of containers/Containerfile (scripts/build-task-image.sh,
 # cached in podman's storage by a hash of its inputs).
@@ -43,6 +44,25 @@ for pkg in ceph-mon ceph-osd ceph-mgr radosgw; do
 done
 if ((${#need_apt[@]})); then
     say "installing Debian packages for the test servers: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt_log=$(mktemp)
+    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
+        tail -n 30 "$apt_log" >&2
+        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
+fi
+
+# Slurm with munge (a single-node cluster the tests start themselves: tests/slurmcluster.py);
+# about 11 s on Debian bookworm (Slurm 22.05), nothing when present. No services are started.
+need_apt=()
+for pkg in slurm-wlm munge; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+    say "installing Debian packages for the Slurm tests: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get -o DPkg::Lock::Timeout=300 update -qq
     apt_log=$(mktemp)

@@ -15,6 +15,8 @@ and the task's CPU and run time up to it), and how it ended (``outcome``):
 - ``finished``: the task ended by itself (``task_status``);
 - ``checkpointed``: a notice came (``notice``), the final checkpoint committed, exit 75;
 - ``checkpoint-failed``: the final checkpoint did not commit (exit 175);
+- ``killed``: Slurm killed the task with its job before a final checkpoint (exit 175, the
+  snapshots kept for the rerun); counted with the failed checkpoints;
 - ``error``: the attempt failed before or during the restore or start (exit code and message);
 - ``running``: nothing recorded the end: the attempt still runs, or its machine went away
   without a word (SIGKILL, power loss). ``report`` counts these as lost.
@@ -330,7 +332,7 @@ def summarize(task: str, records: list[dict[str, Any]], stored: int = 0) -> Task
             s.bytes_uploaded += int(cp.get("uploaded", 0))
         if outcome == "checkpointed":
             s.reclaims += 1
-        elif outcome == "checkpoint-failed":
+        elif outcome in ("checkpoint-failed", "killed"):
             s.failed_checkpoints += 1
         elif outcome == "error" and rec.get("restoring") is not None and rec.get("how") is None:
             s.failed_restores += 1
@@ -374,6 +376,7 @@ def summary_line(log: AttemptLog) -> str:
         "checkpointed": "checkpointed",
         "checkpoint-failed": "checkpoint failed",
         "error": f"failed (exit {d.get('exit_code')})",
+        "killed": f"killed with its Slurm job (status {d.get('task_status')}; snapshots kept)",
     }.get(outcome, outcome)
     cps = [cp for cp in d.get("checkpoints", []) if cp.get("kind") == "final"]
     if cps:

@@ -379,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="If task ID has a committed snapshot, restore the latest and wait for it; "
         "else start COMMAND (in its own session, stdout/stderr to files under --log-dir, "
         "copied to ours). On a reclamation notice or SIGTERM, checkpoint it within the window "
-        f"and exit {EXIT_CHECKPOINTED}; run the same line again to resume. When the task ends "
-        "by itself, its snapshots are removed and its exit status returned.",
+        f"and exit {EXIT_CHECKPOINTED}; run the same line again to resume. In a Slurm job "
+        "($SLURM_JOB_ID) the job then requeues itself (scontrol requeue), so its script runs "
+        "again. When the task ends by itself, its snapshots are removed and its exit status "
+        "returned.",
         epilog=_EXIT_CODES,
         formatter_class=fmt,
     )
@@ -412,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="S",
         help=f"seconds from notice to stop (default: AWS 120, GCP 30, SIGTERM "
-        f"{SIGTERM_WINDOW_S:g})",
+        f"{SIGTERM_WINDOW_S:g}; in a Slurm job, SIGTERM: until the job's EndTime, its "
+        "preemption's GraceTime, or KillWait if it is already being killed)",
     )
     p.add_argument(
         "--deadline-margin",

@@ -22,10 +22,13 @@
    periodic snapshot in progress is abandoned at once (its CRIU killed, the task resumed) so the
    final one gets the whole window. Committed: exit ``EXIT_CHECKPOINTED`` (75). Failed: exit 175
    and leave the task running (the machine is going away anyway; the last periodic snapshot, if
-   any, is what the next run resumes).
+   any, is what the next run resumes). In a Slurm job the job then requeues itself, since
+   Slurm requeues a preempted job only if it still runs when its grace time ends
+   (``snapstore.slurm``; the hook is ``_settle_slurm``).
 5. When the task ends by itself: write ``ROOT/<task>/.finished``, remove the task's snapshots
    (manifests first; the marker goes last), and exit with the task's status (128+N for signal
-   N). A later run of the same line starts COMMAND afresh.
+   N). A later run of the same line starts COMMAND afresh. Except in a Slurm job, for a task
+   killed by SIGTERM or SIGKILL while Slurm ends the job: its snapshots stay (exit 175).
 
 Rewinding files: a snapshot older than the task's last state (a periodic one, after a failed
 final checkpoint) describes files shorter than they are now. CRIU refuses to restore a file
@@ -71,7 +74,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from snapstore import pidns
+from snapstore import pidns, slurm
 from snapstore.attempts import AttemptLog, summary_line
 from snapstore.catalog import Catalog, Manifest, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
@@ -97,6 +100,7 @@ from snapstore.metadata import (
 )
 from snapstore.restore import RestoreResult, end_task, lazy_failed, lazy_failure, restore
 from snapstore.root import Root, open_root
+from snapstore.slurm import SlurmJob
 from snapstore.verify import verify_snapshot
 
 __all__ = [
@@ -277,6 +281,10 @@ class _Supervisor:
         self.attempt: AttemptLog | None = None
         self.early_done = False
         self.child_cpu = 0.0  # the ended task's CPU time (wait4's rusage)
+        self.slurm: SlurmJob | None = None
+        self.ended = False  # the task ended by itself (``_finished`` ran)
+        self.settled = False  # the Slurm job was told to run again (or not): SIGTERM is moot
+        self.slurm_window: float | None = None
 
     # -- notices and signals
 
@@ -329,6 +337,12 @@ class _Supervisor:
         """The notice's window (None: the window the provider's notice would give)."""
         if self.opts.window is not None:
             return self.opts.window
+        if notice is not None and notice.source == "SIGTERM" and self.slurm is not None:
+            seconds, why = slurm.window(self.slurm, time.time() - (time.monotonic() - notice.seen))
+            self.note(why)
+            if seconds is not None:
+                self.slurm_window = seconds
+                return seconds
         if (notice is not None and notice.source == "SIGTERM") or self.source is None:
             return SIGTERM_WINDOW_S
         return self.source.window
@@ -600,16 +614,66 @@ class _Supervisor:
             self.note(f"warning: could not prune old snapshots: {err}")
         return EXIT_CHECKPOINTED
 
+    def _settle_slurm(self, job: SlurmJob, code: int, notice: Notice | None) -> None:
+        """After the final checkpoint in a Slurm job: have the job run again (``snapstore.slurm``).
+
+        If it can be neither requeued nor seen ending, stay alive until Slurm's next SIGTERM
+        (its own preemption requeues a job still running when the grace ends), at most the
+        window plus ``slurm.STAY_SLACK_S`` from the notice."""
+        assert self.catalog is not None
+        latest = self.catalog.latest(self.opts.task)
+        if code == EXIT_CHECKPOINTED and latest is not None:
+            resumes = f"resumes from snapshot {latest}"
+        elif latest is not None:
+            resumes = f"resumes from snapshot {latest}, the latest committed"
+        else:
+            resumes = "starts the task afresh (no snapshot)"
+        outcome = slurm.settle(job, self.opts.task, resumes, self.note)
+        self.settled = True
+        if not outcome.stay:
+            return
+        window = self.opts.window or self.slurm_window or SIGTERM_WINDOW_S
+        seen = notice.seen if notice is not None else time.monotonic()
+        until = seen + window + slurm.STAY_SLACK_S
+        while (left := until - time.monotonic()) > 0:
+            try:
+                kind, _ = self.events.get(timeout=left)
+            except queue.Empty:
+                break
+            if kind == "notice":
+                self.note(f"SIGTERM again: {job} is ending")
+                return
+        self.note(f"{job} was not ended by Slurm in time; exiting")
+
     def _drop_workdir(self) -> None:
         """Remove the restore's local work dir once CRIU's lazy-pages daemon is done with it."""
         r = self.restored
         if r is not None and self.pages_in.is_set() and r.lazy_status in (None, 0):
             shutil.rmtree(r.workdir, ignore_errors=True)
 
+    def _killed_with_slurm_job(self) -> bool:
+        """Whether the task was killed (SIGTERM, SIGKILL) because Slurm is ending the job: then
+        it did not end by itself and its snapshots must stay for the rerun."""
+        if self.slurm is None or self.status not in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
+            return False
+        if not slurm.ending(self.slurm):
+            return False
+        self.note(
+            f"task {self.pid} was killed (status {self.status}) as Slurm ends {self.slurm}: "
+            f"its snapshots are kept (exit {EXIT_DUMP_FAILED})"
+        )
+        return True
+
     def _finished(self) -> int:
         """The task ended by itself: mark it finished, drop its snapshots, report its status."""
         assert self.catalog is not None
         cpu_s = self.attempt.cpu_base + self.child_cpu if self.attempt is not None else 0.0
+        if self._killed_with_slurm_job():
+            if self.attempt is not None:
+                self.attempt.ended(
+                    "killed", EXIT_DUMP_FAILED, task_status=self.status, task_cpu_s=cpu_s
+                )
+            return EXIT_DUMP_FAILED
         if self.restored is not None and self.restored.lazy_pid is not None:
             self.pages_in.wait(_PAGES_WAIT_S)
         self._drop_workdir()
@@ -620,6 +684,7 @@ class _Supervisor:
             marker.write_text(json.dumps({"status": self.status, "finished": utc_now()}))
             fsync_dir(task_dir)
             self.catalog.remove(task, None)
+        self.ended = True
         self.note(f"task {self.pid} exited with status {self.status}")
         if self.attempt is not None:
             self.attempt.ended("finished", self.status, task_status=self.status, task_cpu_s=cpu_s)
@@ -641,6 +706,7 @@ class _Supervisor:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"cannot create the log dir {log_dir}: {err.strerror}") from None
+        self.slurm = slurm.detect(os.environ)
         self.source = self._resolve_source()
         self.attempt = AttemptLog(
             self.root.path, o.task, self.note, on_fusion=self.root.mountpoint is not None
@@ -667,6 +733,8 @@ class _Supervisor:
                 self.forwarder.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
+            if self.settled:  # Slurm's SIGTERM to the requeued job must not look like a failure
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.note(summary_line(self.attempt))
 
     def _resume(self, logs: tuple[Path, Path], below: int | None = None) -> None:
@@ -714,6 +782,14 @@ class _Supervisor:
         o = self.opts
         self._finish_old_run()
         latest = self.catalog.latest(o.task)
+        if self.slurm is not None:
+            self.note(
+                f"in {self.slurm}"
+                + (f", restart {self.slurm.restarts}" if self.slurm.restarts else "")
+                + ": after a final checkpoint the job requeues itself"
+            )
+            if self.slurm.restarts and latest is None:
+                self.note(f"warning: task {o.task!r} has no snapshot to resume: starting it afresh")
         if latest is not None:
             self._resume(log_paths(log_dir, o.task))
         else:
@@ -761,7 +837,10 @@ class _Supervisor:
             if kind == "exit":
                 if self._lazy_failure(log_paths(log_dir, o.task)) is None:
                     continue  # fell back to an older snapshot: its task runs now
-                return self._finished()
+                code = self._finished()
+                if self.slurm is not None and not self.ended:
+                    self._settle_slurm(self.slurm, code, None)
+                return code
             if kind == "notice" and value.early:
                 self._early(value)
                 continue
@@ -769,9 +848,12 @@ class _Supervisor:
                 if self.poller is not None:
                     self.poller.stop()
                 try:
-                    return self._final(value)
+                    code = self._final(value)
                 finally:
                     self._acknowledge(value)
+                if self.slurm is not None and not self.ended:
+                    self._settle_slurm(self.slurm, code, value)
+                return code
 
     def _acknowledge(self, notice: Notice) -> None:
         """Let the provider proceed (Azure), now that the checkpoint committed or failed."""

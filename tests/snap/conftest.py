@@ -81,6 +81,8 @@ def _base_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.pop("SNAPSTORE_ROOT", None)
     env.pop("SNAPSTORE_ALLOW_ANY_ROOT", None)
+    for name in [n for n in env if n.startswith("SLURM_")]:  # tests run inside a Slurm job:
+        del env[name]  # snapstore run must not requeue that job
     return env
 
 
