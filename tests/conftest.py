@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -174,14 +175,14 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a moto S3 server (``http://127.0.0.1:PORT``) running for the whole session."""
+@contextlib.contextmanager
+def start_moto(log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A moto S3 server in a subprocess on a free loopback port (``env`` added to its
+    environment); its URL, the server stopped on exit."""
     try:
         import moto.server  # noqa: F401
     except ImportError as err:
         missing("moto's S3 server", f"cannot import moto.server ({err}): pip install moto[server]")
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -201,6 +202,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {})},
                 )
             deadline = time.monotonic() + 20
             while proc.poll() is None and time.monotonic() < deadline:
@@ -213,10 +215,28 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc = None
         if proc is None:
             pytest.fail(f"moto server did not start\n{_tail(log_path)}", pytrace=False)
-        try:
+        try:  # the credentials stay in the environment while the server runs
             yield url
         finally:
             _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a moto S3 server (``http://127.0.0.1:PORT``) running for the whole session."""
+    with start_moto(tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def wrong_crc_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto server that computes wrong CRC32Cs: its ``crc32c`` package hidden, it stores a
+    CRC32 under the CRC32C's name for what it checksums itself (copies; S-SRV-6)."""
+    hide = tmp_path_factory.mktemp("hide-crc32c")
+    (hide / "crc32c.py").write_text('raise ImportError("hidden by the test")\n')
+    log = tmp_path_factory.mktemp("moto-nocrc") / "moto.log"
+    with start_moto(log, {"PYTHONPATH": str(hide)}) as url:
+        yield S3Server("moto", url, "testing", "testing")
 
 
 @pytest.fixture(scope="session")

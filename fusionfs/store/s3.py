@@ -292,10 +292,11 @@ def _lower_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return {k.lower(): v for k, v in (metadata or {}).items() if k.lower() != CRC_METADATA}
 
 
-def _object_checksum(resp: Mapping[str, Any]) -> Checksum | None:
-    """The full-object checksum a HEAD or GET answer gives: the server's own, else the CRC32C
-    fusionfs recorded in metadata at upload (S-INTEG-1)."""
-    found = _checksum.from_headers(resp)
+def _object_checksum(resp: Mapping[str, Any], trust_server: bool = True) -> Checksum | None:
+    """The full-object checksum a HEAD or GET answer gives: the server's own (unless the server
+    was caught computing wrong ones: S-SRV-6), else the CRC32C fusionfs recorded in metadata at
+    upload (S-INTEG-1)."""
+    found = _checksum.from_headers(resp) if trust_server else None
     if found is not None:
         return found
     recorded = (resp.get("Metadata") or {}).get(CRC_METADATA)
@@ -499,6 +500,10 @@ class S3Store:
         #: Whether the server keeps the checksums uploads carry (None until the first PUT's
         #: answer says; S-INTEG-1). While not True, single PUTs record theirs in metadata.
         self.keeps_checksums: bool | None = None
+        #: False once the server answered a copy with a checksum other than its source's: it
+        #: computes checksums wrongly (moto without the ``crc32c`` package stores a CRC32 as
+        #: the CRC32C), so what it reports is not checked from then on (S-SRV-6).
+        self.trust_server_checksums = True
         self._session = _new_session(region)
         self._endpoint_url = endpoint_url
         # Path-style addressing for any endpoint other than AWS's own (given here, or through
@@ -649,7 +654,7 @@ class S3Store:
             etag=_etag(resp.get("ETag")),
             mtime_ns=_mtime_ns(resp.get("LastModified")),
             metadata=_lower_metadata(resp.get("Metadata")),
-            checksum=_object_checksum(resp),
+            checksum=_object_checksum(resp, self.trust_server_checksums),
         )
 
     def _ranged_get(
@@ -727,7 +732,7 @@ class S3Store:
                 etag=_etag(resp.get("ETag")),
                 mtime_ns=_mtime_ns(resp.get("LastModified")),
                 metadata=_lower_metadata(resp.get("Metadata")),
-                checksum=_object_checksum(resp),
+                checksum=_object_checksum(resp, self.trust_server_checksums),
             )
             return info, data
 
@@ -992,7 +997,28 @@ class S3Store:
             )
             keep = metadata if metadata is not None else (info.metadata or {})
             return self._copy_through_host(src, dst, info, keep)
-        return _etag(resp["CopyObjectResult"].get("ETag"))
+        result = resp["CopyObjectResult"]
+        self._check_server_checksum(f"copy {self._where(src)}", info.checksum, result)
+        return _etag(result.get("ETag"))
+
+    def _check_server_checksum(
+        self, what: str, expected: Checksum | None, answer: Mapping[str, Any]
+    ) -> None:
+        """Compare the checksum the server computed for bytes whose checksum is known (a copy's)
+        with it: a server that gets it wrong is not trusted for checksums again (S-SRV-6)."""
+        if expected is None or not self.trust_server_checksums:
+            return
+        got = answer.get(f"Checksum{expected.algorithm}")
+        if not isinstance(got, str) or got == expected.b64():
+            return
+        self.trust_server_checksums = False
+        self.keeps_checksums = False  # single PUTs record their CRC32C in metadata from now on
+        self._note_limit(
+            "checksums right",
+            f"{what}: the copy's {expected.algorithm} is {got}, its source's {expected.b64()} "
+            "(moto without the crc32c package computes a CRC32 instead): the checksums it "
+            "reports are not checked from now on, only those fusionfs records in metadata",
+        )
 
     def _copy_through_host(
         self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str]
