@@ -44,8 +44,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from fusionfs import client as fusion_client
 from snapstore.catalog import fsync_dir, utc_now
 
@@ -71,6 +69,8 @@ def task_cpu_seconds(pid: int) -> float:
     User plus system time of every live process in the tree, plus the time of the children
     each of them has reaped (``children_user``/``children_system``), so nothing is counted twice.
     """
+    import psutil  # only the supervisor needs it (not a restore's start-up)
+
     try:
         top = psutil.Process(pid)
         procs = [top, *top.children(recursive=True)]

@@ -23,9 +23,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from snapstore import attempts as attempt_records
 from snapstore import criu as _criu
 from snapstore.catalog import Catalog, Manifest, validate_task_id
+from snapstore.defaults import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, default_margin
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
     EXIT_CHECKPOINTED,
@@ -40,14 +40,6 @@ from snapstore.errors import (
 )
 from snapstore.restore import RestoreResult, restore, wait_task
 from snapstore.root import ALLOW_ANY_ROOT_ENV, DEFAULT_ROOT, ROOT_ENV, open_root
-from snapstore.supervisor import (
-    DEFAULT_KEEP,
-    PROVIDERS,
-    SIGTERM_WINDOW_S,
-    RunOptions,
-    default_margin,
-)
-from snapstore.supervisor import run as supervise
 from snapstore.verify import verify_snapshot
 
 __all__ = ["build_parser", "main"]
@@ -649,6 +641,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _attempt_lines(records: list[dict[str, Any]]) -> list[str]:
+    from snapstore import attempts as attempt_records
+
     lines = [
         f"  {'#':>3}  {'HOST':<16} {'STARTED (UTC)':<19}  {'ENDED':<19}  {'BEGAN':<14} "
         f"{'OUTCOME':<22} {'CPU CARRIED':>11}  CHECKPOINTS"
@@ -684,6 +678,8 @@ def _attempt_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from snapstore import attempts as attempt_records
+
     root = open_root(args.root, create=False)
     catalog = Catalog(root.path)
     task = validate_task_id(args.task)
@@ -810,6 +806,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from snapstore import attempts as attempt_records
+
     root = open_root(args.root, create=False)
     if not root.path.is_dir():
         raise UsageError(f"no snapshot root at {root.path}")
@@ -898,6 +896,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("no command given: snapstore run --task ID [options] -- COMMAND")
     _criu.prefetch()
+    from snapstore.supervisor import RunOptions  # the supervisor's imports: only for run
+    from snapstore.supervisor import run as supervise
+
     opts = RunOptions(
         task=validate_task_id(args.task),
         command=command,

@@ -78,6 +78,7 @@ from snapstore import pidns, slurm
 from snapstore.attempts import AttemptLog, summary_line
 from snapstore.catalog import Catalog, Manifest, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
+from snapstore.defaults import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, default_margin
 from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
     EXIT_CHECKPOINTED,
@@ -114,9 +115,6 @@ __all__ = [
     "run",
 ]
 
-PROVIDERS = ("auto", "aws", "gcp", "azure", "none")
-SIGTERM_WINDOW_S = 30.0  # Kubernetes' default terminationGracePeriodSeconds, ECS's stopTimeout
-DEFAULT_KEEP = 2
 FINISHED_MARKER = ".finished"
 _DEFAULT_POLL_S = {"aws": 5.0, "gcp": 1.0, "azure": 1.0}
 _FORWARD_EVERY_S = 0.2
@@ -146,11 +144,6 @@ class RunOptions:
     gcp_host: str | None = None
     azure_endpoint: str | None = None
     pid_namespace: bool = True  # run the task under an init in a PID namespace of its own
-
-
-def default_margin(window: float) -> float:
-    """The safety margin kept free at the end of a window: 10% of it, at least 1 s."""
-    return max(1.0, 0.1 * window)
 
 
 def log_paths(log_dir: Path, task: str) -> tuple[Path, Path]:
