@@ -15,8 +15,9 @@ result as JSON. MODE is
   ``[START, END)`` of the file (default: all of it) is fetched from the store (ranged GETs of
   the packs, never the chunk cache), decompressed and compared with its BLAKE3 digest
   (``layout.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
-  read whole (``If-Match``) and its BLAKE3 returned, for the caller to compare with what it
-  recorded.
+  read whole (``If-Match``), compared with its stored full-object checksum when it has one
+  (S-INTEG-2: read twice before a mismatch counts), and its BLAKE3 returned, for the caller to
+  compare with what it recorded.
 
 The result: ``{"ok", "layout" ("chunked"|"plain"), "size", "etag", "digest", "chunks",
 "packs", "checked_bytes", "problem"}``. ``digest`` is, for a chunked file, the manifest's own
@@ -47,7 +48,9 @@ from fusionfs.layout import (
     pack_key,
     read_manifest,
 )
+from fusionfs.store import checksum as _checksum
 from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed
+from fusionfs.store.checksum import Checksum
 
 __all__ = ["verify_object"]
 
@@ -158,6 +161,10 @@ def _check_chunks(
     return last - first + 1, stored, None
 
 
+def _matches(stored: Checksum, data: bytes) -> bool:
+    return _checksum.compute(stored.algorithm, data) == stored.value
+
+
 def verify_object(
     store: ObjectStore,
     key: Key,
@@ -182,6 +189,14 @@ def verify_object(
                 data = store.get_range(key, 0, info.size, info.etag) if info.size else b""
                 if len(data) != info.size:
                     return _fail(result, f"{key}: read {len(data)} of {info.size} bytes")
+                if info.checksum is not None and not _matches(info.checksum, data):
+                    data = store.get_range(key, 0, info.size, info.etag)  # once more, as chunks
+                    if not _matches(info.checksum, data):
+                        return _fail(
+                            result,
+                            f"{key} does not match its stored {info.checksum.algorithm} "
+                            "checksum (S-INTEG-2)",
+                        )
                 result["digest"] = blake3.blake3(data).hexdigest()
                 result["checked_bytes"] = len(data)
             return result

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import re
@@ -177,6 +178,21 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def _fusion_problem(path: Path) -> str | None:
+    """What fusionfs finds wrong with ``path`` when read from the store past every cache (its
+    ``full`` check: S-CHUNK-10, S-INTEG-2), or None: not on a fusionfs mount, or nothing wrong
+    (then an EIO was the store failing, not the bytes)."""
+    from fusionfs import client as fusion_client
+
+    if fusion_client.find_mount(path) is None:
+        return None
+    try:
+        result = fusion_client.verify(path, "full")
+    except (OSError, ValueError):
+        return None
+    return None if result.get("ok", True) else str(result.get("problem") or "does not verify")
+
+
 class Catalog:
     """The snapshots under one root directory."""
 
@@ -245,6 +261,11 @@ class Catalog:
                 f"task {task!r} has no committed snapshot {n} in {self.root}"
             ) from None
         except OSError as err:
+            problem = _fusion_problem(path) if err.errno == errno.EIO else None
+            if problem is not None:  # fusionfs refused bytes that do not match their checksum
+                raise SnapshotCorrupt(
+                    f"snapshot {n} of {task!r} is damaged: its manifest {path}: {problem}"
+                ) from None
             raise SnapstoreError(f"cannot read {path}: {err.strerror}") from err
         try:
             manifest = Manifest.from_json(text)
