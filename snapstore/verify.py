@@ -228,8 +228,10 @@ class _Checker:
         small = [f for f in self.manifest.files if not f.digest.startswith("chunked:")]
         large = [f for f in self.manifest.files if f.digest.startswith("chunked:")]
         if not self.full:  # in parallel: on a mount each costs a round trip or a few
+            # the chunked files first: each is a HEAD of every pack it uses, the longest part,
+            # which the small files' reads then overlap
             with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-                for _ in pool.map(self.one, small + large):
+                for _ in pool.map(self.one, large + small):
                     pass
         else:
             with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
