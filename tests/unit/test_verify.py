@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 
 from fusionfs.layout import (
+    FOSSILS_PREFIX,
     PACKS_PREFIX,
     ChunkPolicy,
     ChunkWriter,
@@ -84,3 +86,50 @@ def test_each_fault_is_named(tmp_path: Path) -> None:
     assert not broken["ok"] and broken["layout"] == "chunked", broken
     gone = verify_object(store, Key("snapshots/t/1/nope.img"), None, "quick")
     assert not gone["ok"] and "missing" in gone["problem"]
+
+
+def test_quick_check_lists_many_packs_and_heads_only_what_the_listing_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path / "bucket")
+    data = os.urandom(3 << 20)
+    with ChunkWriter(store, policy=_POLICY, pack_size=64 << 10) as writer:
+        for off in range(0, len(data), 1 << 18):
+            writer.feed(off, data[off : off + (1 << 18)])
+        manifest = writer.finish()
+    write_manifest(store, _KEY, manifest)
+    packs = manifest.packs()
+    assert len(packs) >= 32
+    etag = store.head(_KEY).etag
+    calls = {"head": 0, "list": 0}
+    head, list_ = store.head, store.list
+
+    def counting_head(key: Key) -> Any:
+        calls["head"] += 1
+        return head(key)
+
+    def counting_list(*args: Any, **kwargs: Any) -> Any:
+        calls["list"] += 1
+        return list_(*args, **kwargs)
+
+    monkeypatch.setattr(store, "head", counting_head)
+    monkeypatch.setattr(store, "list", counting_list)
+    assert verify_object(store, _KEY, etag, "quick")["ok"]
+    assert calls["list"] >= 1 and calls["head"] <= 2, calls  # the object's HEAD, no pack's
+
+    root = tmp_path / "bucket"
+    fossil = root / pack_key(packs[3], FOSSILS_PREFIX)  # set aside by GC: still counts
+    fossil.parent.mkdir(parents=True, exist_ok=True)
+    (root / pack_key(packs[3], PACKS_PREFIX)).rename(fossil)
+    calls.update(head=0, list=0)
+    assert verify_object(store, _KEY, etag, "quick")["ok"]
+    assert calls["head"] <= 4, calls  # the object, then the one pack the listing missed (2 keys)
+
+    short = root / pack_key(packs[-1], PACKS_PREFIX)
+    short.write_bytes(short.read_bytes()[:10])
+    quick = verify_object(store, _KEY, etag, "quick")
+    assert not quick["ok"] and packs[-1].hex() in quick["problem"], quick
+    assert "its chunks need" in quick["problem"]
+    short.unlink()
+    quick = verify_object(store, _KEY, etag, "quick")
+    assert not quick["ok"] and f"pack {packs[-1].hex()} is missing" in quick["problem"], quick
