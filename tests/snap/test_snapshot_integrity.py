@@ -305,7 +305,12 @@ def test_bad_parent_chunk_makes_both_snapshots_bad(
     _flip(store, shared[0])
     env.move()
     line, err = _run(env, "--eager")
-    line.wait(300)
+    try:
+        line.wait(300)
+    finally:
+        if line.poll() is None:  # never leave it running (seen under a doubly loaded machine)
+            line.kill()
+            line.wait()
     assert line.returncode == EXIT_CORRUPT, err.read_text()
     assert "falling back to snapshot 1" in err.read_text()
     assert "snapshot 1 of 'job' is damaged" in err.read_text()
