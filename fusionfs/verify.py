@@ -108,8 +108,8 @@ def _listed_sizes(store: ObjectStore, need: dict[bytes, int]) -> dict[bytes, int
     where a HEAD answers for one; a store with many more packs than that is cut short, and the
     packs not seen are HEADed). Pack keys sort by their id: the listing stops once past the
     largest needed one."""
-    keys = sorted(pack_key(p) for p in need)
     wanted = {pack_key(p): p for p in need}
+    last = max(wanted)
     budget = max(1, len(need) // _PACKS_PER_PAGE)
     found: dict[bytes, int] = {}
     token: str | None = None
@@ -120,7 +120,7 @@ def _listed_sizes(store: ObjectStore, need: dict[bytes, int]) -> dict[bytes, int
             if pack is not None:
                 found[pack] = info.size
         token = page.continuation
-        if token is None or (page.objects and page.objects[-1].key >= keys[-1]):
+        if token is None or (page.objects and page.objects[-1].key >= last):
             break
     return found
 

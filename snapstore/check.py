@@ -141,9 +141,9 @@ def _private_ranges(pid: int) -> Iterator[tuple[int, int]]:
                 yield lo, hi
 
 
-def _memory_sample(pid: int, limit: int) -> Iterator[bytes]:
-    """Up to ``limit`` bytes of the task's private memory, in blocks (resident parts only)."""
-    left = limit
+def _private_blocks(pid: int, size: int) -> Iterator[tuple[int, int, bytes]]:
+    """``(pid, address, bytes)`` of every ``size``-byte block of the writable private memory of
+    the tree of ``pid``; a mapping that stops being readable (unmapped meanwhile) ends there."""
     for proc in _tree(pid):
         try:
             mem = open(f"/proc/{proc.pid}/mem", "rb", buffering=0)
@@ -152,21 +152,26 @@ def _memory_sample(pid: int, limit: int) -> Iterator[bytes]:
             continue
         with mem:
             for lo, hi in ranges:
-                off = lo
-                while off < hi and left > 0:
-                    n = min(_BLOCK, hi - off, left)
+                for off in range(lo, hi, size):
                     try:
                         mem.seek(off)
-                        block = mem.read(n)
+                        block = mem.read(min(size, hi - off))
                     except OSError:
                         break
                     if not block:
                         break
-                    left -= len(block)
-                    off += len(block)
-                    yield block
-                if left <= 0:
-                    return
+                    yield proc.pid, off, block
+
+
+def _memory_sample(pid: int, limit: int) -> Iterator[bytes]:
+    """Up to ``limit`` bytes of the task's private memory, in blocks (resident parts only)."""
+    left = limit
+    for _, _, block in _private_blocks(pid, _BLOCK):
+        block = block[:left]
+        left -= len(block)
+        yield block
+        if left <= 0:
+            return
 
 
 def _random_sample(limit: int) -> Iterator[bytes]:
@@ -222,23 +227,9 @@ def soft_dirty_works() -> bool:
 def _block_sums(pid: int) -> dict[tuple[int, int], int]:
     """A CRC of every ``CHURN_BLOCK`` of the tree's private memory (the chunked layout's
     de-duplication works at about that granularity)."""
-    sums: dict[tuple[int, int], int] = {}
-    for proc in _tree(pid):
-        try:
-            mem = open(f"/proc/{proc.pid}/mem", "rb", buffering=0)
-            ranges = list(_private_ranges(proc.pid))
-        except OSError:
-            continue
-        with mem:
-            for lo, hi in ranges:
-                for off in range(lo, hi, CHURN_BLOCK):
-                    try:
-                        mem.seek(off)
-                        block = mem.read(min(CHURN_BLOCK, hi - off))
-                    except OSError:
-                        break
-                    sums[(proc.pid, off)] = zlib.crc32(block)
-    return sums
+    return {
+        (p, off): zlib.crc32(block) for p, off, block in _private_blocks(pid, CHURN_BLOCK)
+    }
 
 
 def _hashed_churn(pid: int, seconds: float) -> float:
