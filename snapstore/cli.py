@@ -26,7 +26,6 @@ from typing import Any
 from snapstore import criu as _criu
 from snapstore.catalog import Catalog, Manifest, validate_task_id
 from snapstore.defaults import DEFAULT_KEEP, PROVIDERS, SIGTERM_WINDOW_S, default_margin
-from snapstore.dump import DumpOptions, dump
 from snapstore.errors import (
     EXIT_CHECKPOINTED,
     EXIT_CORRUPT,
@@ -482,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    from snapstore.dump import DumpOptions, dump  # not imported by restore: its start-up counts
+
     validate_task_id(args.task)
     _criu.prefetch()
     root = open_root(args.root, create=True)

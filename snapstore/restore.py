@@ -1,7 +1,8 @@
 """The restore flow: bring a committed snapshot back to life with CRIU, lazily or eagerly.
 
 - ``lazy`` (the default where the kernel has userfaultfd): start ``criu lazy-pages`` on the
-  images dir, wait until it reports ready (``--status-fd``), then ``criu restore --lazy-pages``:
+  images dir (before the quick check, which its start-up then overlaps; a failed check stops
+  it), wait until it reports ready (``--status-fd``), then ``criu restore --lazy-pages``:
   the task resumes before its memory is read; the daemon serves page faults from the image files
   (on the mount: fetched from the store as touched) and pushes the remaining pages in the
   background, exiting once all are in. "time to resume" is when ``criu restore`` returns;
@@ -46,8 +47,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-
-import psutil
 
 from snapstore.catalog import Catalog, Manifest
 from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
@@ -97,6 +96,8 @@ def _busy(pids: list[int]) -> list[int]:
 
 
 def _describe(pid: int) -> str:
+    import psutil  # only when a PID is busy: the restore command's start-up stays small
+
     try:
         proc = psutil.Process(pid)
         return f"{proc.name()!r}, {proc.status()}"
@@ -119,15 +120,27 @@ def _check_pids_free(manifest: Manifest) -> None:
         )
 
 
-def _start_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> int:
-    """Spawn ``criu lazy-pages`` in its own session; return its pid once it is ready."""
+@dataclasses.dataclass
+class _Spawned:
+    """A ``criu lazy-pages`` started but maybe not ready yet: its status pipe is still open."""
+
+    pid: int
+    status_fd: int
+    out: Path
+
+
+def _spawn_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> _Spawned:
+    """Spawn ``criu lazy-pages`` in its own session; ``_await_ready`` waits until it serves.
+
+    Spawned before the snapshot's quick check, so that its start (it reads the process tree
+    image through the mount) overlaps the check instead of following it."""
     r, w = os.pipe()
     try:
         os.set_inheritable(w, True)
-        out = str(workdir / "lazy-pages.out")
+        out = workdir / "lazy-pages.out"
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_OPEN, 1, str(out), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ]
         argv = criu.argv(
@@ -142,8 +155,23 @@ def _start_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> int:
             str(w),
         )
         pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+    except BaseException:
+        os.close(r)
+        raise
     finally:
         os.close(w)
+    return _Spawned(pid, r, out)
+
+
+def _abandon(spawned: _Spawned) -> None:
+    """Stop a spawned daemon that will not be used (the check before CRIU failed)."""
+    os.close(spawned.status_fd)
+    _stop_daemon(spawned.pid)
+
+
+def _await_ready(spawned: _Spawned, workdir: Path) -> int:
+    """Wait (bounded) until the spawned daemon reports ready on its status pipe; its pid."""
+    r = spawned.status_fd
     try:
         ready = False
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -160,15 +188,15 @@ def _start_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> int:
     finally:
         os.close(r)
     if not ready:
-        _stop_daemon(pid)
+        _stop_daemon(spawned.pid)
         log = workdir / "lazy-pages.log"
         details = log_excerpt(log) if log.exists() else []
         try:  # what CRIU printed before it had a log (option or work dir errors)
-            details += Path(out).read_text(errors="replace").strip().splitlines()[-5:]
+            details += spawned.out.read_text(errors="replace").strip().splitlines()[-5:]
         except OSError:
             pass
         raise RestoreFailed(f"criu lazy-pages did not become ready; log: {log}", details=details)
-    return pid
+    return spawned.pid
 
 
 def _stop_daemon(pid: int) -> None:
@@ -227,20 +255,31 @@ def _restore(
         lazy = uffd_available()
     elif lazy and not uffd_available():
         raise RestoreFailed("--lazy needs userfaultfd, which this kernel does not offer")
-    # the quick check (verify.py): files, sizes, small files' digests, chunked manifests and
-    # their packs; it also reads the small images ahead, in parallel, before CRIU needs them
-    if not verified:
-        verify_snapshot(root, task, n, full=False, manifest=manifest)
-    if not manifest.options.get("pid_namespace"):
-        _check_pids_free(manifest)
+    workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
+    spawned: _Spawned | None = None
+    try:
+        if lazy:  # every page is read once: past the chunk cache, but with the page cache
+            root.no_cache(images)
+            spawned = _spawn_lazy_daemon(criu, images, workdir)  # its start overlaps the check
+        # the quick check (verify.py): files, sizes, small files' digests, chunked manifests
+        # and their packs; it also reads the small images ahead, in parallel, before CRIU
+        # needs them. Nothing is restored unless it passes.
+        if not verified:
+            verify_snapshot(root, task, n, full=False, manifest=manifest)
+        if not manifest.options.get("pid_namespace"):
+            _check_pids_free(manifest)
+    except BaseException:
+        if spawned is not None:
+            _abandon(spawned)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
     if not lazy:  # every page is read once, in large reads (the lazy daemon reads small runs)
         root.read_once(images)
-    else:  # every page is read once too: past the chunk cache, but with the page cache
-        root.no_cache(images)
-    workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
+    # from here to the task running is the resume (a lazy daemon's start before the check,
+    # which the check hid, is not in it)
     started = time.monotonic()
-    lazy_pid = _start_lazy_daemon(criu, images, workdir) if lazy else None
+    lazy_pid = _await_ready(spawned, workdir) if spawned is not None else None
     args = [
         "restore",
         "-D",

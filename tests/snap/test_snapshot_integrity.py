@@ -146,6 +146,21 @@ def _no_process(pid: int) -> None:
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, f"no process {pid}")
 
 
+def _lazy_daemons(root: Path) -> list[int]:
+    """criu lazy-pages processes serving images under ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lazy-pages" in argv and any(str(root).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
 def _restore_fails_177(env: SnapEnv, pid: int, *args: str) -> str:
     for mode in ("--eager", "--lazy"):
         result = env.run("restore", "--task", "job", mode, *args, timeout=180)
@@ -153,6 +168,8 @@ def _restore_fails_177(env: SnapEnv, pid: int, *args: str) -> str:
         last = [ln for ln in result.stderr.splitlines() if ln.startswith("snapstore: error")]
         assert last, result.stderr
         _no_process(pid)
+        # a lazy restore spawns its lazy-pages daemon before the check: a failed check stops it
+        assert _lazy_daemons(env.root) == [], mode
     return result.stderr
 
 
