@@ -21,7 +21,6 @@ from fusionfs.store.base import (
 )
 
 __all__ = [
-    "Busy",
     "Exists",
     "FileTooLarge",
     "FsError",
@@ -93,10 +92,6 @@ class NoData(FsError):
     """No such extended attribute."""
 
 
-class Busy(FsError):
-    pass
-
-
 class UploadFailed(FsError):
     """Data could not be made durable in the store; it stays staged locally."""
 
@@ -116,7 +111,6 @@ _ERRNO: dict[type[BaseException], int] = {
     InvalidArgument: errno.EINVAL,
     OperationNotSupported: errno.EOPNOTSUPP,
     NoData: errno.ENODATA,
-    Busy: errno.EBUSY,
     UploadFailed: errno.EIO,
     FsError: errno.EIO,
     # store errors that reach the top unhandled

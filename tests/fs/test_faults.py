@@ -59,6 +59,8 @@ async def test_transient_get_error_is_eio_then_a_retry_reads_right(
 async def test_random_get_errors_give_eio_or_right_bytes_never_wrong_ones(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-FAIL-1] what still fails after the store's retries reaches the caller as EIO, never as
+    wrong bytes."""
     # no disk cache use across reads: read_memory small and a new object version per round
     h = await make_fs(local_store, read_memory=0)
     data = data_of(32 * CHUNK + 99, seed=2)
@@ -88,6 +90,8 @@ async def test_random_get_errors_give_eio_or_right_bytes_never_wrong_ones(
 async def test_stalled_store_read_fails_within_call_timeout(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-FAIL-2] a store call that does not answer within the call timeout fails the read with EIO,
+    and the file reads again once the store answers."""
     h = await make_fs(local_store, call_timeout=1.0)
     data = data_of(2 * CHUNK, seed=3)
     await h.put("f", data)
@@ -112,6 +116,7 @@ async def test_stalled_store_read_fails_within_call_timeout(
 async def test_stalled_store_listing_fails_within_call_timeout(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-FAIL-2] a LIST that does not answer in time is EIO, not a hang."""
     h = await make_fs(local_store, call_timeout=1.0)
     await h.put("f", b"x")
     local_store.stall("list")
@@ -139,6 +144,7 @@ async def test_store_error_during_lookup_maps_to_eio(
 async def test_stalled_store_lookup_fails_within_call_timeout_with_eio(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-FAIL-2] a HEAD that does not answer in time is EIO, not a hang."""
     h = await make_fs(local_store, call_timeout=1.0)
     await h.put("f", b"x")
     local_store.stall("head")
@@ -151,6 +157,7 @@ async def test_stalled_store_lookup_fails_within_call_timeout_with_eio(
 async def test_store_error_during_directory_rename_maps_to_eio(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-RENAME-2] a directory rename that fails part-way deletes nothing."""
     h = await make_fs(local_store)
     await h.put("d/a", b"a")
     await h.put("d/b", b"b")
@@ -167,6 +174,8 @@ async def test_store_error_during_directory_rename_maps_to_eio(
 async def test_stalled_store_flush_fails_within_call_timeout_and_keeps_data(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-FAIL-2] [S-WRITE-2] a commit whose PUT does not answer in time makes close return EIO
+    (within the call timeout), and the data stays staged for a later flush."""
     h = await make_fs(local_store, call_timeout=1.0)
     fh = await h.create("f")
     await h.write(fh, 0, b"precious")
@@ -213,7 +222,8 @@ async def test_corrupt_data_from_the_store_is_refetched_when_one_get_holds_the_o
     """S-INTEG-2: an object that one GET fetches whole (here 3 chunks, a request is 4) is
     checked before any byte is served or cached: a byte flipped on the way is fetched again,
     and the reader gets the right bytes. (Was ``test_corrupt_data_from_the_store_is_served_
-    undetected``: the flipped byte was served, cached, and outlived a remount.)"""
+    undetected``: the flipped byte was served, cached, and outlived a remount.)
+    [S-FAIL-1b] plain objects with a stored checksum are checked end to end."""
     h = await make_fs(local_store)
     data = data_of(3 * CHUNK - 5, seed=4)
     await _put_with_checksum(h, local_store, "f", data)
@@ -286,7 +296,9 @@ async def test_a_byte_flipped_in_a_cache_file_is_eio_then_refetched(
     """S-INTEG-2 over the disk cache: a byte flipped in a chunk file while no mount runs,
     after a clean shutdown (whose CLEAN marker spares the XXH3 pass, docs/design/cache.md):
     the read that completes the file fails with EIO, the cached chunks are dropped, the next
-    read fetches the right bytes."""
+    read fetches the right bytes.
+    [S-FAIL-1b] what the chunk cache holds is checked too: a flipped byte in it is never served as
+    the object's."""
     h = await make_fs(local_store)
     data = data_of(chunks * CHUNK, seed=7)
     await _put_with_checksum(h, local_store, "f", data)
@@ -427,6 +439,9 @@ async def test_no_upload_part_copy_falls_back_to_uploading(
 async def test_crash_recovery_keeps_staged_data_and_aborts_the_upload(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
+    """[S-DUR-2] data not acknowledged when the daemon died is moved to CACHE_DIR/recovered/ by the
+    next start on that cache directory, reported, not uploaded; the multipart upload it had started
+    is aborted."""
     h = await make_fs(local_store)
     big = data_of(2 * PART + 50 * KiB, seed=9)
     fh = await h.create("big")

@@ -500,6 +500,8 @@ def test_out_of_band_overwrite_seen_first_by_getattr_is_not_torn(
 
 @pytest.mark.timeout(60)
 def test_closed_file_is_whole_in_the_store_at_once(fusion_mount: Any, target: Target) -> None:
+    """[S-WRITE-2] close returns only after the whole file is committed in the store (an empty new
+    file included)."""
     m = _mount(fusion_mount, target, "--part-size", "5M")
     for i, size in enumerate([0, 1, 4096, 5 * MiB, 12 * MiB + 7]):
         data = _blob(size, seed=i)
@@ -516,6 +518,8 @@ def test_closed_file_is_whole_in_the_store_at_once(fusion_mount: Any, target: Ta
 
 @pytest.mark.timeout(90)
 def test_fsync_then_kill_keeps_the_data(fusion_mount: Any, target: Target) -> None:
+    """[S-DUR-1] [S-WRITE-2] data acknowledged by fsync is in the store when fsync returns, and
+    survives the daemon being killed: a new mount with an empty cache reads it whole."""
     m = _mount(fusion_mount, target, "--part-size", "5M")
     data = _blob(11 * MiB + 5)
     fd = os.open(m.path / "synced", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -535,6 +539,9 @@ def test_fsync_then_kill_keeps_the_data(fusion_mount: Any, target: Target) -> No
 
 @pytest.mark.timeout(90)
 def test_file_being_written_is_never_torn(fusion_mount: Any, target: Target) -> None:
+    """[S-WRITE-4] until its commit, a file's new content is not visible under its key: the store
+    shows the previous version or nothing, never a partial file, even while parts stream and when
+    the daemon dies."""
     old = b"the old version, whole"
     target.put("over", old)
     m = _mount(fusion_mount, target, "--part-size", "5M")

@@ -765,6 +765,8 @@ def test_local_errors_are_translated(local_root: Path) -> None:
 
 
 def test_s3_prefix_is_added_and_stripped(s3_bucket: Any) -> None:
+    """[S-MAP-1] the key of a path is PREFIX/path, PREFIX the part of s3://BUCKET/PREFIX after the
+    bucket; nothing outside the prefix is seen."""
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="outside", Body=b"o")
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="pre/fix/", Body=b"")
     store = _s3_store(s3_bucket, prefix="/pre/fix")
@@ -969,6 +971,7 @@ def test_s3_get_into_resume_refuses_to_mix_versions(s3_bucket: Any) -> None:
 
 @pytest.mark.allow_logs("giving up on head")
 def test_s3_server_errors_are_retried_then_raised_as_transient(s3_bucket: Any) -> None:
+    """[S-FAIL-1] a 503 SlowDown is retried within the deadline, then raised as Transient (EIO)."""
     stats = Stats()
     store = S3Store(s3_bucket.name, endpoint_url=s3_bucket.endpoint, deadline_s=0.5, stats=stats)
     try:

@@ -161,6 +161,7 @@ def test_lifetime(tmp_path: pathlib.Path) -> None:
 
 
 def test_lru_eviction_order(tmp_path: pathlib.Path) -> None:
+    """[S-READ-1] the chunk cache evicts the least recently used chunk first."""
     stats = Stats()
     size = HDR + 1000
     with opened(tmp_path, max_bytes=3 * size, stats=stats) as c:
@@ -182,6 +183,8 @@ def test_lru_eviction_order(tmp_path: pathlib.Path) -> None:
 
 
 def test_never_above_max_bytes(tmp_path: pathlib.Path) -> None:
+    """[S-CACHE-1] the chunk cache never exceeds its size bound (--cache-size), on disk as in its
+    count."""
     rng = random.Random(7)
     max_bytes = 20_000
     with opened(tmp_path, max_bytes=max_bytes) as c:
@@ -274,6 +277,8 @@ def test_clean_close_lets_the_next_open_trust_chunks_without_hashing(
 def test_chunk_written_after_a_trusted_open_is_verified_after_a_crash(
     tmp_path: pathlib.Path,
 ) -> None:
+    """[S-CACHE-1] a cache file left half-written by a crash is never served: it is hash-checked
+    when first read after the mount that followed the crash."""
     with opened(tmp_path) as c:
         assert put(c, "old", 0)
     with opened(tmp_path, crashed=True) as c:  # trusted open, then new writes, then a crash
@@ -391,6 +396,7 @@ def test_corrupt_chunk_never_served(
 def test_enospc_degrades_to_not_cached(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """[S-CACHE-1] a full disk makes a chunk uncached (put answers False), never a failed read."""
     stats = Stats()
     with opened(tmp_path, stats=stats) as c:
         assert put(c, "a", 0)
@@ -476,6 +482,8 @@ class FakeStatvfs:
 def test_min_free_bytes_evicts_then_refuses(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """[S-CACHE-1] the chunk cache keeps --cache-min-free free on its filesystem: it evicts, then
+    stores nothing, rather than fill the disk."""
     size = HDR + 1000
     fake = FakeStatvfs(free=(1 << 20) + 3 * size + 100)
     monkeypatch.setattr(os, "statvfs", fake)

@@ -99,6 +99,7 @@ def test_stops_after_max_attempts_with_last_error() -> None:
 
 @pytest.mark.allow_logs("giving up on")
 def test_stops_at_the_deadline_and_never_sleeps_past_it() -> None:
+    """[S-FAIL-1] transient errors are retried within a deadline, then the last one is raised."""
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 1000)
     with pytest.raises(Transient):
@@ -113,6 +114,7 @@ def test_stops_at_the_deadline_and_never_sleeps_past_it() -> None:
 
 
 def test_backoff_doubles_to_the_cap() -> None:
+    """[S-FAIL-1] the retries back off exponentially, up to a cap."""
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 8)
     call_with_retry(
@@ -123,6 +125,7 @@ def test_backoff_doubles_to_the_cap() -> None:
 
 
 def test_jitter_scales_the_sleep() -> None:
+    """[S-FAIL-1] each backoff is jittered."""
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 3)
     call_with_retry(
