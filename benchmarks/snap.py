@@ -1439,19 +1439,18 @@ def _add_window_fit(results: Results, cfg: SnapConfig) -> None:
     """The reclamation-window table (benchmarks/window.py) as its own section of results.md."""
     from benchmarks import window
 
-    link = {"bandwidth_mbps": cfg.bandwidth_mbps, "connections": _THREADS,
-            "link_mbps": cfg.link_mbps}
-    rows = window.fit_rows(results.measurements, **link)
+    link = {"bandwidth_mbps": cfg.bandwidth_mbps, "link_mbps": cfg.link_mbps}
+    rows = window.fit_rows(results.measurements, connections=_THREADS, **link)
     if rows:
-        results.sections.append(window.markdown(rows, **link))
+        results.sections.append(window.markdown(rows, connections=_THREADS, **link))
         results.extra["window_fit"] = [asdict(row) for row in rows]
     # the same table for incremental snapshots (10 % of the memory changed since the last)
     incremental = [
         replace(m, tool=_OURS) for m in results.measurements if m.tool == _INC
     ] + [m for m in results.measurements if m.tool != _OURS and m.tool != _INC]
-    rows = window.fit_rows(incremental, **link)
+    rows = window.fit_rows(incremental, connections=_THREADS, **link)
     if rows:
-        text = window.markdown(rows, **link)
+        text = window.markdown(rows, connections=_THREADS, **link)
         results.sections.append(
             text.replace(
                 "## Reclamation window fit",
