@@ -50,45 +50,60 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import os
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from benchmarks.base import (
+    SEED,
+    Bench,
+    BenchError,
+    Store,
+    StoreSettings,
+    common_settings,
+    count_objects,
+    delete_under,
+    out_dir,
+    run_in_store,
+)
 from benchmarks.harness import (
     CpuMeter,
-    Measurement,
-    ProxyProcess,
     Results,
-    Steps,
     cpu_budget_note,
     drop_page_cache,
     last_line,
     mb_per_s,
     run_cmd,
-    timestamp,
+)
+from benchmarks.mounters import (
+    FUSIONFS,
+    Fusionfs,
+    Mounter,
+    MountError,
+    Rclone,
+    S3fs,
+    force_unmount,
+    mount_daemon_pid,
 )
 
 __all__ = ["FsConfig", "run_fs"]
 
 _MIB = 1 << 20
-_SEED = 20240601
 _READ_BLOCK = _MIB
-_MOUNT_TIMEOUT = 60.0
-_UNMOUNT_TIMEOUT = 180.0
+_LS_TIMEOUT = 180.0
 _DIRECT = "direct boto3"
 _DISK = "local disk"
-_FUSIONFS = "fusionfs"
+_FUSIONFS = FUSIONFS
 _FUSIONFS_DIO = "fusionfs --direct-io"  # the same mount, page cache bypassed (S-READ-4)
 _LS_L = "ls -l {n} files, fresh mount"
 _SMALL_CREATE = "small files create"
@@ -104,16 +119,7 @@ _READER_COUNTS = (1, 2, 4)
 
 
 @dataclass
-class FsConfig:
-    endpoint_url: str | None = None
-    bucket: str | None = None
-    latency_ms: float = 0.0
-    bandwidth_mbps: float = 0.0
-    error_rate: float = 0.0
-    link_mbps: float = 0.0
-    runs: int = 3
-    out: Path | None = None
-    quick: bool = False
+class FsConfig(StoreSettings):
     size_mib: int | None = None
     objects: int | None = None
     peers: bool = True
@@ -132,19 +138,11 @@ class FsConfig:
     def n_small(self) -> int:
         return self.small_files or (2000 if self.quick else 10000)
 
-    @property
-    def proxied(self) -> bool:
-        return bool(self.latency_ms or self.bandwidth_mbps or self.link_mbps or self.error_rate)
-
-
-class BenchError(Exception):
-    """A setup problem reported as one line (no traceback)."""
-
 
 # -- data -------------------------------------------------------------------------------------
 
 
-def _make_data(size: int, seed: int = _SEED) -> bytes:
+def _make_data(size: int, seed: int = SEED) -> bytes:
     """``size`` incompressible bytes, the same for the same size and seed on every machine."""
     import blake3
 
@@ -199,443 +197,32 @@ def small_files_summary(results: Results) -> list[str]:
     return lines
 
 
-# -- the store: a server, maybe behind the proxy ---------------------------------------------
-
-
-@dataclass
-class _Store:
-    setup_url: str  # for preparing data: straight to the server
-    url: str  # what every measured client uses (the proxy, when one is configured)
-    bucket: str
-    prefix: str  # ends with "/"
-    env: dict[str, str]
-    # processes whose CPU the read scenarios report (the local server, the proxy): name -> pid
-    cpu_pids: dict[str, Callable[[], int | None]] = field(default_factory=dict)
-
-    def cpu_meter(self, daemon: int | None = None) -> CpuMeter:
-        """A meter of the server's and the proxy's CPU, this process's (and its waited-for
-        children's), and ``daemon``'s (a mount's process)."""
-        pids = {name: get() for name, get in self.cpu_pids.items()}
-        pids["daemon"] = daemon
-        return CpuMeter(pids)
-
-    def client(self, url: str | None = None, pool: int = 16) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=url or self.url,
-            aws_access_key_id=self.env.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=self.env.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=self.env.get("AWS_SESSION_TOKEN"),
-            region_name=self.env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(
-                max_pool_connections=pool,
-                retries={"max_attempts": 10, "mode": "standard"},
-                s3={"addressing_style": "path"},
-                connect_timeout=10,
-                read_timeout=120,
-            ),
-        )
-
-
-@contextlib.contextmanager
-def _open_store(cfg: FsConfig, results: Results, console: Console) -> Iterator[_Store]:
-    from benchmarks.s3rver import LocalS3rver
-
-    stack = contextlib.ExitStack()
-    cpu_pids: dict[str, Callable[[], int | None]] = {}
-    with stack:
-        env = dict(os.environ)
-        if cfg.endpoint_url is None:
-            console.print("starting a local s3rver (npm s3rver 3.7.1) ...")
-            server = stack.enter_context(LocalS3rver(bucket="bench"))
-            env.update(
-                AWS_ACCESS_KEY_ID=server.access_key,
-                AWS_SECRET_ACCESS_KEY=server.secret_key,
-                AWS_DEFAULT_REGION="us-east-1",
-            )
-            env.pop("AWS_SESSION_TOKEN", None)
-            env.pop("AWS_PROFILE", None)
-            setup_url, bucket = server.endpoint_url, "bench"
-            stack.callback(lambda: results.extra.update(s3rver_restarts=server.restarts))
-            cpu_pids["server"] = lambda: server.pid
-        else:
-            if not cfg.bucket:
-                raise BenchError("--endpoint-url needs --bucket")
-            setup_url, bucket = cfg.endpoint_url, cfg.bucket
-            env.setdefault("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1"))
-        url = setup_url
-        if cfg.proxied:
-            parsed = urllib.parse.urlsplit(setup_url)
-            if parsed.scheme != "http" or parsed.hostname is None:
-                raise BenchError(
-                    "the proxy (--latency-ms/--bandwidth-mbps/--link-mbps/--error-rate) needs http"
-                )
-            port = parsed.port or 80
-            args = [
-                "--latency-ms",
-                str(cfg.latency_ms),
-                "--bandwidth-mbps",
-                str(cfg.bandwidth_mbps),
-                "--link-mbps",
-                str(cfg.link_mbps),
-            ]
-            args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
-            proxy = ProxyProcess((parsed.hostname, port), args)
-            # Registered first, so it runs after the proxy has stopped and printed its counters.
-            stack.callback(lambda: results.extra.update(proxy_stats=proxy.stats))
-            stack.enter_context(proxy)
-            url = proxy.endpoint_url
-            cpu_pids["proxy"] = lambda: proxy.pid
-        prefix = f"fusionfs-bench-{timestamp()}-{random.getrandbits(24):06x}/"
-        store = _Store(setup_url, url, bucket, prefix, env, cpu_pids)
-        stack.callback(_delete_prefix, store, console)
-        yield store
-
-
-def _delete_prefix(store: _Store, console: Console) -> None:
-    """Deletes everything the run created (bounded: errors are reported, not raised)."""
-    try:
-        client = store.client(store.setup_url)
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=store.bucket, Prefix=store.prefix):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            for i in range(0, len(keys), 1000):
-                client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys[i : i + 1000]})
-    except Exception as exc:  # cleanup must not hide the run's own outcome
-        console.print(f"[yellow]could not delete s3://{store.bucket}/{store.prefix}: {exc}")
-
-
-# -- mounts ------------------------------------------------------------------------------------
-
-
-def _mount_entry(path: Path) -> tuple[str, str] | None:
-    """(device "major:minor", fs type) of the mount at ``path``, from /proc/self/mountinfo.
-
-    Used instead of ``os.path.ismount``, which stats the mountpoint and so hangs for ever on a
-    FUSE daemon that is stuck.
-    """
-    target = str(path)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            mountpoint = fields[4].replace("\\040", " ")
-            if mountpoint == target:
-                sep = fields.index("-")
-                return fields[2], fields[sep + 1]
-    return None
-
-
-def _mount_daemon_pid(mountpoint: Path) -> int | None:
-    """The process serving a FUSE mount: the one whose command line has the mountpoint as an
-    argument (fusionfs, s3fs and rclone all do); None if not exactly one."""
-    target = os.fsencode(str(mountpoint))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-            if target in args and int(entry) != os.getpid():
-                found.append(int(entry))
-    return found[0] if len(found) == 1 else None
-
-
-def _force_unmount(path: Path) -> None:
-    """Aborts the FUSE connection of a mount we made (unsticks a hung daemon), then detaches it."""
-    entry = _mount_entry(path)
-    if entry is None:
-        return
-    device, fstype = entry
-    if fstype.startswith("fuse"):
-        minor = device.split(":")[1]
-        with contextlib.suppress(OSError):
-            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
-    run_cmd(["fusermount3", "-u", "-z", str(path)], timeout=30)
-
-
-class MountError(Exception):
-    pass
-
-
-class _Mounter:
-    """How one FUSE tool is mounted and unmounted; subclasses fill in the commands."""
-
-    name = ""
-    has_cache = True
-    broken = ""  # set after a failed mount: the rest of the run skips this tool
-
-    def __init__(self, store: _Store) -> None:
-        self.store = store
-
-    def unavailable(self) -> str | None:
-        raise NotImplementedError
-
-    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
-        raise NotImplementedError
-
-    def unmount(self, mountpoint: Path) -> None:
-        proc = run_cmd(["fusermount3", "-u", str(mountpoint)], timeout=_UNMOUNT_TIMEOUT)
-        if proc.returncode != 0 and _mount_entry(mountpoint) is not None:
-            _force_unmount(mountpoint)
-            raise MountError(f"{self.name}: unmount failed: {last_line(proc)}")
-
-    def stats(self, mountpoint: Path) -> dict[str, Any] | None:
-        return None
-
-    def after_close(self, key: str, size: int) -> None:
-        """Returns once the object written under ``key`` is durable (for async uploaders)."""
-
-    def after_close_all(self, prefix: str, count: int, size: int) -> None:
-        """Returns once ``count`` objects of ``size`` bytes under ``prefix`` are durable."""
-
-    def _wait_mounted(self, mountpoint: Path, what: Callable[[], str | None]) -> None:
-        end = time.monotonic() + _MOUNT_TIMEOUT
-        while time.monotonic() < end:
-            if _mount_entry(mountpoint) is not None:
-                return
-            problem = what()
-            if problem:
-                raise MountError(f"{self.name}: {problem}")
-            time.sleep(0.05)
-        raise MountError(f"{self.name}: not mounted after {_MOUNT_TIMEOUT:.0f} s")
-
-
-class _Fusionfs(_Mounter):
-    name = _FUSIONFS
-
-    def __init__(self, store: _Store, extra_args: list[str] | None = None) -> None:
-        super().__init__(store)
-        exe = shutil.which("fusionfs")
-        self.cmd = [exe] if exe else [sys.executable, "-m", "fusionfs"]
-        self.extra_args = list(extra_args or [])
-
-    def unavailable(self) -> str | None:
-        proc = run_cmd([*self.cmd, "mount", "--help"], timeout=30, env=self.store.env)
-        if proc.returncode != 0:
-            return f"`{' '.join(self.cmd[-2:])} mount --help` failed: {last_line(proc)}"
-        return None
-
-    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
-        source = f"s3://{self.store.bucket}/{self.store.prefix.rstrip('/')}"
-        cmd = [*self.cmd, "mount", source, str(mountpoint), "--cache-dir", str(cache_dir)]
-        cmd += ["--endpoint-url", self.store.url, *self.extra_args]
-        proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=self.store.env)
-        if proc.returncode != 0:
-            log = cache_dir / "fusionfs.log"
-            tail = ""
-            with contextlib.suppress(OSError):
-                lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-                tail = f" (log: {lines[-1][:300]})" if lines else ""
-            raise MountError(f"fusionfs mount failed: {last_line(proc)}{tail}")
-        if _mount_entry(mountpoint) is None:
-            raise MountError("fusionfs mount exited 0 but the mountpoint is not mounted")
-
-    def unmount(self, mountpoint: Path) -> None:
-        proc = run_cmd([*self.cmd, "unmount", str(mountpoint)], timeout=_UNMOUNT_TIMEOUT)
-        if proc.returncode != 0 or _mount_entry(mountpoint) is not None:
-            _force_unmount(mountpoint)
-            raise MountError(f"fusionfs unmount failed: {last_line(proc)}")
-
-    def stats(self, mountpoint: Path) -> dict[str, Any] | None:
-        import json
-
-        proc = run_cmd([*self.cmd, "stats", str(mountpoint), "--json"], timeout=30)
-        if proc.returncode != 0:
-            return None
-        try:
-            value = json.loads(proc.stdout)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-
-
-class _S3fs(_Mounter):
-    name = "s3fs"
-    has_cache = False  # run without use_cache, as DESIGN.md's reference figures were
-
-    def unavailable(self) -> str | None:
-        if shutil.which("s3fs") is None:
-            return "s3fs is not installed (apt-get install s3fs)"
-        return None
-
-    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
-        env = self.store.env
-        passwd = cache_dir / "passwd-s3fs"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        passwd.write_text(f"{env.get('AWS_ACCESS_KEY_ID')}:{env.get('AWS_SECRET_ACCESS_KEY')}\n")
-        passwd.chmod(0o600)
-        opts = [
-            f"passwd_file={passwd}",
-            f"url={self.store.url}",
-            "use_path_request_style",
-            "parallel_count=8",
-            "multipart_size=8",
-            "retries=5",
-            f"endpoint={env.get('AWS_DEFAULT_REGION', 'us-east-1')}",
-        ]
-        source = f"{self.store.bucket}:/{self.store.prefix.rstrip('/')}"
-        cmd = ["s3fs", source, str(mountpoint)]
-        for opt in opts:
-            cmd += ["-o", opt]
-        proc = run_cmd(cmd, timeout=_MOUNT_TIMEOUT, env=env)
-        if proc.returncode != 0:
-            raise MountError(f"s3fs failed: {last_line(proc)}")
-        self._wait_mounted(mountpoint, lambda: None)
-
-
-class _Rclone(_Mounter):
-    name = "rclone"
-
-    def __init__(self, store: _Store) -> None:
-        super().__init__(store)
-        self._procs: dict[Path, Any] = {}
-
-    def unavailable(self) -> str | None:
-        if shutil.which("rclone") is None:
-            return "rclone is not installed (apt-get install rclone)"
-        return None
-
-    def _env(self) -> dict[str, str]:
-        env = dict(self.store.env)
-        env.update(
-            RCLONE_CONFIG_BENCH_TYPE="s3",
-            RCLONE_CONFIG_BENCH_PROVIDER="Other",
-            RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=env.get("AWS_ACCESS_KEY_ID", ""),
-            RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=env.get("AWS_SECRET_ACCESS_KEY", ""),
-            RCLONE_CONFIG_BENCH_ENDPOINT=self.store.url,
-            RCLONE_CONFIG_BENCH_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
-            RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true",
-        )
-        if self.store.url.startswith("http://"):
-            # rclone (Go SDK) refuses an AWS_CA_BUNDLE it cannot apply, even for plain http.
-            env.pop("AWS_CA_BUNDLE", None)
-        return env
-
-    def mount(self, mountpoint: Path, cache_dir: Path) -> None:
-        import subprocess
-
-        remote = f"bench:{self.store.bucket}/{self.store.prefix.rstrip('/')}"
-        cmd = ["rclone", "mount", remote, str(mountpoint), "--vfs-cache-mode", "full"]
-        cmd += ["--cache-dir", str(cache_dir), "--vfs-write-back", "0s", "--log-level", "ERROR"]
-        log = open(cache_dir.parent / f"rclone-{cache_dir.name}.log", "ab")
-        proc = subprocess.Popen(
-            cmd,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        log.close()
-        self._procs[mountpoint] = proc
-        self._wait_mounted(
-            mountpoint,
-            lambda: f"exited with status {proc.returncode}" if proc.poll() is not None else None,
-        )
-
-    def unmount(self, mountpoint: Path) -> None:
-        proc = self._procs.pop(mountpoint, None)
-        try:
-            super().unmount(mountpoint)
-        finally:
-            if proc is not None:
-                try:
-                    proc.wait(60)
-                except Exception:
-                    proc.kill()
-                    proc.wait(10)
-
-    def after_close(self, key: str, size: int) -> None:
-        client = self.store.client(self.store.setup_url)
-        end = time.monotonic() + 600
-        while time.monotonic() < end:
-            with contextlib.suppress(Exception):
-                if client.head_object(Bucket=self.store.bucket, Key=key)["ContentLength"] == size:
-                    return
-            time.sleep(0.05)
-        raise MountError(f"rclone: {key} not uploaded within 600 s of close")
-
-    def after_close_all(self, prefix: str, count: int, size: int) -> None:
-        client = self.store.client(self.store.setup_url)
-        end = time.monotonic() + 600
-        while time.monotonic() < end:
-            with contextlib.suppress(Exception):
-                if _count_objects(client, self.store.bucket, prefix, size) >= count:
-                    return
-            time.sleep(0.1)
-        raise MountError(f"rclone: {count} files under {prefix} not uploaded within 600 s")
-
-
-def _count_objects(client: Any, bucket: str, prefix: str, size: int | None = None) -> int:
-    """Objects under ``prefix`` (of ``size`` bytes, if given), directory markers not counted."""
-    n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/") and (size is None or obj["Size"] == size):
-                n += 1
-    return n
-
-
-def _delete_under(client: Any, bucket: str, prefix: str) -> None:
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        for i in range(0, len(keys), 1000):
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
-
-
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-class _Bench:
+class _Bench(Bench):
+    name = "fs"
+
     def __init__(
-        self, cfg: FsConfig, store: _Store, results: Results, console: Console, work: Path
+        self, cfg: FsConfig, store: Store, results: Results, console: Console, work: Path
     ) -> None:
+        super().__init__(store, results, console, work)
         self.cfg = cfg
-        self.store = store
-        self.results = results
-        self.console = console
-        self.work = work
         self.data = b""
         self.small_data = b""
         self.key = store.prefix + "seq/data.bin"
         self.src_file = work / "source.bin"
         self.client = store.client()
         self.setup_client = store.client(store.setup_url, pool=32)
-        self.mounters: list[_Mounter] = []
-        self.direct_io_mounter: _Mounter | None = None  # sequential reads and write
-        self.mounted: list[tuple[_Mounter, Path]] = []
+        self.mounters: list[Mounter] = []
+        self.direct_io_mounter: Mounter | None = None  # sequential reads and write
+        self.mounted: list[tuple[Mounter, Path]] = []
         self.can_drop = drop_page_cache()
-        self._steps: Steps | None = None
 
-    # -- bookkeeping ---------------------------------------------------------------------
-
-    def record(
-        self, scenario: str, tool: str, run: int, value: float, unit: str, **extras: float
-    ) -> None:
-        self.results.add(Measurement(scenario, tool, run, value, unit, dict(extras)))
-        detail = "".join(f", {k} {v:.3g}" for k, v in extras.items())
-        self.log(f"{scenario:<16} {tool:<14} run {run + 1}: {value:10.1f} {unit}{detail}")
-
-    def log(self, text: str) -> None:
-        if self._steps is not None:
-            self._steps.log(text)
-        else:
-            self.console.print(text)
-
-    def step(self, text: str) -> None:
-        if self._steps is not None:
-            self._steps.step(text)
-
-    def advance(self) -> None:
-        if self._steps is not None:
-            self._steps.advance()
+    # -- mounts --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def mount(self, mounter: _Mounter, cache_dir: Path) -> Iterator[Path]:
+    def mount(self, mounter: Mounter, cache_dir: Path) -> Iterator[Path]:
         if mounter.broken:
             raise MountError(f"{mounter.name}: skipped after an earlier failure: {mounter.broken}")
         mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{mounter.name}-", dir=self.work))
@@ -643,7 +230,7 @@ class _Bench:
             mounter.mount(mountpoint, cache_dir)
         except BaseException as exc:
             # A failed mount can still have left a (hung) mount behind: never leave it there.
-            _force_unmount(mountpoint)
+            force_unmount(mountpoint)
             mounter.broken = str(exc)
             raise
         self.mounted.append((mounter, mountpoint))
@@ -674,7 +261,7 @@ class _Bench:
         self.step("generating data")
         self.data = _make_data(cfg.size)
         self.src_file.write_bytes(self.data)
-        self.small_data = _make_data(cfg.n_small * _SMALL_SIZE, _SEED + 1)
+        self.small_data = _make_data(cfg.n_small * _SMALL_SIZE, SEED + 1)
         self.step(f"uploading the {cfg.size // _MIB} MiB test object")
         self._multipart(self.setup_client, self.key, 8, 16 * _MIB)
         if cfg.sweeps:
@@ -693,7 +280,7 @@ class _Bench:
 
         with cf.ThreadPoolExecutor(16) as pool:
             list(pool.map(put, range(cfg.n_objects)))
-        for cls in (_Fusionfs, _S3fs, _Rclone):
+        for cls in (Fusionfs, S3fs, Rclone):
             mounter = cls(self.store)
             if not cfg.peers and mounter.name != _FUSIONFS:
                 continue
@@ -705,7 +292,7 @@ class _Bench:
             else:
                 self.mounters.append(mounter)
                 if mounter.name == _FUSIONFS:
-                    self.direct_io_mounter = _Fusionfs(self.store, ["--direct-io"])
+                    self.direct_io_mounter = Fusionfs(self.store, ["--direct-io"])
                     self.direct_io_mounter.name = _FUSIONFS_DIO
 
     def _multipart(self, client: Any, key: str, threads: int, part_size: int) -> None:
@@ -754,7 +341,7 @@ class _Bench:
 
     def _verify(self, path: Path, run: int, span: tuple[int, int] | None = None) -> None:
         """64 sampled 4 KiB blocks of ``path`` against ``self.data[span]`` (default: all)."""
-        rng = random.Random(_SEED + run)
+        rng = random.Random(SEED + run)
         base, end = span or (0, len(self.data))
         size = end - base
         with open(path, "rb", buffering=0) as f:
@@ -813,9 +400,9 @@ class _Bench:
             drop_page_cache()
 
     def _cpu(self, mountpoint: Path | None = None) -> CpuMeter:
-        """``_Store.cpu_meter`` with the daemon of the mount at ``mountpoint`` (the process
+        """``Store.cpu_meter`` with the daemon of the mount at ``mountpoint`` (the process
         whose command line names it)."""
-        return self.store.cpu_meter(_mount_daemon_pid(mountpoint) if mountpoint else None)
+        return self.store.cpu_meter(mount_daemon_pid(mountpoint) if mountpoint else None)
 
     # -- scenarios -----------------------------------------------------------------------
 
@@ -848,7 +435,7 @@ class _Bench:
                 self.results.mark_unavailable("seq read cold", mounter.name, str(exc))
                 self.log(f"[red]{exc}")
 
-    def _mount_seq_read(self, mounter: _Mounter, run: int) -> None:
+    def _mount_seq_read(self, mounter: Mounter, run: int) -> None:
         cache = self.fresh_dir(f"cache-{mounter.name}")
         rel = self.key[len(self.store.prefix) :]
         with self.mount(mounter, cache) as mnt:
@@ -886,7 +473,7 @@ class _Bench:
         for size, count, label in ((4096, 300, "rand read 4KiB"), (_MIB, 100, "rand read 1MiB")):
             if self.cfg.quick:
                 count //= 2
-            rng = random.Random(_SEED + run * 7 + size)
+            rng = random.Random(SEED + run * 7 + size)
             offsets = [rng.randrange(0, len(self.data) - size) // 4096 * 4096 for _ in range(count)]
             self.step(f"run {run + 1}: {label} direct")
             lat = []
@@ -906,7 +493,7 @@ class _Bench:
                     self.log(f"[red]{exc}")
 
     def _mount_random(
-        self, mounter: _Mounter, run: int, label: str, size: int, offsets: list[int]
+        self, mounter: Mounter, run: int, label: str, size: int, offsets: list[int]
     ) -> None:
         cache = self.fresh_dir(f"cache-{mounter.name}")
         rel = self.key[len(self.store.prefix) :]
@@ -973,7 +560,7 @@ class _Bench:
                 self.results.mark_unavailable("seq write", mounter.name, str(exc))
                 self.log(f"[red]{mounter.name}: write failed: {exc}")
 
-    def _mount_write(self, mounter: _Mounter, run: int) -> None:
+    def _mount_write(self, mounter: Mounter, run: int) -> None:
         size = len(self.data)
         view = memoryview(self.data)
         cache = self.fresh_dir(f"cache-{mounter.name}")
@@ -999,7 +586,7 @@ class _Bench:
         self.setup_client.delete_object(Bucket=self.store.bucket, Key=key)
 
     def _rewrite_pieces(self, run: int) -> list[tuple[int, bytes]]:
-        rng = random.Random(_SEED + 1000 + run)
+        rng = random.Random(SEED + 1000 + run)
         size = len(self.data)
         pieces = []
         for _ in range(16):
@@ -1010,7 +597,7 @@ class _Bench:
             pieces.append((off, rng.randbytes(n)))
         return pieces
 
-    def _mount_rewrite(self, mounter: _Mounter, run: int, rel: str) -> None:
+    def _mount_rewrite(self, mounter: Mounter, run: int, rel: str) -> None:
         """``rewrite in place`` through ``mounter`` (the object ``rel`` holds ``self.data``)."""
         pieces = self._rewrite_pieces(run)
         key = self.store.prefix + rel
@@ -1094,7 +681,7 @@ class _Bench:
                 self.results.mark_unavailable("stat objects", mounter.name, str(exc))
                 self.log(f"[red]{mounter.name}: {exc}")
 
-    def _mount_metadata(self, mounter: _Mounter, run: int, n: int) -> None:
+    def _mount_metadata(self, mounter: Mounter, run: int, n: int) -> None:
         cache = self.fresh_dir(f"cache-{mounter.name}")
         with self.mount(mounter, cache) as mnt:
             t0 = time.perf_counter()
@@ -1116,7 +703,7 @@ class _Bench:
         cache = self.fresh_dir(f"cache-{mounter.name}")
         with self.mount(mounter, cache) as mnt:
             t0 = time.perf_counter()
-            out = run_cmd(["ls", "-l", str(mnt / "many")], timeout=_UNMOUNT_TIMEOUT)
+            out = run_cmd(["ls", "-l", str(mnt / "many")], timeout=_LS_TIMEOUT)
             dt = time.perf_counter() - t0
             lines = [ln for ln in out.stdout.splitlines() if not ln.startswith("total")]
             if out.returncode != 0 or len(lines) != n:
@@ -1169,7 +756,7 @@ class _Bench:
                 else f"fusionfs --chunk-size {kib}K"
             )
             self.step(f"run {run + 1}: read vs chunk size: {tool}")
-            mounter = _Fusionfs(self.store, ["--chunk-size", f"{kib}K"])
+            mounter = Fusionfs(self.store, ["--chunk-size", f"{kib}K"])
             cache = self.fresh_dir("cache-sweep")
             try:
                 with self.mount(mounter, cache) as mnt:
@@ -1294,7 +881,7 @@ class _Bench:
         self._check_small(listed, "direct LIST")
         self._parallel(get)
         self._record_small(_SMALL_READ, _DIRECT, run, time.perf_counter() - t0)
-        _delete_under(self.setup_client, bucket, prefix)
+        delete_under(self.setup_client, bucket, prefix)
 
         for mounter in self.mounters:
             self.step(f"run {run + 1}: small files, {mounter.name} create x {n}")
@@ -1306,7 +893,7 @@ class _Bench:
                 self.log(f"[red]{mounter.name}: {stage[0]}: {exc}")
             finally:
                 with contextlib.suppress(Exception):
-                    _delete_under(self.setup_client, bucket, f"{self.store.prefix}small-")
+                    delete_under(self.setup_client, bucket, f"{self.store.prefix}small-")
 
     def _read_small(self, path: Path, i: int, who: str) -> None:
         with open(path, "rb", buffering=0) as f:
@@ -1314,7 +901,7 @@ class _Bench:
         if got != self._small_body(i):
             raise MountError(f"{who}: {path.name} has wrong contents ({len(got)} bytes)")
 
-    def _mount_small(self, mounter: _Mounter, run: int, stage: list[str]) -> None:
+    def _mount_small(self, mounter: Mounter, run: int, stage: list[str]) -> None:
         """Creates the files through one mount, then reads them back through a fresh one;
         ``stage[0]`` says which scenario is going (for the error report)."""
         names = self._small_names()
@@ -1334,7 +921,7 @@ class _Bench:
             self._parallel(create)  # close returns once committed (fusionfs, s3fs)
             mounter.after_close_all(prefix, self.cfg.n_small, _SMALL_SIZE)  # rclone: uploaded
             dt = time.perf_counter() - t0
-        stored = _count_objects(self.setup_client, self.store.bucket, prefix, _SMALL_SIZE)
+        stored = count_objects(self.setup_client, self.store.bucket, prefix, _SMALL_SIZE)
         if stored != self.cfg.n_small:
             raise MountError(f"{mounter.name}: {stored} of {self.cfg.n_small} files in the bucket")
         self._record_small(_SMALL_CREATE, mounter.name, run, dt)
@@ -1362,62 +949,45 @@ class _Bench:
             self.small_files,
             self.read_sweeps,
         ]
-        with Steps(self.console, "fs", 1 + cfg.runs * len(phases)) as steps:
-            self._steps = steps
-            self.step("setting up")
+        with self.progress(1 + cfg.runs * len(phases)):
             try:
                 self.prepare()
                 self.advance()
                 for run in range(cfg.runs):
                     for phase in phases:
-                        try:
-                            phase(run)
-                        except (BenchError, KeyboardInterrupt):
-                            raise
-                        except Exception as exc:  # one failed phase must not lose the others
-                            note = f"run {run + 1}: {phase.__name__} failed: {exc!r}"[:400]
-                            self.results.notes.append(note)
-                            self.log(f"[red]{note}")
+                        what = f"run {run + 1}: {phase.__name__}"
+                        self.attempt(what, functools.partial(phase, run))
                         self.advance()
             finally:
                 self.unmount_all()
-                self._steps = None
+
+    def finish(self) -> None:
+        results, cfg = self.results, self.cfg
+        results.extra["verified"] = (
+            "64 sampled 4 KiB blocks per mounted read; every byte of every small file"
+        )
+        results.notes.append(
+            f"small files: {cfg.n_small} files of 4 KiB, {_SMALL_WORKERS} at a time for "
+            "every tool; create until durable (close commits; rclone: until a listing "
+            "shows all), read back = listdir + read each on a fresh mount, empty cache"
+        )
+        results.notes += small_files_summary(results)
+        results.notes += cpu_notes(results)
 
 
 def _settings(cfg: FsConfig) -> dict[str, Any]:
-    settings = asdict(cfg)
-    settings["out"] = str(cfg.out) if cfg.out else None
+    settings = {**asdict(cfg), **common_settings(cfg)}
     settings["size_bytes"] = cfg.size
     settings["n_objects"] = cfg.n_objects
     settings["n_small_files"] = cfg.n_small
     settings["small_file_bytes"] = _SMALL_SIZE
     settings["small_files_workers"] = _SMALL_WORKERS
-    settings["bandwidth_unit"] = "megabits per second per connection and direction"
-    settings["link_unit"] = "megabits per second, all connections together, per direction"
-    settings["seed"] = _SEED
+    settings["seed"] = SEED
     return settings
-
-
-def _remove_work_dir(work: Path, console: Console) -> None:
-    """Deletes the scratch directory, but never through a mount that is still there (that
-    would delete objects in the bucket): such mounts are lazily detached and left in place."""
-    mounts = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            target = line.split()[1].replace("\\040", " ")
-            if target.startswith(str(work) + "/"):
-                mounts.append(target)
-    if mounts:
-        for target in mounts:
-            run_cmd(["fusermount3", "-u", "-z", target], timeout=30)
-        console.print(f"[yellow]left {work} in place: {len(mounts)} mount(s) were still there")
-        return
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def run_fs(cfg: FsConfig, console: Console) -> int:
     """Runs the whole ``fs`` benchmark; returns the process exit status."""
-    out = cfg.out or Path(__file__).resolve().parent / "out" / timestamp()
     results = Results("fs", _settings(cfg))
     for scenario in ("seq read cold", "seq write", "rand read 4KiB", "rand read 1MiB"):
         results.references[scenario] = [_DIRECT, _DISK]
@@ -1430,50 +1000,31 @@ def run_fs(cfg: FsConfig, console: Console) -> int:
         results.references[scenario] = [_DIRECT]
     for scenario in (_SMALL_CREATE, _SMALL_READ):
         results.references[scenario] = [_DIRECT, _DISK]
-    work = Path(tempfile.mkdtemp(prefix="fusionfs-bench-"))
-    status = 0
-    try:
-        with _open_store(cfg, results, console) as store:
-            bench = _Bench(cfg, store, results, console, work)
+
+    def make(store: Store, work: Path) -> Bench:
+        bench = _Bench(cfg, store, results, console, work)
+        results.notes.append(
+            "local disk reads: page cache dropped (echo 3 > /proc/sys/vm/drop_caches)"
+            if bench.can_drop
+            else "local disk reads: O_DIRECT (could not drop the page cache)"
+        )
+        results.notes.append(
+            "cold reads: the server's copy is warmed by one unmeasured direct read per run; "
+            "the client side starts empty (fresh mount, empty cache dir)"
+        )
+        results.notes.append(
+            "warm reads: remount on the same cache dir after dropping the page cache; "
+            "references are the same run's cold direct and disk reads"
+        )
+        results.notes.append("MB = 10**6 bytes; ratios are per run, then median (min-max)")
+        if cfg.proxied:
             results.notes.append(
-                "local disk reads: page cache dropped (echo 3 > /proc/sys/vm/drop_caches)"
-                if bench.can_drop
-                else "local disk reads: O_DIRECT (could not drop the page cache)"
+                f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
+                f"{cfg.bandwidth_mbps} Mbit/s per connection, {cfg.link_mbps} Mbit/s for "
+                f"all connections together, error rate {cfg.error_rate}"
             )
-            results.notes.append(
-                "cold reads: the server's copy is warmed by one unmeasured direct read per run; "
-                "the client side starts empty (fresh mount, empty cache dir)"
-            )
-            results.notes.append(
-                "warm reads: remount on the same cache dir after dropping the page cache; "
-                "references are the same run's cold direct and disk reads"
-            )
-            results.notes.append("MB = 10**6 bytes; ratios are per run, then median (min-max)")
-            if cfg.proxied:
-                results.notes.append(
-                    f"through benchmarks.proxy: latency {cfg.latency_ms} ms, "
-                    f"{cfg.bandwidth_mbps} Mbit/s per connection, {cfg.link_mbps} Mbit/s for "
-                    f"all connections together, error rate {cfg.error_rate}"
-                )
-            try:
-                bench.run()
-            except KeyboardInterrupt:
-                results.notes.append("interrupted: partial results")
-                status = 130
-            results.extra["verified"] = (
-                "64 sampled 4 KiB blocks per mounted read; every byte of every small file"
-            )
-            results.notes.append(
-                f"small files: {cfg.n_small} files of 4 KiB, {_SMALL_WORKERS} at a time for "
-                "every tool; create until durable (close commits; rclone: until a listing "
-                "shows all), read back = listdir + read each on a fresh mount, empty cache"
-            )
-            results.notes += small_files_summary(results)
-            results.notes += cpu_notes(results)
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
-    finally:
-        _remove_work_dir(work, console)
-    results.write(out, console)
-    return status
+        return bench
+
+    return run_in_store(
+        cfg, results, console, work_prefix="fusionfs-bench-", out=out_dir(cfg), make=make
+    )

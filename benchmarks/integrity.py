@@ -27,8 +27,8 @@ from typing import Any
 
 from awscrt import checksums
 
-from benchmarks.fs import _mount_daemon_pid
 from benchmarks.harness import drop_page_cache, process_cpu_s
+from benchmarks.mounters import mount_daemon_pid
 from benchmarks.s3rver import LocalS3rver
 
 _MiB = 1 << 20
@@ -55,7 +55,7 @@ def _read_once(
     if mount.returncode != 0:
         raise SystemExit(f"error: fusionfs mount failed: {mount.stderr.strip()[-300:]}")
     try:
-        pid = _mount_daemon_pid(mnt)
+        pid = mount_daemon_pid(mnt)
         drop_page_cache()
         cpu0 = process_cpu_s(pid) if pid else None
         started = time.perf_counter()

@@ -52,8 +52,9 @@ Caveats:
 - The benchmark makes itself a child subreaper (``PR_SET_CHILD_SUBREAPER``) so that restored
   tasks, lazy-pages daemons and fusionfs daemons become its children and are reaped at once:
   PID 1 reaps orphans slowly here, and a restore needs the task's original PID free.
-- The store set-up (local s3rver, proxy, run prefix and its deletion) and the fusionfs mounter
-  are ``benchmarks.fs``'s, imported from there.
+- The store set-up (local s3rver, proxy, run prefix and its deletion) and the run's frame are
+  ``benchmarks.base``'s, shared with the fs benchmark; the fusionfs mounter is
+  ``benchmarks.mounters``'.
 - Needs root, FUSE, a CRIU >= 4.0 (``$CRIU``, PATH or /opt/fusionfs/criu/bin/criu) and
   userfaultfd for the lazy rows.
 """
@@ -63,6 +64,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import select
@@ -80,36 +82,36 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.fs import (
+from benchmarks.base import (
+    SEED,
+    Bench,
     BenchError,
-    FsConfig,
-    MountError,
-    _force_unmount,
-    _Fusionfs,
-    _open_store,
-    _remove_work_dir,
-    _Store,
+    Store,
+    StoreSettings,
+    common_settings,
+    delete_under,
+    out_dir,
+    proxy_address,
+    proxy_args,
+    run_in_store,
 )
 from benchmarks.harness import (
     CpuMeter,
-    Measurement,
     ProxyProcess,
     Results,
-    Steps,
     cpu_parts,
     cpu_per_gib,
     drop_page_cache,
     last_line,
     run_cmd,
-    timestamp,
 )
+from benchmarks.mounters import Fusionfs, MountError, force_unmount
 from fusionfs import layout as _layout
 
 __all__ = ["SnapConfig", "run_snap"]
 
 _MIB = 1 << 20
 _GIB = 1 << 30
-_SEED = 20240601
 _REPO = Path(__file__).resolve().parent.parent
 _MEMTASK = _REPO / "tests" / "snap" / "memtask.py"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -155,24 +157,11 @@ _SERIES = "resume vs latency"  # scenario prefix of the resume-against-latency s
 
 
 @dataclass
-class SnapConfig:
-    endpoint_url: str | None = None
-    bucket: str | None = None
-    latency_ms: float = 0.0
-    bandwidth_mbps: float = 0.0
-    error_rate: float = 0.0
-    link_mbps: float = 0.0
-    runs: int = 3
-    out: Path | None = None
-    quick: bool = False
+class SnapConfig(StoreSettings):
     memory: str = "random"  # memtask --content: random or fastq
     dump_only: bool = False  # only the snapstore dumps (full, then incremental)
     sizes_mib: list[int] = field(default_factory=list)
     resume_latencies_ms: list[float] = field(default_factory=list)
-
-    @property
-    def proxied(self) -> bool:
-        return bool(self.latency_ms or self.bandwidth_mbps or self.link_mbps or self.error_rate)
 
     def wanted_sizes(self) -> list[int]:
         if self.sizes_mib:
@@ -185,19 +174,6 @@ class SnapConfig:
         if self.resume_latencies_ms:
             return sorted(set(self.resume_latencies_ms))
         return sorted({0.0, self.latency_ms}) if self.latency_ms else [0.0, 30.0]
-
-    def store_config(self) -> FsConfig:
-        """The part of the settings that ``benchmarks.fs`` needs to open the store."""
-        return FsConfig(
-            endpoint_url=self.endpoint_url,
-            bucket=self.bucket,
-            latency_ms=self.latency_ms,
-            bandwidth_mbps=self.bandwidth_mbps,
-            link_mbps=self.link_mbps,
-            error_rate=self.error_rate,
-            runs=self.runs,
-            quick=self.quick,
-        )
 
 
 def _label(mib: int) -> str:
@@ -295,11 +271,14 @@ class _RunFailed(Exception):
     """One step of one run failed: recorded, and the run goes on where it can."""
 
 
-class _Bench:
+class _Bench(Bench):
+    name = "snap"
+    row_format = "{scenario:<18} {tool:<40} run {run}: {value:9.3f} {unit}"
+
     def __init__(
         self,
         cfg: SnapConfig,
-        store: _Store,
+        store: Store,
         results: Results,
         console: Console,
         work: Path,
@@ -308,19 +287,16 @@ class _Bench:
         from snapstore.criu import find_criu
         from snapstore.errors import CriuUnavailable
 
+        super().__init__(store, results, console, work)
         self.cfg = cfg
-        self.store = store
-        self.results = results
-        self.console = console
-        self.work = work
         self.sizes = sizes
         try:
             self.criu = find_criu()
         except CriuUnavailable as exc:
             raise BenchError(str(exc)) from None
-        self.fusionfs = _Fusionfs(store)
+        self.fusionfs = Fusionfs(store)
         # latency (ms) -> a fusionfs mounter whose endpoint adds it (the run's own: self.fusionfs)
-        self.latency_mounters: dict[float, _Fusionfs] = {}
+        self.latency_mounters: dict[float, Fusionfs] = {}
         self.snapstore = [sys.executable, "-m", "snapstore"]
         self.client = store.client(pool=_THREADS * 2)
         self.setup_client = store.client(store.setup_url, pool=_THREADS * 2)
@@ -332,30 +308,8 @@ class _Bench:
         self.last_wall = 0.0  # wall time of the last snapstore restore command
         self.live: set[int] = set()  # tasks we must kill and reap in the end
         self.mounts: list[tuple[Path, int]] = []  # (mountpoint, daemon pid)
-        self._steps: Steps | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
-
-    def record(
-        self, scenario: str, tool: str, run: int, value: float, unit: str, **extras: float
-    ) -> None:
-        self.results.add(Measurement(scenario, tool, run, value, unit, dict(extras)))
-        detail = "".join(f", {k} {v:.3g}" for k, v in extras.items())
-        self.log(f"{scenario:<18} {tool:<40} run {run + 1}: {value:9.3f} {unit}{detail}")
-
-    def log(self, text: str) -> None:
-        if self._steps is not None:
-            self._steps.log(text)
-        else:
-            self.console.print(text)
-
-    def step(self, text: str) -> None:
-        if self._steps is not None:
-            self._steps.step(text)
-
-    def advance(self) -> None:
-        if self._steps is not None:
-            self._steps.advance()
 
     def env(self) -> dict[str, str]:
         env = dict(self.store.env)
@@ -372,13 +326,13 @@ class _Bench:
     # -- mounts --------------------------------------------------------------------------
 
     def cpu(self, mountpoint: Path | None = None) -> CpuMeter:
-        """``_Store.cpu_meter`` with the daemon of our mount at ``mountpoint``: children are
+        """``Store.cpu_meter`` with the daemon of our mount at ``mountpoint``: children are
         ``snapstore`` and its CRIU, or CRIU alone."""
         daemons = [daemon for mnt, daemon in self.mounts if mnt == mountpoint and daemon]
         return self.store.cpu_meter(daemons[0] if daemons else None)
 
     @contextlib.contextmanager
-    def mount(self, name: str, mounter: _Fusionfs | None = None) -> Iterator[Path]:
+    def mount(self, name: str, mounter: Fusionfs | None = None) -> Iterator[Path]:
         """A fresh fusionfs mount of the run prefix with an empty cache dir."""
         from fusionfs import client
 
@@ -391,7 +345,7 @@ class _Bench:
         try:
             fusionfs.mount(mountpoint, cache)
         except BaseException:
-            _force_unmount(mountpoint)
+            force_unmount(mountpoint)
             raise
         info = client.find_mount(mountpoint)
         entry = (mountpoint, info.pid if info else 0)
@@ -427,7 +381,7 @@ class _Bench:
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir()
         argv = [sys.executable, str(_MEMTASK), "--state", str(state), "--mib", str(mib)]
-        argv += ["--seed", str(_SEED % 1000 + mib), "--content", self.cfg.memory]
+        argv += ["--seed", str(SEED % 1000 + mib), "--content", self.cfg.memory]
         with open(state / "log", "wb") as log:
             # setsid and stdio to files: CRIU dumps a session leader with no terminal.
             proc = subprocess.Popen(
@@ -585,11 +539,7 @@ class _Bench:
             list(pool.map(put, jobs))
 
     def delete_under(self, key_prefix: str) -> None:
-        paginator = self.setup_client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key_prefix):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                self.setup_client.delete_objects(Bucket=self.store.bucket, Delete={"Objects": keys})
+        delete_under(self.setup_client, self.store.bucket, key_prefix)
 
     def _snapshot_objects(self, key_prefix: str) -> list[tuple[str, int]]:
         """(key, size) of every object a restore of the snapshots under ``key_prefix`` reads:
@@ -884,7 +834,7 @@ class _Bench:
 
         from benchmarks.snapmem import memory_sample
 
-        sample = memory_sample(self.cfg.memory, _SEED % 1000 + mib, _CEILING_SAMPLE_MIB)
+        sample = memory_sample(self.cfg.memory, SEED % 1000 + mib, _CEILING_SAMPLE_MIB)
         chunk = 128 << 10
         view = memoryview(sample)
         pieces = [view[o : o + chunk] for o in range(0, len(sample), chunk)]
@@ -1112,7 +1062,7 @@ class _Bench:
         run: int,
         label: str,
         latency: float | None = None,
-        mounter: _Fusionfs | None = None,
+        mounter: Fusionfs | None = None,
     ) -> float:
         """``snapstore restore`` on a fresh mount with an empty cache; returns resume_s.
 
@@ -1239,9 +1189,7 @@ class _Bench:
 
     def run(self) -> None:
         cfg = self.cfg
-        with Steps(self.console, "snap", 2 * cfg.runs * len(self.sizes)) as steps:
-            self._steps = steps
-            self.step("setting up")
+        with self.progress(2 * cfg.runs * len(self.sizes)):
             proxies = contextlib.ExitStack()
             try:
                 reason = self.fusionfs.unavailable()
@@ -1251,13 +1199,8 @@ class _Bench:
                 for mib in self.sizes:
                     for run in range(cfg.runs):
                         try:
-                            self.one_run(mib, run)
-                        except (BenchError, KeyboardInterrupt):
-                            raise
-                        except Exception as exc:  # one failed run must not lose the others
-                            note = f"{_label(mib)} run {run + 1} failed: {exc}"[:500]
-                            self.results.notes.append(note)
-                            self.log(f"[red]{note}")
+                            what = f"{_label(mib)} run {run + 1}"
+                            self.attempt(what, functools.partial(self.one_run, mib, run))
                         finally:
                             self.kill_all()
             finally:
@@ -1270,14 +1213,16 @@ class _Bench:
                             _reap(daemon, 10)
                 self.mounts.clear()
                 proxies.close()
-                self._steps = None
+
+    def finish(self) -> None:
+        _add_summary_notes(self.results)
+        _add_cpu_notes(self.results)
+        _add_window_fit(self.results, self.cfg)
 
     def open_latency_endpoints(self, stack: contextlib.ExitStack) -> None:
         """One endpoint per latency of the resume series other than the run's own: the server
         itself for 0 ms when nothing else is emulated, else a proxy with that latency and the
         run's bandwidth cap and error rate (closed by ``stack``)."""
-        import urllib.parse
-
         cfg = self.cfg
         for latency in cfg.resume_latencies():
             if latency == cfg.latency_ms:
@@ -1285,20 +1230,17 @@ class _Bench:
             if latency == 0 and not cfg.bandwidth_mbps and not cfg.link_mbps and not cfg.error_rate:
                 url = self.store.setup_url
             else:
-                parsed = urllib.parse.urlsplit(self.store.setup_url)
-                if parsed.scheme != "http" or parsed.hostname is None:
+                address = proxy_address(self.store.setup_url)
+                if address is None:
                     self.results.notes.append(
                         f"resume at {latency:g} ms skipped: the proxy needs an http endpoint"
                     )
                     continue
-                args = ["--latency-ms", str(latency), "--bandwidth-mbps", str(cfg.bandwidth_mbps)]
-                args += ["--link-mbps", str(cfg.link_mbps)]
-                args += ["--error-rate", str(cfg.error_rate), "--seed", str(_SEED)]
-                proxy = ProxyProcess((parsed.hostname, parsed.port or 80), args)
+                proxy = ProxyProcess(address, proxy_args(cfg, latency))
                 stack.callback(self._keep_proxy_stats, proxy, latency)
                 stack.enter_context(proxy)
                 url = proxy.endpoint_url
-            self.latency_mounters[latency] = _Fusionfs(replace(self.store, url=url))
+            self.latency_mounters[latency] = Fusionfs(replace(self.store, url=url))
 
     def _keep_proxy_stats(self, proxy: ProxyProcess, latency: float) -> None:
         """Runs after the proxy stopped: its counters go into results.json."""
@@ -1307,12 +1249,9 @@ class _Bench:
 
 
 def _settings(cfg: SnapConfig, sizes: list[int]) -> dict[str, Any]:
-    settings = asdict(cfg)
-    settings["out"] = str(cfg.out) if cfg.out else None
+    settings = {**asdict(cfg), **common_settings(cfg)}
     settings["sizes_mib_run"] = sizes
     settings["resume_latencies_ms"] = cfg.resume_latencies()
-    settings["bandwidth_unit"] = "megabits per second per connection and direction"
-    settings["link_unit"] = "megabits per second, all connections together, per direction"
     settings["threads"] = _THREADS
     settings["multipart_part_bytes"] = _PART
     settings["put_object_bytes"] = _PIECE
@@ -1347,7 +1286,7 @@ def _preflight() -> None:
 
 def run_snap(cfg: SnapConfig, console: Console) -> int:
     """Runs the whole ``snap`` benchmark; returns the process exit status."""
-    out = cfg.out or Path(__file__).resolve().parent / "out" / f"snap-{timestamp()}"
+    out = out_dir(cfg, "snap-")
     try:
         _preflight()
     except BenchError as exc:
@@ -1364,28 +1303,14 @@ def run_snap(cfg: SnapConfig, console: Console) -> int:
             "could not become a child subreaper: restored tasks are reaped by PID 1 (slowly)"
         )
     _compile_bytecode()
-    work = Path(tempfile.mkdtemp(prefix="snapstore-bench-"))
-    status = 0
-    try:
-        with _open_store(cfg.store_config(), results, console) as store:
-            bench = _Bench(cfg, store, results, console, work, sizes)
-            results.extra["criu"] = {"path": str(bench.criu.path), "version": bench.criu.version}
-            results.notes += _notes(cfg, bench.can_drop)
-            try:
-                bench.run()
-            except KeyboardInterrupt:
-                results.notes.append("interrupted: partial results")
-                status = 130
-    except BenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
-    finally:
-        _remove_work_dir(work, console)
-    _add_summary_notes(results)
-    _add_cpu_notes(results)
-    _add_window_fit(results, cfg)
-    results.write(out, console)
-    return status
+
+    def make(store: Store, work: Path) -> Bench:
+        bench = _Bench(cfg, store, results, console, work, sizes)
+        results.extra["criu"] = {"path": str(bench.criu.path), "version": bench.criu.version}
+        results.notes += _notes(cfg, bench.can_drop)
+        return bench
+
+    return run_in_store(cfg, results, console, work_prefix="snapstore-bench-", out=out, make=make)
 
 
 def _compile_bytecode() -> None:
@@ -1439,19 +1364,18 @@ def _add_window_fit(results: Results, cfg: SnapConfig) -> None:
     """The reclamation-window table (benchmarks/window.py) as its own section of results.md."""
     from benchmarks import window
 
-    link = {"bandwidth_mbps": cfg.bandwidth_mbps, "connections": _THREADS,
-            "link_mbps": cfg.link_mbps}
-    rows = window.fit_rows(results.measurements, **link)
+    link = {"bandwidth_mbps": cfg.bandwidth_mbps, "link_mbps": cfg.link_mbps}
+    rows = window.fit_rows(results.measurements, connections=_THREADS, **link)
     if rows:
-        results.sections.append(window.markdown(rows, **link))
+        results.sections.append(window.markdown(rows, connections=_THREADS, **link))
         results.extra["window_fit"] = [asdict(row) for row in rows]
     # the same table for incremental snapshots (10 % of the memory changed since the last)
     incremental = [
         replace(m, tool=_OURS) for m in results.measurements if m.tool == _INC
     ] + [m for m in results.measurements if m.tool != _OURS and m.tool != _INC]
-    rows = window.fit_rows(incremental, **link)
+    rows = window.fit_rows(incremental, connections=_THREADS, **link)
     if rows:
-        text = window.markdown(rows, **link)
+        text = window.markdown(rows, connections=_THREADS, **link)
         results.sections.append(
             text.replace(
                 "## Reclamation window fit",

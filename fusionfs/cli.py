@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                    "docs/SEMANTICS.md S-READ-4)")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users access the mount")
-    m.add_argument("--metadata-ttl", type=float, default=1.0, dest="attr_timeout",
+    m.add_argument("--metadata-ttl", type=float, default=1.0,
                    help="seconds attributes and listings are trusted (default 1)")
     m.add_argument("--store-timeout", type=float, default=60.0,
                    help="seconds before a store call that does not answer fails with EIO")
@@ -145,10 +145,10 @@ def _config(args: argparse.Namespace) -> MountConfig:
         cache_size=args.cache_size, cache_min_free=args.cache_min_free,
         chunk_size=args.chunk_size, request_size=args.read_request_size,
         max_readahead=args.max_readahead, part_size=args.part_size,
-        upload_slots=args.upload_concurrency, endpoint_url=args.endpoint_url,
+        upload_concurrency=args.upload_concurrency, endpoint_url=args.endpoint_url,
         region=args.region, read_only=args.read_only, direct_io=args.direct_io,
         allow_other=args.allow_other,
-        attr_timeout=args.attr_timeout, call_timeout=args.store_timeout, sse=args.sse,
+        metadata_ttl=args.metadata_ttl, call_timeout=args.store_timeout, sse=args.sse,
         sse_kms_key_id=args.sse_kms_key_id, sign_payload=args.sign_payload,
         log_file=args.log_file or (None if args.foreground else cache_dir / "fusionfs.log"),
     )

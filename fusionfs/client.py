@@ -1,7 +1,8 @@
 """The public API for programs that use a running fusionfs mount (snapstore, the CLI, tests).
 
 A mount answers on its root directory through extended attributes, so no socket or extra file
-is needed and the answer always comes from the daemon serving that exact mount:
+is needed and the answer always comes from the daemon serving that exact mount (the names are
+in ``fusionfs.xattrs``; ``fusionfs.control`` answers them):
 
 - ``getxattr(root, "user.fusionfs.info")``: JSON about the mount (pid, source, cache dir, ...);
 - ``getxattr(root, "user.fusionfs.stats")``: JSON counters since mount;
@@ -14,7 +15,8 @@ is needed and the answer always comes from the daemon serving that exact mount:
 - ``setxattr(dir, "user.fusionfs.no-cache", b"1")``: what reads of files below ``dir`` fetch is
   not written to the chunk cache; the page cache is used as usual (S-READ-6).
 - ``setxattr(dir, "user.fusionfs.layout", b"chunked")``: new files below ``dir`` are stored in
-  the chunked layout (compressed, de-duplicated, in shared packs); persisted (S-CHUNK-1).
+  the chunked layout (compressed, de-duplicated, in shared packs); persisted (S-CHUNK-1);
+  ``getxattr`` of it says which layout is in force.
 - ``setxattr(dir, "user.fusionfs.dedup-from", b"<dir relative to the mount root>")``: files
   written next de-duplicate against the chunked files of that directory (S-CHUNK-6).
 - ``getxattr(dir, "user.fusionfs.chunk-stats")``: JSON of what chunked commits stored in
@@ -34,6 +36,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fusionfs import xattrs
+
 __all__ = [
     "MountInfo",
     "chunk_stats",
@@ -41,6 +45,7 @@ __all__ = [
     "dedup_from",
     "find_mount",
     "flush",
+    "layout_of",
     "mount_root",
     "set_layout",
     "set_no_cache",
@@ -49,18 +54,6 @@ __all__ = [
     "stats",
     "verify",
 ]
-
-_INFO = "user.fusionfs.info"
-_STATS = "user.fusionfs.stats"
-_FLUSH = "user.fusionfs.flush"
-_WRITE_BEHIND = "user.fusionfs.write-behind"
-_READ_ONCE = "user.fusionfs.read-once"
-_NO_CACHE = "user.fusionfs.no-cache"
-_LAYOUT = "user.fusionfs.layout"
-_DEDUP_FROM = "user.fusionfs.dedup-from"
-_CHUNK_STATS = "user.fusionfs.chunk-stats"
-_GC = "user.fusionfs.gc"
-_VERIFY = "user.fusionfs.verify"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +86,7 @@ def find_mount(path: str | os.PathLike[str]) -> MountInfo | None:
     """The fusionfs mount that ``path`` is on, or None if it is on some other filesystem."""
     root = mount_root(path)
     try:
-        info = _getxattr_json(root, _INFO)
+        info = _getxattr_json(root, xattrs.INFO)
     except (OSError, ValueError):
         return None
     return MountInfo(
@@ -104,7 +97,7 @@ def find_mount(path: str | os.PathLike[str]) -> MountInfo | None:
 
 def stats(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """Counters since mount. Raises OSError if ``mountpoint`` is not a fusionfs mount."""
-    return _getxattr_json(mount_root(mountpoint), _STATS)
+    return _getxattr_json(mount_root(mountpoint), xattrs.STATS)
 
 
 def flush(path: str | os.PathLike[str]) -> None:
@@ -112,7 +105,7 @@ def flush(path: str | os.PathLike[str]) -> None:
 
     Raises OSError (EIO) when some data could not be made durable; that data stays staged.
     """
-    os.setxattr(mount_root(path), _FLUSH, b"")
+    os.setxattr(mount_root(path), xattrs.FLUSH, b"")
 
 
 def set_write_behind(directory: str | os.PathLike[str], enabled: bool = True) -> None:
@@ -123,7 +116,7 @@ def set_write_behind(directory: str | os.PathLike[str], enabled: bool = True) ->
     of one close at a time. Kept in memory by the mount while the directory is in use.
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
-    os.setxattr(directory, _WRITE_BEHIND, b"1" if enabled else b"0")
+    os.setxattr(directory, xattrs.WRITE_BEHIND, b"1" if enabled else b"0")
 
 
 def set_read_once(directory: str | os.PathLike[str], enabled: bool = True) -> None:
@@ -135,7 +128,7 @@ def set_read_once(directory: str | os.PathLike[str], enabled: bool = True) -> No
     is in use.
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
-    os.setxattr(directory, _READ_ONCE, b"1" if enabled else b"0")
+    os.setxattr(directory, xattrs.READ_ONCE, b"1" if enabled else b"0")
 
 
 def set_no_cache(directory: str | os.PathLike[str], enabled: bool = True) -> None:
@@ -147,14 +140,20 @@ def set_no_cache(directory: str | os.PathLike[str], enabled: bool = True) -> Non
     in memory by the mount while the directory is in use.
     Raises OSError if ``directory`` is not a directory on a fusionfs mount.
     """
-    os.setxattr(directory, _NO_CACHE, b"1" if enabled else b"0")
+    os.setxattr(directory, xattrs.NO_CACHE, b"1" if enabled else b"0")
 
 
 def set_layout(directory: str | os.PathLike[str], layout: str = "chunked") -> None:
     """Store new files below ``directory`` in ``layout`` ("chunked" or "plain"). Persisted in
     the directory's marker object, so every mount of the bucket sees it.
     Raises OSError if ``directory`` is not a directory on a fusionfs mount."""
-    os.setxattr(directory, _LAYOUT, layout.encode())
+    os.setxattr(directory, xattrs.LAYOUT, layout.encode())
+
+
+def layout_of(directory: str | os.PathLike[str]) -> str:
+    """The layout of new files below ``directory``: "chunked" or "plain".
+    Raises OSError if ``directory`` is not a directory on a fusionfs mount."""
+    return os.getxattr(directory, xattrs.LAYOUT).decode()
 
 
 def dedup_from(directory: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
@@ -163,14 +162,14 @@ def dedup_from(directory: str | os.PathLike[str], source: str | os.PathLike[str]
     store per chunk. Raises OSError (ENOENT if ``source`` does not exist)."""
     root = mount_root(directory)
     rel = os.path.relpath(os.path.realpath(source), root)
-    os.setxattr(directory, _DEDUP_FROM, rel.encode())
+    os.setxattr(directory, xattrs.DEDUP_FROM, rel.encode())
 
 
 def chunk_stats(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What chunked commits of files directly in ``directory`` stored since the mount started:
     ``files``, ``logical_bytes``, ``stored_bytes`` (their manifests' chunks), and
     ``new_stored_bytes`` (what was uploaded for them, de-duplication and compression done)."""
-    result: dict[str, Any] = json.loads(os.getxattr(directory, _CHUNK_STATS))
+    result: dict[str, Any] = json.loads(os.getxattr(directory, xattrs.CHUNK_STATS))
     return result
 
 
@@ -182,8 +181,8 @@ def collect_garbage(
     an earlier run at least ``grace_seconds`` before are deleted (two phases: space comes back
     one run later). Returns the run's counts. Raises OSError."""
     root = mount_root(path)
-    os.setxattr(root, _GC, f"{grace_seconds:g}".encode())
-    return _getxattr_json(root, _GC)
+    os.setxattr(root, xattrs.GC, f"{grace_seconds:g}".encode())
+    return _getxattr_json(root, xattrs.GC)
 
 
 def verify(
@@ -194,6 +193,6 @@ def verify(
     Raises ``OSError`` when the check could not run (EINVAL: not a committed file; EOPNOTSUPP:
     an older fusionfs; EIO: the store could not be asked)."""
     value = mode if start is None else f"{mode} {start} {end if end is not None else ''}"
-    os.setxattr(path, _VERIFY, value.strip().encode())
-    result: dict[str, Any] = json.loads(os.getxattr(path, _VERIFY))
+    os.setxattr(path, xattrs.VERIFY, value.strip().encode())
+    result: dict[str, Any] = json.loads(os.getxattr(path, xattrs.VERIFY))
     return result

@@ -10,7 +10,7 @@ body is the target and whose ``mode`` metadata has ``S_IFLNK`` (s3fs's conventio
 read each other's links). ``mode``, ``uid``, ``gid`` and (once set by ``utimens``) ``mtime`` live
 in user metadata, s3fs-compatible. When a key and a prefix share a name, the directory wins.
 
-Caches: an inode's attributes are trusted for ``attr_timeout`` seconds after the store was last
+Caches: an inode's attributes are trusted for ``metadata_ttl`` seconds after the store was last
 asked (HEAD or LIST), then asked again on the next lookup/getattr/open, so changes made by other
 clients show up after that; the kernel gets the same lifetime. Attributes that came from a LIST
 only (no metadata) are handed to the kernel with a zero lifetime, so ``stat`` asks us (and we
@@ -29,7 +29,6 @@ import dataclasses
 import decimal
 import enum
 import functools
-import json
 import logging
 import os
 import stat
@@ -40,6 +39,7 @@ from typing import Any, NewType, TypeVar
 import trio
 
 from fusionfs.chunked import DIR_LAYOUT_METADATA
+from fusionfs.control import Control
 from fusionfs.errors import (
     Exists,
     FileTooLarge,
@@ -47,11 +47,9 @@ from fusionfs.errors import (
     InvalidArgument,
     IsADirectory,
     NameTooLong,
-    NoData,
     NoEntry,
     NotADirectory,
     NotEmpty,
-    OperationNotSupported,
     ReadOnly,
     Stale,
     UploadFailed,
@@ -62,7 +60,6 @@ from fusionfs.layout import (
     LAYOUT_CHUNKED,
     LAYOUT_METADATA,
     SIZE_METADATA,
-    collect_garbage,
     logical_size,
 )
 from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
@@ -78,7 +75,6 @@ from fusionfs.store.base import (
     StoreError,
     iter_list,
 )
-from fusionfs.verify import verify_object
 from fusionfs.writer import StagedFile, Uploader
 
 __all__ = ["ROOT_INODE", "Filesystem", "FsConfig", "Handle", "Inode", "InodeNo", "Kind"]
@@ -90,18 +86,6 @@ InodeNo = NewType("InodeNo", int)
 FileHandleNo = NewType("FileHandleNo", int)
 ROOT_INODE = InodeNo(1)
 
-CONTROL_INFO = b"user.fusionfs.info"
-CONTROL_STATS = b"user.fusionfs.stats"
-CONTROL_FLUSH = b"user.fusionfs.flush"
-CONTROL_WRITE_BEHIND = b"user.fusionfs.write-behind"
-CONTROL_READ_ONCE = b"user.fusionfs.read-once"
-CONTROL_NO_CACHE = b"user.fusionfs.no-cache"
-CONTROL_LAYOUT = b"user.fusionfs.layout"
-CONTROL_DEDUP_FROM = b"user.fusionfs.dedup-from"
-CONTROL_CHUNK_STATS = b"user.fusionfs.chunk-stats"
-CONTROL_GC = b"user.fusionfs.gc"
-CONTROL_VERIFY = b"user.fusionfs.verify"  # S-CHUNK-10: fusionfs/verify.py
-_VERIFY_MODES = (b"quick", b"manifest", b"full")
 _RESERVED = os.fsencode(FUSION_PREFIX.rstrip("/"))  # hidden at the root (S-CHUNK-4)
 
 #: files up to this size (as last listed) are looked up with a GET that also brings their bytes
@@ -161,7 +145,7 @@ _KIND_OF_TYPE = {k.value: k for k in Kind if k is not Kind.DIR}
 
 @dataclasses.dataclass
 class FsConfig:
-    attr_timeout: float = 1.0
+    metadata_ttl: float = 1.0
     read_only: bool = False
     direct_io: bool = False  # read-only and write-only opens bypass the page cache (S-READ-4)
     uid: int = dataclasses.field(default_factory=os.getuid)
@@ -285,9 +269,8 @@ class Filesystem:
         self._probing: dict[tuple[InodeNo, bytes], trio.Event] = {}  # names being probed
         self._scans: dict[InodeNo, _Scan] = {}  # directories whose entries are probed ahead
         self._next_fh = 1
-        self._gc_lock = trio.Lock()
-        self._last_gc: dict[str, int] = {}
-        self._verified: dict[InodeNo, bytes] = {}  # the last user.fusionfs.verify result
+        self._control = Control(self, root=ROOT_INODE, store=store, chunks=chunks,
+                                limiter=limiter)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
@@ -313,7 +296,7 @@ class Filesystem:
         )
 
     def _fresh(self, inode: Inode) -> bool:
-        return trio.current_time() - inode.validated < self.cfg.attr_timeout
+        return trio.current_time() - inode.validated < self.cfg.metadata_ttl
 
     def inode(self, ino: int) -> Inode:
         try:
@@ -530,7 +513,7 @@ class Filesystem:
         """
         file_key = self._child_key(parent, name, Kind.FILE)
         dir_key = Key(file_key + "/")
-        listing_fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
+        listing_fresh = trio.current_time() - parent.listed_at < self.cfg.metadata_ttl
         dir_first = known_dir or (listing_fresh and name in parent.listed_dirs)
         if not dir_first:
             try:
@@ -593,7 +576,7 @@ class Filesystem:
         ):
             # A name this mount has not seen, in a directory it has listed (or made) before:
             # usually a file about to be created. One LIST of the directory answers this
-            # lookup and every other one in the next attr_timeout, where a probe costs a HEAD
+            # lookup and every other one in the next metadata_ttl, where a probe costs a HEAD
             # and a LIST per name, each under the kernel's lock of the directory (S-MAP-7).
             await self._relist(parent)
             child = self._known_child(parent, name)
@@ -720,7 +703,7 @@ class Filesystem:
                 for i, name in enumerate(scan.names):
                     while i > scan.reached + _SCAN_AHEAD and not scan.stop:
                         moved = scan.moved
-                        with trio.move_on_after(max(self.cfg.attr_timeout, 1.0)) as idle:
+                        with trio.move_on_after(max(self.cfg.metadata_ttl, 1.0)) as idle:
                             await moved.wait()
                         if idle.cancelled_caught:
                             scan.stop = True
@@ -910,7 +893,7 @@ class Filesystem:
 
     def _absent_from_listing(self, parent: Inode, name: bytes) -> bool:
         """The parent's listing is fresh and does not have ``name``."""
-        fresh = trio.current_time() - parent.listed_at < self.cfg.attr_timeout
+        fresh = trio.current_time() - parent.listed_at < self.cfg.metadata_ttl
         return fresh and name not in parent.listed_names
 
     async def _ensure_absent(self, parent: Inode, name: bytes) -> None:
@@ -1560,144 +1543,16 @@ class Filesystem:
             return False
         return True
 
-    # -- control interface (xattrs on the root) ---------------------------------------------------
+    # -- extended attributes: only the control interface (fusionfs/control.py) ----------------
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        inode = self.inode(ino)
-        if name == CONTROL_WRITE_BEHIND and inode.kind is Kind.DIR:
-            return b"1" if inode.write_behind else b"0"
-        if name == CONTROL_READ_ONCE and inode.kind is Kind.DIR:
-            return b"1" if inode.read_once else b"0"
-        if name == CONTROL_NO_CACHE and inode.kind is Kind.DIR:
-            return b"1" if inode.no_cache else b"0"
-        if name == CONTROL_LAYOUT and inode.kind is Kind.DIR:
-            return b"chunked" if inode.layout_chunked else b"plain"
-        if ino == ROOT_INODE and name == CONTROL_GC:
-            return json.dumps(self._last_gc).encode()
-        if name == CONTROL_CHUNK_STATS and inode.kind is Kind.DIR:
-            d = self._chunks.chunked.dirs.get(self.key_of(inode))
-            return json.dumps(d.as_dict() if d is not None else {}).encode()
-        if name == CONTROL_VERIFY and inode.ino in self._verified:
-            return self._verified[inode.ino]
-        if ino == ROOT_INODE and name == CONTROL_INFO:
-            return json.dumps(dict(self.cfg.info)).encode()
-        if ino == ROOT_INODE and name == CONTROL_STATS:
-            return json.dumps(self.stats.as_dict()).encode()
-        raise NoData(name.decode(errors="replace"))
+        return self._control.getxattr(ino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
         self.inode(ino)
         return []
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        inode = self.inode(ino)
-        if ino == ROOT_INODE and name == CONTROL_FLUSH:
-            await self.flush_all()
-            return
-        if name == CONTROL_WRITE_BEHIND:
-            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
-                raise InvalidArgument("write-behind is set on a directory, to 0 or 1")
-            inode.write_behind = value == b"1"
-            return
-        if name == CONTROL_READ_ONCE:
-            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
-                raise InvalidArgument("read-once is set on a directory, to 0 or 1")
-            inode.read_once = value == b"1"
-            return
-        if name == CONTROL_NO_CACHE:
-            if inode.kind is not Kind.DIR or value not in (b"0", b"1"):
-                raise InvalidArgument("no-cache is set on a directory, to 0 or 1")
-            inode.no_cache = value == b"1"
-            return
-        if name == CONTROL_LAYOUT:
-            await self._set_layout(inode, value)
-            return
-        if name == CONTROL_DEDUP_FROM:
-            await self._dedup_from(inode, value)
-            return
-        if ino == ROOT_INODE and name == CONTROL_GC:
-            await self._collect_garbage(value)
-            return
-        if name == CONTROL_VERIFY:
-            await self._verify(inode, value)
-            return
-        raise OperationNotSupported("extended attributes are not stored")
-
-    async def _set_layout(self, inode: Inode, value: bytes) -> None:
-        """Mark a directory chunked or plain, persisted in its marker's metadata (S-CHUNK-1)."""
-        if inode.kind is not Kind.DIR or value not in (b"chunked", b"plain"):
-            raise InvalidArgument("layout is set on a directory, to 'chunked' or 'plain'")
-        self._writable()
-        if inode.ino == ROOT_INODE:  # the prefix root has no marker: kept in memory only
-            inode.layout_chunked = value == b"chunked"
-            return
-        key = self.key_of(inode)
-        await self._learn_dir_metadata(inode)  # keep the marker's mode and owner
-        inode.layout_chunked = value == b"chunked"
-        await self._call(self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}")
-
-    async def _dedup_from(self, inode: Inode, value: bytes) -> None:
-        """Prime the chunk index from the manifests of the files in another directory (a path
-        relative to the mount root), so that files written next de-duplicate against them."""
-        if inode.kind is not Kind.DIR:
-            raise InvalidArgument("dedup-from is set on a directory")
-        source = self.inode(ROOT_INODE)
-        for part in value.strip(b"/").split(b"/"):
-            if part:
-                source = await self._resolve(source, part)
-        if source.kind is not Kind.DIR:
-            raise NotADirectory(os.fsdecode(value))
-        prefix = self.key_of(source)
-        result = await run_store_call(
-            functools.partial(self._chunks.chunked.prime_from, prefix), limiter=self._limiter,
-            timeout=max(self.cfg.call_timeout, 300.0), what=f"dedup-from {prefix}",
-        )
-        log.info("dedup index primed from %s: %s", prefix, result)
-
-    async def _verify(self, inode: Inode, value: bytes) -> None:
-        """Check a committed file against the store, past every cache (S-CHUNK-10); the result
-        is what ``getxattr(FILE, "user.fusionfs.verify")`` returns next."""
-        words = value.split()
-        if inode.kind is not Kind.FILE or not words or words[0] not in _VERIFY_MODES:
-            raise InvalidArgument("verify: on a file, 'quick', 'manifest' or 'full [START END]'")
-        try:
-            bounds = [int(w) for w in words[1:3]] if words[0] == b"full" else []
-        except ValueError:
-            raise InvalidArgument("verify: START and END are byte offsets") from None
-        if inode.etag is None or (inode.staged is not None and inode.staged.dirty):
-            raise InvalidArgument("verify: the file has data not committed to the store")
-        key = self.key_of(inode)
-        fn = functools.partial(verify_object, self._store, key, inode.etag, words[0].decode(),
-                               *bounds)
-        result = await run_store_call(fn, limiter=self._limiter,
-                                      timeout=max(self.cfg.call_timeout, 600.0),
-                                      what=f"verify {key}")
-        self._verified.pop(inode.ino, None)
-        self._verified[inode.ino] = json.dumps(result).encode()
-        while len(self._verified) > 1024:
-            del self._verified[next(iter(self._verified))]
-        if not result["ok"]:
-            log.warning("verify: %s", result["problem"])
-
-    async def _collect_garbage(self, value: bytes) -> None:
-        """Run the chunked layout's two-phase pack collection over the whole mount (S-CHUNK-7).
-
-        ``value`` is the grace period in seconds. Every object of the mount is a potential
-        manifest (a chunked file may have been renamed anywhere), so the run reads the first
-        bytes of each object of 72 bytes or more: its cost grows with the bucket."""
-        self._writable()
-        try:
-            grace = float(value.decode() or "21600")
-        except (UnicodeDecodeError, ValueError):
-            raise InvalidArgument("gc takes a grace period in seconds") from None
-        if grace < 0:
-            raise InvalidArgument("gc takes a grace period in seconds")
-        async with self._gc_lock:
-            await self.flush_all()  # committed manifests are what protects their packs
-            fn = functools.partial(collect_garbage, self._store, Key(""), grace_seconds=grace)
-            result = await run_store_call(fn, limiter=self._limiter,
-                                          timeout=max(self.cfg.call_timeout, 3600.0), what="gc")
-            self._last_gc = dataclasses.asdict(result)
-        log.info("garbage collection: %s", self._last_gc)
+        await self._control.setxattr(ino, name, value)
 
     async def flush_all(self) -> None:
         """Commit every file with data not yet durable, several at once.

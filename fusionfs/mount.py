@@ -10,7 +10,7 @@ order and the nursery closes last. Shutdown paths:
 - SIGTERM or SIGINT: make everything durable first, then end the FUSE session and unmount.
 
 Data that cannot be made durable by then stays in the staging directory with its record, and the
-next mount on the same cache directory reports it (``writer.recover_leftovers``).
+next mount on the same cache directory reports it (``staging.recover_leftovers``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from fusionfs.chunked import ChunkedLayout
 from fusionfs.fs import Filesystem, FsConfig
 from fusionfs.ops import FusionOperations
 from fusionfs.reader import ChunkSource
+from fusionfs.staging import recover_leftovers
 from fusionfs.stats import Stats
 from fusionfs.store import ObjectStore, open_store
-from fusionfs.writer import Uploader, recover_leftovers
+from fusionfs.writer import Uploader
 
 __all__ = ["MountConfig", "MountError", "default_cache_dir", "serve"]
 
@@ -64,14 +65,14 @@ class MountConfig:
     max_readahead: int = 128 * MiB
     read_memory: int = 256 * MiB
     part_size: int = 16 * MiB
-    upload_slots: int = 8
+    upload_concurrency: int = 8
     store_threads: int = 32
     endpoint_url: str | None = None
     region: str | None = None
     read_only: bool = False
     direct_io: bool = False
     allow_other: bool = False
-    attr_timeout: float = 1.0
+    metadata_ttl: float = 1.0
     call_timeout: float = 60.0
     check_timeout: float = 15.0
     retry_interval: float = 30.0
@@ -199,12 +200,12 @@ async def _serve(
         )
         uploader = Uploader(
             store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,
-            part_size=cfg.part_size, upload_slots=cfg.upload_slots,
+            part_size=cfg.part_size, upload_concurrency=cfg.upload_concurrency,
             call_timeout=cfg.call_timeout,
         )
         fs = Filesystem(
             store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
-            config=FsConfig(attr_timeout=cfg.attr_timeout, read_only=cfg.read_only,
+            config=FsConfig(metadata_ttl=cfg.metadata_ttl, read_only=cfg.read_only,
                             direct_io=cfg.direct_io,
                             call_timeout=cfg.call_timeout, retry_interval=cfg.retry_interval,
                             info=cfg.public_info()),

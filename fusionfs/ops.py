@@ -78,7 +78,7 @@ class FusionOperations(pyfuse3.Operations):
         e.generation = 0
         # attributes known only from a LIST (no metadata yet) are not cached by the kernel
         trusted = inode.meta_known or inode.staged is not None
-        ttl = self.fs.cfg.attr_timeout if trusted else 0
+        ttl = self.fs.cfg.metadata_ttl if trusted else 0
         e.entry_timeout = ttl
         e.attr_timeout = ttl
         e.st_mode = pyfuse3.ModeT(inode.st_mode)

@@ -15,7 +15,8 @@ CompleteMultipartUpload); until then nothing is visible under the key, so a half
 never visible. A failed commit raises ``UploadFailed`` and leaves everything staged: the next
 ``fsync``/``close``/unmount tries again. Each staged file has a small JSON record beside it (key,
 upload id) so that a daemon killed with unacknowledged data leaves something the next mount can
-report (``recover_leftovers``), and multipart uploads it can abort.
+report (``staging.recover_leftovers``), and multipart uploads it can abort. The disk I/O of
+staging files and their records is in ``fusionfs.staging``.
 
 Write-behind: ``write`` only queues the bytes (up to 64 MiB per file) and one background drain
 at a time writes the queue to the staging file with ``pwritev``; everything that reads the staging
@@ -40,9 +41,9 @@ may go on during a commit: each write bumps ``generation``, and a commit only ma
 if no write happened meanwhile. A write into a part that has already been sent (the kernel's
 writeback re-sends pages that were dirtied again) marks that part to be sent again before the
 upload completes; only a truncate below the sent parts abandons the stream, and the commit then
-uploads from the staging file instead. Memory is bounded: a part is
-read from the staging file only once an upload slot is free, so at most ``upload_slots`` parts
-are in memory at once, whatever the file size.
+uploads from the staging file instead. Memory is bounded: a part is read from the staging file
+only once an upload slot is free, so at most ``upload_concurrency`` parts are in memory at once,
+whatever the file size.
 """
 
 from __future__ import annotations
@@ -50,21 +51,20 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import errno
 import functools
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from fusionfs import staging
 from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed
-from fusionfs.directio import ALIGN, O_DIRECT, round_up, thread_buffer
+from fusionfs.directio import ALIGN
 from fusionfs.errors import Stale, UploadFailed, first_error
 from fusionfs.layout import Manifest, write_manifest
 from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
@@ -79,7 +79,7 @@ from fusionfs.store.base import (
     UploadPart,
 )
 
-__all__ = ["StagedFile", "Uploader", "part_size_for", "recover_leftovers"]
+__all__ = ["StagedFile", "Uploader", "part_size_for"]
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Uploader:
         limiter: trio.CapacityLimiter,
         stats: Stats,
         part_size: int,
-        upload_slots: int,
+        upload_concurrency: int,
         call_timeout: float,
     ) -> None:
         if part_size < 5 << 20:
@@ -141,7 +141,7 @@ class Uploader:
         self.limiter = limiter
         self.stats = stats
         self.part_size = part_size
-        self.slots = trio.CapacityLimiter(upload_slots)
+        self.slots = trio.CapacityLimiter(upload_concurrency)
         self.call_timeout = call_timeout
         self.part_copy_supported = True
         self.held_bytes = 0  # bytes of writes held in memory by files with no staging file yet
@@ -167,7 +167,7 @@ class Uploader:
         fd = dfd = -1
         if base is not None:
             path = self.staging_dir / f"{name}.data"
-            fd, dfd = await trio.to_thread.run_sync(_open_staging, path)
+            fd, dfd = await trio.to_thread.run_sync(staging.open_staging, path)
         staged = StagedFile(self, key, base, name=name, fd=fd, dfd=dfd)
         if dirty:
             staged.generation, staged.dirty = 1, True
@@ -287,7 +287,7 @@ class StagedFile:
         self.path = up.staging_dir / f"{name}.data"
         self._record = up.staging_dir / f"{name}.json"
         self._fd = fd  # -1: no staging file yet, the writes are held in memory (_materialize)
-        self._dfd = dfd  # the same file opened with O_DIRECT, or -1 (see _write_batch)
+        self._dfd = dfd  # the same file opened with O_DIRECT, or -1 (see staging.write_batch)
         self._held = 0  # bytes of self._pending counted in the mount's held_bytes
         self._hold_timer = False  # a task will materialize this file _HOLD_S after a write
         self._recent: _Recent | None = _Recent() if base is None else None
@@ -461,7 +461,7 @@ class StagedFile:
         """Create the staging file of a file whose writes were held in memory; the drain then
         writes them to it, and only then its crash record, so that a record never names a
         staging file still missing the writes that were held when it was made."""
-        fd, dfd = await trio.to_thread.run_sync(_open_staging, self.path)
+        fd, dfd = await trio.to_thread.run_sync(staging.open_staging, self.path)
         self._fd, self._dfd = fd, dfd
         self._release_hold()
 
@@ -490,7 +490,7 @@ class StagedFile:
                 try:
                     if batch:
                         direct_ok = await trio.to_thread.run_sync(
-                            _write_batch, self._fd, batch, self._dfd
+                            staging.write_batch, self._fd, batch, self._dfd
                         )
                         if not direct_ok:
                             dfd, self._dfd = self._dfd, -1
@@ -530,7 +530,7 @@ class StagedFile:
         await self._settle()
         dfd = self._dfd
         if dfd >= 0 and off % ALIGN == 0:  # parts and chunk-feed steps: past the page cache
-            direct = await trio.to_thread.run_sync(_pread_direct, dfd, length, off)
+            direct = await trio.to_thread.run_sync(staging.pread_direct, dfd, length, off)
             if direct is not None:
                 return direct
         data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, length, off)
@@ -995,8 +995,8 @@ class StagedFile:
         if self._fd < 0:
             return  # no staging file yet: the drain writes the record once it has one
         stream = self._stream
-        record = _record(self.key, stream.upload_id if stream else None, self.path)
-        await trio.to_thread.run_sync(_write_json, self._record, record)
+        record = staging.crash_record(self.key, stream.upload_id if stream else None, self.path)
+        await trio.to_thread.run_sync(staging.write_record, self._record, record)
 
     async def discard(self) -> None:
         """Drop the staged state (after a clean commit and the last close, or an unlink)."""
@@ -1017,7 +1017,9 @@ class StagedFile:
         if self._fd < 0:
             return  # never staged: nothing on disk
         dfd, self._dfd = self._dfd, -1
-        await trio.to_thread.run_sync(_close_and_remove, self._fd, self.path, self._record, dfd)
+        await trio.to_thread.run_sync(
+            staging.close_and_remove, self._fd, self.path, self._record, dfd
+        )
 
 
 def _needs_metadata_copy(
@@ -1041,207 +1043,3 @@ def _needs_metadata_copy(
         return float(mtime) < started_at - 1.0
     except ValueError:
         return True
-
-
-def _open_staging(path: Path) -> tuple[int, int]:
-    """Create a staging file: a read-write fd, and a second one with O_DIRECT (-1 where the
-    filesystem refuses O_DIRECT)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    dfd = -1
-    if O_DIRECT:
-        try:
-            dfd = os.open(path, os.O_RDWR | os.O_CLOEXEC | O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                os.close(fd)
-                raise
-    return fd, dfd
-
-
-_DIRECT_BUFFER = 8 << 20  # bytes copied and written with O_DIRECT at a time
-
-
-def _pread_direct(dfd: int, length: int, off: int) -> bytes | None:
-    """``length`` bytes at the block-aligned ``off`` read with O_DIRECT into this thread's
-    buffer and copied out; None if the filesystem refuses (read buffered instead).
-
-    Why: what is read back from staging (a streamed part, a chunk-feed step behind the writes
-    held in memory) was written with O_DIRECT, so a buffered read would first fill new
-    page-cache pages from disk, then copy: a GiB of fresh pages per GiB uploaded, which on VMs
-    whose balloon returns free memory to the host is the dearest step (see _write_batch). The
-    kernel writes back any dirty cached pages of the range before an O_DIRECT read, so bytes
-    written through the buffered fd (unaligned heads and tails) are seen too."""
-    if length <= 0:
-        return b""
-    padded = round_up(length)
-    buf = thread_buffer(padded)
-    view = memoryview(buf)[:padded]
-    try:
-        try:
-            n = os.preadv(dfd, [view], off)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-        return bytes(view[: min(n, length)])
-    finally:
-        view.release()
-
-
-def _write_batch(fd: int, batch: Sequence[tuple[int, bytes | None]], dfd: int = -1) -> bool:
-    """pwrite a batch of (offset, data), contiguous neighbours together, in order; an entry
-    whose data is None truncates the file to its offset.
-
-    With ``dfd`` (the staging file opened with O_DIRECT), the block-aligned part of each stretch
-    that starts on a block boundary is copied into a reused aligned buffer and written past the
-    page cache; the rest (an unaligned start, the tail of the file) goes through ``fd``. The
-    kernel keeps the two coherent (an O_DIRECT write flushes and drops cached pages of its
-    range). Why: on this project's CI machines (a VM whose balloon reports free pages), new
-    page-cache pages plus ext4's block allocation at writeback cost 1.7 ms of CPU per MiB,
-    O_DIRECT 0.12 ms plus 0.1 ms for the copy; see docs/design/data-path.md. Returns False if
-    the filesystem refused O_DIRECT (the caller stops using ``dfd``; nothing was lost).
-    """
-    direct_ok = True
-    i = 0
-    while i < len(batch):
-        off, data = batch[i]
-        i += 1
-        if data is None:
-            os.ftruncate(fd, off)
-            continue
-        bufs: list[bytes | memoryview] = [data]
-        end = off + len(data)
-        while i < len(batch) and batch[i][0] == end and len(bufs) < 512:
-            nxt = batch[i][1]
-            if nxt is None:
-                break
-            bufs.append(nxt)
-            end += len(nxt)
-            i += 1
-        if dfd >= 0 and direct_ok and off % ALIGN == 0 and end - off >= ALIGN:
-            try:
-                done = _write_direct(dfd, bufs, off, end)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                direct_ok, done = False, 0
-            if done:
-                bufs = _skip(bufs, done)
-                off += done
-        if off < end:
-            _pwrite_all(fd, bufs, off)
-    return direct_ok
-
-
-def _write_direct(dfd: int, bufs: list[bytes | memoryview], off: int, end: int) -> int:
-    """Write the block-aligned head of ``bufs`` (``end - off`` bytes at ``off``) with O_DIRECT;
-    how many bytes it wrote (a multiple of the block size)."""
-    total = (end - off) // ALIGN * ALIGN
-    buf = thread_buffer(_DIRECT_BUFFER)
-    done = 0
-    src = iter(bufs)
-    pending = memoryview(b"")
-    while done < total:
-        n = min(_DIRECT_BUFFER, total - done)
-        filled = 0
-        while filled < n:
-            if not pending:
-                pending = memoryview(next(src)).cast("B")
-            take = min(n - filled, len(pending))
-            buf[filled : filled + take] = pending[:take]
-            pending = pending[take:]
-            filled += take
-        view = memoryview(buf)[:n]
-        try:
-            written = 0
-            while written < n:
-                w = os.pwrite(dfd, view[written:], off + done + written)
-                if w <= 0:
-                    raise OSError(errno.EIO, "O_DIRECT pwrite wrote nothing")
-                written += w
-        finally:
-            view.release()
-        done += n
-    return done
-
-
-def _skip(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
-    """``bufs`` without its first ``n`` bytes."""
-    out: list[bytes | memoryview] = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(memoryview(b)[n:] if n else b)
-        n = 0
-    return out
-
-
-def _pwrite_all(fd: int, bufs: list[bytes | memoryview], off: int) -> None:
-    end = off + sum(len(b) for b in bufs)
-    written = os.pwritev(fd, bufs, off)
-    if written != end - off:  # short write: finish it plainly
-        rest = b"".join(bufs)[written:]
-        while rest:
-            n = os.pwrite(fd, rest, off + written)
-            written += n
-            rest = rest[n:]
-
-
-def _record(key: Key, upload_id: str | None, data_path: Path) -> dict[str, object]:
-    """The crash record kept beside a staging file (see ``recover_leftovers``)."""
-    return {"key": key, "created": time.time(), "upload_id": upload_id, "data": data_path.name}
-
-
-def _close_and_remove(fd: int, data: Path, record: Path, dfd: int = -1) -> None:
-    os.close(fd)
-    if dfd >= 0:
-        os.close(dfd)
-    _remove_quietly(data, record)
-
-
-def _write_json(path: Path, record: dict[str, object]) -> None:
-    tmp = path.with_suffix(f".{uuid.uuid4().hex[:12]}.tmp")  # two writers never share a temp
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(record).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _remove_quietly(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def recover_leftovers(staging_dir: Path, recovered_dir: Path, store: ObjectStore) -> list[str]:
-    """At mount: move staged files left by a daemon that died into ``recovered_dir``.
-
-    Their data was never acknowledged (fsync/close would have committed it), so it is not
-    uploaded (that could overwrite a newer version written elsewhere): it is kept and reported.
-    Multipart uploads they had started are aborted. Returns one message per file kept.
-    """
-    messages = []
-    for record_path in sorted(staging_dir.glob("*.json")):
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError):
-            record = {}
-        data = staging_dir / str(record.get("data", record_path.stem + ".data"))
-        upload_id = record.get("upload_id")
-        key = str(record.get("key", "?"))
-        if upload_id:
-            with contextlib.suppress(StoreError):
-                store.abort_multipart(Key(key), str(upload_id))
-        if data.exists() and data.stat().st_size > 0:
-            recovered_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            target = recovered_dir / f"{record_path.stem}.data"
-            os.replace(data, target)
-            (recovered_dir / record_path.name).write_text(json.dumps(record))
-            messages.append(f"unsaved data of '{key}' from an earlier run kept in {target}")
-        _remove_quietly(record_path, data)
-    for stray in staging_dir.glob("*"):
-        _remove_quietly(stray)
-    return messages

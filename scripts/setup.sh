@@ -15,64 +15,56 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 
+# the Debian packages among the arguments that are not installed, one a line
+missing_debs() {
+    local pkg
+    for pkg; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+            printf '%s\n' "$pkg"
+    done
+}
+
+# apt_install WHAT OPTIONS PKG...: install the Debian packages PKG (none: nothing to do) with
+# apt-get's OPTIONS (zero or more words), saying what for; waits for another apt-get (unattended
+# upgrades, a parallel set-up) instead of failing, and shows apt's output only if it fails
+apt_install() {
+    local what=$1 options=$2 apt_log
+    shift 2
+    (($#)) || return 0
+    say "installing Debian packages$what: $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt_log=$(mktemp)
+    # shellcheck disable=SC2086  # OPTIONS is meant to split into words
+    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq $options "$@" >"$apt_log" 2>&1; then
+        tail -n 30 "$apt_log" >&2
+        echo "setup: apt-get install $* failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
+}
+
 if [[ $(id -u) -ne 0 ]]; then
     echo "setup: run as root (FUSE mounts and CRIU need it): sudo $0" >&2
     exit 1
 fi
 
-need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config git sqlite3 tar rsync fio; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
-done
+mapfile -t need_apt < <(missing_debs fuse3 libfuse3-dev pkg-config git sqlite3 tar rsync fio)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v gcc >/dev/null || need_apt+=(gcc python3-dev)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
-if ((${#need_apt[@]})); then
-    say "installing Debian packages: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # wait for another apt-get (unattended upgrades, a parallel set-up) instead of failing
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "" "" "${need_apt[@]}"
 
 # Ceph RGW (a single-node cluster the tests start themselves: tests/rgw.py); about 36 s and 106
 # packages on a fresh Debian bookworm, nothing when present. No services are started.
-need_apt=()
-for pkg in ceph-mon ceph-osd ceph-mgr radosgw; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
-done
-if ((${#need_apt[@]})); then
-    say "installing Debian packages for the test servers: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    apt_log=$(mktemp)
-    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
-        tail -n 30 "$apt_log" >&2
-        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
-        exit 1
-    fi
-    rm -f "$apt_log"
-fi
+mapfile -t need_apt < <(missing_debs ceph-mon ceph-osd ceph-mgr radosgw)
+apt_install " for the test servers" --no-install-recommends "${need_apt[@]}"
 
 # Slurm with munge (a single-node cluster the tests start themselves: tests/slurmcluster.py);
 # about 11 s on Debian bookworm (Slurm 22.05), nothing when present. No services are started.
-need_apt=()
-for pkg in slurm-wlm munge; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
-done
-if ((${#need_apt[@]})); then
-    say "installing Debian packages for the Slurm tests: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    apt_log=$(mktemp)
-    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
-        tail -n 30 "$apt_log" >&2
-        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
-        exit 1
-    fi
-    rm -f "$apt_log"
-fi
+mapfile -t need_apt < <(missing_debs slurm-wlm munge)
+apt_install " for the Slurm tests" --no-install-recommends "${need_apt[@]}"
 
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
@@ -129,22 +121,8 @@ bash scripts/install-pjdfstest.sh >/dev/null
 # refuses this machine's cgroup v1 hybrid layout) and mmdebstrap to build the task image from
 # Debian packages (no container registry is reachable). --no-install-recommends keeps Debian's
 # criu 3.17 (too old) out. About 25 s on a fresh machine, nothing when present.
-need_apt=()
-for pkg in podman runc mmdebstrap; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
-done
-if ((${#need_apt[@]})); then
-    say "installing Debian packages for task containers: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    apt_log=$(mktemp)
-    if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_apt[@]}" >"$apt_log" 2>&1; then
-        tail -n 30 "$apt_log" >&2
-        echo "setup: apt-get install ${need_apt[*]} failed (log above)" >&2
-        exit 1
-    fi
-    rm -f "$apt_log"
-fi
+mapfile -t need_apt < <(missing_debs podman runc mmdebstrap)
+apt_install " for task containers" --no-install-recommends "${need_apt[@]}"
 say "task image (containers/Containerfile): built once per set of inputs by scripts/build-task-image.sh"
 say "task image: $(bash scripts/build-task-image.sh | tail -n 1)"
 

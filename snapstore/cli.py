@@ -156,6 +156,32 @@ def _pid(text: str) -> int:
     return value
 
 
+# the arguments several subcommands share, added the same way to each
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
+    )
+
+
+def _add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--task", required=required, help="task id")
+
+
+def _add_snapshot(
+    p: argparse.ArgumentParser, help: str = "snapshot number (default: the latest committed)"
+) -> None:
+    p.add_argument("--snapshot", type=_snapshot_number, metavar="N", help=help)
+
+
+def _add_restore_mode(p: argparse.ArgumentParser, *, lazy: str, eager: str) -> None:
+    """``--lazy``/``--eager`` into ``args.lazy`` (None: neither given, the default applies)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lazy", dest="lazy", action="store_const", const=True, default=None, help=lazy
+    )
+    mode.add_argument("--eager", dest="lazy", action="store_const", const=False, help=eager)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -167,12 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser, task_required: bool = True) -> None:
-        p.add_argument(
-            "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
-        )
-        p.add_argument("--task", required=task_required, help="task id")
-
     p = sub.add_parser(
         "dump",
         help="checkpoint a running process tree as a new snapshot",
@@ -180,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("pid", type=_pid, metavar="PID")
-    common(p)
+    _add_root(p)
+    _add_task(p)
     p.add_argument(
         "--leave-running",
         action="store_true",
@@ -212,28 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "restore", help="restore a committed snapshot", epilog=_EXIT_CODES, formatter_class=fmt
     )
-    common(p)
-    p.add_argument(
-        "--snapshot",
-        type=_snapshot_number,
-        metavar="N",
-        help="snapshot number (default: the latest committed)",
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--lazy",
-        dest="lazy",
-        action="store_const",
-        const=True,
-        default=None,
-        help="resume at once, fetch memory on demand (default where userfaultfd exists)",
-    )
-    mode.add_argument(
-        "--eager",
-        dest="lazy",
-        action="store_const",
-        const=False,
-        help="read all memory before resuming",
+    _add_root(p)
+    _add_task(p)
+    _add_snapshot(p)
+    _add_restore_mode(
+        p,
+        lazy="resume at once, fetch memory on demand (default where userfaultfd exists)",
+        eager="read all memory before resuming",
     )
     p.add_argument(
         "--detach", action="store_true", help="return once the task runs instead of waiting for it"
@@ -252,20 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=fmt,
     )
-    common(p)
-    p.add_argument(
-        "--snapshot",
-        type=_snapshot_number,
-        metavar="N",
-        help="snapshot number (default: the latest committed)",
-    )
+    _add_root(p)
+    _add_task(p)
+    _add_snapshot(p)
     p.add_argument(
         "--quick", action="store_true", help="existence and sizes only (no chunk is read)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("list", help="list committed snapshots")
-    common(p, task_required=False)
+    _add_root(p)
+    _add_task(p, required=False)
     p.add_argument(
         "--all",
         action="store_true",
@@ -276,13 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "show", help="show a snapshot's manifest and the task's attempts (snapstore run)"
     )
-    common(p)
-    p.add_argument(
-        "--snapshot",
-        type=_snapshot_number,
-        metavar="N",
-        help="snapshot number (default: the latest committed)",
-    )
+    _add_root(p)
+    _add_task(p)
+    _add_snapshot(p)
     p.add_argument(
         "--json",
         action="store_true",
@@ -298,9 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against the deadline (window minus margin). Exit 0: both fit; 3: only an incremental "
         "checkpoint fits (use --checkpoint-interval); 4: neither fits.",
     )
-    p.add_argument(
-        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
-    )
+    _add_root(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--size", metavar="SIZE", help="the task's memory, e.g. 4G or 512M")
     what.add_argument(
@@ -358,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "over (the compute a restart from zero would have redone), checkpoint and restore "
         "time, bytes uploaded by checkpoints and bytes the task's kept snapshots hold.",
     )
-    p.add_argument(
-        "--root", type=Path, help=f"snapshot root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
-    )
+    _add_root(p)
     p.add_argument("--json", action="store_true", help="one object per task, and the totals")
 
     p = sub.add_parser(
@@ -377,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=fmt,
     )
-    common(p)
+    _add_root(p)
+    _add_task(p)
     p.add_argument(
         "--provider",
         choices=PROVIDERS,
@@ -451,28 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run COMMAND directly, not under an init in a PID namespace of its own (a "
         "restore then needs the task's original PIDs free)",
     )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--lazy",
-        dest="lazy",
-        action="store_const",
-        const=True,
-        default=None,
-        help="restore lazily (default where userfaultfd exists)",
-    )
-    mode.add_argument(
-        "--eager", dest="lazy", action="store_const", const=False, help="restore eagerly"
+    _add_restore_mode(
+        p, lazy="restore lazily (default where userfaultfd exists)", eager="restore eagerly"
     )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
     p = sub.add_parser("rm", help="remove a snapshot (manifest first), or a whole task")
-    common(p)
-    p.add_argument(
-        "--snapshot",
-        type=_snapshot_number,
-        metavar="N",
-        help="remove only snapshot N (committed or not)",
-    )
+    _add_root(p)
+    _add_task(p)
+    _add_snapshot(p, help="remove only snapshot N (committed or not)")
     return parser
 
 

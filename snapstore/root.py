@@ -26,7 +26,6 @@ __all__ = ["ALLOW_ANY_ROOT_ENV", "DEFAULT_ROOT", "ROOT_ENV", "Root", "default_ro
 DEFAULT_ROOT = Path("/fusion/snapshots")
 ROOT_ENV = "SNAPSTORE_ROOT"
 ALLOW_ANY_ROOT_ENV = "SNAPSTORE_ALLOW_ANY_ROOT"
-_LAYOUT = "user.fusionfs.layout"
 GC_GRACE_ENV = "SNAPSTORE_GC_GRACE_S"
 DEFAULT_GC_GRACE_S = 6 * 3600.0
 
@@ -87,7 +86,7 @@ class Root:
         if self.mountpoint is None:
             return
         try:
-            if os.getxattr(self.path, _LAYOUT) == b"chunked":
+            if fusion_client.layout_of(self.path) == "chunked":
                 return
             fusion_client.set_layout(self.path, "chunked")
         except OSError as err:  # an older fusionfs: plain objects, which is slower but right

@@ -27,9 +27,10 @@ from fusionfs.cache import ChunkCache
 from fusionfs.errors import NoEntry
 from fusionfs.fs import ROOT_INODE, Filesystem, FsConfig, Inode, Kind
 from fusionfs.reader import ChunkSource
+from fusionfs.staging import recover_leftovers
 from fusionfs.stats import Stats
 from fusionfs.store import FaultyStore, Key
-from fusionfs.writer import Uploader, recover_leftovers
+from fusionfs.writer import Uploader
 
 __all__ = ["CHUNK", "PART", "FsFactory", "Harness", "KiB", "MiB", "data_of"]
 
@@ -249,23 +250,23 @@ class FsFactory:
         store: FaultyStore,
         *,
         cache_dir: Path | None = None,
-        attr_timeout: float = 0.2,
+        metadata_ttl: float = 0.2,
         call_timeout: float = 5.0,
         chunk_size: int = CHUNK,
         request_size: int = 4 * CHUNK,
         max_readahead: int = 16 * CHUNK,
         read_memory: int = 4 * MiB,
         part_size: int = PART,
-        upload_slots: int = 4,
+        upload_concurrency: int = 4,
         store_threads: int = 16,
         cache_size: int = 256 * MiB,
         direct_io: bool = False,
     ) -> Harness:
         cache_dir = cache_dir if cache_dir is not None else self.new_cache_dir()
         options = dict(
-            attr_timeout=attr_timeout, call_timeout=call_timeout, chunk_size=chunk_size,
+            metadata_ttl=metadata_ttl, call_timeout=call_timeout, chunk_size=chunk_size,
             request_size=request_size, max_readahead=max_readahead, read_memory=read_memory,
-            part_size=part_size, upload_slots=upload_slots, store_threads=store_threads,
+            part_size=part_size, upload_concurrency=upload_concurrency, store_threads=store_threads,
             cache_size=cache_size, direct_io=direct_io,
         )
         harness: Harness = await self._nursery.start(self._run, store, cache_dir, options)
@@ -299,12 +300,12 @@ class FsFactory:
                 )
                 uploader = Uploader(
                     store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter,
-                    stats=stats, part_size=o["part_size"], upload_slots=o["upload_slots"],
-                    call_timeout=o["call_timeout"],
+                    stats=stats, part_size=o["part_size"],
+                    upload_concurrency=o["upload_concurrency"], call_timeout=o["call_timeout"],
                 )
                 fs = Filesystem(
                     store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
-                    config=FsConfig(attr_timeout=o["attr_timeout"],
+                    config=FsConfig(metadata_ttl=o["metadata_ttl"],
                                     call_timeout=o["call_timeout"], retry_interval=3600.0,
                                     direct_io=o["direct_io"]),
                 )

@@ -144,7 +144,7 @@ async def test_another_mount_reads_chunked_files_and_keeps_the_flag(
     await other.write_file("snap/b.img", data[:100_000])
     info = await trio.to_thread.run_sync(other.store.inner.head, Key("snap/b.img"))
     assert is_chunked(info.metadata)
-    await trio.sleep(0.25)  # h's listing of snap/ (made there) answers for attr_timeout (S-MAP-7)
+    await trio.sleep(0.25)  # h's listing of snap/ (made there) answers for metadata_ttl (S-MAP-7)
     assert await h.read_file("snap/b.img") == data[:100_000]
 
 

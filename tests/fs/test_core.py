@@ -22,7 +22,7 @@ import pytest
 import trio
 from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 
-from fusionfs import writer
+from fusionfs import staging, writer
 from fusionfs.errors import (
     Exists,
     FileTooLarge,
@@ -606,7 +606,7 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
 async def test_etag_change_under_open_handle_is_stale_not_mixed(
     make_fs: FsFactory, any_store: FaultyStore
 ) -> None:
-    h = await make_fs(any_store, attr_timeout=0.2)
+    h = await make_fs(any_store, metadata_ttl=0.2)
     old, new = data_of(8 * CHUNK, seed=6), data_of(8 * CHUNK, seed=7)
     await h.put("f", old)
     fh = await h.open("f")
@@ -629,7 +629,7 @@ async def test_etag_change_under_open_handle_is_stale_not_mixed(
 async def test_out_of_band_changes_seen_after_attr_timeout(
     make_fs: FsFactory, any_store: FaultyStore
 ) -> None:
-    h = await make_fs(any_store, attr_timeout=0.3)
+    h = await make_fs(any_store, metadata_ttl=0.3)
     await h.write_file("f", b"version one")
     await h.mkdir("d")
     await h.write_file("d/gone", b"bye")
@@ -800,13 +800,13 @@ async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_stagin
 ) -> None:
     """S-WRITE-9: create, write, close of a small file touch no staging file; held longer than
     writer._HOLD_S, its bytes are staged, and only then a crash record naming the key."""
-    real_batch = writer._write_batch
+    real_batch = staging.write_batch
 
     def write_batch(*args: Any) -> bool:
         time.sleep(0.2)  # a slow disk: the record must still come after the held bytes
         return real_batch(*args)
 
-    monkeypatch.setattr(writer, "_write_batch", write_batch)
+    monkeypatch.setattr(staging, "write_batch", write_batch)
     h = await make_fs(any_store)
     fh = await h.create("small")
     await h.write(fh, 0, b"x" * 4096)
@@ -930,7 +930,7 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     make_fs: FsFactory, any_store: FaultyStore
 ) -> None:
     # [S-MAP-7] "a lookup of a name this mount has not seen ... refreshes that directory's listing"
-    h = await make_fs(any_store, attr_timeout=0.3)
+    h = await make_fs(any_store, metadata_ttl=0.3)
     await h.mkdir("d")
 
     before = _lookup_calls(any_store)
@@ -961,7 +961,7 @@ async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
 ) -> None:
     # [S-MAP-7] "Concurrent lookups of one name that needs asking the store share one probe"
     # [S-MAP-3] "A directory this mount knows is revalidated ... with a LIST of `a/`"
-    h = await make_fs(any_store, attr_timeout=0.2)
+    h = await make_fs(any_store, metadata_ttl=0.2)
     await h.mkdir("d")
     await h.write_file("d/f", b"x")
     await trio.sleep(0.25)  # "d" is stale now
@@ -987,7 +987,7 @@ async def test_a_known_directory_replaced_by_a_file_is_seen_as_the_file(
 ) -> None:
     """Checking a known directory first (S-MAP-3) still finds the object once the directory is
     gone from the store."""
-    h = await make_fs(any_store, attr_timeout=0.2)
+    h = await make_fs(any_store, metadata_ttl=0.2)
     await h.mkdir("x")
     await h.write_file("x/inner", b"1")
     assert (await h.lookup("x")).kind is Kind.DIR
@@ -1183,7 +1183,7 @@ async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forget
     created, renamed or removed in it through this mount keeps that listing true: the kernel
     may forget an entry at once, and its next lookup within the TTL must still find it (it was
     ENOENT: pjdfstest mknod/05.t lost a fresh directory so, now and then)."""
-    h = await make_fs(any_store, attr_timeout=30.0)
+    h = await make_fs(any_store, metadata_ttl=30.0)
     d = await h.mkdir("d")
     await h.mkdir("d/sub")
     await h.write_file("d/f", b"x")

@@ -21,8 +21,8 @@ from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
 
 from fusionfs import writer
 from fusionfs.errors import UploadFailed, errno_for
+from fusionfs.staging import recover_leftovers
 from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, NotSupported, Transient
-from fusionfs.writer import recover_leftovers
 
 
 async def _head_or_none(store: FaultyStore, key: str) -> object:

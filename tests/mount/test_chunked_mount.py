@@ -92,6 +92,7 @@ def test_chunked_dir_through_a_mount(fusion_mount: Any, target: Target) -> None:
     assert back == data
     assert (snap / "2" / "pages-1.img").read_bytes() == changed
     assert os.getxattr(snap, "user.fusionfs.layout") == b"chunked"  # persisted
+    assert client.layout_of(snap) == "chunked" and client.layout_of(m.path) == "plain"
     if target.kind == "s3":
         meta = target.metadata("snaps/1/pages-1.img")
         assert meta.get("fusion-size") == str(len(data))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fusionfs import writer
+from fusionfs import staging, writer
 
 
 def _batch(rng: random.Random, pieces: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
@@ -44,12 +44,12 @@ def test_write_batch_with_and_without_o_direct_stores_the_same_bytes(
     size = max(off + len(d) for off, d in batch)
     results = []
     for direct in (True, False):
-        fd, dfd = writer._open_staging(tmp_path / f"f{direct}")
+        fd, dfd = staging.open_staging(tmp_path / f"f{direct}")
         if not direct and dfd >= 0:
             os.close(dfd)
             dfd = -1
         try:
-            assert writer._write_batch(fd, batch, dfd)
+            assert staging.write_batch(fd, batch, dfd)
             results.append(os.pread(fd, size + 10, 0))
         finally:
             os.close(fd)
@@ -66,20 +66,20 @@ def test_o_direct_reads_see_every_write_including_unaligned_cached_ones(tmp_path
     batch = _batch(rng, [(0, 3 << 20), ((3 << 20) + 100, 9000), ((3 << 20) + 9100, 5001)])
     size = max(off + len(d) for off, d in batch)
     want = bytearray(_expected(size, batch))
-    fd, dfd = writer._open_staging(tmp_path / "f")
+    fd, dfd = staging.open_staging(tmp_path / "f")
     assert dfd >= 0  # the test machines' filesystem has O_DIRECT
     try:
-        assert writer._write_batch(fd, batch, dfd)
+        assert staging.write_batch(fd, batch, dfd)
         patch = rng.randbytes(777)
         os.pwrite(fd, patch, 5000)  # dirty in the page cache over O_DIRECT-written blocks
         want[5000 : 5000 + len(patch)] = patch
         for off, length in ((0, size), (4096, 1 << 20), (3 << 20, 20000), (8192, 1), (0, 100)):
-            got = writer._pread_direct(dfd, length, off)
+            got = staging.pread_direct(dfd, length, off)
             assert got == bytes(want[off : off + length]), (off, length)
-        assert writer._pread_direct(dfd, 1 << 20, 3 << 20) == bytes(want[3 << 20 :])
+        assert staging.pread_direct(dfd, 1 << 20, 3 << 20) == bytes(want[3 << 20 :])
         # nothing to read (an empty file's commit), in a thread with no buffer yet: b"", no mmap
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            assert pool.submit(writer._pread_direct, dfd, 0, 0).result() == b""
+            assert pool.submit(staging.pread_direct, dfd, 0, 0).result() == b""
     finally:
         os.close(fd)
         os.close(dfd)
@@ -88,7 +88,7 @@ def test_o_direct_reads_see_every_write_including_unaligned_cached_ones(tmp_path
 def test_a_refused_o_direct_write_falls_back_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fd, dfd = writer._open_staging(tmp_path / "f")
+    fd, dfd = staging.open_staging(tmp_path / "f")
     assert dfd >= 0  # the test machines' filesystem has O_DIRECT
     real = os.pwrite
 
@@ -100,7 +100,7 @@ def test_a_refused_o_direct_write_falls_back_and_says_so(
     monkeypatch.setattr(os, "pwrite", refuse)
     batch = _batch(random.Random(1), [(0, 1 << 20), (1 << 20, 4096)])
     try:
-        assert not writer._write_batch(fd, batch, dfd)  # tells the caller to stop using dfd
+        assert not staging.write_batch(fd, batch, dfd)  # tells the caller to stop using dfd
         assert os.pread(fd, 3 << 20, 0) == _expected((1 << 20) + 4096, batch)
     finally:
         os.close(fd)
