@@ -24,7 +24,7 @@ import pytest
 import trio
 from fs_harness import CHUNK, FsFactory, data_of
 
-from fusionfs import writer
+from fusionfs import staging, writer
 from fusionfs.errors import (
     InvalidArgument,
     NameTooLong,
@@ -300,7 +300,7 @@ async def test_a_failed_write_to_the_staging_file_is_eio_at_the_next_write_and_a
     """[S-WRITE-1] A failure to write the staging file (a full disk) is reported by the next
     ``write``, ``fsync`` or ``close`` as EIO (never a silent loss), and nothing is committed."""
     h = await make_fs(local_store)
-    real_batch = writer._write_batch
+    real_batch = staging.write_batch
     failures: list[int] = []
 
     def full_disk(fd: int, batch: Any, dfd: int = -1) -> bool:
@@ -308,7 +308,7 @@ async def test_a_failed_write_to_the_staging_file_is_eio_at_the_next_write_and_a
         raise OSError(errno.ENOSPC, "No space left on device")
 
     fh = await h.create("f")
-    monkeypatch.setattr(writer, "_write_batch", full_disk)
+    monkeypatch.setattr(staging, "write_batch", full_disk)
     # past what a new file may hold in memory (S-WRITE-9): its writes go to the staging file
     data = data_of(writer._HOLD_MAX + 4 * CHUNK, seed=7)
     failed_write = None
@@ -328,7 +328,7 @@ async def test_a_failed_write_to_the_staging_file_is_eio_at_the_next_write_and_a
     assert failed_write is None or errno_for(failed_write) == errno.EIO
     with pytest.raises(UploadFailed):
         await h.write(fh, 0, b"more")
-    monkeypatch.setattr(writer, "_write_batch", real_batch)
+    monkeypatch.setattr(staging, "write_batch", real_batch)
     with pytest.raises(UploadFailed) as info:
         await h.close(fh)
     assert errno_for(info.value) == errno.EIO
@@ -420,7 +420,7 @@ async def test_a_listing_is_fetched_whole_at_the_start_of_a_pass_and_used_for_al
     """[S-DIR-1] A directory read from its start fetches its whole listing (every page), and
     the rest of that ``readdir`` pass uses it: no LIST after the first call, and an object
     created meanwhile is not in this pass (the next pass has it)."""
-    h = await make_fs(local_store, attr_timeout=0.05)
+    h = await make_fs(local_store, metadata_ttl=0.05)
     names = [f"e{i:04d}" for i in range(2100)]  # three LIST pages
     store = local_store.inner
     await trio.to_thread.run_sync(lambda: [store.put(Key(f"d/{n}"), b"", None) for n in names])
@@ -457,7 +457,7 @@ async def test_attributes_from_a_listing_alone_are_given_to_the_kernel_with_no_l
         s3_store.inner.put, Key("d/"), b"", {"mode": str(stat.S_IFDIR | 0o700), "uid": "77"}
     )
     await trio.to_thread.run_sync(s3_store.inner.put, Key("d/f"), b"x", None)
-    h = await make_fs(s3_store, attr_timeout=30.0)
+    h = await make_fs(s3_store, metadata_ttl=30.0)
     ops = FusionOperations(h.fs)
     replies: dict[bytes, pyfuse3.EntryAttributes] = {}
 
@@ -492,7 +492,7 @@ async def test_a_new_version_made_elsewhere_gets_a_new_inode_and_an_open_file_ke
     """[S-CONS-4] A new version of an object, made by another client, gets a new inode number
     when it is first seen (a stat of the old inode is ESTALE, so the kernel looks the name up
     again); a file still open keeps its inode and the version it opened."""
-    h = await make_fs(any_store, attr_timeout=0.2)
+    h = await make_fs(any_store, metadata_ttl=0.2)
     await h.put("f", b"version one")
     await h.put("g", b"version one")
     f_old = await h.lookup("f")
