@@ -39,7 +39,6 @@ from typing import Any, NewType, TypeVar
 
 import trio
 
-from fusionfs.chunked import DIR_LAYOUT_METADATA
 from fusionfs.errors import (
     Exists,
     FileTooLarge,
@@ -57,7 +56,8 @@ from fusionfs.errors import (
     UploadFailed,
     first_error,
 )
-from fusionfs.layout import (
+from fusionfs.chunked import (
+    DIR_LAYOUT_METADATA,
     FUSION_PREFIX,
     LAYOUT_CHUNKED,
     LAYOUT_METADATA,
@@ -65,7 +65,9 @@ from fusionfs.layout import (
     collect_garbage,
     logical_size,
 )
-from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
+from fusionfs.fetch import ReadState
+from fusionfs.objects import ObjectRef, run_store_call
+from fusionfs.reader import ChunkSource
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
     Checksum,

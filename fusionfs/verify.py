@@ -15,7 +15,7 @@ result as JSON. MODE is
 - ``full [START END]``: the object check, then every chunk overlapping bytes
   ``[START, END)`` of the file (default: all of it) is fetched from the store (ranged GETs of
   the packs, never the chunk cache), decompressed and compared with its BLAKE3 digest
-  (``layout.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
+  (``chunked.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
   read whole (``If-Match``), compared with its stored full-object checksum when it has one
   (S-INTEG-2: read twice before a mismatch counts), and its BLAKE3 returned, for the caller to
   compare with what it recorded.
@@ -37,7 +37,7 @@ from typing import Any
 
 import blake3
 
-from fusionfs.layout import (
+from fusionfs.chunked import (
     FOSSILS_PREFIX,
     PACKS_PREFIX,
     CorruptChunk,

@@ -19,7 +19,7 @@ import trio
 from fs_harness import FsFactory, Harness, MiB
 
 from fusionfs.errors import InvalidArgument, NoEntry, UploadFailed, errno_for
-from fusionfs.layout import LAYOUT_METADATA, PACKS_PREFIX, SIZE_METADATA, LayoutError, is_chunked
+from fusionfs.chunked import LAYOUT_METADATA, PACKS_PREFIX, SIZE_METADATA, LayoutError, is_chunked
 from fusionfs.store import FaultyStore, Key, Transient
 
 

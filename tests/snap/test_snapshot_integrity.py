@@ -32,7 +32,7 @@ import pytest
 from conftest import MEMTASK, SnapEnv, Tasks, _base_env
 from helpers import wait_for
 
-from fusionfs.layout import PACKS_PREFIX, decode_manifest, pack_key
+from fusionfs.chunked import PACKS_PREFIX, decode_manifest, pack_key
 from snapstore.errors import EXIT_CORRUPT
 
 pytestmark = [pytest.mark.criu, pytest.mark.mount]
