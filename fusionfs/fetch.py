@@ -45,7 +45,7 @@ import trio
 from fusionfs.stats import Stats
 from fusionfs.store.base import Transient
 
-__all__ = ["ChunkLocator", "FetchEngine", "ReadState"]
+__all__ = ["ChunkLocator", "Data", "FetchEngine", "ReadState"]
 
 log = logging.getLogger(__name__)
 
