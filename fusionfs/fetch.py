@@ -50,6 +50,7 @@ __all__ = ["ChunkLocator", "Data", "FetchEngine", "ReadState"]
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
+K_co = TypeVar("K_co", bound=Hashable, covariant=True)
 Data = bytes | memoryview  # a chunk: its own bytes, or a view into a response buffer
 
 #: How many chunks behind the furthest read a read may start and still count as sequential.
@@ -108,13 +109,13 @@ class ReadState:
         return start, stop
 
 
-class ChunkLocator(Protocol[K]):
+class ChunkLocator(Protocol[K_co]):
     """How the chunks of one object version are named, grouped, found and fetched."""
 
     #: A run is sent off once the ``weight`` of its chunks reaches this.
     run_limit: int
 
-    def cid(self, idx: int) -> K:
+    def cid(self, idx: int) -> K_co:
         """The engine's id of chunk ``idx``."""
 
     def follows(self, idx: int) -> bool:

@@ -39,6 +39,15 @@ from typing import Any, NewType, TypeVar
 
 import trio
 
+from fusionfs.chunked import (
+    DIR_LAYOUT_METADATA,
+    FUSION_PREFIX,
+    LAYOUT_CHUNKED,
+    LAYOUT_METADATA,
+    SIZE_METADATA,
+    collect_garbage,
+    logical_size,
+)
 from fusionfs.errors import (
     Exists,
     FileTooLarge,
@@ -55,15 +64,6 @@ from fusionfs.errors import (
     Stale,
     UploadFailed,
     first_error,
-)
-from fusionfs.chunked import (
-    DIR_LAYOUT_METADATA,
-    FUSION_PREFIX,
-    LAYOUT_CHUNKED,
-    LAYOUT_METADATA,
-    SIZE_METADATA,
-    collect_garbage,
-    logical_size,
 )
 from fusionfs.fetch import ReadState
 from fusionfs.objects import ObjectRef, run_store_call

@@ -18,7 +18,7 @@ All but ``layout`` and ``feed`` are synchronous and blocking; the mount calls th
 threads.
 """
 
-from fusionfs.chunked.chunker import ChunkPolicy, Chunker, chunk_lengths
+from fusionfs.chunked.chunker import Chunker, ChunkPolicy, chunk_lengths
 from fusionfs.chunked.feed import FEED_STEP, ChunkFeed
 from fusionfs.chunked.format import (
     DIR_LAYOUT_METADATA,

@@ -93,9 +93,7 @@ class Chunker:
                 if at >= 0:
                     cut = end >= hi or cut_hash(view[at : at + page]) % div == 0
                 else:
-                    cut = (
-                        end >= hi or cut_hash(self._held_tail(-at) + view[: at + page]) % div == 0
-                    )
+                    cut = end >= hi or cut_hash(self._held_tail(-at) + view[: at + page]) % div == 0
                 if cut:
                     if start >= 0:
                         out.append(keep(view[start : start + end]))

@@ -80,4 +80,3 @@ def decode_chunk(blob: bytes | memoryview, entry: ChunkEntry) -> bytes | None:
     if len(data) != entry.length or blake3.blake3(data).digest() != entry.digest:
         return None
     return data
-

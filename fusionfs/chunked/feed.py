@@ -101,8 +101,9 @@ class ChunkFeed:
         short = n - sum(memoryview(p).nbytes for p in pieces)
         if short > 0:
             pieces.append(bytes(short))
-        await trio.to_thread.run_sync(_feed_pieces, self.writer, start, pieces,
-                                      limiter=self._layout.limiter)
+        await trio.to_thread.run_sync(
+            _feed_pieces, self.writer, start, pieces, limiter=self._layout.limiter
+        )
         self._advanced()
 
     async def finish(self, size: int) -> Manifest:

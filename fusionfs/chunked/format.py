@@ -228,8 +228,12 @@ def encode_manifest(manifest: Manifest) -> bytes:
             raise ValueError(f"bad pack id {pack!r}")
         parts.append(pack)
     for e in manifest.chunks:
-        if (not 0 < e.length <= MAX_CHUNK or not 0 <= e.stored <= MAX_CHUNK
-                or len(e.digest) != _DIGEST or not 0 <= e.offset < 1 << 32):
+        if (
+            not 0 < e.length <= MAX_CHUNK
+            or not 0 <= e.stored <= MAX_CHUNK
+            or len(e.digest) != _DIGEST
+            or not 0 <= e.offset < 1 << 32
+        ):
             raise ValueError(f"bad chunk entry {e!r}")
         parts.append(_ENTRY.pack(e.length, e.stored, index[e.pack], e.offset, e.digest))
     body = b"".join(parts)
@@ -326,4 +330,3 @@ def pack_key(pack: bytes | str, prefix: Key = PACKS_PREFIX) -> Key:
 def new_pack_id() -> bytes:
     """A fresh pack id: 128 random bits (see the design note for why not a content hash)."""
     return os.urandom(_PACK_ID)
-

@@ -138,9 +138,15 @@ class ChunkedLayout:
     def new_writer(self) -> ChunkWriter:
         t = self._threads
         return ChunkWriter(
-            self.store, policy=self.policy, level=self._level, workers=t.workers,
-            index=self.index, refresh_age=self._refresh_age, pack_size=self._pack_size,
-            pack_uploads=t.uploads, threads=t,
+            self.store,
+            policy=self.policy,
+            level=self._level,
+            workers=t.workers,
+            index=self.index,
+            refresh_age=self._refresh_age,
+            pack_size=self._pack_size,
+            pack_uploads=t.uploads,
+            threads=t,
         )
 
     def note_commit(self, key: Key, manifest: Manifest, stats: WriteStats) -> None:
@@ -186,7 +192,9 @@ class ChunkedLayout:
         fn = functools.partial(read_manifest, self.store, ref.key, ref.etag)
         try:
             manifest = await run_store_call(
-                fn, limiter=self._limiter, timeout=self._call_timeout,
+                fn,
+                limiter=self._limiter,
+                timeout=self._call_timeout,
                 what=f"GET manifest {ref.key}",
             )
         except (PreconditionFailed, NotFound) as e:
@@ -198,18 +206,26 @@ class ChunkedLayout:
         return manifest
 
     async def read(
-        self, ref: ObjectRef, off: int, size: int, state: ReadState | None, *,
+        self,
+        ref: ObjectRef,
+        off: int,
+        size: int,
+        state: ReadState | None,
+        *,
         cache: bool = True,
     ) -> bytes | memoryview:
         """``size`` bytes of the chunked file ``ref`` from ``off`` (short only at its end).
         ``cache=False``: what is fetched is not written to the disk cache
         (``reader.ChunkSource.read``)."""
-        return await self.read_manifest(
-            await self.manifest(ref), off, size, state, cache=cache
-        )
+        return await self.read_manifest(await self.manifest(ref), off, size, state, cache=cache)
 
     async def read_manifest(
-        self, manifest: Manifest, off: int, size: int, state: ReadState | None = None, *,
+        self,
+        manifest: Manifest,
+        off: int,
+        size: int,
+        state: ReadState | None = None,
+        *,
         cache: bool = True,
     ) -> bytes | memoryview:
         """``size`` bytes from ``off`` of the file ``manifest`` describes.
@@ -282,11 +298,19 @@ class _ManifestChunks:
 
     async def fetch(self, stretch: list[int]) -> list[Data]:
         layout = self._layout
-        fn = functools.partial(fetch_chunks, layout.store, self._manifest, stretch[0],
-                               stretch[-1], max_request=layout._request_size)
+        fn = functools.partial(
+            fetch_chunks,
+            layout.store,
+            self._manifest,
+            stretch[0],
+            stretch[-1],
+            max_request=layout._request_size,
+        )
         async with layout._fetch_slots:
             datas: list[bytes] = await run_store_call(
-                fn, limiter=layout._limiter, timeout=layout._call_timeout,
+                fn,
+                limiter=layout._limiter,
+                timeout=layout._call_timeout,
                 what="GET pack range",
             )
         return list(datas)

@@ -33,7 +33,11 @@ _RETRIES_ON_MISMATCH = 1
 
 
 def _get_pack_range(
-    store: ObjectStore, pack: bytes, start: int, length: int, packs_prefix: Key,
+    store: ObjectStore,
+    pack: bytes,
+    start: int,
+    length: int,
+    packs_prefix: Key,
     fossils_prefix: Key,
 ) -> bytes:
     """A byte range of a pack; from its fossil when garbage collection set it aside."""
@@ -60,8 +64,9 @@ def fetch_chunk(
     by garbage collection is read from its fossil)."""
     blob = b""
     for attempt in range(attempts):
-        blob = _get_pack_range(store, entry.pack, entry.offset, entry.stored, packs_prefix,
-                               fossils_prefix)
+        blob = _get_pack_range(
+            store, entry.pack, entry.offset, entry.stored, packs_prefix, fossils_prefix
+        )
         data = decode_chunk(blob, entry)
         if data is not None:
             return data
@@ -90,8 +95,11 @@ def fetch_chunks(
     while i <= last:
         j = i
         total = manifest.chunks[i].stored
-        while (j < last and manifest.contiguous(j)
-               and total + manifest.chunks[j + 1].stored <= max_request):
+        while (
+            j < last
+            and manifest.contiguous(j)
+            and total + manifest.chunks[j + 1].stored <= max_request
+        ):
             j += 1
             total += manifest.chunks[j].stored
         head = manifest.chunks[i]
@@ -108,8 +116,9 @@ def fetch_chunks(
             data = decode_chunk(blob[lo : lo + entry.stored], entry)
             if data is None:
                 log.warning("chunk %s failed verification; fetching it again", entry.hex)
-                data = fetch_chunk(store, entry, packs_prefix, fossils_prefix,
-                                   attempts=_RETRIES_ON_MISMATCH)
+                data = fetch_chunk(
+                    store, entry, packs_prefix, fossils_prefix, attempts=_RETRIES_ON_MISMATCH
+                )
             out.append(data)
         i = j + 1
     return out

@@ -24,9 +24,9 @@ from typing import Any
 import trio
 
 from fusionfs.cache import ChunkCache
+from fusionfs.chunked import ChunkedLayout, PackThreads
 from fusionfs.errors import NoEntry
 from fusionfs.fs import ROOT_INODE, Filesystem, FsConfig, Inode, Kind
-from fusionfs.chunked import ChunkedLayout, PackThreads
 from fusionfs.reader import ChunkSource
 from fusionfs.stats import Stats
 from fusionfs.store import FaultyStore, Key

@@ -33,10 +33,10 @@ from fusionfs.chunked import (
     LAYOUT_METADATA,
     PACKS_PREFIX,
     SIZE_METADATA,
+    ChunkedLayout,
     ChunkEntry,
     Chunker,
     ChunkIndex,
-    ChunkedLayout,
     ChunkPolicy,
     ChunkWriter,
     CorruptChunk,
@@ -45,6 +45,7 @@ from fusionfs.chunked import (
     ManifestError,
     PackThreads,
     chunk_lengths,
+    codec,
     collect_garbage,
     decode_manifest,
     encode_manifest,
@@ -56,7 +57,6 @@ from fusionfs.chunked import (
     read_manifest,
     write_manifest,
 )
-from fusionfs.chunked import codec
 from fusionfs.chunked.packer import RAW_PROBE, RAW_STREAK
 from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, ObjectStore, Transient
 
