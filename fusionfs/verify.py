@@ -163,19 +163,8 @@ def _check_chunks(
     if not span:
         return 0, 0, None
     first, last = span[0][0], span[-1][0]
-    runs: list[tuple[int, int]] = []
-    i = first
-    while i <= last:  # runs of back-to-back chunks, one ranged GET each, several at once
-        j, total = i, manifest.chunks[i].stored
-        while (
-            j < last
-            and manifest.contiguous(j)
-            and total + manifest.chunks[j + 1].stored <= _RUN_BYTES
-        ):
-            j += 1
-            total += manifest.chunks[j].stored
-        runs.append((i, j))
-        i = j + 1
+    # runs of back-to-back chunks, one ranged GET each, several at once
+    runs = manifest.pack_runs(first, last, _RUN_BYTES)
 
     def fetch(run: tuple[int, int]) -> str | None:
         try:

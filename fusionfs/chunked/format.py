@@ -199,6 +199,22 @@ class Manifest:
         a, b = self.chunks[index], self.chunks[index + 1]
         return a.pack == b.pack and b.offset == a.offset + a.stored
 
+    def pack_runs(self, first: int, last: int, max_bytes: int) -> list[tuple[int, int]]:
+        """Chunks ``first..last`` as runs ``(i, j)`` of chunks that lie back to back in one pack,
+        at most ``max_bytes`` stored each (a single chunk may exceed it): one ranged GET each."""
+        runs = []
+        i = first
+        while i <= last:
+            j, total = i, self.chunks[i].stored
+            while (
+                j < last and self.contiguous(j) and total + self.chunks[j + 1].stored <= max_bytes
+            ):
+                j += 1
+                total += self.chunks[j].stored
+            runs.append((i, j))
+            i = j + 1
+        return runs
+
     @property
     def stored_bytes(self) -> int:
         """Bytes of pack space this file's chunks take (shared chunks counted once each)."""

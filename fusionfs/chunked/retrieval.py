@@ -91,22 +91,13 @@ def fetch_chunks(
     """Chunks ``first..last`` of ``manifest``, verified. Chunks lying back to back in one pack
     come with one ranged GET (up to ``max_request`` bytes each)."""
     out: list[bytes] = []
-    i = first
-    while i <= last:
-        j = i
-        total = manifest.chunks[i].stored
-        while (
-            j < last
-            and manifest.contiguous(j)
-            and total + manifest.chunks[j + 1].stored <= max_request
-        ):
-            j += 1
-            total += manifest.chunks[j].stored
+    for i, j in manifest.pack_runs(first, last, max_request):
         head = manifest.chunks[i]
         if i == j:
             out.append(fetch_chunk(store, head, packs_prefix, fossils_prefix))
-            i += 1
             continue
+        tail = manifest.chunks[j]
+        total = tail.offset + tail.stored - head.offset  # back to back: one range
         blob = memoryview(
             _get_pack_range(store, head.pack, head.offset, total, packs_prefix, fossils_prefix)
         )
@@ -120,5 +111,4 @@ def fetch_chunks(
                     store, entry, packs_prefix, fossils_prefix, attempts=_RETRIES_ON_MISMATCH
                 )
             out.append(data)
-        i = j + 1
     return out
