@@ -106,7 +106,8 @@ from benchmarks.harness import (
     run_cmd,
 )
 from benchmarks.mounters import Fusionfs, MountError, force_unmount
-from fusionfs import layout as _layout
+from fusionfs import chunked as _chunked
+from fusionfs.chunked import codec as _codec
 
 __all__ = ["SnapConfig", "run_snap"]
 
@@ -552,13 +553,13 @@ class _Bench(Bench):
             for obj in page.get("Contents", []):
                 objects.append((obj["Key"], obj["Size"]))
                 head = self.setup_client.head_object(Bucket=self.store.bucket, Key=obj["Key"])
-                if not _layout.is_chunked(head.get("Metadata")):
+                if not _chunked.is_chunked(head.get("Metadata")):
                     continue
                 body = self.setup_client.get_object(Bucket=self.store.bucket, Key=obj["Key"])
-                manifest = _layout.decode_manifest(body["Body"].read(), what=obj["Key"])
+                manifest = _chunked.decode_manifest(body["Body"].read(), what=obj["Key"])
                 packs.update(manifest.packs())
         for pack in sorted(packs):
-            key = self.store.prefix + _layout.pack_key(pack)
+            key = self.store.prefix + _chunked.pack_key(pack)
             head = self.setup_client.head_object(Bucket=self.store.bucket, Key=key)
             objects.append((key, int(head["ContentLength"])))
         return objects
@@ -841,7 +842,7 @@ class _Bench(Bench):
 
         def encode(piece: memoryview) -> int:
             blake3.blake3(piece).digest()
-            return len(_layout._encode_chunk(piece, 1))
+            return len(_codec.encode_chunk(piece, 1))
 
         cores = os.cpu_count() or 1
         with cf.ThreadPoolExecutor(cores) as pool:

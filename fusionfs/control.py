@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from fusionfs import xattrs
+from fusionfs.chunked import collect_garbage
 from fusionfs.errors import InvalidArgument, NoData, NotADirectory, OperationNotSupported
-from fusionfs.layout import collect_garbage
-from fusionfs.reader import ChunkSource, run_store_call
+from fusionfs.objects import run_store_call
+from fusionfs.reader import ChunkSource
 from fusionfs.store.base import Key, ObjectStore
 from fusionfs.verify import verify_object
 

@@ -38,7 +38,14 @@ from typing import Any, NewType, TypeVar
 
 import trio
 
-from fusionfs.chunked import DIR_LAYOUT_METADATA
+from fusionfs.chunked import (
+    DIR_LAYOUT_METADATA,
+    FUSION_PREFIX,
+    LAYOUT_CHUNKED,
+    LAYOUT_METADATA,
+    SIZE_METADATA,
+    logical_size,
+)
 from fusionfs.control import Control
 from fusionfs.errors import (
     Exists,
@@ -55,14 +62,9 @@ from fusionfs.errors import (
     UploadFailed,
     first_error,
 )
-from fusionfs.layout import (
-    FUSION_PREFIX,
-    LAYOUT_CHUNKED,
-    LAYOUT_METADATA,
-    SIZE_METADATA,
-    logical_size,
-)
-from fusionfs.reader import ChunkSource, ObjectRef, ReadState, run_store_call
+from fusionfs.fetch import ReadState
+from fusionfs.objects import ObjectRef, run_store_call
+from fusionfs.reader import ChunkSource
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
     Checksum,

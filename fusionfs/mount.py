@@ -33,7 +33,7 @@ import trio
 
 from fusionfs import __version__
 from fusionfs.cache import ChunkCache
-from fusionfs.chunked import ChunkedLayout
+from fusionfs.chunked import ChunkedLayout, PackThreads
 from fusionfs.fs import Filesystem, FsConfig
 from fusionfs.ops import FusionOperations
 from fusionfs.reader import ChunkSource
@@ -189,9 +189,10 @@ async def _serve(
 
         limiter = trio.CapacityLimiter(cfg.store_threads)
         # one chunk index and one bounded set of compression/pack-upload threads per mount
-        chunked = ChunkedLayout(store, cache=cache, workers=2, pack_uploads=4,
-                                call_timeout=cfg.call_timeout)
-        stack.callback(chunked.close)
+        pack_threads = PackThreads(workers=2, uploads=4)
+        stack.callback(pack_threads.close)
+        chunked = ChunkedLayout(store, nursery=nursery, limiter=limiter, threads=pack_threads,
+                                cache=cache, call_timeout=cfg.call_timeout)
         chunks = ChunkSource(
             store, cache, nursery=nursery, limiter=limiter, stats=stats,
             chunk_size=cfg.chunk_size, request_size=max(cfg.request_size, cfg.chunk_size),

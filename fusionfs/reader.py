@@ -26,6 +26,12 @@ covers the whole object is checked before any of its bytes are served or cached:
 fetched once more, then ``Corrupt``. Caveat: a file read in part, or out of order beyond the
 slack below, is not checked; bytes of chunks before the last are served before the check.
 
+Machinery: memory, fetches in flight, runs and cache writes are ``fetch.FetchEngine``'s, the
+engine the chunked layout's reads use too; this module says how a plain object's chunks are
+named (``(key, etag, index)``), found in the disk cache, fetched (one ranged GET per stretch,
+checked) and cached (``_VersionChunks``), and adds what only plain objects have: page reads,
+checksum folds, release of chunks read. Reads of chunked files go to ``chunked.ChunkedLayout``.
+
 Concurrency: everything here runs on the trio thread except the store and cache calls, which go
 through ``trio.to_thread.run_sync`` (store calls under the mount's ``CapacityLimiter``). State is
 only touched on the trio thread, so it needs no lock. A fetch that fails wakes its waiters with
@@ -39,19 +45,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import trio
 
 from fusionfs.cache import WRITER_THREADS
+from fusionfs.chunked import ChunkedLayout
 from fusionfs.errors import Stale
+from fusionfs.fetch import Data, FetchEngine, ReadState
+from fusionfs.objects import ObjectRef, run_store_call
 from fusionfs.stats import Stats
 from fusionfs.store import checksum as _checksum
 from fusionfs.store.base import (
-    Checksum,
     Corrupt,
     ETag,
     Key,
@@ -63,86 +70,12 @@ from fusionfs.store.base import (
 
 if TYPE_CHECKING:
     from fusionfs.cache import ChunkCache
-    from fusionfs.chunked import ChunkedLayout
 
-__all__ = ["ChunkSource", "ObjectRef", "ReadState", "run_store_call"]
+__all__ = ["ChunkSource"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _ChunkId = tuple[Key, ETag, int]
-_Data = bytes | memoryview  # a chunk: its own bytes, or a view into a response buffer
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ObjectRef:
-    """One version of one object: what a chunk belongs to."""
-
-    key: Key
-    etag: ETag
-    size: int
-    chunked: bool = False  # a chunked-layout manifest: ``size`` is the logical size
-    checksum: Checksum | None = None  # the version's full-object checksum, if known (S-INTEG-2)
-
-    @property
-    def verifiable(self) -> bool:
-        return self.checksum is not None and not self.chunked
-
-
-@dataclasses.dataclass(slots=True)
-class ReadState:
-    """Per file handle: how far a sequential stream has got and how far ahead to fetch.
-
-    The kernel does not deliver one reader's reads in order: its own read-ahead puts several
-    1 MiB requests in flight at once and pyfuse3 answers them concurrently, so read 12 can
-    arrive before reads 10 and 11. A read therefore counts as sequential when it starts
-    anywhere from a little behind the highest chunk read so far (``high``) up to one past the
-    end of what read-ahead already asked for; only a read outside that band closes the window.
-    """
-
-    high: int = -1  # highest chunk read in the current stream; -1 before the first read
-    window: int = 0  # chunks
-    prefetched_until: int = -1  # highest chunk index already requested by read-ahead
-    #: Why this handle's version failed its checksum (S-INTEG-2): every later read of the
-    #: handle fails too. The kernel retries a failed read-ahead page with a read of its own,
-    #: which must not succeed: the pages before it hold bytes the check refused.
-    corrupt: str | None = None
-
-    def advance(self, first: int, last: int, *, max_window: int, min_window: int = 1) -> bool:
-        """Note a read of chunks ``first..last``: a sequential one doubles the read-ahead
-        window (from ``min_window`` up to ``max_window``), any other closes it. True if the
-        handle now has a window to fill."""
-        if self.high < 0:
-            sequential = first == 0
-        else:
-            behind = max(self.window, min_window, _REORDER_SLACK)
-            ahead = max(self.high, self.prefetched_until) + 1
-            sequential = self.high - behind <= first <= ahead
-        if sequential:
-            self.window = min(max(min_window, self.window * 2), max_window)
-            self.high = max(self.high, last)
-        else:
-            self.window = 0
-            self.high = last
-            self.prefetched_until = last
-        return self.window > 0
-
-    def wanted(self, nchunks: int, min_request: int) -> tuple[int, int] | None:
-        """The chunks read-ahead should ask for now, ``(start, stop)`` inclusive, or None when
-        fewer than ``min_request`` are missing from the window (and it does not reach the end).
-        Marks them requested."""
-        if self.window <= 0:
-            return None
-        start = max(self.high + 1, self.prefetched_until + 1)
-        stop = min(self.high + self.window, nchunks - 1)
-        if stop < start or (stop - start + 1 < min_request and stop < nchunks - 1):
-            return None
-        self.prefetched_until = stop
-        return start, stop
-
-
-#: How many chunks behind the furthest read a read may start and still count as sequential.
-_REORDER_SLACK = 8
 
 _PAGE = 4096
 #: Chunks remembered as touched by a sparse read: a second random read of one fetches it whole.
@@ -166,25 +99,6 @@ class _Fold:
     ahead: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
-class _Pending:
-    __slots__ = ("data", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.data: _Data | None = None
-        self.error: BaseException | None = None
-
-
-async def run_store_call(
-    fn: Callable[[], T], *, limiter: trio.CapacityLimiter, timeout: float, what: str
-) -> T:
-    """Run a blocking store call in a worker thread, bounded by ``timeout`` seconds."""
-    with trio.move_on_after(timeout) as scope:
-        return await trio.to_thread.run_sync(fn, limiter=limiter, abandon_on_cancel=True)
-    assert scope.cancelled_caught
-    raise Transient(f"{what}: no answer from the store within {timeout:g} s")
-
-
 class ChunkSource:
     """Serves byte ranges of object versions, chunk by chunk. One per mount."""
 
@@ -201,7 +115,7 @@ class ChunkSource:
         max_readahead: int,
         memory_bytes: int,
         call_timeout: float,
-        chunked: ChunkedLayout | None = None,
+        chunked: ChunkedLayout,
     ) -> None:
         if chunk_size <= 0 or request_size < chunk_size:
             raise ValueError("need 0 < chunk_size <= request_size")
@@ -213,10 +127,7 @@ class ChunkSource:
         self.chunk_size = chunk_size
         self._run_chunks = max(1, request_size // chunk_size)
         self._max_window = max(1, max_readahead // chunk_size)
-        self._mem: OrderedDict[_ChunkId, _Data] = OrderedDict()
-        self._mem_bytes = 0
-        self._mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
-        self._inflight: dict[_ChunkId, _Pending] = {}
+        mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
         self._touched: OrderedDict[_ChunkId, None] = OrderedDict()  # by sparse reads
         # S-INTEG-2: the CRC of each chunk in memory (of a version with a checksum), the folds
         # in progress, and the versions verified whole in this mount
@@ -227,27 +138,23 @@ class ChunkSource:
         # last drop is not made (it would put back what the drop took away)
         self._drops: dict[tuple[Key, ETag], int] = {}
         self._call_timeout = call_timeout
-        # Cache writes happen in the background, off the read's critical path; bounded so a slow
-        # cache disk cannot make memory grow without limit (excess writes are simply skipped).
-        self._cache_limiter = trio.CapacityLimiter(WRITER_THREADS)
         # Runs of up to 16 chunks are looked up in one thread hand-off each; 8 at once, so a
         # warm sequential read keeps its whole read-ahead window in flight (1 GiB warm read on
         # s3rver, alternating runs: 780-880 MB/s with 8, 691-854 with 2).
         self._cache_read_limiter = trio.CapacityLimiter(8)
-        # Bytes handed to cache writers and not yet written; released chunk by chunk from the
-        # writer threads (hence the lock; the trio thread reads it without). The bound is the
-        # read memory: the chunks waiting are views of responses that the in-memory LRU holds
-        # anyway. A cold 1 GiB read on s3rver skipped 120 of its 1024 chunks with a 128 MiB
-        # bound released per 16-chunk stretch (GETs complete in bursts, 8 stretches at once).
-        self._cache_backlog = 0
-        self._cache_backlog_lock = threading.Lock()
-        self._cache_backlog_limit = max(self._mem_limit, 64 * chunk_size + (64 << 20))
-        if chunked is None:  # the chunked layout (reads of chunked files go there)
-            from fusionfs.chunked import ChunkedLayout
-
-            chunked = ChunkedLayout(store, cache=cache, call_timeout=call_timeout)
-        chunked.bind(nursery)
-        self.chunked = chunked
+        # Cache writes happen in the background, off the read's critical path (WRITER_THREADS at
+        # once); bounded so a slow cache disk cannot make memory grow without limit (excess
+        # writes are simply skipped). The bound is the read memory: the chunks waiting are views
+        # of responses that the in-memory LRU holds anyway. A cold 1 GiB read on s3rver skipped
+        # 120 of its 1024 chunks with a 128 MiB bound released per 16-chunk stretch (GETs
+        # complete in bursts, 8 stretches at once).
+        self._engine: FetchEngine[_ChunkId] = FetchEngine(
+            nursery=nursery, memory_bytes=mem_limit,
+            cache_limiter=trio.CapacityLimiter(WRITER_THREADS),
+            backlog_limit=max(mem_limit, 64 * chunk_size + (64 << 20)), stats=stats,
+            on_evict=self._evicted,
+        )
+        self.chunked = chunked  # the chunked layout (reads of chunked files go there)
 
     # -- public -----------------------------------------------------------------------------
     async def read(
@@ -278,9 +185,10 @@ class ChunkSource:
         ):
             # a small object: one GET of all of it, checked before any byte is served
             # (S-INTEG-2), rather than the read's chunks (or pages) and then read-ahead's
-            self._request(ref, 0, (ref.size - 1) // cs, cache)
+            self._engine.request(_VersionChunks(self, ref), 0, (ref.size - 1) // cs, cache)
+        src = _VersionChunks(self, ref)
         if state is not None:
-            self._advance_window(ref, state, first, last, cache)
+            self._advance_window(src, state, first, last, cache)
             if (
                 state.window == 0
                 and end - off <= cs
@@ -288,18 +196,18 @@ class ChunkSource:
                 and self._first_touch(ref, first, last)
             ):
                 return await self._read_pages(ref, off, end)
-        self._request(ref, first, last, cache)
+        self._engine.request(src, first, last, cache)
         out: bytes | memoryview
         check = ref.verifiable and (ref.key, ref.etag) not in self._verified
         if first == last:
-            data = await self._chunk(ref, first)
+            data = await self._engine.chunk(src, first)
             if check:
                 await self._fold(ref, first, data, state)
             out = memoryview(data)[off - first * cs : end - first * cs]
         else:
             parts = []
             for idx in range(first, last + 1):
-                data = await self._chunk(ref, idx)
+                data = await self._engine.chunk(src, idx)
                 if check:
                     await self._fold(ref, idx, data, state)
                 lo = max(off, idx * cs) - idx * cs
@@ -313,7 +221,7 @@ class ChunkSource:
 
     # -- integrity (S-INTEG-2) -----------------------------------------------------------------
     async def _fold(
-        self, ref: ObjectRef, idx: int, data: _Data, state: ReadState | None
+        self, ref: ObjectRef, idx: int, data: Data, state: ReadState | None
     ) -> None:
         """Note that chunk ``idx`` of ``ref`` was served; when that completes the version in
         order, compare with its stored checksum (``Corrupt`` on a mismatch)."""
@@ -400,7 +308,7 @@ class ChunkSource:
         sparse = True
         cache = self._cache
         for cid in cids:
-            if cid in self._mem or cid in self._inflight or cid in self._touched:
+            if self._engine.holds(cid) or cid in self._touched:
                 sparse = False
             elif cache is not None and cache.contains(ref.key, ref.etag, self.chunk_size, cid[2]):
                 sparse = False
@@ -443,112 +351,48 @@ class ChunkSource:
         read took 97-101 thousand page faults); dropped, the read-ahead window's memory is
         reused. A later read of them finds them in the page cache, else in the disk cache."""
         for idx in range(first, last + 1):
-            data = self._mem.pop((ref.key, ref.etag, idx), None)
-            if data is not None:
-                self._mem_bytes -= len(data)
+            self._engine.drop((ref.key, ref.etag, idx))
             self._crcs.pop((ref.key, ref.etag, idx), None)
 
     def forget(self, key: Key) -> None:
         """Drop in-memory chunks of ``key`` (any version): after an overwrite or unlink."""
         self.chunked.forget(key)
-        for cid in [c for c in self._mem if c[0] == key]:
-            self._mem_bytes -= len(self._mem.pop(cid))
+        self._engine.drop_where(lambda c: c[0] == key)
         for cid in [c for c in self._crcs if c[0] == key]:
             del self._crcs[cid]
 
     # -- read-ahead ----------------------------------------------------------------------
     def _advance_window(
-        self, ref: ObjectRef, state: ReadState, first: int, last: int, cache: bool = True
+        self, src: _VersionChunks, state: ReadState, first: int, last: int, cache: bool = True
     ) -> None:
         if not state.advance(first, last, max_window=self._max_window, min_window=4):
             return
-        if self._cache_backlog >= self._cache_backlog_limit:
+        if self._engine.cache_behind:
             # The cache disk is behind: read no further ahead until it catches up (the next
             # read tops the window up again), so that what a sequential read fetches is cached
             # rather than skipped. Reads themselves are never held back: their own chunks are
             # fetched as usual, and their cache writes are skipped while the backlog is full.
             return
-        nchunks = (ref.size + self.chunk_size - 1) // self.chunk_size
+        nchunks = (src.ref.size + self.chunk_size - 1) // self.chunk_size
         # top up in whole requests of request_size (or of the window while it is still
         # smaller than one), not one chunk at a time
         wanted = state.wanted(nchunks, min(self._run_chunks, state.window))
         if wanted is not None:
-            self._request(ref, *wanted, cache)
+            self._engine.request(src, *wanted, cache)
 
-    # -- chunk plumbing ----------------------------------------------------------------------
-    def _request(self, ref: ObjectRef, first: int, last: int, cache: bool = True) -> None:
-        """Make sure every chunk in [first, last] is in memory or being fetched (and what is
-        fetched, written to the disk cache unless ``cache`` is False)."""
-        run: list[int] = []
-        for idx in range(first, last + 1):
-            cid = (ref.key, ref.etag, idx)
-            if cid in self._mem or cid in self._inflight:
-                if run:
-                    self._spawn(ref, run, cache)
-                    run = []
-                continue
-            self._inflight[cid] = _Pending()
-            run.append(idx)
-            if len(run) == self._run_chunks:
-                self._spawn(ref, run, cache)
-                run = []
-        if run:
-            self._spawn(ref, run, cache)
+    # -- chunk plumbing (for _VersionChunks and the engine) -----------------------------------
+    def _evicted(self, cid: _ChunkId) -> None:
+        self._crcs.pop(cid, None)
 
-    def _spawn(self, ref: ObjectRef, run: list[int], cache: bool) -> None:
-        self._nursery.start_soon(self._fetch_run, ref, list(run), cache)
-
-    async def _chunk(self, ref: ObjectRef, idx: int) -> _Data:
+    def _resolve(self, ref: ObjectRef, idx: int, data: Data, crc: int | None) -> None:
         cid = (ref.key, ref.etag, idx)
-        while True:
-            data = self._mem.get(cid)
-            if data is not None:
-                self._mem.move_to_end(cid)
-                return data
-            pending = self._inflight.get(cid)
-            if pending is None:
-                # evicted from memory between request and use: fetch it again
-                self._request(ref, idx, idx)
-                continue
-            await pending.event.wait()
-            if pending.error is not None:
-                raise pending.error
-            assert pending.data is not None
-            return pending.data
+        if crc is not None:
+            self._crcs[cid] = crc
+        else:
+            self._crcs.pop(cid, None)
+        self._engine.resolve(cid, data)
 
-    async def _fetch_run(self, ref: ObjectRef, run: list[int], cache: bool = True) -> None:
-        try:
-            missing = run
-            if self._cache is not None:
-                # one thread hand-off for the whole run: on 2 cores the hand-off, not the
-                # read, is what costs (see docs/design/data-path.md)
-                hits = await trio.to_thread.run_sync(
-                    self._cache_lookup, ref, run, limiter=self._cache_read_limiter
-                )
-                missing = [i for i in run if i not in hits]
-                for idx, (data, crc) in hits.items():
-                    self._resolve(ref, idx, data, crc)
-            # cache hits may have split the run: fetch each contiguous stretch of misses
-            stretches: list[list[int]] = []
-            for idx in missing:
-                if stretches and stretches[-1][-1] == idx - 1:
-                    stretches[-1].append(idx)
-                else:
-                    stretches.append([idx])
-            for stretch in stretches:
-                await self._fetch_stretch(ref, stretch, cache)
-        except BaseException as exc:
-            for idx in run:
-                pending = self._inflight.pop((ref.key, ref.etag, idx), None)
-                if pending is not None:
-                    pending.error = exc if isinstance(exc, Exception) else Transient("cancelled")
-                    pending.event.set()
-            if not isinstance(exc, Exception):
-                raise
-            if not isinstance(exc, Stale):
-                log.warning("fetching %s chunks %d-%d failed: %s", ref.key, run[0], run[-1], exc)
-
-    async def _fetch_stretch(self, ref: ObjectRef, stretch: list[int], cache: bool) -> None:
+    async def _fetch_stretch(self, ref: ObjectRef, stretch: list[int]) -> list[Data]:
         cs = self.chunk_size
         start = stretch[0] * cs
         length = min((stretch[-1] + 1) * cs, ref.size) - start
@@ -585,13 +429,14 @@ class ChunkSource:
             crcs = None
         # chunks are views into the one response buffer: no copy until the reply to the kernel
         view = memoryview(blob)
-        fetched: list[tuple[int, _Data]] = [
-            (idx, view[n * cs : (n + 1) * cs]) for n, idx in enumerate(stretch)
-        ]
-        for n, (idx, data) in enumerate(fetched):
-            self._resolve(ref, idx, data, None if crcs is None else crcs[n])
-        if cache:
-            self._cache_store(ref, fetched)
+        datas: list[Data] = [view[n * cs : (n + 1) * cs] for n in range(len(stretch))]
+        for n, idx in enumerate(stretch):
+            cid = (ref.key, ref.etag, idx)
+            if crcs is not None:
+                self._crcs[cid] = crcs[n]
+            else:
+                self._crcs.pop(cid, None)
+        return datas
 
     async def _get_with(
         self, ref: ObjectRef, fn: Callable[[], tuple[bytes, list[int] | None]], length: int
@@ -622,8 +467,7 @@ class ChunkSource:
         lookup), so that the read that usually follows is served from memory."""
         if ref.size == 0 or len(data) != min(ref.size, self.chunk_size):
             return
-        cid = (ref.key, ref.etag, 0)
-        if cid not in self._mem and cid not in self._inflight:
+        if not self._engine.holds((ref.key, ref.etag, 0)):
             crcs = self._crcs_of(ref, memoryview(data), 1)
             if crcs is not None and len(data) == ref.size:  # the whole object: checked now
                 if not self._whole(ref, crcs, memoryview(data)):
@@ -636,72 +480,65 @@ class ChunkSource:
                 crcs = None
             self._resolve(ref, 0, data, None if crcs is None else crcs[0])
 
-    def _resolve(self, ref: ObjectRef, idx: int, data: _Data, crc: int | None = None) -> None:
-        cid = (ref.key, ref.etag, idx)
-        old = self._mem.pop(cid, None)
-        if old is not None:
-            self._mem_bytes -= len(old)
-        self._mem[cid] = data
-        self._mem_bytes += len(data)
-        if crc is not None:
-            self._crcs[cid] = crc
-        else:
-            self._crcs.pop(cid, None)
-        while self._mem_bytes > self._mem_limit and len(self._mem) > 1:
-            gone, dropped = self._mem.popitem(last=False)
-            self._mem_bytes -= len(dropped)
-            self._crcs.pop(gone, None)
-        pending = self._inflight.pop(cid, None)
-        if pending is not None:
-            pending.data = data
-            pending.event.set()
 
-    def _cache_store(self, ref: ObjectRef, chunks: list[tuple[int, _Data]]) -> None:
-        """Write a fetched stretch to the disk cache in the background, in one thread hand-off.
+class _VersionChunks:
+    """The fetch engine's view of one plain object version: chunks of ``chunk_size`` bytes named
+    ``(key, etag, index)``, runs of up to ``request_size`` bytes, each stretch one ranged GET
+    pinned to the ETag, checked against the version's checksum where it has one (S-INTEG-2)."""
 
-        Chunks beyond the backlog bound are not cached (a cache is never worth stalling reads).
-        """
-        if self._cache is None:
-            return
-        taken: list[tuple[int, _Data]] = []
-        for idx, data in chunks:
-            if self._cache_backlog + len(data) > self._cache_backlog_limit:
-                self._stats.add("cache_writes_skipped", len(chunks) - len(taken))
-                break
-            with self._cache_backlog_lock:
-                self._cache_backlog += len(data)
-            taken.append((idx, data))
-        if taken:
-            epoch = self._drops.get((ref.key, ref.etag), 0)
-            self._nursery.start_soon(self._cache_put, ref, taken, epoch)
+    __slots__ = ("_src", "ref", "run_limit")
 
-    async def _cache_put(
-        self, ref: ObjectRef, chunks: list[tuple[int, _Data]], epoch: int = 0
-    ) -> None:
-        cache = self._cache
-        assert cache is not None
-        chunk_size = self.chunk_size
+    def __init__(self, src: ChunkSource, ref: ObjectRef) -> None:
+        self._src = src
+        self.ref = ref
+        self.run_limit = src._run_chunks
+
+    def cid(self, idx: int) -> _ChunkId:
+        return (self.ref.key, self.ref.etag, idx)
+
+    def follows(self, idx: int) -> bool:
+        return True
+
+    def weight(self, idx: int) -> int:
+        return 1
+
+    async def lookup(self, run: list[int]) -> dict[int, Data]:
+        src, ref = self._src, self.ref
+        if src._cache is None:
+            return {}
+        # one thread hand-off for the whole run: on 2 cores the hand-off, not the read, is
+        # what costs (see docs/design/data-path.md)
+        hits = await trio.to_thread.run_sync(
+            src._cache_lookup, ref, run, limiter=src._cache_read_limiter
+        )
+        out: dict[int, Data] = {}
+        for idx, (data, crc) in hits.items():
+            cid = (ref.key, ref.etag, idx)
+            if crc is not None:
+                src._crcs[cid] = crc
+            else:
+                src._crcs.pop(cid, None)
+            out[idx] = data
+        return out
+
+    async def fetch(self, stretch: list[int]) -> list[Data]:
+        return await self._src._fetch_stretch(self.ref, stretch)
+
+    def cache_writer(self) -> Callable[[int, Data], None] | None:
+        src, ref = self._src, self.ref
+        cache = src._cache
+        if cache is None:
+            return None
         vkey = (ref.key, ref.etag)
+        epoch = src._drops.get(vkey, 0)
+        chunk_size = src.chunk_size
 
-        pending = sum(len(data) for _, data in chunks)
+        def put(idx: int, data: Data) -> None:
+            if src._drops.get(vkey, 0) == epoch:  # not found corrupt since fetched
+                cache.put(ref.key, ref.etag, chunk_size, idx, data)
 
-        def release(n: int) -> None:
-            nonlocal pending
-            with self._cache_backlog_lock:
-                self._cache_backlog -= n
-                pending -= n
+        return put
 
-        def put_all() -> None:
-            for idx, data in chunks:
-                try:
-                    if self._drops.get(vkey, 0) == epoch:  # not found corrupt since fetched
-                        cache.put(ref.key, ref.etag, chunk_size, idx, data)
-                finally:
-                    release(len(data))
-
-        try:
-            await trio.to_thread.run_sync(put_all, limiter=self._cache_limiter)
-        except Exception:
-            log.exception("chunk cache write failed")
-        finally:
-            release(pending)  # what was not written (cancelled before its turn)
+    def failed(self, run: list[int], exc: Exception) -> None:
+        if not isinstance(exc, Stale):
+            log.warning("fetching %s chunks %d-%d failed: %s", self.ref.key, run[0], run[-1], exc)

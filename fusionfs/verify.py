@@ -15,7 +15,7 @@ result as JSON. MODE is
 - ``full [START END]``: the object check, then every chunk overlapping bytes
   ``[START, END)`` of the file (default: all of it) is fetched from the store (ranged GETs of
   the packs, never the chunk cache), decompressed and compared with its BLAKE3 digest
-  (``layout.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
+  (``chunked.fetch_chunks``: a mismatch is fetched once more before it counts). A plain object is
   read whole (``If-Match``), compared with its stored full-object checksum when it has one
   (S-INTEG-2: read twice before a mismatch counts), and its BLAKE3 returned, for the caller to
   compare with what it recorded.
@@ -37,7 +37,7 @@ from typing import Any
 
 import blake3
 
-from fusionfs.layout import (
+from fusionfs.chunked import (
     FOSSILS_PREFIX,
     PACKS_PREFIX,
     CorruptChunk,
@@ -163,19 +163,8 @@ def _check_chunks(
     if not span:
         return 0, 0, None
     first, last = span[0][0], span[-1][0]
-    runs: list[tuple[int, int]] = []
-    i = first
-    while i <= last:  # runs of back-to-back chunks, one ranged GET each, several at once
-        j, total = i, manifest.chunks[i].stored
-        while (
-            j < last
-            and manifest.contiguous(j)
-            and total + manifest.chunks[j + 1].stored <= _RUN_BYTES
-        ):
-            j += 1
-            total += manifest.chunks[j].stored
-        runs.append((i, j))
-        i = j + 1
+    # runs of back-to-back chunks, one ranged GET each, several at once
+    runs = manifest.pack_runs(first, last, _RUN_BYTES)
 
     def fetch(run: tuple[int, int]) -> str | None:
         try:

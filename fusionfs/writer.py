@@ -63,11 +63,11 @@ from typing import TypeVar
 import trio
 
 from fusionfs import staging
-from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed
+from fusionfs.chunked import FEED_STEP, ChunkedLayout, ChunkFeed, Manifest, write_manifest
 from fusionfs.directio import ALIGN
 from fusionfs.errors import Stale, UploadFailed, first_error
-from fusionfs.layout import Manifest, write_manifest
-from fusionfs.reader import ChunkSource, ObjectRef, run_store_call
+from fusionfs.objects import ObjectRef, run_store_call
+from fusionfs.reader import ChunkSource
 from fusionfs.stats import Stats
 from fusionfs.store.base import (
     ETag,
@@ -299,7 +299,7 @@ class StagedFile:
         self._idle = trio.Event()
         self._idle.set()
         self._drain_error: OSError | None = None
-        # the chunked layout (set by the fs for files in chunked directories): see chunked.py
+        # the chunked layout (set by the fs for files in chunked directories): see fusionfs/chunked/
         self.chunked: ChunkedLayout | None = None
         self._committed_chunked = False  # the last commit wrote a manifest
         self._feed: ChunkFeed | None = None

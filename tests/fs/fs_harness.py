@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from fusionfs.cache import ChunkCache
+from fusionfs.chunked import ChunkedLayout, PackThreads
 from fusionfs.errors import NoEntry
 from fusionfs.fs import ROOT_INODE, Filesystem, FsConfig, Inode, Kind
 from fusionfs.reader import ChunkSource
@@ -288,15 +289,19 @@ class FsFactory:
                            stats=stats)
         await trio.to_thread.run_sync(cache.open)
         harness: Harness | None = None
+        pack_threads = PackThreads(workers=2, uploads=4)
         try:
             async with trio.open_nursery() as nursery:
                 limiter = trio.CapacityLimiter(o["store_threads"])
+                chunked = ChunkedLayout(store, nursery=nursery, limiter=limiter,
+                                        threads=pack_threads, cache=cache,
+                                        call_timeout=o["call_timeout"])
                 chunks = ChunkSource(
                     store, cache, nursery=nursery, limiter=limiter, stats=stats,
                     chunk_size=o["chunk_size"],
                     request_size=max(o["request_size"], o["chunk_size"]),
                     max_readahead=o["max_readahead"], memory_bytes=o["read_memory"],
-                    call_timeout=o["call_timeout"],
+                    call_timeout=o["call_timeout"], chunked=chunked,
                 )
                 uploader = Uploader(
                     store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter,
@@ -315,6 +320,7 @@ class FsFactory:
                 await harness._stop.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            await trio.to_thread.run_sync(pack_threads.close)
             await trio.to_thread.run_sync(cache.close)
             if harness is not None:
                 harness._stopped.set()

@@ -13,13 +13,24 @@ import errno
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import trio
 from fs_harness import FsFactory, Harness, MiB
 
+from fusionfs.chunked import (
+    FOSSILS_PREFIX,
+    LAYOUT_METADATA,
+    PACKS_PREFIX,
+    SIZE_METADATA,
+    CorruptChunk,
+    LayoutError,
+    is_chunked,
+    pack_key,
+    read_manifest,
+)
 from fusionfs.errors import InvalidArgument, NoEntry, UploadFailed, errno_for
-from fusionfs.layout import LAYOUT_METADATA, PACKS_PREFIX, SIZE_METADATA, LayoutError, is_chunked
 from fusionfs.store import FaultyStore, Key, Transient
 
 
@@ -283,6 +294,60 @@ async def test_a_corrupt_pack_is_eio_never_bad_data(
     with pytest.raises(LayoutError) as info:
         await fresh.read_file("snap/f.img")
     assert errno_for(info.value) == errno.EIO
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.allow_logs("failed verification", "fetching chunks failed")
+async def test_a_tampered_chunk_is_eio_and_the_chunks_around_it_are_served(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-CHUNK-2 through the core: a chunk whose stored bytes no longer hash to its digest is EIO
+    (after one re-fetch), wherever a read meets it; the chunks before it are served."""
+    h = await make_fs(local_store)
+    await chunked_dir(h, "snap")
+    data = random.Random(12).randbytes(1 << 20)  # raw chunks: easy to tamper with in place
+    await h.write_file("snap/f.img", data)
+    inner = local_store.inner
+    manifest = await trio.to_thread.run_sync(read_manifest, inner, Key("snap/f.img"))
+    assert len(manifest.chunks) > 3
+    victim = manifest.chunks[2]
+    path = Path(inner.root) / pack_key(victim.pack)  # type: ignore[attr-defined]
+    tampered = bytearray(path.read_bytes())
+    tampered[victim.offset + 7] ^= 0x40
+    path.write_bytes(bytes(tampered))
+    fresh = await make_fs(local_store)
+    fh = await fresh.open("snap/f.img")
+    try:
+        assert await fresh.read(fh, 0, manifest.offset(2)) == data[: manifest.offset(2)]
+        with pytest.raises(CorruptChunk) as info:
+            await fresh.read(fh, manifest.offset(2) + 5, 10)
+        assert errno_for(info.value) == errno.EIO
+    finally:
+        await fresh.close(fh)
+    with pytest.raises(CorruptChunk):  # also inside a read that spans it
+        await (await make_fs(local_store)).read_file("snap/f.img")
+
+
+@pytest.mark.timeout(60)
+async def test_a_file_whose_packs_were_set_aside_is_read_from_the_fossils(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """A pack that garbage collection set aside (a dump reused its chunks meanwhile) is still
+    read, through the core, from its fossil."""
+    h = await make_fs(local_store)
+    await chunked_dir(h, "snap")
+    data = pages(300, seed=13)
+    await h.write_file("snap/f.img", data)
+    inner = local_store.inner
+    manifest = await trio.to_thread.run_sync(read_manifest, inner, Key("snap/f.img"))
+    for pack in manifest.packs():
+        await trio.to_thread.run_sync(
+            inner.copy, pack_key(pack), pack_key(pack, FOSSILS_PREFIX), {}
+        )
+        await trio.to_thread.run_sync(inner.delete, pack_key(pack))
+    assert await packs(h) == []
+    fresh = await make_fs(local_store)
+    assert await fresh.read_file("snap/f.img") == data
 
 
 @pytest.mark.timeout(60)

@@ -352,7 +352,7 @@ async def test_sequential_read_through_the_page_cache_leaves_no_chunk_in_memory(
     local_store.put(Key("f"), data)
 
     def held(h: Any) -> list[int]:
-        return sorted(cid[2] for cid in h.chunks._mem if cid[0] == "f")
+        return sorted(cid[2] for cid in h.chunks._engine._mem if cid[0] == "f")
 
     h = await make_fs(local_store)
     fh = await h.open("f")
@@ -575,9 +575,9 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
         return real_get(key, start, length, *args)
 
     monkeypatch.setattr(local_store, "get_range", counted_get)
-    src = h.chunks
-    with src._cache_backlog_lock:
-        src._cache_backlog += src._cache_backlog_limit  # the cache disk is behind
+    src = h.chunks._engine  # the fetch engine of plain reads
+    with src._backlog_lock:
+        src._backlog += src._backlog_limit  # the cache disk is behind
     fh = await h.open("f")
     try:
         for off in range(0, 8 * CHUNK, 32 * KiB):  # 8 chunks, in kernel-sized reads
@@ -585,8 +585,8 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
         await trio.sleep(0.2)  # read-ahead would be fetching now
         assert sum(got) == 8 * CHUNK, "only what was read is fetched"
         assert h.stats.cache_writes_skipped == 8  # and not cached: the backlog is full
-        with src._cache_backlog_lock:
-            src._cache_backlog -= src._cache_backlog_limit  # it caught up
+        with src._backlog_lock:
+            src._backlog -= src._backlog_limit  # it caught up
         for off in range(8 * CHUNK, 10 * CHUNK, 32 * KiB):
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
         await trio.sleep(0.2)
@@ -596,7 +596,7 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
     finally:
         await h.close(fh)
     with trio.fail_after(10):  # every write released its share of the backlog
-        while src._cache_backlog:
+        while src._backlog:
             await trio.sleep(0.01)
     assert h.stats.cache_writes_skipped == 8
     assert sum(got) == nchunks * CHUNK  # nothing fetched twice

@@ -32,7 +32,7 @@ import pytest
 from conftest import MEMTASK, SnapEnv, Tasks, _base_env
 from helpers import wait_for
 
-from fusionfs.layout import PACKS_PREFIX, decode_manifest, pack_key
+from fusionfs.chunked import PACKS_PREFIX, ChunkEntry, decode_manifest, pack_key
 from snapstore.errors import EXIT_CORRUPT
 
 pytestmark = [pytest.mark.criu, pytest.mark.mount]
@@ -132,6 +132,16 @@ def _packs_of(env: SnapEnv, n: int) -> set[bytes]:
     return found
 
 
+def _chunks_of(env: SnapEnv, n: int) -> dict[bytes, ChunkEntry]:
+    """The chunks of snapshot n's chunked files, by digest (as ``_packs_of``)."""
+    found: dict[bytes, ChunkEntry] = {}
+    for path in (env.root / "job" / str(n)).iterdir():
+        data = _STORE_READ[0](f"snapshots/job/{n}/{path.name}")
+        if data[:8] == b"\x89FSCHNK\n":
+            found.update((e.digest, e) for e in decode_manifest(data).chunks)
+    return found
+
+
 _STORE_READ: list[Callable[[str], bytes]] = []
 
 
@@ -139,6 +149,15 @@ def _flip(store: Store, pack: bytes) -> None:
     key = pack_key(pack, PACKS_PREFIX)
     data = bytearray(store.read(key))
     data[len(data) // 2] ^= 0x01
+    store.write(key, bytes(data))
+
+
+def _flip_chunk(store: Store, entry: ChunkEntry) -> None:
+    """Flip a byte inside one chunk's stored bytes (not just somewhere in its pack: a pack two
+    snapshots share may hold chunks only one of them uses)."""
+    key = pack_key(entry.pack, PACKS_PREFIX)
+    data = bytearray(store.read(key))
+    data[entry.offset + entry.stored // 2] ^= 0x01
     store.write(key, bytes(data))
 
 
@@ -317,9 +336,11 @@ def test_bad_parent_chunk_makes_both_snapshots_bad(
 ) -> None:
     env, store = setup
     pid, one, two = _two_snapshots(env, tasks)
-    shared = sorted(one & two)
-    assert shared, "snapshot 2 reused no pack of snapshot 1"
-    _flip(store, shared[0])
+    assert one & two, "snapshot 2 reused no pack of snapshot 1"
+    first, second = _chunks_of(env, 1), _chunks_of(env, 2)
+    shared = sorted(d for d in first.keys() & second.keys() if first[d] == second[d])
+    assert shared, "snapshot 2 reused no chunk of snapshot 1 where it lies"
+    _flip_chunk(store, second[shared[0]])
     env.move()
     line, err = _run(env, "--eager")
     try:

@@ -1,5 +1,6 @@
-"""The chunk encoder's zstd settings (fusionfs.layout, level 1): a narrow match finder, chosen
-because a checkpoint on a small machine is CPU-bound (issue 19). Its frames stay plain zstd."""
+"""The chunk encoder's zstd settings (fusionfs.chunked.codec, level 1): a narrow match finder,
+chosen because a checkpoint on a small machine is CPU-bound (issue 19). Its frames stay plain
+zstd."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from fusionfs import layout
+from fusionfs.chunked import codec
 
 _MEMTASK = Path(__file__).resolve().parent.parent / "snap" / "memtask.py"
 
@@ -29,7 +30,7 @@ def test_level_1_trades_a_few_percent_of_ratio_for_a_narrow_match_finder() -> No
     chunk = 128 << 10
     plain = zstandard.ZstdCompressor(level=1)
     ours = sum(
-        len(layout._encode_chunk(data[o : o + chunk], 1)) for o in range(0, len(data), chunk)
+        len(codec.encode_chunk(data[o : o + chunk], 1)) for o in range(0, len(data), chunk)
     )
     reference = sum(len(plain.compress(data[o : o + chunk])) for o in range(0, len(data), chunk))
     # the narrow table finds fewer of the (rare) matches: a little bigger, never much
@@ -39,9 +40,9 @@ def test_level_1_trades_a_few_percent_of_ratio_for_a_narrow_match_finder() -> No
 
 def test_level_1_frames_are_plain_zstd_with_their_size() -> None:
     data = _fastq(1)[: 200 << 10]
-    frame = layout._encode_chunk(data, 1)
+    frame = codec.encode_chunk(data, 1)
     assert isinstance(frame, bytes) and len(frame) < len(data)
     assert zstandard.get_frame_parameters(frame).content_size == len(data)
     assert zstandard.ZstdDecompressor().decompress(frame) == data
-    other = layout._encode_chunk(data, 3)  # other levels are zstd's own
+    other = codec.encode_chunk(data, 3)  # other levels are zstd's own
     assert other == zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)

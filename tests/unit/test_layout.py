@@ -1,5 +1,8 @@
-"""The chunked layout (``fusionfs.layout``): manifests, chunking, writer/reader round trips,
+"""The chunked layout (``fusionfs.chunked``): manifests, chunking, writer/reader round trips,
 verification, de-duplication, and garbage collection.
+
+Files written here are read back through the mount's own read path: ``ChunkedLayout`` and the
+fetch engine it shares with plain reads (``_read``), not a reader of the tests' own.
 
 Most tests run on a ``LocalStore`` in a temporary directory (wrapped in a ``FaultyStore`` where
 calls are counted or faults injected); one runs the whole cycle against the moto S3 server.
@@ -8,37 +11,41 @@ Chunk sizes are scaled down (``SMALL``) so that small data spans many chunks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import blake3
 import pytest
+import trio
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusionfs.layout import (
+from fusionfs.chunked import (
     FOSSILS_PREFIX,
     LAYOUT_CHUNKED,
     LAYOUT_METADATA,
     PACKS_PREFIX,
     SIZE_METADATA,
+    ChunkedLayout,
     ChunkEntry,
     Chunker,
     ChunkIndex,
     ChunkPolicy,
-    ChunkReader,
     ChunkWriter,
     CorruptChunk,
     LayoutError,
     Manifest,
     ManifestError,
+    PackThreads,
     chunk_lengths,
+    codec,
     collect_garbage,
     decode_manifest,
     encode_manifest,
@@ -50,6 +57,7 @@ from fusionfs.layout import (
     read_manifest,
     write_manifest,
 )
+from fusionfs.chunked.packer import RAW_PROBE, RAW_STREAK
 from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, ObjectStore, Transient
 
 PAGE = 4096
@@ -106,6 +114,43 @@ def _write(
             writer.feed(off, data[off : off + feed])
         manifest = writer.finish()
     return manifest, writer
+
+
+@contextlib.asynccontextmanager
+async def _layout(store: ObjectStore) -> AsyncIterator[ChunkedLayout]:
+    """A mount's ``ChunkedLayout`` over ``store`` (no disk cache), its nursery and threads."""
+    threads = PackThreads()
+    try:
+        async with trio.open_nursery() as nursery:
+            yield ChunkedLayout(store, nursery=nursery, limiter=trio.CapacityLimiter(8),
+                                threads=threads, call_timeout=30.0)
+            nursery.cancel_scope.cancel()
+    finally:
+        threads.close()
+
+
+def _read(store: ObjectStore, manifest: Manifest, *reads: tuple[int, int]) -> list[bytes]:
+    """``reads`` (offset, length) of the file ``manifest`` describes, in order, through one
+    ``ChunkedLayout`` (what one read fetched stays in its memory for the next)."""
+
+    async def run() -> list[bytes]:
+        out: list[bytes] = []
+        error: Exception | None = None
+        async with _layout(store) as layout:
+            try:
+                for off, n in reads:
+                    out.append(bytes(await layout.read_manifest(manifest, off, n)))
+            except Exception as e:  # raised below, not wrapped in the nursery's group
+                error = e
+        if error is not None:
+            raise error
+        return out
+
+    return trio.run(run)
+
+
+def _read_all(store: ObjectStore, manifest: Manifest) -> bytes:
+    return _read(store, manifest, (0, manifest.size))[0]
 
 
 def _age_all_packs(root: Path, seconds: float, prefix: str = PACKS_PREFIX) -> None:
@@ -331,23 +376,24 @@ def test_round_trip_with_random_reads(
         assert info.metadata[SIZE_METADATA] == str(len(data))
         back = read_manifest(store, key, info.etag)
         assert back == manifest and back.size == len(data)
-        reader = ChunkReader(store, back)
-        assert reader.read(0, len(data) + 10) == data
-        for off, length in reads:
-            assert reader.read(off, length) == data[off : off + length]
+        got = _read(store, back, (0, len(data) + 10), *reads)
+        assert got[0] == data
+        for (off, length), piece in zip(reads, got[1:], strict=True):
+            assert piece == data[off : off + length]
 
 
-def test_reader_fetches_only_the_chunks_touched(store: FaultyStore) -> None:
+async def test_reader_fetches_only_the_chunks_touched(store: FaultyStore) -> None:
     data = _mixed(200, seed=5)
-    manifest, _ = _write(store, data)
+    manifest, _ = await trio.to_thread.run_sync(functools.partial(_write, store, data))
     assert len(manifest.chunks) > 10
     before = store.calls["get_range"]
-    reader = ChunkReader(store, manifest)
-    off = manifest.offset(5) + 100
-    assert reader.read(off, 10) == data[off : off + 10]
-    assert store.calls["get_range"] - before == 1
-    assert reader.read(off + 10, 10) == data[off + 10 : off + 20]  # kept in memory
-    assert store.calls["get_range"] - before == 1
+    async with _layout(store) as layout:
+        off = manifest.offset(5) + 100
+        assert bytes(await layout.read_manifest(manifest, off, 10)) == data[off : off + 10]
+        assert store.calls["get_range"] - before == 1
+        got = await layout.read_manifest(manifest, off + 10, 10)  # kept in memory
+        assert bytes(got) == data[off + 10 : off + 20]
+        assert store.calls["get_range"] - before == 1
 
 
 def _pack_bytes(root: Path, entry: ChunkEntry) -> bytes:
@@ -367,7 +413,7 @@ def test_incompressible_chunks_are_stored_raw_and_compressible_ones_compressed(
     for entry in raw:
         assert len(_pack_bytes(root, entry)) == entry.stored == entry.length
     assert any(e.stored < e.length // 10 for e in packed)  # the all-zero chunk
-    assert ChunkReader(store, manifest).read(0, manifest.size) == noise + zeros
+    assert _read_all(store, manifest) == noise + zeros
     assert writer.stats.new_stored < len(noise) + len(zeros) // 10
 
 
@@ -376,41 +422,39 @@ def test_a_run_of_incompressible_chunks_stops_trying_zstd(
 ) -> None:
     # random memory does not shrink: after RAW_STREAK such chunks only every RAW_PROBE-th is
     # tried; the first chunk that shrinks turns compression back on
-    from fusionfs import layout
-
     tried: list[int] = []
-    real = layout._encode_chunk
+    real = codec.encode_chunk
 
     def counted(data: bytes, level: int) -> bytes:
         tried.append(len(data))
         return real(data, level)
 
-    monkeypatch.setattr(layout, "_encode_chunk", counted)
+    monkeypatch.setattr(codec, "encode_chunk", counted)
     noise = random.Random(2).randbytes(400 * PAGE)
     text = b"".join(f"record {i:08d} of some compressible text\n".encode() for i in range(9000))
     manifest, writer = _write(store, noise + text)
-    assert ChunkReader(store, manifest).read(0, manifest.size) == noise + text
+    assert _read_all(store, manifest) == noise + text
     entries, off = [], 0
     for e in manifest.chunks:
         entries.append((off, e))
         off += e.length
     in_noise = [e for o, e in entries if o + e.length <= len(noise)]
     in_text = [e for o, e in entries if o >= len(noise)]
-    assert len(in_noise) > 3 * layout.RAW_STREAK
+    assert len(in_noise) > 3 * RAW_STREAK
     assert all(not e.compressed for e in in_noise)
     # zstd tried on the streak, then on about one in RAW_PROBE (3 workers: a little slack)
-    assert writer.stats.raw_unprobed >= (len(in_noise) - layout.RAW_STREAK) // 2
+    assert writer.stats.raw_unprobed >= (len(in_noise) - RAW_STREAK) // 2
     assert len(tried) < len(manifest.chunks) - writer.stats.raw_unprobed + 1
     # the text compresses again, at most a probe interval (plus the workers' overlap) late
-    assert sum(not e.compressed for e in in_text) <= layout.RAW_PROBE + 3
-    assert sum(e.compressed for e in in_text) >= len(in_text) - layout.RAW_PROBE - 3
+    assert sum(not e.compressed for e in in_text) <= RAW_PROBE + 3
+    assert sum(e.compressed for e in in_text) >= len(in_text) - RAW_PROBE - 3
 
 
 def test_level_zero_stores_everything_raw(store: FaultyStore) -> None:
     data = bytes(64 * PAGE)
     manifest, _ = _write(store, data, level=0)
     assert all(not e.compressed for e in manifest.chunks)
-    assert ChunkReader(store, manifest).read(0, len(data)) == data
+    assert _read(store, manifest, (0, len(data)))[0] == data
 
 
 def test_chunks_go_into_few_packs_in_file_order(store: FaultyStore, root: Path) -> None:
@@ -435,7 +479,7 @@ def test_sequential_read_coalesces_contiguous_chunks(store: FaultyStore) -> None
     manifest, _ = _write(store, data, pack_size=1 << 30)  # one pack
     assert len(manifest.packs()) == 1 and len(manifest.chunks) > 20
     before = store.calls["get_range"]
-    assert ChunkReader(store, manifest).read(0, manifest.size) == data
+    assert _read_all(store, manifest) == data
     assert store.calls["get_range"] - before == 1
     before = store.calls["get_range"]
     got = fetch_chunks(store, manifest, 3, 9)
@@ -459,7 +503,7 @@ def test_repeated_content_within_one_file_is_stored_once(store: FaultyStore) -> 
     block = _mixed(64, seed=42)
     manifest, writer = _write(store, block * 4)
     assert writer.stats.reused_logical >= 2 * len(block)
-    assert ChunkReader(store, manifest).read(0, manifest.size) == block * 4
+    assert _read_all(store, manifest) == block * 4
 
 
 def test_index_primed_from_manifests_heads_each_pack_once(store: FaultyStore) -> None:
@@ -477,7 +521,7 @@ def test_index_primed_from_manifests_heads_each_pack_once(store: FaultyStore) ->
     assert store.calls["head"] - heads == len(first.packs())  # no HEAD per chunk
     assert store.calls["put"] - puts == 1  # one pack with the changed chunks
     assert writer.stats.reused_logical >= 0.8 * len(data)
-    assert ChunkReader(store, second).read(0, second.size) == bytes(changed)
+    assert _read_all(store, second) == bytes(changed)
 
 
 def test_chunks_from_a_read_manifest_check_their_pack_once(store: FaultyStore) -> None:
@@ -501,7 +545,7 @@ def test_a_vanished_pack_is_forgotten_and_its_chunks_stored_again(
     (root / pack_key(first.packs()[0])).unlink()
     second, writer = _write(store, data, index=index)
     assert writer.stats.new_logical == len(data)
-    assert ChunkReader(store, second).read(0, len(data)) == data
+    assert _read(store, second, (0, len(data)))[0] == data
 
 
 def test_shifted_content_reuses_chunks(store: FaultyStore) -> None:
@@ -539,7 +583,7 @@ def test_empty_file(store: FaultyStore) -> None:
     manifest, _ = _write(store, b"")
     assert manifest.size == 0 and manifest.chunks == ()
     assert decode_manifest(encode_manifest(manifest)) == manifest
-    assert ChunkReader(store, manifest).read(0, 100) == b""
+    assert _read(store, manifest, (0, 100))[0] == b""
 
 
 def test_upload_failure_is_raised_by_finish(store: FaultyStore) -> None:
@@ -549,7 +593,7 @@ def test_upload_failure_is_raised_by_finish(store: FaultyStore) -> None:
 
 
 # -- verification -------------------------------------------------------------------------------
-@pytest.mark.allow_logs("failed verification; fetching it again")
+@pytest.mark.allow_logs("failed verification; fetching it again", "fetching chunks failed")
 def test_chunk_with_wrong_content_is_never_served(store: FaultyStore, root: Path) -> None:
     data = random.Random(2).randbytes(40 * PAGE)  # raw chunks: easy to tamper with in place
     manifest, _ = _write(store, data)
@@ -558,12 +602,12 @@ def test_chunk_with_wrong_content_is_never_served(store: FaultyStore, root: Path
     tampered = bytearray(path.read_bytes())
     tampered[victim.offset + 7] ^= 0x40
     path.write_bytes(bytes(tampered))
-    assert ChunkReader(store, manifest).read(0, 10) == data[:10]  # other chunks are fine
+    assert _read(store, manifest, (0, 10))[0] == data[:10]  # other chunks are fine
     with pytest.raises(CorruptChunk, match="does not match its BLAKE3 hash") as info:
-        ChunkReader(store, manifest).read(manifest.offset(1), 1)
+        _read(store, manifest, (manifest.offset(1), 1))
     assert isinstance(info.value, LayoutError)
     with pytest.raises(CorruptChunk):  # also inside a coalesced read
-        ChunkReader(store, manifest).read(0, manifest.size)
+        _read_all(store, manifest)
 
 
 @pytest.mark.allow_logs("failed verification; fetching it again")
@@ -583,23 +627,24 @@ def test_corruption_in_transit_is_refetched(store: FaultyStore) -> None:
     data = _mixed(50, seed=13)
     manifest, _ = _write(store, data)
     store.corrupt("get_range", times=1)
-    assert ChunkReader(store, manifest).read(0, manifest.size) == data
+    assert _read_all(store, manifest) == data
 
 
-@pytest.mark.allow_logs("failed verification; fetching it again")
+@pytest.mark.allow_logs("failed verification; fetching it again", "fetching chunks failed")
 def test_persistent_corruption_in_transit_raises(store: FaultyStore) -> None:
     data = _mixed(50, seed=14)
     manifest, _ = _write(store, data)
     store.corrupt("get_range")
     with pytest.raises(CorruptChunk):
-        ChunkReader(store, manifest).read(0, 1)
+        _read(store, manifest, (0, 1))
 
 
+@pytest.mark.allow_logs("fetching chunks failed")
 def test_missing_pack_is_not_found(store: FaultyStore, root: Path) -> None:
     manifest, _ = _write(store, _mixed(20, seed=15))
     (root / pack_key(manifest.chunks[0].pack)).unlink()
     with pytest.raises(NotFound):
-        ChunkReader(store, manifest).read(0, 1)
+        _read(store, manifest, (0, 1))
 
 
 # -- garbage collection -------------------------------------------------------------------------
@@ -644,8 +689,8 @@ def test_gc_sets_aside_then_deletes_old_unreferenced_packs_only(
     assert last.deleted == len(only_gone) and last.bytes_deleted > 0
     assert not _packs(root, FOSSILS_PREFIX)
     assert set(keep.packs()) | set(young.packs()) <= _packs(root)
-    reader = ChunkReader(store, read_manifest(store, Key("snapshots/t/1/pages-1.img")))
-    assert reader.read(0, keep.size) == _mixed(80, seed=20)
+    back = read_manifest(store, Key("snapshots/t/1/pages-1.img"))
+    assert _read(store, back, (0, keep.size))[0] == _mixed(80, seed=20)
 
 
 def test_gc_keeps_a_partly_referenced_pack(store: FaultyStore, root: Path) -> None:
@@ -659,7 +704,7 @@ def test_gc_keeps_a_partly_referenced_pack(store: FaultyStore, root: Path) -> No
     stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert stats.fossilized == 0 and stats.kept_referenced == len(second.packs())
     assert set(first.packs()) <= _packs(root)
-    assert ChunkReader(store, second).read(0, second.size) == data[: 20 * PAGE]
+    assert _read_all(store, second) == data[: 20 * PAGE]
 
 
 def test_gc_keeps_an_old_pack_that_a_dump_refreshed(store: FaultyStore, root: Path) -> None:
@@ -676,7 +721,7 @@ def test_gc_keeps_an_old_pack_that_a_dump_refreshed(store: FaultyStore, root: Pa
     stats = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)  # before dump 2 commits
     assert stats.fossilized == 0 and stats.kept_young == len(manifest.packs())
     write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)
-    assert ChunkReader(store, manifest).read(0, len(data)) == data
+    assert _read(store, manifest, (0, len(data)))[0] == data
 
 
 def test_dump_racing_a_collection_loses_nothing(store: FaultyStore, root: Path) -> None:
@@ -694,13 +739,13 @@ def test_dump_racing_a_collection_loses_nothing(store: FaultyStore, root: Path) 
     first_run = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert first_run.fossilized == len(manifest.packs())
     write_manifest(store, Key("snapshots/t/2/pages-1.img"), manifest)  # the dump commits
-    assert ChunkReader(store, manifest).read(0, len(data)) == data  # served from the fossils
+    assert _read(store, manifest, (0, len(data)))[0] == data  # served from the fossils
     _age_all_packs(root, 2 * HOUR, FOSSILS_PREFIX)
     second = collect_garbage(store, Key("snapshots/"), grace_seconds=HOUR)
     assert second.resurrected == len(manifest.packs())
     assert second.deleted == 0 and second.missing == 0
     assert _packs(root) == set(manifest.packs()) and not _packs(root, FOSSILS_PREFIX)
-    assert ChunkReader(store, manifest).read(0, len(data)) == data
+    assert _read(store, manifest, (0, len(data)))[0] == data
 
 
 def test_gc_stops_on_an_undecodable_manifest(store: FaultyStore, root: Path) -> None:
@@ -746,9 +791,9 @@ def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
     manifest = _commit(s3_store, str(key), data)
     info = s3_store.head(key)
     assert info.metadata is not None and info.metadata[LAYOUT_METADATA] == LAYOUT_CHUNKED
-    reader = ChunkReader(s3_store, read_manifest(s3_store, key, info.etag))
-    assert reader.read(0, len(data)) == data
-    assert reader.read(12_345, 50_000) == data[12_345:62_345]
+    back = read_manifest(s3_store, key, info.etag)
+    whole, piece = _read(s3_store, back, (0, len(data)), (12_345, 50_000))
+    assert whole == data and piece == data[12_345:62_345]
     # a second, shifted dump reuses most chunks; an old pack is refreshed by copy onto itself
     index = ChunkIndex()
     prime_index(s3_store, index, [manifest])
@@ -765,4 +810,4 @@ def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
     time.sleep(1.1)
     second = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
     assert second.deleted == writer.stats.packs and second.resurrected == 0
-    assert ChunkReader(s3_store, manifest).read(0, len(data)) == data
+    assert _read(s3_store, manifest, (0, len(data)))[0] == data

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fusionfs.reader import ReadState
+from fusionfs.fetch import ReadState
 
 
 def test_out_of_order_reads_of_one_stream_keep_the_window_open() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import blake3
 import pytest
 
-from fusionfs.layout import (
+from fusionfs.chunked import (
     FOSSILS_PREFIX,
     PACKS_PREFIX,
     ChunkPolicy,
