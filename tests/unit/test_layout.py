@@ -770,7 +770,7 @@ def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
     first = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
     assert first.fossilized == writer.stats.packs
     assert first.missing == 0
-    time.sleep(1.1)
+    time.sleep(1.1)  # again: a wall-clock resolution, not synchronisation
     second = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
     assert second.deleted == writer.stats.packs and second.resurrected == 0
     assert ChunkReader(s3_store, manifest).read(0, len(data)) == data
