@@ -46,6 +46,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import xxhash
 
@@ -183,7 +184,8 @@ class ChunkCache:
     """A byte-bounded LRU cache of object chunks in files under ``root``.
 
     ``max_bytes`` bounds the sum of chunk file sizes; ``min_free_bytes`` is kept free on the
-    cache's filesystem (the cache evicts, then stops storing, to respect it).
+    cache's filesystem (the cache evicts, then stops storing, to respect it). ``clock`` (seconds,
+    monotonic) times the free-space re-reads and the write-failure warnings; tests pass their own.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class ChunkCache:
         max_bytes: int,
         min_free_bytes: int = 1 << 30,
         stats: Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_bytes < 0 or min_free_bytes < 0:
             raise ValueError("max_bytes and min_free_bytes must not be negative")
@@ -202,6 +205,7 @@ class ChunkCache:
         self._max_bytes = max_bytes
         self._min_free = min_free_bytes
         self._stats = stats if stats is not None else Stats()
+        self._clock = clock
 
         # Everything below is guarded by _lock.
         self._lock = threading.Lock()
@@ -216,7 +220,7 @@ class ChunkCache:
         self._gen = 0
         self._free_est = 0  # estimated free bytes on the cache filesystem
         self._written_since_check = 0
-        self._checked_at = -1e300  # monotonic time of the last statvfs
+        self._checked_at = -1e300  # clock time of the last statvfs
         self._corrupt_warnings = 0
         self._write_warned_at = -1e300
         self._tmp_seq = 0
@@ -626,7 +630,7 @@ class ChunkCache:
 
     def _write_failed(self, exc: OSError) -> None:
         self._stats.add("cache_write_failures")
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._checked_at = -1e300  # re-read the free space before the next write
             warn = now - self._write_warned_at >= _WRITE_WARNING_INTERVAL_S
@@ -735,7 +739,7 @@ class ChunkCache:
 
     def _refresh_free(self, *, force: bool) -> None:
         """Re-read the free space if due (every 64 MiB written or 1 s), else keep the estimate."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             due = force or (
                 self._written_since_check >= _STATVFS_EVERY_BYTES

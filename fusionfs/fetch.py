@@ -215,6 +215,11 @@ class FetchEngine(Generic[K]):
         """Whether the cache writers hold as many bytes as they may (writes are being skipped)."""
         return self._backlog >= self._backlog_limit
 
+    def quiet(self, backlog: int = 0) -> bool:
+        """Whether no fetch is in flight and at most ``backlog`` bytes wait to be written to the
+        cache (what a test waits for before asserting that something did not happen)."""
+        return not self._inflight and self._backlog <= backlog
+
     # -- requests ----------------------------------------------------------------------------
     def request(self, src: ChunkLocator[K], first: int, last: int, cache: bool = True) -> None:
         """Make sure chunks ``first..last`` of ``src`` are in memory or being fetched, in runs

@@ -1,8 +1,11 @@
-"""The composition root: builds store -> cache -> reader/writer -> fs -> ops and serves the mount.
+"""The composition root: opens the store, builds the core on it (``fusionfs.core.build_core``:
+cache -> reader/writer -> fs), puts ``ops`` over it and serves the mount.
 
-One trio nursery owns every background task. It is entered first in an ``AsyncExitStack`` and
-every part pushes its own teardown right after it is built, so everything unwinds in reverse
-order and the nursery closes last. Shutdown paths:
+One trio nursery, the core's, owns every background task. Everything is entered in one
+``AsyncExitStack`` (the store first, then the core, whose nursery is entered before its parts)
+and every part pushes its own teardown right after it is built, so everything unwinds in
+reverse order: the final flush, the core's parts, the core's nursery, the store. Shutdown
+paths:
 
 - the mount is unmounted from outside (``fusionfs unmount`` / ``fusermount3 -u``):
   ``pyfuse3.main`` returns; files were all closed (the kernel refuses to unmount a busy mount), so
@@ -32,50 +35,33 @@ import pyfuse3
 import trio
 
 from fusionfs import __version__
-from fusionfs.cache import ChunkCache
-from fusionfs.chunked import ChunkedLayout, PackThreads
-from fusionfs.fs import Filesystem, FsConfig
+from fusionfs.core import CoreConfig, build_core
+from fusionfs.fs import Filesystem
 from fusionfs.ops import FusionOperations
-from fusionfs.reader import ChunkSource
-from fusionfs.staging import recover_leftovers
 from fusionfs.stats import Stats
 from fusionfs.store import ObjectStore, open_store
-from fusionfs.writer import Uploader
 
 __all__ = ["MountConfig", "MountError", "default_cache_dir", "serve"]
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
 
 
 class MountError(Exception):
     """A problem that prevents mounting, with a one-line message for the user."""
 
 
-@dataclasses.dataclass
-class MountConfig:
+@dataclasses.dataclass(kw_only=True)
+class MountConfig(CoreConfig):
+    """The core's options (``CoreConfig``: the filesystem's, sizes, limits, timeouts), and the
+    store's, the mount point's and the kernel's."""
+
     source: str
     mountpoint: Path
     cache_dir: Path
-    cache_size: int = 10 << 30
-    cache_min_free: int = 1 << 30
-    chunk_size: int = 1 * MiB
-    request_size: int = 16 * MiB
-    max_readahead: int = 128 * MiB
-    read_memory: int = 256 * MiB
-    part_size: int = 16 * MiB
-    upload_concurrency: int = 8
-    store_threads: int = 32
     endpoint_url: str | None = None
     region: str | None = None
-    read_only: bool = False
-    direct_io: bool = False
     allow_other: bool = False
-    metadata_ttl: float = 1.0
-    call_timeout: float = 60.0
     check_timeout: float = 15.0
-    retry_interval: float = 30.0
     sse: str | None = None
     sse_kms_key_id: str | None = None
     sign_payload: bool = False
@@ -168,49 +154,17 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
 async def _serve(
     cfg: MountConfig, store: ObjectStore, stats: Stats, on_ready: Callable[[], None]
 ) -> None:
-    staging = cfg.cache_dir / "staging"
-    staging.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(staging, 0o700)
-    for message in await trio.to_thread.run_sync(
-        recover_leftovers, staging, cfg.cache_dir / "recovered", store
-    ):
-        log.warning("%s", message)
     async with contextlib.AsyncExitStack() as stack:
         close_store = getattr(store, "close", None)
         if callable(close_store):
             stack.callback(close_store)
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(nursery.cancel_scope.cancel)
-
-        cache = ChunkCache(cfg.cache_dir / "cache", max_bytes=cfg.cache_size,
-                           min_free_bytes=cfg.cache_min_free, stats=stats)
-        await trio.to_thread.run_sync(cache.open)
-        stack.callback(cache.close)
-
-        limiter = trio.CapacityLimiter(cfg.store_threads)
-        # one chunk index and one bounded set of compression/pack-upload threads per mount
-        pack_threads = PackThreads(workers=2, uploads=4)
-        stack.callback(pack_threads.close)
-        chunked = ChunkedLayout(store, nursery=nursery, limiter=limiter, threads=pack_threads,
-                                cache=cache, call_timeout=cfg.call_timeout)
-        chunks = ChunkSource(
-            store, cache, nursery=nursery, limiter=limiter, stats=stats,
-            chunk_size=cfg.chunk_size, request_size=max(cfg.request_size, cfg.chunk_size),
-            max_readahead=cfg.max_readahead, memory_bytes=cfg.read_memory,
-            call_timeout=cfg.call_timeout, chunked=chunked,
+        core = await stack.enter_async_context(
+            build_core(store, cfg.cache_dir, dataclasses.replace(cfg, info=cfg.public_info()),
+                       stats=stats)
         )
-        uploader = Uploader(
-            store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,
-            part_size=cfg.part_size, upload_concurrency=cfg.upload_concurrency,
-            call_timeout=cfg.call_timeout,
-        )
-        fs = Filesystem(
-            store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
-            config=FsConfig(metadata_ttl=cfg.metadata_ttl, read_only=cfg.read_only,
-                            direct_io=cfg.direct_io,
-                            call_timeout=cfg.call_timeout, retry_interval=cfg.retry_interval,
-                            info=cfg.public_info()),
-        )
+        for message in core.recovered:
+            log.warning("%s", message)
+        fs, nursery = core.fs, core.nursery
         stack.push_async_callback(_final_flush, fs)
 
         options = set(pyfuse3.default_options)
@@ -234,8 +188,6 @@ async def _serve(
             await trio.to_thread.run_sync(_raise_readahead, Path(mountpoint), cfg.max_readahead)
 
         nursery.start_soon(tune_readahead)
-
-        nursery.start_soon(fs.retry_loop)
         nursery.start_soon(_on_signals, fs, session)
         log.info("mounted %s on %s", store.description, cfg.mountpoint)
         # The objects made so far (botocore's service model above all: some 10^5) live as long

@@ -15,6 +15,11 @@
   unless it declares it: ``@pytest.mark.allow_logs("substring", ...)`` (S3QL's
   ``pytest_checklogs``). Records in the test body fail the test itself; records during fixture
   setup or teardown fail it as a teardown error.
+- the same holds for the log of every daemon ``fusion_mount`` started: a WARNING, ERROR or
+  CRITICAL record in it (any logger; the record's text with its traceback, if any, is what
+  ``allow_logs`` substrings are matched against) fails the test unless declared with the same
+  marker. What the daemons logged by the end of the test body fails the test itself; what they
+  log after (at unmount) fails its teardown.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +49,11 @@ _LOG_ROOTS = ("fusionfs", "snapstore")
 _MOUNT_TIMEOUT_S = 20.0
 _UNMOUNT_TIMEOUT_S = 30.0
 _LOG_TAIL_LINES = 40
+#: the start of a record in a daemon's log (``fusionfs.cli._setup_logging``'s format)
+_DAEMON_RECORD = re.compile(
+    rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) \S+: ", re.MULTILINE
+)
+_DAEMON_LEVELS = {b"WARNING", b"ERROR", b"CRITICAL"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,8 +71,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "allow_logs(*substrings): WARNING/ERROR records from fusionfs/snapstore loggers whose "
-        "message contains one of the substrings do not fail the test",
+        "allow_logs(*substrings): WARNING/ERROR records from fusionfs/snapstore loggers, or in "
+        "the log of a daemon fusion_mount started, whose message contains one of the "
+        "substrings do not fail the test",
     )
 
 
@@ -94,7 +106,7 @@ _LOG_HANDLER = pytest.StashKey[_RecordingHandler]()
 
 def _unexpected_logs(item: pytest.Item, handler: _RecordingHandler) -> list[str]:
     """Format (and consume) the recorded records that no ``allow_logs`` marker allows."""
-    allowed = [str(s) for mark in item.iter_markers("allow_logs") for s in mark.args]
+    allowed = _allowed_logs(item)
     records, handler.records = handler.records, []
     bad = []
     for record in records:
@@ -104,6 +116,10 @@ def _unexpected_logs(item: pytest.Item, handler: _RecordingHandler) -> list[str]
         if not any(s in text for s in allowed):
             bad.append(f"{record.levelname} {record.name}: {text}")
     return bad
+
+
+def _allowed_logs(item: pytest.Item) -> list[str]:
+    return [str(s) for mark in item.iter_markers("allow_logs") for s in mark.args]
 
 
 def _log_failure(bad: list[str]) -> str:
@@ -133,11 +149,15 @@ def _check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     result = yield  # a failing test raises here, and keeps its own failure
+    bad = []
     handler = item.stash.get(_LOG_HANDLER, None)
     if handler is not None:
-        bad = _unexpected_logs(item, handler)
-        if bad:
-            pytest.fail(_log_failure(bad), pytrace=False)
+        bad += _unexpected_logs(item, handler)
+    mounts = item.stash.get(_MOUNTS, None)
+    if mounts is not None:
+        bad += mounts.unexpected_logs(_allowed_logs(item))
+    if bad:
+        pytest.fail(_log_failure(bad), pytrace=False)
     return result
 
 
@@ -386,6 +406,28 @@ class Mount:
         self._factory = factory
         self._env = env
         self._killed = False  # killed on purpose by the test (kill())
+        self._log_checked = 0  # bytes of the log whose records were handed out
+
+    def new_log_records(self) -> list[str]:
+        """The daemon's WARNING, ERROR and CRITICAL records (each with its continuation lines,
+        e.g. a traceback) not handed out before. While the daemon runs, a last line without
+        its newline is left for later. (A record is written whole: one write of up to 8 KiB.)"""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_checked)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1 if self.proc.poll() is None else len(data)
+        starts = [m.start() for m in _DAEMON_RECORD.finditer(data, 0, end)]
+        records = []
+        for start, stop in zip(starts, [*starts[1:], end], strict=True):
+            head = _DAEMON_RECORD.match(data, start)
+            if head is not None and head["level"] in _DAEMON_LEVELS:
+                text = data[head.end("level") + 1 : stop].decode(errors="replace")
+                records.append(text.rstrip("\n"))
+        self._log_checked += end
+        return records
 
     def __repr__(self) -> str:
         return f"<Mount {self.source} at {self.path} pid={self.proc.pid}>"
@@ -492,6 +534,17 @@ class _MountFactory:
         self._starts = 0
         self.mounts: list[Mount] = []
 
+    def unexpected_logs(self, allowed: Sequence[str]) -> list[str]:
+        """The daemons' new WARNING/ERROR records that no ``allowed`` substring matches."""
+        bad = []
+        for mount in self.mounts:
+            for record in mount.new_log_records():
+                if not any(s in record for s in allowed):
+                    lines = record.splitlines()
+                    shown = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+                    bad.append(f"{mount.log_path.name}: {shown}")
+        return bad
+
     def __call__(
         self,
         source: str,
@@ -553,14 +606,20 @@ class _MountFactory:
         return mount
 
 
+_MOUNTS = pytest.StashKey[_MountFactory]()
+
+
 @pytest.fixture
-def fusion_mount(tmp_path: Path) -> Iterator[_MountFactory]:
-    """Factory: ``m = fusion_mount(source, extra_args=(), env=None, cache_dir=None)``."""
+def fusion_mount(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_MountFactory]:
+    """Factory: ``m = fusion_mount(source, extra_args=(), env=None, cache_dir=None)``.
+
+    The daemons' logs are checked (see the module docstring: ``allow_logs``)."""
     if not os.path.exists("/dev/fuse"):
         missing("FUSE", "/dev/fuse does not exist")
     if shutil.which("fusermount3") is None:
         missing("FUSE", "fusermount3 is not on PATH (Debian package fuse3)")
     factory = _MountFactory(tmp_path)
+    request.node.stash[_MOUNTS] = factory
     try:
         yield factory
     finally:
@@ -572,3 +631,6 @@ def fusion_mount(tmp_path: Path) -> Iterator[_MountFactory]:
                 problems.append(f"cleaning up {mount!r} failed: {type(err).__name__}: {err}")
         if problems:
             pytest.fail("mount teardown needed force:\n" + "\n".join(problems), pytrace=False)
+        bad = factory.unexpected_logs(_allowed_logs(request.node))
+        if bad:
+            pytest.fail(_log_failure(bad), pytrace=False)

@@ -2,20 +2,22 @@
 
 ``missing`` is the one way to react to an absent component (FUSE, CRIU, the S3 test server):
 it skips with the reason locally and fails under ``CI=true``, so CI never goes green by
-skipping.
+skipping. ``wait_for`` (blocking) and ``wait_until`` (trio) are the way to wait for something
+to happen: on the event itself with a deadline, never a fixed sleep.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import pytest
 
-__all__ = ["free_port", "missing", "wait_for"]
+__all__ = ["free_port", "missing", "wait_for", "wait_until"]
 
 _T = TypeVar("_T")
 
@@ -52,3 +54,28 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], _T | Awaitable[_T]], timeout: float, what: str, *,
+    interval: float = 0.01,
+) -> _T:
+    """``wait_for`` for trio tests: poll ``predicate`` (a function or a coroutine function)
+    until it returns something truthy, and return that, sleeping ``interval`` between tries in
+    trio, so the code under test runs meanwhile.
+
+    Raises ``AssertionError`` naming ``what`` after ``timeout`` seconds of trio's clock. The
+    predicate is always tried once more at the deadline.
+    """
+    import trio
+
+    deadline = trio.current_time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if trio.current_time() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await trio.sleep(interval)

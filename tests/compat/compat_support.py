@@ -20,8 +20,6 @@ import pytest
 
 __all__ = ["CompatMount", "Entry", "run", "tree", "tree_of"]
 
-_LOG_LEVELS = (" WARNING ", " ERROR ", " CRITICAL ")
-
 
 # --------------------------------------------------------------------------------------------
 # the tree's fingerprint
@@ -85,15 +83,13 @@ class CompatMount:
 
     def __init__(
         self, name: str, source: str, env: dict[str, str], factory: Any,
-        extra_args: tuple[str, ...], item: pytest.Item,
+        extra_args: tuple[str, ...],
     ) -> None:
         self.name = name
         self.source = source
         self.env = env
         self.extra_args = extra_args
         self._factory = factory
-        self._item = item
-        self._log_offsets: dict[Path, int] = {}
         self.main = factory(source, extra_args=extra_args, env=env)
         self.nodes = [self.main]
 
@@ -133,26 +129,6 @@ class CompatMount:
             f"{_tree_diff(before, after)}\n{self.log_tails()}"
         )
         return after
-
-    def unexpected_log_lines(self) -> list[str]:
-        """WARNING/ERROR lines of the daemons' logs not seen before and not allowed."""
-        allowed = [str(s) for m in self._item.iter_markers("allow_logs") for s in m.args]
-        bad = []
-        for mount in self._factory.mounts:
-            log_path: Path = mount.log_path
-            try:
-                with open(log_path, "rb") as f:
-                    f.seek(self._log_offsets.get(log_path, 0))
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            self._log_offsets[log_path] = self._log_offsets.get(log_path, 0) + len(data)
-            for line in data.decode(errors="replace").splitlines():
-                if any(level in line for level in _LOG_LEVELS) and not any(
-                    s in line for s in allowed
-                ):
-                    bad.append(f"{log_path.name}: {line}")
-        return bad
 
 
 # --------------------------------------------------------------------------------------------

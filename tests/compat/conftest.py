@@ -15,14 +15,15 @@ After the program, a test calls ``compat_mount.remount_cold()``: it records ever
 the mount (type, permission bits, symlink target, sha256 of every file), unmounts every mount
 of the store, empties the cache, mounts again and checks that the same tree comes back.
 
-The daemons' logs are checked like the test process's own (``tests/conftest.py``): a WARNING
-or ERROR line in any mount's log fails the test unless ``@pytest.mark.allow_logs`` declares a
-substring of it. Mount options come from ``@pytest.mark.compat_mount_args("--opt", "value")``.
+The daemons' logs are checked by ``fusion_mount`` (``tests/conftest.py``), as for every mount
+test: a WARNING or ERROR record in any mount's log fails the test unless
+``@pytest.mark.allow_logs`` declares a substring of it. Mount options come from
+``@pytest.mark.compat_mount_args("--opt", "value")``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("_compat_store", [STORES_LOCAL, *servers], indirect=True)
 
 
-def _log_failure(bad: list[str]) -> str:
-    return (
-        "unexpected WARNING/ERROR lines in the mount's log (declare expected ones with "
-        "@pytest.mark.allow_logs('substring')):\n  " + "\n  ".join(bad[:40])
-    )
-
-
 @pytest.fixture
 def _compat_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     tuple[str, str, dict[str, str]]
@@ -94,29 +88,8 @@ def compat_mount(
     extra = tuple(
         str(a) for m in request.node.iter_markers("compat_mount_args") for a in m.args
     )
-    mount = CompatMount(name, source, env, fusion_mount, extra, request.node)
-    request.node.stash[_COMPAT] = mount
+    mount = CompatMount(name, source, env, fusion_mount, extra)
     yield mount
-    for node in mount.nodes:  # unmount here so that the logs are whole when checked
+    for node in mount.nodes:  # a clean unmount (fusion_mount's teardown would force it)
         if node.proc.poll() is None:
             node.unmount()
-    bad = mount.unexpected_log_lines()
-    if bad:
-        pytest.fail(_log_failure(bad), pytrace=False)
-
-
-_COMPAT = pytest.StashKey[CompatMount]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """Fail the test itself (not its teardown) on daemon log lines written during its body."""
-    result = yield
-    mount = item.stash.get(_COMPAT, None)
-    if mount is not None:
-        bad = mount.unexpected_log_lines()
-        if bad:
-            pytest.fail(_log_failure(bad), pytrace=False)
-    return result
-
-

@@ -1,17 +1,20 @@
 """Fixtures for testing the fusionfs core (``Filesystem``) without a kernel.
 
-``make_fs(store, **options)`` (an ``fs_harness.FsFactory``) builds the same parts
-``fusionfs.mount._serve`` wires together (chunk cache -> ``ChunkSource`` -> ``Uploader`` ->
-``Filesystem``), each ``Filesystem`` inside its own nursery run as a background task of the
-fixture, and returns an ``fs_harness.Harness``: the parts plus a small API that makes the calls
-the kernel would make (lookup, create/open, read/write, flush+release,
-opendir/readdir/releasedir, ...). pyfuse3 is never imported here.
+``make_fs(store, **options)`` (an ``fs_harness.FsFactory``) builds a core with
+``fusionfs.core.build_core``, the builder the mount uses (chunk cache -> ``ChunkSource`` ->
+``Uploader`` -> ``Filesystem``, with their background tasks and the retry loop), each inside
+its own nursery run as a background task of the fixture, and returns an
+``fs_harness.Harness``: the parts plus a small API that makes the calls the kernel would make
+(lookup, create/open, read/write, flush+release, opendir/readdir/releasedir, ...). pyfuse3 is never imported here.
 
 Stores: ``any_store`` is parametrized over ``LocalStore`` and ``S3Store`` (against the
 ``s3_bucket`` moto server fixture from ``tests/conftest.py``); ``local_store`` is LocalStore only
 (for big files: moto copies the whole object on every ranged GET), ``s3_store`` S3Store only.
 All come wrapped in a ``FaultyStore`` so that every test can count calls and inject faults;
 ``.inner`` is the real one.
+
+``clock`` is trio's clock as a ``MockClock`` that stands still until the test moves it
+(``clock.jump``), for tests of TTLs: a TTL expires exactly when the test says so.
 
 Caveat: teardown does not flush: a test that wants data durable closes its files (or calls
 ``fs.flush_all()``). Teardown releases every stall first, so no worker thread stays blocked in a
@@ -26,6 +29,7 @@ from pathlib import Path
 import pytest
 import trio
 from fs_harness import FsFactory
+from trio.testing import MockClock
 
 from fusionfs.store import FaultyStore, LocalStore, ObjectStore
 
@@ -44,6 +48,16 @@ async def make_fs(tmp_path: Path) -> AsyncIterator[FsFactory]:
                     await h.shutdown()
             for store in {id(h.store): h.store for h in factory.harnesses}.values():
                 store.close()
+
+
+@pytest.fixture
+def clock() -> MockClock:
+    """trio's clock for the test (pytest-trio runs a test with the clock it is given), standing
+    still: only ``clock.jump(s)`` moves it, so an attribute TTL expires exactly when the test
+    says, however long the store calls take (they run in threads, in real time). Caveat:
+    nothing that waits on trio's clock moves on by itself (``trio.sleep``, ``wait_until``,
+    ``Harness.settle``, timeouts): a test with this clock does not use them."""
+    return MockClock(rate=0.0)
 
 
 def _wrap(inner: ObjectStore) -> Iterator[FaultyStore]:

@@ -1,14 +1,16 @@
 """The harness for testing the fusionfs core (``Filesystem``) without a kernel.
 
-``FsFactory`` (the ``make_fs`` fixture in conftest.py) builds the parts ``fusionfs.mount._serve``
-wires together (chunk cache -> ``ChunkSource`` -> ``Uploader`` -> ``Filesystem``), each
-``Filesystem`` inside its own nursery run as a background task, and returns a ``Harness``: the
-parts plus a small API that makes the calls the kernel would make (lookup per path component,
-create/open, read/write, flush+release, opendir/readdir in batches/releasedir, ...).
+``FsFactory`` (the ``make_fs`` fixture in conftest.py) builds a core with
+``fusionfs.core.build_core``, as the mount does (chunk cache -> ``ChunkSource`` -> ``Uploader``
+-> ``Filesystem``, their background tasks and the retry loop in the core's own nursery), each
+run as a background task of the fixture, and returns a ``Harness``: the parts plus a small API
+that makes the calls the kernel would make (lookup per path component, create/open,
+read/write, flush+release, opendir/readdir in batches/releasedir, ...).
 
 Caveats: pyfuse3 is never imported, so ``ops`` (errno mapping, entry lifetimes) is not exercised;
 ``forget`` is never sent, so inodes stay known for the harness's life. Sizes are small (64 KiB
-chunks, 5 MiB parts): a "large" file is a few parts. Stopping a harness (``shutdown``) does not
+chunks, 5 MiB parts): a "large" file is a few parts. The retry loop (S-FAIL-3) waits an hour
+unless a test asks for less (``retry_interval``). Stopping a harness (``shutdown``) does not
 flush, which is also how a test simulates a daemon that died.
 """
 
@@ -19,16 +21,16 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any
 
 import trio
+import trio.testing
+from helpers import wait_until
 
 from fusionfs.cache import ChunkCache
-from fusionfs.chunked import ChunkedLayout, PackThreads
+from fusionfs.core import CoreConfig, build_core
 from fusionfs.errors import NoEntry
-from fusionfs.fs import ROOT_INODE, Filesystem, FsConfig, Inode, Kind
+from fusionfs.fs import ROOT_INODE, Filesystem, Inode, Kind
 from fusionfs.reader import ChunkSource
-from fusionfs.staging import recover_leftovers
 from fusionfs.stats import Stats
 from fusionfs.store import FaultyStore, Key
 from fusionfs.writer import Uploader
@@ -71,6 +73,19 @@ class Harness:
         """Tear this filesystem down (cancel its background tasks, close its cache)."""
         self._stop.set()
         await self._stopped.wait()
+
+    async def settle(self, *, timeout: float = 10.0, cache_backlog: int = 0) -> None:
+        """Wait until nothing is going on in the background: every task blocked, no chunk
+        fetch in flight (plain or chunked), and the cache writers' backlog down to
+        ``cache_backlog`` bytes. What a test then sees not done (no fetch, no cache write) was
+        not merely late. Raises AssertionError after ``timeout`` seconds."""
+        chunks = self.chunks
+
+        async def idle() -> bool:
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            return chunks._engine.quiet(cache_backlog) and chunks.chunked._engine.quiet()
+
+        await wait_until(idle, timeout, "the core to settle")
 
     # -- paths --------------------------------------------------------------------------------
     @staticmethod
@@ -262,67 +277,31 @@ class FsFactory:
         store_threads: int = 16,
         cache_size: int = 256 * MiB,
         direct_io: bool = False,
+        retry_interval: float = 3600.0,  # the retry loop runs; tests of it make it short
     ) -> Harness:
         cache_dir = cache_dir if cache_dir is not None else self.new_cache_dir()
-        options = dict(
+        cfg = CoreConfig(
             metadata_ttl=metadata_ttl, call_timeout=call_timeout, chunk_size=chunk_size,
             request_size=request_size, max_readahead=max_readahead, read_memory=read_memory,
             part_size=part_size, upload_concurrency=upload_concurrency, store_threads=store_threads,
-            cache_size=cache_size, direct_io=direct_io,
+            cache_size=cache_size, cache_min_free=0, direct_io=direct_io,
+            retry_interval=retry_interval,
         )
-        harness: Harness = await self._nursery.start(self._run, store, cache_dir, options)
+        harness: Harness = await self._nursery.start(self._run, store, cache_dir, cfg)
         self.harnesses.append(harness)
         return harness
 
     async def _run(
-        self, store: FaultyStore, cache_dir: Path, o: dict[str, Any],
+        self, store: FaultyStore, cache_dir: Path, cfg: CoreConfig,
         task_status: trio.TaskStatus[Harness] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # the wiring of fusionfs.mount._serve, minus pyfuse3
-        stats = Stats()
-        staging = cache_dir / "staging"
-        staging.mkdir(mode=0o700, exist_ok=True)
-        recovered = await trio.to_thread.run_sync(
-            recover_leftovers, staging, cache_dir / "recovered", store
-        )
-        cache = ChunkCache(cache_dir / "cache", max_bytes=o["cache_size"], min_free_bytes=0,
-                           stats=stats)
-        await trio.to_thread.run_sync(cache.open)
         harness: Harness | None = None
-        pack_threads = PackThreads(workers=2, uploads=4)
         try:
-            async with trio.open_nursery() as nursery:
-                limiter = trio.CapacityLimiter(o["store_threads"])
-                chunked = ChunkedLayout(store, nursery=nursery, limiter=limiter,
-                                        threads=pack_threads, cache=cache,
-                                        call_timeout=o["call_timeout"])
-                chunks = ChunkSource(
-                    store, cache, nursery=nursery, limiter=limiter, stats=stats,
-                    chunk_size=o["chunk_size"],
-                    request_size=max(o["request_size"], o["chunk_size"]),
-                    max_readahead=o["max_readahead"], memory_bytes=o["read_memory"],
-                    call_timeout=o["call_timeout"], chunked=chunked,
-                )
-                uploader = Uploader(
-                    store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter,
-                    stats=stats, part_size=o["part_size"],
-                    upload_concurrency=o["upload_concurrency"], call_timeout=o["call_timeout"],
-                )
-                fs = Filesystem(
-                    store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
-                    config=FsConfig(metadata_ttl=o["metadata_ttl"],
-                                    call_timeout=o["call_timeout"], retry_interval=3600.0,
-                                    direct_io=o["direct_io"]),
-                )
-                harness = Harness(fs, store, cache, chunks, uploader, stats, cache_dir,
-                                  recovered)
+            async with build_core(store, cache_dir, cfg) as core:
+                harness = Harness(core.fs, store, core.cache, core.chunks, core.uploader,
+                                  core.stats, cache_dir, core.recovered)
                 task_status.started(harness)
                 await harness._stop.wait()
-                nursery.cancel_scope.cancel()
         finally:
-            await trio.to_thread.run_sync(pack_threads.close)
-            await trio.to_thread.run_sync(cache.close)
             if harness is not None:
                 harness._stopped.set()
-
-

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 from fs_harness import FsFactory, Harness, MiB
+from helpers import wait_until
+from trio.testing import MockClock
 
 from fusionfs.chunked import (
     FOSSILS_PREFIX,
@@ -139,7 +141,7 @@ async def test_files_in_a_chunked_dir_are_stored_chunked(
 
 @pytest.mark.timeout(60)
 async def test_another_mount_reads_chunked_files_and_keeps_the_flag(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     """S-CHUNK-1 (the flag is persisted), S-CHUNK-2 (reading follows the object), S-CHUNK-3."""
     h = await make_fs(any_store)
@@ -155,7 +157,7 @@ async def test_another_mount_reads_chunked_files_and_keeps_the_flag(
     await other.write_file("snap/b.img", data[:100_000])
     info = await trio.to_thread.run_sync(other.store.inner.head, Key("snap/b.img"))
     assert is_chunked(info.metadata)
-    await trio.sleep(0.25)  # h's listing of snap/ (made there) answers for metadata_ttl (S-MAP-7)
+    clock.jump(0.25)  # h's listing of snap/ (made there) answers for metadata_ttl (S-MAP-7)
     assert await h.read_file("snap/b.img") == data[:100_000]
 
 
@@ -172,7 +174,7 @@ async def test_chunks_read_below_a_read_once_dir_are_not_cached(
     await h.write_file("snap/b.img", data[:300 * PAGE] + pages(100, seed=6))
     other = await make_fs(any_store)  # another machine: empty cache
     assert await other.read_file("snap/a.img") == data  # not read-once: cached
-    await trio.sleep(0.5)  # cache writes run in the background
+    await other.settle()  # cache writes run in the background
     await other.shutdown()
     again = await make_fs(any_store, cache_dir=other.cache_dir)  # its memory gone, cache kept
     cached = again.stats.cache_chunks
@@ -180,7 +182,7 @@ async def test_chunks_read_below_a_read_once_dir_are_not_cached(
     snap = await again.lookup("snap")
     await again.fs.setxattr(snap.ino, b"user.fusionfs.read-once", b"1")
     assert await again.read_file("snap/b.img") == data[:300 * PAGE] + pages(100, seed=6)
-    await trio.sleep(0.5)
+    await again.settle()  # no cache write is pending
     assert again.stats.cache_chunks == cached  # the last 100 pages' chunks were not cached
     assert again.stats.cache_hits > 0  # the first 300 pages' came from the cache
 
@@ -249,9 +251,10 @@ async def test_a_big_file_streams_into_packs_before_close(
     fh = await h.create("snap/pages-1.img")
     for off in range(0, len(data), 1 * MiB):
         await h.write(fh, off, data[off : off + MiB])
-    with trio.fail_after(20):
-        while len(await packs(h)) < 2:
-            await trio.sleep(0.05)
+    async def two_packs() -> bool:
+        return len(await packs(h)) >= 2
+
+    await wait_until(two_packs, 20, "two packs sent before close")
     await h.close(fh)
     assert len(await packs(h)) >= 5
     fresh = await make_fs(local_store)
@@ -369,7 +372,7 @@ async def test_gc_control_frees_the_packs_of_removed_files(
     await h.fs.setxattr(root, b"user.fusionfs.gc", b"0")
     assert json.loads(h.fs.getxattr(root, b"user.fusionfs.gc"))["fossilized"] == 1
     assert len(await packs(h)) == 1
-    await trio.sleep(1.1)
+    await trio.sleep(1.1)  # the same: a wall-clock resolution, not synchronisation
     await h.fs.setxattr(root, b"user.fusionfs.gc", b"0")
     last = json.loads(h.fs.getxattr(root, b"user.fusionfs.gc"))
     assert last["deleted"] == 1 and last["missing"] == 0
@@ -389,9 +392,10 @@ async def test_a_write_behind_the_streamed_part_restarts_the_stream_at_commit(
     fh = await h.create("snap/f.img")
     for off in range(0, len(data), MiB):
         await h.write(fh, off, bytes(data[off : off + MiB]))
-    with trio.fail_after(20):  # the stream has fed (and packed) the head
-        while not await packs(h):
-            await trio.sleep(0.05)
+    async def a_pack() -> bool:
+        return bool(await packs(h))
+
+    await wait_until(a_pack, 20, "the stream to feed (and pack) the head")
     await h.write(fh, 5, b"rewritten")
     data[5:14] = b"rewritten"
     await h.close(fh)
@@ -431,7 +435,10 @@ async def test_writes_wait_for_a_lagging_chunk_feed_instead_of_reading_back_stag
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_all)
-        with trio.fail_after(40):  # the writer stops moving while the packs cannot go out
+        # the writer stops moving while the packs cannot go out. What is tested is that it
+        # stops, i.e. that it does not move for a second: the sleep below is that second, not
+        # a wait for something to happen
+        with trio.fail_after(40):
             last = -1
             while written != last:
                 last = written

@@ -20,7 +20,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
+from helpers import wait_until
+from trio.testing import MockClock
 
 from fusionfs import staging, writer
 from fusionfs.errors import (
@@ -37,15 +40,6 @@ from fusionfs.errors import (
 )
 from fusionfs.fs import Kind
 from fusionfs.store import FaultyStore, Key, LocalStore, NotFound, Transient
-
-
-async def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
 
 # -- namespace ----------------------------------------------------------------------------------
 
@@ -209,7 +203,7 @@ class _SlowFileDeletes(FaultyStore):
 
     def delete(self, key: Key) -> None:
         if not key.endswith("/"):
-            time.sleep(0.05)
+            time.sleep(0.05)  # the slowness under test, not synchronisation
         super().delete(key)
 
 
@@ -394,7 +388,7 @@ async def test_random_small_read_fetches_its_pages_and_a_second_one_the_whole_ch
     assert await h.read(fh, off, 4096) == data[off : off + 4096]
     assert gets == [(5 * CHUNK + 8192, 8192)]  # the two pages the read touches
     assert h.stats.sparse_reads == 1
-    await trio.sleep(0.2)  # any cache write would have been started by now
+    await h.settle()  # any cache write would be done by now
     assert not h.cache.contains(Key("f"), (await h.lookup("f")).etag, CHUNK, 5)
 
     await h.close(fh)
@@ -411,18 +405,14 @@ async def test_random_small_read_fetches_its_pages_and_a_second_one_the_whole_ch
 
     await read_anew(5 * CHUNK + 40000, 4096)
     assert gets == [(5 * CHUNK, CHUNK)]  # touched before: fetched whole
-    with trio.fail_after(5):
-        while not h.cache.contains(Key("f"), etag, CHUNK, 5):
-            await trio.sleep(0.01)
+    await wait_until(lambda: h.cache.contains(Key("f"), etag, CHUNK, 5), 5, "chunk 5 cached")
     await read_anew(8 * CHUNK + 4096, CHUNK)
     assert gets == [(8 * CHUNK + 4096, CHUNK)]  # a chunk's worth across two: its own pages
     assert h.stats.sparse_reads == 2
     await read_anew(12 * CHUNK, CHUNK)
     assert gets == [(12 * CHUNK, CHUNK)]  # a whole chunk: fetched as one, and cached
     assert h.stats.sparse_reads == 2
-    with trio.fail_after(5):
-        while not h.cache.contains(Key("f"), etag, CHUNK, 12):
-            await trio.sleep(0.01)
+    await wait_until(lambda: h.cache.contains(Key("f"), etag, CHUNK, 12), 5, "chunk 12 cached")
 
 
 # -- listings -------------------------------------------------------------------------------
@@ -533,8 +523,9 @@ async def test_two_readers_of_one_chunk_cause_one_get(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read, "a", fh1, 0)
         nursery.start_soon(read, "b", fh2, 5000)
-        await _wait_until(lambda: local_store.waiting("get_range") == 1, "the first GET")
-        await trio.sleep(0.1)  # the second reader is waiting too, not fetching
+        await wait_until(lambda: local_store.waiting("get_range") == 1, 5, "the first GET")
+        await trio.testing.wait_all_tasks_blocked()  # the second reader is waiting too:
+        assert local_store.waiting("get_range") == 1  # for the first GET, not a GET of its own
         gate.set()
     assert results == {"a": data[:1000], "b": data[5000:6000]}
     assert local_store.calls["get_range"] - before == 1
@@ -582,29 +573,28 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
     try:
         for off in range(0, 8 * CHUNK, 32 * KiB):  # 8 chunks, in kernel-sized reads
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
-        await trio.sleep(0.2)  # read-ahead would be fetching now
+        await h.settle(cache_backlog=src._cache_backlog_limit)  # read-ahead would be done now
         assert sum(got) == 8 * CHUNK, "only what was read is fetched"
         assert h.stats.cache_writes_skipped == 8  # and not cached: the backlog is full
         with src._backlog_lock:
             src._backlog -= src._backlog_limit  # it caught up
         for off in range(8 * CHUNK, 10 * CHUNK, 32 * KiB):
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
-        await trio.sleep(0.2)
-        assert sum(got) >= 16 * CHUNK, "read-ahead runs ahead of the reads again"
+        await wait_until(lambda: sum(got) >= 16 * CHUNK, 10,
+                         "read-ahead to run ahead of the reads again")
         for off in range(10 * CHUNK, nchunks * CHUNK, 32 * KiB):
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
     finally:
         await h.close(fh)
-    with trio.fail_after(10):  # every write released its share of the backlog
-        while src._backlog:
-            await trio.sleep(0.01)
+    # every write released its share of the backlog
+    await wait_until(lambda: src._backlog == 0, 10, "the cache writes")
     assert h.stats.cache_writes_skipped == 8
     assert sum(got) == nchunks * CHUNK  # nothing fetched twice
 
 
 @pytest.mark.timeout(30)
 async def test_etag_change_under_open_handle_is_stale_not_mixed(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     h = await make_fs(any_store, metadata_ttl=0.2)
     old, new = data_of(8 * CHUNK, seed=6), data_of(8 * CHUNK, seed=7)
@@ -613,7 +603,9 @@ async def test_etag_change_under_open_handle_is_stale_not_mixed(
     # random reads: no read-ahead, so chunk 1 is fetched only when asked for
     assert await h.read(fh, 5 * CHUNK, 100) == old[5 * CHUNK : 5 * CHUNK + 100]
     assert await h.read(fh, 0, 100) == old[:100]
-    await trio.sleep(0.01)  # LocalStore: make sure the new version has another mtime
+    # not synchronisation: LocalStore's ETag comes from the file's mtime, so the new version
+    # must be written at another (wall-clock) time; trio's clock stands still here
+    time.sleep(0.01)
     await h.put("f", new)  # overwritten by another client, same size
     with pytest.raises(Stale) as info:
         await h.read(fh, 0, 2 * CHUNK)  # chunk 0 cached (old), chunk 1 not: never a splice
@@ -621,13 +613,13 @@ async def test_etag_change_under_open_handle_is_stale_not_mixed(
     # what is cached of the old version is still served whole
     assert await h.read(fh, 0, 100) == old[:100]
     await h.close(fh)
-    await trio.sleep(0.25)
+    clock.jump(0.25)
     assert await h.read_file("f") == new  # a new open sees the new version
 
 
 @pytest.mark.timeout(30)
 async def test_out_of_band_changes_seen_after_attr_timeout(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     h = await make_fs(any_store, metadata_ttl=0.3)
     await h.write_file("f", b"version one")
@@ -640,7 +632,7 @@ async def test_out_of_band_changes_seen_after_attr_timeout(
     await trio.to_thread.run_sync(any_store.inner.delete, Key("d/gone"))
     await h.put("d/new", b"hello")
     await h.put("other", b"!")
-    await trio.sleep(0.35)
+    clock.jump(0.35)
 
     assert (await h.stat("f")).size == len(b"version two, longer")
     assert await h.read_file("f") == b"version two, longer"
@@ -669,7 +661,7 @@ async def test_cache_survives_a_new_filesystem_on_the_same_cache_dir(
     def all_cached() -> bool:
         return all(h.cache.contains(Key("f"), etag, CHUNK, i) for i in range(11))
 
-    await _wait_until(all_cached, "every chunk to be in the disk cache")
+    await wait_until(all_cached, 5, "every chunk to be in the disk cache")
     await h.shutdown()
 
     second = FaultyStore(LocalStore(root))
@@ -747,7 +739,7 @@ async def test_large_sequential_write_streams_parts_while_writing(
     for off in range(0, len(data), 128 * KiB):
         await h.write(fh, off, data[off : off + 128 * KiB])
     # parts go up in the background while the file is still open, before any flush
-    await _wait_until(lambda: local_store.calls["upload_part"] >= 3, "3 parts sent")
+    await wait_until(lambda: local_store.calls["upload_part"] >= 3, 5, "3 parts sent")
     assert local_store.calls["complete_multipart"] == 0
     with pytest.raises(NotFound):  # nothing visible under the key before close
         await trio.to_thread.run_sync(local_store.inner.head, Key("stream"))
@@ -823,9 +815,9 @@ async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_stagin
     fh = await h.create("kept-open")
     await h.write(fh, 0, b"unsaved")
     # the record appears by a rename of a temporary file: wait for the two final names
-    await _wait_until(
+    await wait_until(
         lambda: sorted(p.suffix for p in h.staging_dir.iterdir()) == [".data", ".json"],
-        "the held file to be staged",
+        5, "the held file to be staged",
     )
     assert trio.current_time() - started >= writer._HOLD_S * 0.9
     record = next(p for p in h.staging_dir.glob("*.json"))
@@ -848,7 +840,7 @@ async def test_a_new_file_is_staged_once_it_outgrows_the_hold(
     fh = await h.create("big")
     for off in range(0, len(big), 64 * KiB):
         await h.write(fh, off, big[off : off + 64 * KiB])
-    await _wait_until(lambda: len(_staged_names(h)) == 2, "big to be staged")
+    await wait_until(lambda: len(_staged_names(h)) == 2, 5, "big to be staged")
     assert h.uploader.held_bytes == 0
     await h.close(fh)
     assert await h.get("big") == big
@@ -858,7 +850,7 @@ async def test_a_new_file_is_staged_once_it_outgrows_the_hold(
     await h.write(first, 0, data_of(80 * KiB, seed=1))
     assert _staged_names(h) == [] and h.uploader.held_bytes == 80 * KiB
     await h.write(second, 0, data_of(80 * KiB, seed=2))  # over the budget: staged now
-    await _wait_until(lambda: len(_staged_names(h)) == 2, "b to be staged")
+    await wait_until(lambda: len(_staged_names(h)) == 2, 5, "b to be staged")
     # a gap, a read across it and a truncate of the held file: staged on demand, same bytes
     await h.write(first, 100 * KiB, b"after a gap")
     got = await h.read(first, 70 * KiB, 50 * KiB)
@@ -903,9 +895,8 @@ async def test_rewrite_of_a_streamed_part_resends_only_that_part(
     fh = await h.create("f")
     for off in range(0, len(data), 1 << 20):
         await h.write(fh, off, bytes(data[off : off + (1 << 20)]))
-    await trio.sleep(0.2)
-    sent = local_store.calls["upload_part"]
-    assert sent >= 2  # the first parts streamed during the writes
+    # the first parts stream during the writes
+    await wait_until(lambda: local_store.calls["upload_part"] >= 2, 10, "two parts sent")
     patch = b"Z" * 4096
     await h.write(fh, 100, patch)  # inside part 1, already sent
     data[100 : 100 + len(patch)] = patch
@@ -927,7 +918,7 @@ def _since(before: tuple[int, int], store: FaultyStore) -> tuple[int, int]:
 
 @pytest.mark.timeout(30)
 async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_per_name(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     # [S-MAP-7] "a lookup of a name this mount has not seen ... refreshes that directory's listing"
     h = await make_fs(any_store, metadata_ttl=0.3)
@@ -937,7 +928,7 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     for i in range(10):  # a directory just made is known empty: no request per new name
         await h.write_file(f"d/f{i}", b"x")
     assert _lookup_calls(any_store) == before
-    await trio.sleep(0.35)  # the listing expires; the next unknown name re-lists, once
+    clock.jump(0.35)  # the listing expires; the next unknown name re-lists, once
     before = _lookup_calls(any_store)
     for i in range(10, 20):
         await h.write_file(f"d/f{i}", b"x")
@@ -950,21 +941,21 @@ async def test_creates_in_a_listed_directory_cost_one_list_per_ttl_not_a_probe_p
     await h.put("d/oob", b"from elsewhere")
     with pytest.raises(NoEntry):
         await h.lookup("d/oob")
-    await trio.sleep(0.35)
+    clock.jump(0.35)
     assert (await h.stat("d/oob")).size == len(b"from elsewhere")
     assert sorted(await h.listdir("d")) == sorted([f"f{i}" for i in range(20)] + ["oob"])
 
 
 @pytest.mark.timeout(30)
 async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     # [S-MAP-7] "Concurrent lookups of one name that needs asking the store share one probe"
     # [S-MAP-3] "A directory this mount knows is revalidated ... with a LIST of `a/`"
     h = await make_fs(any_store, metadata_ttl=0.2)
     await h.mkdir("d")
     await h.write_file("d/f", b"x")
-    await trio.sleep(0.25)  # "d" is stale now
+    clock.jump(0.25)  # "d" is stale now
     before = _lookup_calls(any_store)
     any_store.stall("list", seconds=0.2)  # keep the first probe in flight while the rest arrive
     found: list[Kind] = []
@@ -983,7 +974,7 @@ async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
 
 @pytest.mark.timeout(30)
 async def test_a_known_directory_replaced_by_a_file_is_seen_as_the_file(
-    make_fs: FsFactory, any_store: FaultyStore
+    make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:
     """Checking a known directory first (S-MAP-3) still finds the object once the directory is
     gone from the store."""
@@ -994,7 +985,7 @@ async def test_a_known_directory_replaced_by_a_file_is_seen_as_the_file(
     await trio.to_thread.run_sync(any_store.delete, Key("x/inner"))
     await trio.to_thread.run_sync(any_store.delete, Key("x/"))
     await h.put("x", b"a file now")
-    await trio.sleep(0.25)
+    clock.jump(0.25)
     inode = await h.lookup("x")
     assert inode.kind is Kind.FILE and inode.size == len(b"a file now")
     assert await h.read_file("x") == b"a file now"
@@ -1038,11 +1029,12 @@ async def test_a_streamed_file_is_not_copied_for_the_timestamp_of_its_own_writes
     h = await make_fs(local_store)
     data = data_of(2 * PART + 1000, seed=3)
     for name, mtime_ns in (("own", None), ("old", 1_500_000_000_000_000_000)):
+        streams = local_store.calls["create_multipart"]
         fh = await h.create(name)
         for off in range(0, len(data), 1 << 20):
             await h.write(fh, off, data[off : off + (1 << 20)])
-        await trio.sleep(0.1)
-        assert local_store.calls["create_multipart"] >= 1  # it streams
+        await wait_until(lambda: local_store.calls["create_multipart"] > streams, 10,  # noqa: B023
+                         f"{name} to stream")
         # what the kernel's writeback cache sends at close: the time of the last write
         stamp = mtime_ns if mtime_ns is not None else time.time_ns()
         await h.fs.setattr((await h.lookup(name)).ino, mtime_ns=stamp, fh=fh)
@@ -1207,7 +1199,8 @@ async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forget
 
 
 async def test_a_listing_that_lags_the_objects_does_not_turn_a_symlink_into_a_file(
-    make_fs: FsFactory, any_store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+    make_fs: FsFactory, any_store: FaultyStore, monkeypatch: pytest.MonkeyPatch,
+    clock: MockClock,
 ) -> None:
     """S-MAP-5: tar makes a symlink that points outside (../a) as an empty placeholder file
     first, then replaces it; Ceph RGW's bucket index can still list the placeholder (size 0,
@@ -1233,7 +1226,7 @@ async def test_a_listing_that_lags_the_objects_does_not_turn_a_symlink_into_a_fi
         return dataclasses.replace(page, objects=objects)
 
     monkeypatch.setattr(any_store.inner, "list", lagging)
-    await trio.sleep(0.25)  # past the attribute TTL: the next readdir lists again
+    clock.jump(0.25)  # past the attribute TTL: the next readdir lists again
     for fs in (h, await make_fs(any_store)):
         assert (await fs.listdir_kinds("d"))["l"] is Kind.SYMLINK
         assert await fs.readlink("d/l") == "../a"

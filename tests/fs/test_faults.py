@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from fs_harness import CHUNK, PART, FsFactory, KiB, data_of
+from helpers import wait_until
 
 from fusionfs import writer
 from fusionfs.errors import UploadFailed, errno_for
@@ -552,3 +553,33 @@ async def test_a_failed_commit_keeps_its_directory_known_when_the_kernel_forgets
     await h.fs.flush_all()
     assert await h.get("d/f") == b"kept"
     assert await h.read_file("d/f") == b"kept"
+
+
+@pytest.mark.allow_logs("not yet durable", "d/f: still not durable")
+@pytest.mark.timeout(30)
+async def test_the_retry_loop_commits_what_a_close_could_not_with_no_flush_asked(
+    make_fs: FsFactory, local_store: FaultyStore
+) -> None:
+    """S-FAIL-3: a failed commit leaves the data staged; it is retried in the background until
+    it is in, even after the kernel forgot the file and its directory. Nothing here asks for a
+    flush after the failed close: only the core's retry loop (started by ``build_core``) can
+    make the file durable, and its first retry fails too."""
+    h = await make_fs(local_store, retry_interval=0.2)
+    d = await h.mkdir("d")
+    puts = local_store.calls["put"]
+    local_store.fail("put", Transient, times=2)  # the close, then the first retry
+    with pytest.raises(UploadFailed):
+        await h.write_file("d/f", b"kept by the retry loop")
+    assert await _head_or_none(local_store, "d/f") is None
+    f = await h.lookup("d/f")
+    h.fs.forget([(f.ino, f.lookups)])
+    h.fs.forget([(d.ino, d.lookups)])
+
+    async def committed() -> bool:
+        return await _head_or_none(local_store, "d/f") is not None
+
+    await wait_until(committed, 10, "the retry loop to commit d/f")
+    assert local_store.calls["put"] == puts + 3  # the close, a failed retry, the one that worked
+    assert await h.get("d/f") == b"kept by the retry loop"
+    await wait_until(lambda: not list(h.staging_dir.iterdir()), 10, "d/f to leave staging")
+    assert await h.read_file("d/f") == b"kept by the retry loop"

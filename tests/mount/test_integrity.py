@@ -100,6 +100,12 @@ def test_uploads_carry_a_crc32c_that_the_server_keeps_or_metadata_records(
 
 
 @pytest.mark.parametrize("s3_server", ["moto", "s3rver", "rgw"], indirect=True)
+@pytest.mark.allow_logs(
+    "the object does not match its stored checksum",  # the first GET: fetched again
+    "does not match its stored CRC32C",  # ... on two fetches: EIO
+    "read bytes do not match the stored CRC32C",  # a whole read's fold: EIO
+    "do not match the object's CRC32C",  # ... its cached chunks are dropped
+)
 @pytest.mark.timeout(240)
 def test_a_byte_flipped_in_the_bucket_is_eio_never_served_and_the_fixed_object_reads_right(
     server_bucket: S3Bucket, fusion_mount: Any
@@ -144,6 +150,10 @@ def test_a_byte_flipped_in_the_bucket_is_eio_never_served_and_the_fixed_object_r
 
 
 @pytest.mark.parametrize("s3_server", ["moto", "s3rver"], indirect=True)
+@pytest.mark.allow_logs(
+    "read bytes do not match the stored CRC32C",  # the read served from the flipped file: EIO
+    "do not match the object's CRC32C",  # ... its cached chunks are dropped
+)
 @pytest.mark.timeout(240)
 def test_a_byte_flipped_in_a_cache_file_is_eio_then_fetched_again(
     server_bucket: S3Bucket, fusion_mount: Any

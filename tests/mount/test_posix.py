@@ -490,10 +490,13 @@ def test_out_of_band_overwrite_seen_first_by_getattr_is_not_torn(
     with open(m.path / "f", "rb") as old:
         assert old.read() == b"version one"
         target.put("f", b"version two, longer")
-        time.sleep(1.0)  # both the kernel's and the daemon's caches expired
+        # not synchronisation: the case needs both the kernel's and the daemon's caches
+        # expired (the daemon's clock is its own), so that the getattr below is the first to
+        # ask the store
+        time.sleep(1.0)
         os.fstat(old.fileno())  # FUSE getattr of the old inode
         first = (m.path / "f").read_bytes()
-    time.sleep(1.0)
+    time.sleep(1.0)  # the same: what a later lookup sees once the TTLs passed again
     later = (m.path / "f").read_bytes()
     assert (first, later) == (b"version two, longer",) * 2
 
@@ -553,12 +556,12 @@ def test_file_being_written_is_never_torn(fusion_mount: Any, target: Target) -> 
             f.write(new)
             f.flush()  # to the daemon, but no fsync and no close
         # parts are streaming meanwhile: the name must not show a torn object
-        wait_for(lambda: stats(m.path)["requests"].get("upload_part", 0) >= 2, 30,
-                 "parts to stream")
-        for _ in range(3):
+        # look after each part streamed: never a torn object under the final names
+        for sent in range(2, 7):  # 17 MiB in 5 MiB parts: three whole parts per file
+            wait_for(lambda: stats(m.path)["requests"].get("upload_part", 0) >= sent, 30,  # noqa: B023
+                     f"{sent} parts to stream")
             assert target.get("fresh") in (None, new), "a torn object under its final name"
             assert target.get("over") in (old, new), "a torn object under its final name"
-            time.sleep(0.2)
         m.kill()
     finally:
         for f in (f_new, f_over):
@@ -876,15 +879,13 @@ def test_read_only_files_below_a_read_once_dir_bypass_the_page_cache(
 
     once = read_calls_for_two_reads(m.path / "imgs" / "p.img")
     assert stats(m.path)["bytes_fetched"] >= len(data)
-    time.sleep(0.5)  # cache writes run in the background: give them time to (not) happen
-    assert stats(m.path)["cache_chunks"] == 0
     cached = read_calls_for_two_reads(m.path / "other" / "p.img")
     assert once >= 2 * 3, once  # both reads, at least one call per MiB
     assert once > cached, (once, cached)
-    deadline = time.monotonic() + 10
-    while stats(m.path)["cache_chunks"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stats(m.path)["cache_chunks"] == 3  # 2 MiB + 77 bytes: three 1 MiB chunks
+    # the cache writes of other/p.img, started after any of imgs/p.img would have been, are
+    # done: only its chunks are there (2 MiB + 77 bytes: three 1 MiB chunks)
+    wait_for(lambda: stats(m.path)["cache_chunks"] >= 3, 10, "other/p.img to be cached")
+    assert stats(m.path)["cache_chunks"] == 3
 
 
 @pytest.mark.timeout(90)
@@ -898,6 +899,7 @@ def test_reads_below_a_no_cache_dir_keep_the_page_cache_but_not_the_chunk_cache(
 
     data = _blob(2 * MiB + 77, seed=12)
     local_target.put("imgs/p.img", data)
+    local_target.put("elsewhere.img", data[: MiB + 1])
     m = _mount(fusion_mount, local_target)
     set_no_cache(m.path / "imgs")
     assert os.getxattr(m.path / "imgs", "user.fusionfs.no-cache") == b"1"
@@ -911,8 +913,11 @@ def test_reads_below_a_no_cache_dir_keep_the_page_cache_but_not_the_chunk_cache(
     with open(m.path / "imgs" / "p.img", "rb", buffering=0) as f:
         assert f.read() == data
     assert stats(m.path)["read_calls"] - before <= 1  # the page cache answered
-    time.sleep(0.5)  # cache writes run in the background: give them time to (not) happen
-    assert stats(m.path)["cache_chunks"] == 0
+    # a file elsewhere is cached; its cache writes start after any of imgs/p.img would have,
+    # so once they are done, only its two chunks are there
+    assert (m.path / "elsewhere.img").read_bytes() == data[: MiB + 1]
+    wait_for(lambda: stats(m.path)["cache_chunks"] >= 2, 10, "elsewhere.img to be cached")
+    assert stats(m.path)["cache_chunks"] == 2
     set_no_cache(m.path / "imgs", False)
     assert os.getxattr(m.path / "imgs", "user.fusionfs.no-cache") == b"0"
 

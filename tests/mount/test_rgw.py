@@ -133,6 +133,7 @@ def test_in_place_rewrites_close_cleanly(fusion_mount: Any, server_bucket: S3Buc
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("s3_server", ["moto", "rgw"], indirect=True)
+@pytest.mark.allow_logs("write failed with ESTALE")  # what the test wants to see logged
 def test_a_lost_in_place_write_is_an_error_and_a_warning(
     fusion_mount: Any, server_bucket: S3Bucket
 ) -> None:

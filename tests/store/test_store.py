@@ -1285,7 +1285,7 @@ def test_faulty_stall_until_event(faulty: FaultyStore) -> None:
     worker.start()
     try:
         wait_for(lambda: faulty.waiting("get_range") == 1, 5, "the call to block")
-        time.sleep(0.1)
+        time.sleep(0.1)  # not synchronisation: the call must stay blocked a while, not just start
         assert results == [] and worker.is_alive()
         faulty.head(K("k"))  # other operations are not stalled
     finally:

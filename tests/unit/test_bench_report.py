@@ -328,7 +328,7 @@ def test_cpu_meter_counts_a_busy_process_itself_and_waited_children() -> None:
                 ],
                 check=True,
             )
-            time.sleep(0.2)
+            time.sleep(0.2)  # not synchronisation: the busy process runs on (what is measured)
     finally:
         busy.kill()
         busy.wait()

@@ -422,6 +422,16 @@ def test_enospc_degrades_to_not_cached(
         assert get(c, "b", 0) == payload("b", "e1", 0, 1000)
 
 
+class FakeClock:
+    """A monotonic clock for ``ChunkCache(clock=...)`` that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @contextlib.contextmanager
 def tiny_tmpfs(where: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
     where.mkdir()
@@ -448,7 +458,8 @@ def test_enospc_on_a_real_full_filesystem(
 ) -> None:
     with tiny_tmpfs(tmp_path / "mnt", "4m") as mnt:
         stats = Stats()
-        with opened(mnt / "cache", max_bytes=64 << 20, stats=stats) as c:
+        clock = FakeClock()
+        with opened(mnt / "cache", max_bytes=64 << 20, stats=stats, clock=clock) as c:
             # Right after open's statvfs, fill the disk behind the cache's back.
             st = os.statvfs(mnt)
             filler = mnt / "filler"
@@ -464,7 +475,7 @@ def test_enospc_on_a_real_full_filesystem(
             assert c.put(Key("small"), ETag("e"), CS, 0, b"y" * 100)
             assert c.get(Key("small"), ETag("e"), CS, 0) == b"y" * 100
             filler.unlink()
-            time.sleep(1.1)  # the free space is re-read at least every second
+            clock.now += 1.1  # the free space is re-read at least every second
             assert c.put(Key("big"), ETag("e"), 1 << 20, 0, b"x" * (1 << 20))
             assert c.used_bytes == sum(chunk_files(mnt / "cache").values())
 
@@ -511,7 +522,8 @@ def test_min_free_bytes_evicts_then_refuses(
 def test_free_space_is_rechecked(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeStatvfs(free=1 << 40)
     monkeypatch.setattr(os, "statvfs", fake)
-    with opened(tmp_path, min_free_bytes=1 << 20) as c:
+    clock = FakeClock()
+    with opened(tmp_path, min_free_bytes=1 << 20, clock=clock) as c:
         for i in range(100):
             assert put(c, "a", i, 10)
         assert fake.calls <= 2
@@ -523,8 +535,10 @@ def test_free_space_is_rechecked(tmp_path: pathlib.Path, monkeypatch: pytest.Mon
         assert fake.calls > calls
         # and so does time: after ~1 s the disk is seen as full
         fake.free = 0
-        time.sleep(1.1)
-        assert not put(c, "b", 0)
+        clock.now += 0.9
+        assert put(c, "b", 0)  # not yet re-read
+        clock.now += 0.2
+        assert not put(c, "c", 0)
         assert c.used_bytes == 0
 
 

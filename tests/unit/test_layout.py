@@ -108,7 +108,8 @@ def _write(
     policy: ChunkPolicy = SMALL,
     **kwargs: object,
 ) -> tuple[Manifest, ChunkWriter]:
-    writer = ChunkWriter(store, policy=policy, workers=3, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("workers", 3)
+    writer = ChunkWriter(store, policy=policy, **kwargs)  # type: ignore[arg-type]
     with writer:
         for off in range(0, len(data), feed):
             writer.feed(off, data[off : off + feed])
@@ -421,7 +422,9 @@ def test_a_run_of_incompressible_chunks_stops_trying_zstd(
     store: FaultyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # random memory does not shrink: after RAW_STREAK such chunks only every RAW_PROBE-th is
-    # tried; the first chunk that shrinks turns compression back on
+    # tried; the first chunk that shrinks turns compression back on. One worker: the chunks
+    # are encoded in file order, so the counts are exact (with several, the order in which they
+    # finish decides which chunk is a probe, and the test needed a slack that CI once exceeded)
     tried: list[int] = []
     real = codec.encode_chunk
 
@@ -432,7 +435,7 @@ def test_a_run_of_incompressible_chunks_stops_trying_zstd(
     monkeypatch.setattr(codec, "encode_chunk", counted)
     noise = random.Random(2).randbytes(400 * PAGE)
     text = b"".join(f"record {i:08d} of some compressible text\n".encode() for i in range(9000))
-    manifest, writer = _write(store, noise + text)
+    manifest, writer = _write(store, noise + text, workers=1)
     assert _read_all(store, manifest) == noise + text
     entries, off = [], 0
     for e in manifest.chunks:
@@ -442,12 +445,17 @@ def test_a_run_of_incompressible_chunks_stops_trying_zstd(
     in_text = [e for o, e in entries if o >= len(noise)]
     assert len(in_noise) > 3 * RAW_STREAK
     assert all(not e.compressed for e in in_noise)
-    # zstd tried on the streak, then on about one in RAW_PROBE (3 workers: a little slack)
-    assert writer.stats.raw_unprobed >= (len(in_noise) - RAW_STREAK) // 2
-    assert len(tried) < len(manifest.chunks) - writer.stats.raw_unprobed + 1
-    # the text compresses again, at most a probe interval (plus the workers' overlap) late
-    assert sum(not e.compressed for e in in_text) <= RAW_PROBE + 3
-    assert sum(e.compressed for e in in_text) >= len(in_text) - RAW_PROBE - 3
+    # the text compresses again, less than a probe interval late, and from then on always
+    raw_text = [not e.compressed for e in in_text]
+    assert sum(raw_text) < RAW_PROBE
+    assert not any(raw_text[sum(raw_text) :])
+    # zstd tried on the streak, then on one in RAW_PROBE: of the noise after the streak, all
+    # but every RAW_PROBE-th chunk are stored untried, and so are the raw text chunks (the
+    # chunk across the border may be either: the one chunk of difference allowed)
+    after_streak = len(in_noise) - RAW_STREAK
+    untried_noise = after_streak - after_streak // RAW_PROBE
+    assert 0 <= writer.stats.raw_unprobed - sum(raw_text) - untried_noise <= 1
+    assert len(tried) == len(manifest.chunks) - writer.stats.raw_unprobed
 
 
 def test_level_zero_stores_everything_raw(store: FaultyStore) -> None:
@@ -807,7 +815,7 @@ def test_full_cycle_on_s3(s3_store: ObjectStore) -> None:
     first = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
     assert first.fossilized == writer.stats.packs
     assert first.missing == 0
-    time.sleep(1.1)
+    time.sleep(1.1)  # again: a wall-clock resolution, not synchronisation
     second = collect_garbage(s3_store, Key("snapshots/"), grace_seconds=0)
     assert second.deleted == writer.stats.packs and second.resurrected == 0
     assert _read(s3_store, manifest, (0, len(data)))[0] == data
