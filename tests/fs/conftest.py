@@ -5,7 +5,8 @@
 ``Uploader`` -> ``Filesystem``, with their background tasks and the retry loop), each inside
 its own nursery run as a background task of the fixture, and returns an
 ``fs_harness.Harness``: the parts plus a small API that makes the calls the kernel would make
-(lookup, create/open, read/write, flush+release, opendir/readdir/releasedir, ...). pyfuse3 is never imported here.
+(lookup, create/open, read/write, flush+release, opendir/readdir/releasedir, ...). pyfuse3 is
+never imported here.
 
 Stores: ``any_store`` is parametrized over ``LocalStore`` and ``S3Store`` (against the
 ``s3_bucket`` moto server fixture from ``tests/conftest.py``); ``local_store`` is LocalStore only
