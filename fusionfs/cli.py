@@ -143,12 +143,12 @@ def _config(args: argparse.Namespace) -> MountConfig:
     return MountConfig(
         source=source, mountpoint=args.mountpoint.absolute(), cache_dir=cache_dir,
         cache_size=args.cache_size, cache_min_free=args.cache_min_free,
-        chunk_size=args.chunk_size, request_size=args.read_request_size,
+        chunk_size=args.chunk_size, read_request_size=args.read_request_size,
         max_readahead=args.max_readahead, part_size=args.part_size,
         upload_concurrency=args.upload_concurrency, endpoint_url=args.endpoint_url,
         region=args.region, read_only=args.read_only, direct_io=args.direct_io,
         allow_other=args.allow_other,
-        metadata_ttl=args.metadata_ttl, call_timeout=args.store_timeout, sse=args.sse,
+        metadata_ttl=args.metadata_ttl, store_timeout=args.store_timeout, sse=args.sse,
         sse_kms_key_id=args.sse_kms_key_id, sign_payload=args.sign_payload,
         log_file=args.log_file or (None if args.foreground else cache_dir / "fusionfs.log"),
     )

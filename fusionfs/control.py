@@ -149,7 +149,7 @@ class Control:
         prefix = self._fs.key_of(source)
         result = await run_store_call(
             functools.partial(self._chunks.chunked.prime_from, prefix), limiter=self._limiter,
-            timeout=max(self._fs.cfg.call_timeout, 300.0), what=f"dedup-from {prefix}",
+            timeout=max(self._fs.cfg.store_timeout, 300.0), what=f"dedup-from {prefix}",
         )
         log.info("dedup index primed from %s: %s", prefix, result)
 
@@ -169,7 +169,7 @@ class Control:
         fn = functools.partial(verify_object, self._store, key, inode.etag, words[0].decode(),
                                *bounds)
         result = await run_store_call(fn, limiter=self._limiter,
-                                      timeout=max(self._fs.cfg.call_timeout, 600.0),
+                                      timeout=max(self._fs.cfg.store_timeout, 600.0),
                                       what=f"verify {key}")
         self._verified.pop(inode.ino, None)
         self._verified[inode.ino] = json.dumps(result).encode()
@@ -195,7 +195,7 @@ class Control:
             await self._fs.flush_all()  # committed manifests are what protects their packs
             fn = functools.partial(collect_garbage, self._store, Key(""), grace_seconds=grace)
             result = await run_store_call(fn, limiter=self._limiter,
-                                          timeout=max(self._fs.cfg.call_timeout, 3600.0),
+                                          timeout=max(self._fs.cfg.store_timeout, 3600.0),
                                           what="gc")
             self._last_gc = dataclasses.asdict(result)
         log.info("garbage collection: %s", self._last_gc)

@@ -49,7 +49,7 @@ class CoreConfig(FsConfig):
     cache_size: int = 10 << 30
     cache_min_free: int = 1 << 30
     chunk_size: int = 1 * MiB
-    request_size: int = 16 * MiB
+    read_request_size: int = 16 * MiB
     max_readahead: int = 128 * MiB
     read_memory: int = 256 * MiB
     part_size: int = 16 * MiB
@@ -85,7 +85,7 @@ def _chunked_layout(
     # one chunk index per mount; its reads share the core's nursery, store limiter and call
     # timeout, its writes the bounded compression/pack-upload threads the core owns
     return ChunkedLayout(store, nursery=nursery, limiter=limiter, threads=threads, cache=cache,
-                         call_timeout=cfg.call_timeout)
+                         store_timeout=cfg.store_timeout)
 
 
 @contextlib.asynccontextmanager
@@ -117,14 +117,14 @@ async def build_core(
                                   threads=pack_threads)
         chunks = ChunkSource(
             store, cache, nursery=nursery, limiter=limiter, stats=stats,
-            chunk_size=cfg.chunk_size, request_size=max(cfg.request_size, cfg.chunk_size),
+            chunk_size=cfg.chunk_size, read_request_size=max(cfg.read_request_size, cfg.chunk_size),
             max_readahead=cfg.max_readahead, memory_bytes=cfg.read_memory,
-            call_timeout=cfg.call_timeout, chunked=chunked,
+            store_timeout=cfg.store_timeout, chunked=chunked,
         )
         uploader = Uploader(
             store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,
             part_size=cfg.part_size, upload_concurrency=cfg.upload_concurrency,
-            call_timeout=cfg.call_timeout,
+            store_timeout=cfg.store_timeout,
         )
         fs = Filesystem(store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
                         config=cfg)

@@ -154,7 +154,7 @@ class FsConfig:
     gid: int = dataclasses.field(default_factory=os.getgid)
     file_mode: int = 0o644
     dir_mode: int = 0o755
-    call_timeout: float = 60.0
+    store_timeout: float = 60.0
     retry_interval: float = 30.0
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -294,7 +294,7 @@ class Filesystem:
     async def _call(self, fn: Callable[..., T], *args: Any, what: str = "") -> T:
         return await run_store_call(
             functools.partial(fn, *args), limiter=self._limiter,
-            timeout=self.cfg.call_timeout, what=what or getattr(fn, "__name__", "store call"),
+            timeout=self.cfg.store_timeout, what=what or getattr(fn, "__name__", "store call"),
         )
 
     def _fresh(self, inode: Inode) -> bool:

@@ -8,7 +8,7 @@ changed under us is ``Stale`` (ESTALE), never a splice.
 Where a chunk comes from, fastest first: the in-memory LRU of recent chunks (kernel reads are
 often smaller than a chunk, so consecutive reads hit it), a fetch already in flight for the same
 chunk (two readers of one chunk cause one fetch), the on-disk ``ChunkCache``, then the store.
-Misses that are adjacent go up as one ranged GET of up to ``request_size`` bytes.
+Misses that are adjacent go up as one ranged GET of up to ``read_request_size`` bytes.
 
 Read-ahead: each file handle carries a ``ReadState``. A read that starts near the furthest chunk
 read so far (a few chunks behind it, since the kernel delivers its read-ahead out of order, up to
@@ -36,7 +36,7 @@ Concurrency: everything here runs on the trio thread except the store and cache 
 through ``trio.to_thread.run_sync`` (store calls under the mount's ``CapacityLimiter``). State is
 only touched on the trio thread, so it needs no lock. A fetch that fails wakes its waiters with
 the error; nothing is cached from it. Caveat: a fetch's thread cannot be interrupted; when a call
-overruns ``call_timeout`` the waiters get ``Transient`` and the thread is abandoned (the store's
+overruns ``store_timeout`` the waiters get ``Transient`` and the thread is abandoned (the store's
 own deadline ends it later).
 """
 
@@ -111,23 +111,23 @@ class ChunkSource:
         limiter: trio.CapacityLimiter,
         stats: Stats,
         chunk_size: int,
-        request_size: int,
+        read_request_size: int,
         max_readahead: int,
         memory_bytes: int,
-        call_timeout: float,
+        store_timeout: float,
         chunked: ChunkedLayout,
     ) -> None:
-        if chunk_size <= 0 or request_size < chunk_size:
-            raise ValueError("need 0 < chunk_size <= request_size")
+        if chunk_size <= 0 or read_request_size < chunk_size:
+            raise ValueError("need 0 < chunk_size <= read_request_size")
         self._store = store
         self._cache = cache
         self._nursery = nursery
         self._limiter = limiter
         self._stats = stats
         self.chunk_size = chunk_size
-        self._run_chunks = max(1, request_size // chunk_size)
+        self._run_chunks = max(1, read_request_size // chunk_size)
         self._max_window = max(1, max_readahead // chunk_size)
-        mem_limit = max(memory_bytes, 2 * max_readahead, 4 * request_size)
+        mem_limit = max(memory_bytes, 2 * max_readahead, 4 * read_request_size)
         self._touched: OrderedDict[_ChunkId, None] = OrderedDict()  # by sparse reads
         # S-INTEG-2: the CRC of each chunk in memory (of a version with a checksum), the folds
         # in progress, and the versions verified whole in this mount
@@ -137,7 +137,7 @@ class ChunkSource:
         # versions found corrupt, and how often: a cache write of a chunk fetched before the
         # last drop is not made (it would put back what the drop took away)
         self._drops: dict[tuple[Key, ETag], int] = {}
-        self._call_timeout = call_timeout
+        self._call_timeout = store_timeout
         # Runs of up to 16 chunks are looked up in one thread hand-off each; 8 at once, so a
         # warm sequential read keeps its whole read-ahead window in flight (1 GiB warm read on
         # s3rver, alternating runs: 780-880 MB/s with 8, 691-854 with 2).
@@ -374,7 +374,7 @@ class ChunkSource:
             # fetched as usual, and their cache writes are skipped while the backlog is full.
             return
         nchunks = (src.ref.size + self.chunk_size - 1) // self.chunk_size
-        # top up in whole requests of request_size (or of the window while it is still
+        # top up in whole requests of read_request_size (or of the window while it is still
         # smaller than one), not one chunk at a time
         wanted = state.wanted(nchunks, min(self._run_chunks, state.window))
         if wanted is not None:
@@ -483,7 +483,7 @@ class ChunkSource:
 
 class _VersionChunks:
     """The fetch engine's view of one plain object version: chunks of ``chunk_size`` bytes named
-    ``(key, etag, index)``, runs of up to ``request_size`` bytes, each stretch one ranged GET
+    ``(key, etag, index)``, runs of up to ``read_request_size`` bytes, each stretch one ranged GET
     pinned to the ETag, checked against the version's checksum where it has one (S-INTEG-2)."""
 
     __slots__ = ("_src", "ref", "run_limit")

@@ -130,7 +130,7 @@ class Uploader:
         stats: Stats,
         part_size: int,
         upload_concurrency: int,
-        call_timeout: float,
+        store_timeout: float,
     ) -> None:
         if part_size < 5 << 20:
             raise ValueError("part size must be at least 5 MiB (S3's minimum)")
@@ -142,13 +142,13 @@ class Uploader:
         self.stats = stats
         self.part_size = part_size
         self.slots = trio.CapacityLimiter(upload_concurrency)
-        self.call_timeout = call_timeout
+        self.store_timeout = store_timeout
         self.part_copy_supported = True
         self.held_bytes = 0  # bytes of writes held in memory by files with no staging file yet
 
     async def call(self, fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
         return await run_store_call(
-            fn, limiter=self.limiter, timeout=timeout or self.call_timeout, what=what
+            fn, limiter=self.limiter, timeout=timeout or self.store_timeout, what=what
         )
 
     async def new_staged(
@@ -829,7 +829,7 @@ class StagedFile:
             self._begin_replacing()
             etag = await self._up.call(
                 functools.partial(self._up.store.complete_multipart, key, upload_id, parts),
-                f"complete upload {key}", timeout=max(self._up.call_timeout, 300.0),
+                f"complete upload {key}", timeout=max(self._up.store_timeout, 300.0),
             )
         except Exception as e:
             log.warning("streaming upload of %s failed (%s); uploading it again whole", key, e)
@@ -915,7 +915,7 @@ class StagedFile:
             self._begin_replacing()
             etag = await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),
-                f"complete upload {key}", timeout=max(up.call_timeout, 300.0),
+                f"complete upload {key}", timeout=max(up.store_timeout, 300.0),
             )
             return etag, sum(length for _, _, length in plan)
         except BaseException:

@@ -101,9 +101,9 @@ class ChunkedLayout:
         policy: ChunkPolicy | None = None,
         refresh_age: float = 3600.0,
         memory_bytes: int = 64 << 20,
-        request_size: int = 16 << 20,
+        read_request_size: int = 16 << 20,
         max_readahead: int = 64 << 20,
-        call_timeout: float = 60.0,
+        store_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -120,15 +120,15 @@ class ChunkedLayout:
         # whatever the store limiter allows: restore competes with CRIU for the cores
         self._fetch_slots = trio.CapacityLimiter(8)
         self._cache_limiter = trio.CapacityLimiter(2)  # see cache.WRITER_THREADS
-        self._request_size = request_size
+        self._request_size = read_request_size
         self._max_window = max(1, max_readahead // self.policy.avg_size)
-        self._call_timeout = call_timeout
+        self._call_timeout = store_timeout
         self._manifests: collections.OrderedDict[tuple[Key, ETag], Manifest] = (
             collections.OrderedDict()
         )
         self._engine: FetchEngine[bytes] = FetchEngine(
             nursery=nursery,
-            memory_bytes=max(memory_bytes, max_readahead + request_size, 4 * self.policy.max_size),
+            memory_bytes=max(memory_bytes, max_readahead + read_request_size, 4 * self.policy.max_size),
             cache_limiter=self._cache_limiter,
             backlog_limit=64 << 20,
         )
@@ -268,7 +268,8 @@ def _cache_key(digest: bytes) -> Key:
 
 class _ManifestChunks:
     """The fetch engine's view of one chunked file: chunks named by digest, runs of chunks that
-    lie back to back in one pack up to ``request_size`` stored bytes, fetched from their packs."""
+    lie back to back in one pack up to ``read_request_size`` stored bytes, fetched from their
+    packs."""
 
     __slots__ = ("_layout", "_manifest", "run_limit")
 

@@ -267,9 +267,9 @@ class FsFactory:
         *,
         cache_dir: Path | None = None,
         metadata_ttl: float = 0.2,
-        call_timeout: float = 5.0,
+        store_timeout: float = 5.0,
         chunk_size: int = CHUNK,
-        request_size: int = 4 * CHUNK,
+        read_request_size: int = 4 * CHUNK,
         max_readahead: int = 16 * CHUNK,
         read_memory: int = 4 * MiB,
         part_size: int = PART,
@@ -281,8 +281,8 @@ class FsFactory:
     ) -> Harness:
         cache_dir = cache_dir if cache_dir is not None else self.new_cache_dir()
         cfg = CoreConfig(
-            metadata_ttl=metadata_ttl, call_timeout=call_timeout, chunk_size=chunk_size,
-            request_size=request_size, max_readahead=max_readahead, read_memory=read_memory,
+            metadata_ttl=metadata_ttl, store_timeout=store_timeout, chunk_size=chunk_size,
+            read_request_size=read_request_size, max_readahead=max_readahead, read_memory=read_memory,
             part_size=part_size, upload_concurrency=upload_concurrency, store_threads=store_threads,
             cache_size=cache_size, cache_min_free=0, direct_io=direct_io,
             retry_interval=retry_interval,

@@ -537,7 +537,7 @@ async def test_two_readers_of_one_chunk_cause_one_get(
 async def test_sequential_reads_read_ahead_in_larger_gets(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
-    h = await make_fs(local_store, request_size=4 * CHUNK, max_readahead=16 * CHUNK)
+    h = await make_fs(local_store, read_request_size=4 * CHUNK, max_readahead=16 * CHUNK)
     nchunks = 64
     data = data_of(nchunks * CHUNK, seed=5)
     await h.put("f", data)
@@ -554,7 +554,7 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
 ) -> None:
     # [S-READ-2] read-ahead pauses while the cache's write backlog is full, so what a
     # sequential read fetches gets cached instead of being skipped; reads are never held back
-    h = await make_fs(local_store, request_size=4 * CHUNK, max_readahead=16 * CHUNK)
+    h = await make_fs(local_store, read_request_size=4 * CHUNK, max_readahead=16 * CHUNK)
     nchunks = 32
     data = data_of(nchunks * CHUNK, seed=11)
     await h.put("f", data)

@@ -1,7 +1,7 @@
 """The fusionfs core under injected store faults (``FaultyStore``), without a kernel.
 
 What must hold: a failing store call becomes an error that maps to an errno (never wrong bytes,
-never a hang past ``call_timeout``); data that could not be made durable stays staged and a later
+never a hang past ``store_timeout``); data that could not be made durable stays staged and a later
 flush commits it; a server without UploadPartCopy still gets the right content; a daemon that died
 leaves its staged data to be recovered, not uploaded; a byte flipped on the way from the store,
 at rest in it, or in a cache file is EIO or fetched again, never served as the object's
@@ -93,7 +93,7 @@ async def test_stalled_store_read_fails_within_call_timeout(
 ) -> None:
     """[S-FAIL-2] a store call that does not answer within the call timeout fails the read with EIO,
     and the file reads again once the store answers."""
-    h = await make_fs(local_store, call_timeout=1.0)
+    h = await make_fs(local_store, store_timeout=1.0)
     data = data_of(2 * CHUNK, seed=3)
     await h.put("f", data)
     fh = await h.open("f")
@@ -118,7 +118,7 @@ async def test_stalled_store_listing_fails_within_call_timeout(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
     """[S-FAIL-2] a LIST that does not answer in time is EIO, not a hang."""
-    h = await make_fs(local_store, call_timeout=1.0)
+    h = await make_fs(local_store, store_timeout=1.0)
     await h.put("f", b"x")
     local_store.stall("list")
     with trio.fail_after(5), pytest.raises(Transient) as info:
@@ -146,7 +146,7 @@ async def test_stalled_store_lookup_fails_within_call_timeout_with_eio(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
     """[S-FAIL-2] a HEAD that does not answer in time is EIO, not a hang."""
-    h = await make_fs(local_store, call_timeout=1.0)
+    h = await make_fs(local_store, store_timeout=1.0)
     await h.put("f", b"x")
     local_store.stall("head")
     with trio.fail_after(5), pytest.raises(Exception) as info:
@@ -177,7 +177,7 @@ async def test_stalled_store_flush_fails_within_call_timeout_and_keeps_data(
 ) -> None:
     """[S-FAIL-2] [S-WRITE-2] a commit whose PUT does not answer in time makes close return EIO
     (within the call timeout), and the data stays staged for a later flush."""
-    h = await make_fs(local_store, call_timeout=1.0)
+    h = await make_fs(local_store, store_timeout=1.0)
     fh = await h.create("f")
     await h.write(fh, 0, b"precious")
     local_store.stall("put")

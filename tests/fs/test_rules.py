@@ -374,7 +374,7 @@ async def test_a_stalled_store_call_is_eio_in_time_and_other_requests_answer_mea
     """[S-FAIL-2] A store call that does not answer within the store timeout fails its request
     with EIO, and the filesystem stays responsive meanwhile: requests that need another call
     of the store, or none, are answered while it hangs."""
-    h = await make_fs(local_store, call_timeout=2.0)
+    h = await make_fs(local_store, store_timeout=2.0)
     await h.put("stuck", data_of(2 * CHUNK, seed=8))
     await h.write_file("other", b"other file")
     fh = await h.open("stuck")
