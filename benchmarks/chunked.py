@@ -97,19 +97,38 @@ def main() -> int:
     changed = _change(data, 0.10)
     results: dict[str, Any] = {"bytes": size, "data": args.data}
     with LocalS3rver() as server, tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key,
-                   AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1")
+        env = dict(
+            os.environ,
+            AWS_ACCESS_KEY_ID=server.access_key,
+            AWS_SECRET_ACCESS_KEY=server.secret_key,
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         mnt, cache = Path(tmp) / "mnt", Path(tmp) / "cache"
         mnt.mkdir()
 
         def mount() -> None:
-            subprocess.run([sys.executable, "-m", "fusionfs", "mount", f"s3://{server.bucket}",
-                            str(mnt), "--cache-dir", str(cache), "--endpoint-url",
-                            server.endpoint_url], env=env, check=True, timeout=60)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fusionfs",
+                    "mount",
+                    f"s3://{server.bucket}",
+                    str(mnt),
+                    "--cache-dir",
+                    str(cache),
+                    "--endpoint-url",
+                    server.endpoint_url,
+                ],
+                env=env,
+                check=True,
+                timeout=60,
+            )
 
         def unmount() -> None:
-            subprocess.run([sys.executable, "-m", "fusionfs", "unmount", str(mnt)], check=True,
-                           timeout=300)
+            subprocess.run(
+                [sys.executable, "-m", "fusionfs", "unmount", str(mnt)], check=True, timeout=300
+            )
 
         mount()
         try:
@@ -131,7 +150,8 @@ def main() -> int:
                 seconds = _write(mnt, path, blob)
                 after = _stats(mnt)
                 row: dict[str, Any] = {
-                    "s": round(seconds, 3), "MB/s": round(size / seconds / 1e6, 1),
+                    "s": round(seconds, 3),
+                    "MB/s": round(size / seconds / 1e6, 1),
                     "requests": _requests_delta(before, after),
                 }
                 if name != "plain":
@@ -142,8 +162,10 @@ def main() -> int:
 
             shutil.rmtree(cache)
             mount()
-            for name, path in [("cold read, chunked", mnt / "snaps" / "1" / "pages-1.img"),
-                               ("cold read, plain", mnt / "plain" / "pages-1.img")]:
+            for name, path in [
+                ("cold read, chunked", mnt / "snaps" / "1" / "pages-1.img"),
+                ("cold read, plain", mnt / "plain" / "pages-1.img"),
+            ]:
                 before = _stats(mnt)
                 t = time.monotonic()
                 with open(path, "rb") as f:
@@ -153,25 +175,39 @@ def main() -> int:
                 seconds = time.monotonic() - t
                 assert n == size
                 results[name] = {
-                    "s": round(seconds, 3), "MB/s": round(size / seconds / 1e6, 1),
+                    "s": round(seconds, 3),
+                    "MB/s": round(size / seconds / 1e6, 1),
                     "requests": _requests_delta(before, _stats(mnt)),
                 }
         finally:
-            subprocess.run([sys.executable, "-m", "fusionfs", "unmount", str(mnt)], timeout=300,
-                           check=False)
+            subprocess.run(
+                [sys.executable, "-m", "fusionfs", "unmount", str(mnt)], timeout=300, check=False
+            )
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
-                          aws_access_key_id=server.access_key,
-                          aws_secret_access_key=server.secret_key)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+        )
         t = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: s3.put_object(Bucket=server.bucket, Key=f"direct/{i}",
-                                                  Body=data[i * 8 * MiB : (i + 1) * 8 * MiB]),
-                          range(size // (8 * MiB))))
+            list(
+                pool.map(
+                    lambda i: s3.put_object(
+                        Bucket=server.bucket,
+                        Key=f"direct/{i}",
+                        Body=data[i * 8 * MiB : (i + 1) * 8 * MiB],
+                    ),
+                    range(size // (8 * MiB)),
+                )
+            )
         seconds = time.monotonic() - t
         results["direct 8 MiB PUTs x 8 threads"] = {
-            "s": round(seconds, 3), "MB/s": round(size / seconds / 1e6, 1)
+            "s": round(seconds, 3),
+            "MB/s": round(size / seconds / 1e6, 1),
         }
     print(json.dumps(results, indent=2))
     return 0

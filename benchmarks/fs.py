@@ -171,8 +171,14 @@ def cpu_notes(results: Results) -> list[str]:
     notes = []
     for tool in (_FUSIONFS, _FUSIONFS_DIO):
         note = cpu_budget_note(
-            results, "seq read cold", tool, _DIRECT, 0.9, cores,
-            mine=("cpu_daemon", "cpu_reader"), others=("cpu_server", "cpu_proxy"),
+            results,
+            "seq read cold",
+            tool,
+            _DIRECT,
+            0.9,
+            cores,
+            mine=("cpu_daemon", "cpu_reader"),
+            others=("cpu_server", "cpu_proxy"),
         )
         if note:
             notes.append(note)
@@ -423,8 +429,14 @@ class _Bench(Bench):
             t0 = time.perf_counter()
             n = self._direct_read(self.client)
             dt = time.perf_counter() - t0
-        self.record("seq read cold", _DIRECT, run, mb_per_s(n, dt), "MB/s",
-                    **cpu.per_gib(n, {"self": "client"}))
+        self.record(
+            "seq read cold",
+            _DIRECT,
+            run,
+            mb_per_s(n, dt),
+            "MB/s",
+            **cpu.per_gib(n, {"self": "client"}),
+        )
         assert n == size
         extra = [self.direct_io_mounter] if self.direct_io_mounter is not None else []
         for mounter in [*self.mounters, *extra]:
@@ -445,8 +457,14 @@ class _Bench(Bench):
                 dt = time.perf_counter() - t0
             if n != len(self.data):
                 raise MountError(f"{mounter.name}: read {n} bytes, expected {len(self.data)}")
-            self.record("seq read cold", mounter.name, run, mb_per_s(n, dt), "MB/s",
-                        **cpu.per_gib(n, {"self": "reader"}))
+            self.record(
+                "seq read cold",
+                mounter.name,
+                run,
+                mb_per_s(n, dt),
+                "MB/s",
+                **cpu.per_gib(n, {"self": "reader"}),
+            )
             self._verify(mnt / rel, run)
             stats = mounter.stats(mnt)
             if stats:
@@ -645,8 +663,9 @@ class _Bench(Bench):
 
     def _check_pieces(self, key: str, pieces: list[tuple[int, bytes]], who: str) -> None:
         for off, piece in pieces:
-            got = self._get_range(self.setup_client, off, off + len(piece) - 1, keep=True,
-                                  key=key)[1]
+            got = self._get_range(self.setup_client, off, off + len(piece) - 1, keep=True, key=key)[
+                1
+            ]
             if got != piece:
                 raise MountError(f"{who}: a rewritten piece at offset {off} did not persist")
 

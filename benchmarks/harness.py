@@ -480,8 +480,14 @@ def cpu_parts(row: SummaryRow) -> str:
 
 
 def cpu_budget_note(
-    results: Results, scenario: str, tool: str, reference: str, target: float, cores: int,
-    mine: Sequence[str], others: Sequence[str],
+    results: Results,
+    scenario: str,
+    tool: str,
+    reference: str,
+    target: float,
+    cores: int,
+    mine: Sequence[str],
+    others: Sequence[str],
 ) -> str | None:
     """One line: how much CPU per GiB ``tool`` could spend in ``scenario`` if it were to reach
     ``target`` x the reference's throughput on ``cores`` cores, against what it used.

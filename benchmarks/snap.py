@@ -614,8 +614,15 @@ class _Bench(Bench):
             image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
             frozen = local_stats.get("frozen_time_us", 0) / 1e6
             self.record(dump_sc, _LOCAL, run, local_s, "s", frozen_s=frozen)
-            self.record(dump_sc, _LOCAL_SYNC, run, local_sync_s, "s", image_mb=image_bytes / 1e6,
-                        **cpu.per_gib(image_bytes, {"children": "criu", "self": "bench"}))
+            self.record(
+                dump_sc,
+                _LOCAL_SYNC,
+                run,
+                local_sync_s,
+                "s",
+                image_mb=image_bytes / 1e6,
+                **cpu.per_gib(image_bytes, {"children": "criu", "self": "bench"}),
+            )
 
             # 2. the same image files uploaded directly
             self.step(f"{label} run {run + 1}: direct multipart upload of the images")
@@ -631,8 +638,15 @@ class _Bench(Bench):
                 t0 = time.perf_counter()
                 self.upload_pieces(images, direct_prefix + "put/")
                 up_put = time.perf_counter() - t0
-            self.record(dump_sc, _UP_PUT, run, up_put, "s", mb_per_s=image_bytes / up_put / 1e6,
-                        **cpu.per_gib(image_bytes, {"self": "client"}))
+            self.record(
+                dump_sc,
+                _UP_PUT,
+                run,
+                up_put,
+                "s",
+                mb_per_s=image_bytes / up_put / 1e6,
+                **cpu.per_gib(image_bytes, {"self": "client"}),
+            )
             self.delete_under(direct_prefix)
             naive = local_sync_s + up_mp
             self.record(dump_sc, _NAIVE, run, naive, "s")
@@ -813,14 +827,22 @@ class _Bench(Bench):
         storage: dict[str, Any] = manifest.get("storage") or {}
         if storage.get("stored_bytes"):
             self.record(
-                dump_sc, _COMPRESSION, run,
-                storage["logical_bytes"] / storage["stored_bytes"], "x",
+                dump_sc,
+                _COMPRESSION,
+                run,
+                storage["logical_bytes"] / storage["stored_bytes"],
+                "x",
                 logical_mb=storage["logical_bytes"] / 1e6,
                 stored_mb=storage["stored_bytes"] / 1e6,
             )
         if mib >= 4096 and self.cfg.link_mbps > 0:
             self.record(
-                f"{dump_sc}: ratios", _FULL_TARGET, run, ours, "s", target=30.0,
+                f"{dump_sc}: ratios",
+                _FULL_TARGET,
+                run,
+                ours,
+                "s",
+                target=30.0,
             )
         stored = storage.get("new_stored_bytes") or storage.get("stored_bytes") or 0
         self.record_ceiling(mib, run, manifest["total_bytes"], stored)
@@ -852,8 +874,14 @@ class _Bench(Bench):
         link = self.cfg.link_mbps * 1e6 / 8
         link_s = stored_bytes / link if link else 0.0
         self.record(
-            f"dump {_label(mib)}", _CEILING, run, max(cpu_s, link_s), "s",
-            encode_all_cores_s=cpu_s, link_s=link_s, cores=cores,
+            f"dump {_label(mib)}",
+            _CEILING,
+            run,
+            max(cpu_s, link_s),
+            "s",
+            encode_all_cores_s=cpu_s,
+            link_s=link_s,
+            cores=cores,
             sample_ratio=len(sample) / stored_sample,
         )
 
@@ -925,22 +953,35 @@ class _Bench(Bench):
         new = storage.get("new_stored_bytes", 0)
         t = manifest["timings"]
         self.record(
-            dump_sc, _INC, run, inc_s, "s",
-            frozen_s=t["frozen_s"], flush_s=t["flush_s"],
-            image_mb=manifest["total_bytes"] / 1e6, new_stored_mb=new / 1e6,
+            dump_sc,
+            _INC,
+            run,
+            inc_s,
+            "s",
+            frozen_s=t["frozen_s"],
+            flush_s=t["flush_s"],
+            image_mb=manifest["total_bytes"] / 1e6,
+            new_stored_mb=new / 1e6,
             uploaded_mb=stats.get("bytes_uploaded", 0) / 1e6,
         )
         self.record(f"{dump_sc}: ratios", "incremental / full dump time", run, inc_s / full_s, "x")
         full_new = full_storage.get("new_stored_bytes") or full_storage.get("stored_bytes")
         if full_new:
             self.record(
-                f"{dump_sc}: ratios", "incremental new bytes / full dump's", run,
-                new / full_new * 100, "%",
+                f"{dump_sc}: ratios",
+                "incremental new bytes / full dump's",
+                run,
+                new / full_new * 100,
+                "%",
             )
         if mib >= 4096 and (self.cfg.bandwidth_mbps > 0 or self.cfg.link_mbps > 0):
             self.record(
-                f"{dump_sc}: ratios", "incremental dump until durable, 4 GiB target", run,
-                inc_s, "s", target=30.0,
+                f"{dump_sc}: ratios",
+                "incremental dump until durable, 4 GiB target",
+                run,
+                inc_s,
+                "s",
+                target=30.0,
             )
 
     def restore_local(
@@ -1034,19 +1075,34 @@ class _Bench(Bench):
                 self.warm_server(snap_prefix)
                 t0 = time.perf_counter()
                 res = run_cmd(
-                    [*self.snapstore, "verify", "--task", task_id, "--root",
-                     str(mnt / "snapshots"), "--json", *flags],
+                    [
+                        *self.snapstore,
+                        "verify",
+                        "--task",
+                        task_id,
+                        "--root",
+                        str(mnt / "snapshots"),
+                        "--json",
+                        *flags,
+                    ],
                     timeout=_CMD_TIMEOUT,
                     env=self.env(),
                 )
                 took = time.perf_counter() - t0
                 if res.returncode != 0:
-                    raise _RunFailed(f"snapstore verify {flags} exited {res.returncode}: "
-                                     f"{_stderr(res)}")
+                    raise _RunFailed(
+                        f"snapstore verify {flags} exited {res.returncode}: {_stderr(res)}"
+                    )
                 report = json.loads(res.stdout)
                 self.record(
-                    scenario, row, run, took, "s", mb_per_s=image_bytes / took / 1e6,
-                    chunks=report.get("chunks"), packs=report.get("packs"),
+                    scenario,
+                    row,
+                    run,
+                    took,
+                    "s",
+                    mb_per_s=image_bytes / took / 1e6,
+                    chunks=report.get("chunks"),
+                    packs=report.get("packs"),
                     read_mb=report.get("checked_bytes", 0) / 1e6,
                 )
 
@@ -1155,7 +1211,12 @@ class _Bench(Bench):
                     self.record(rest_sc, _R_LAZY if lazy else _R_EAGER, run, resume, "s", **extras)
                     if lazy:  # as a user times it: the command's start to the task running
                         self.record(
-                            rest_sc, _R_LAZY_WALL, run, wall, "s", resume_s=resume,
+                            rest_sc,
+                            _R_LAZY_WALL,
+                            run,
+                            wall,
+                            "s",
+                            resume_s=resume,
                             overhead_s=wall - resume,
                         )
                     self.last_wall = wall
@@ -1371,9 +1432,9 @@ def _add_window_fit(results: Results, cfg: SnapConfig) -> None:
         results.sections.append(window.markdown(rows, connections=_THREADS, **link))
         results.extra["window_fit"] = [asdict(row) for row in rows]
     # the same table for incremental snapshots (10 % of the memory changed since the last)
-    incremental = [
-        replace(m, tool=_OURS) for m in results.measurements if m.tool == _INC
-    ] + [m for m in results.measurements if m.tool != _OURS and m.tool != _INC]
+    incremental = [replace(m, tool=_OURS) for m in results.measurements if m.tool == _INC] + [
+        m for m in results.measurements if m.tool != _OURS and m.tool != _INC
+    ]
     rows = window.fit_rows(incremental, connections=_THREADS, **link)
     if rows:
         text = window.markdown(rows, connections=_THREADS, **link)

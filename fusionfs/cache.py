@@ -79,6 +79,7 @@ _VERSION = 3
 #: (version 1: data at 64; version 2: blake3 checksums).
 _DATA_OFFSET = 4096
 
+
 def _checksum(data: bytes | memoryview) -> bytes:
     """What a chunk file's header holds to detect garbage left by a power loss: XXH3-128 (not
     a cryptographic hash: nobody forges cache files; 0.02 ms per MiB here against blake3's
@@ -625,8 +626,9 @@ class ChunkCache:
     def _no_direct(self, exc: OSError) -> None:
         if self._direct:
             self._direct = False
-            _log.debug("cache: %s refuses O_DIRECT (%s); writing through the page cache",
-                       self._root, exc)
+            _log.debug(
+                "cache: %s refuses O_DIRECT (%s); writing through the page cache", self._root, exc
+            )
 
     def _write_failed(self, exc: OSError) -> None:
         self._stats.add("cache_write_failures")

@@ -55,68 +55,122 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="fusionfs", description="Mount S3 (or a local directory) as a filesystem."
-    )
+    p = _Parser(prog="fusionfs", description="Mount S3 (or a local directory) as a filesystem.")
     p.add_argument("--version", action="version", version=f"fusionfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT",
-                       description="SOURCE is s3://BUCKET[/PREFIX], file:///abs/path or a "
-                       "directory. Credentials and endpoint come from the standard AWS chain "
-                       "(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ENDPOINT_URL, ...).")
+    m = sub.add_parser(
+        "mount",
+        help="mount SOURCE at MOUNTPOINT",
+        description="SOURCE is s3://BUCKET[/PREFIX], file:///abs/path or a "
+        "directory. Credentials and endpoint come from the standard AWS chain "
+        "(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ENDPOINT_URL, ...).",
+    )
     m.add_argument("source")
     m.add_argument("mountpoint", type=Path)
-    m.add_argument("--cache-dir", type=Path, help="chunk cache and staging directory "
-                   "(default ~/.cache/fusionfs/<hash of SOURCE>)")
-    m.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
-                   help="bound of the on-disk chunk cache (default 10G)")
-    m.add_argument("--cache-min-free", type=parse_size, default=parse_size("1G"),
-                   help="free space to leave on the cache's filesystem (default 1G)")
-    m.add_argument("--chunk-size", type=parse_size, default=parse_size("1M"),
-                   help="read and cache granularity (default 1M)")
-    m.add_argument("--read-request-size", type=parse_size, default=parse_size("16M"),
-                   help="largest ranged GET (default 16M)")
-    m.add_argument("--max-readahead", type=parse_size, default=parse_size("128M"),
-                   help="read-ahead window for sequential reads (default 128M)")
-    m.add_argument("--part-size", type=parse_size, default=parse_size("16M"),
-                   help="first multipart part size; grows after 1000 parts (default 16M)")
-    m.add_argument("--upload-concurrency", type=int, default=8,
-                   help="parts uploaded at once (default 8)")
-    m.add_argument("--endpoint-url", help="S3 endpoint (MinIO, Ceph, ...); "
-                   "default from AWS_ENDPOINT_URL or AWS")
+    m.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="chunk cache and staging directory (default ~/.cache/fusionfs/<hash of SOURCE>)",
+    )
+    m.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=parse_size("10G"),
+        help="bound of the on-disk chunk cache (default 10G)",
+    )
+    m.add_argument(
+        "--cache-min-free",
+        type=parse_size,
+        default=parse_size("1G"),
+        help="free space to leave on the cache's filesystem (default 1G)",
+    )
+    m.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=parse_size("1M"),
+        help="read and cache granularity (default 1M)",
+    )
+    m.add_argument(
+        "--read-request-size",
+        type=parse_size,
+        default=parse_size("16M"),
+        help="largest ranged GET (default 16M)",
+    )
+    m.add_argument(
+        "--max-readahead",
+        type=parse_size,
+        default=parse_size("128M"),
+        help="read-ahead window for sequential reads (default 128M)",
+    )
+    m.add_argument(
+        "--part-size",
+        type=parse_size,
+        default=parse_size("16M"),
+        help="first multipart part size; grows after 1000 parts (default 16M)",
+    )
+    m.add_argument(
+        "--upload-concurrency", type=int, default=8, help="parts uploaded at once (default 8)"
+    )
+    m.add_argument(
+        "--endpoint-url",
+        help="S3 endpoint (MinIO, Ceph, ...); default from AWS_ENDPOINT_URL or AWS",
+    )
     m.add_argument("--region")
     m.add_argument("--read-only", action="store_true")
-    m.add_argument("--direct-io", action="store_true",
-                   help="files opened read-only or write-only bypass the kernel page cache: "
-                   "every read(2) and write(2) goes to fusionfs (data read or written once: "
-                   "no page-cache copy; small reads and writes and shared mmap suffer, see "
-                   "docs/SEMANTICS.md S-READ-4)")
-    m.add_argument("--allow-other", action="store_true",
-                   help="let other users access the mount")
-    m.add_argument("--metadata-ttl", type=float, default=1.0,
-                   help="seconds attributes and listings are trusted (default 1)")
-    m.add_argument("--store-timeout", type=float, default=60.0,
-                   help="seconds before a store call that does not answer fails with EIO")
-    m.add_argument("--sse", choices=["AES256", "aws:kms"],
-                   help="server-side encryption for uploads")
+    m.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="files opened read-only or write-only bypass the kernel page cache: "
+        "every read(2) and write(2) goes to fusionfs (data read or written once: "
+        "no page-cache copy; small reads and writes and shared mmap suffer, see "
+        "docs/SEMANTICS.md S-READ-4)",
+    )
+    m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument(
+        "--metadata-ttl",
+        type=float,
+        default=1.0,
+        help="seconds attributes and listings are trusted (default 1)",
+    )
+    m.add_argument(
+        "--store-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a store call that does not answer fails with EIO",
+    )
+    m.add_argument(
+        "--sse", choices=["AES256", "aws:kms"], help="server-side encryption for uploads"
+    )
     m.add_argument("--sse-kms-key-id")
-    m.add_argument("--sign-payload", action="store_true",
-                   help="SHA-256 every upload body into its SigV4 signature (default: "
-                        "UNSIGNED-PAYLOAD, as the AWS CRT sends; costs 0.7 ms of CPU per MiB)")
+    m.add_argument(
+        "--sign-payload",
+        action="store_true",
+        help="SHA-256 every upload body into its SigV4 signature (default: "
+        "UNSIGNED-PAYLOAD, as the AWS CRT sends; costs 0.7 ms of CPU per MiB)",
+    )
     m.add_argument("--foreground", "-f", action="store_true")
-    m.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
-    m.add_argument("--log-file", type=Path,
-                   help="daemon log (default CACHE_DIR/fusionfs.log; stderr in foreground)")
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument(
+        "--log-file",
+        type=Path,
+        help="daemon log (default CACHE_DIR/fusionfs.log; stderr in foreground)",
+    )
 
     u = sub.add_parser("unmount", help="make pending data durable, then unmount")
     u.add_argument("mountpoint", type=Path)
-    u.add_argument("--force", action="store_true",
-                   help="unmount even if some data could not be made durable (it stays staged "
-                   "in the cache dir and is reported at the next mount)")
-    u.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds to wait for the daemon to exit (default 120)")
+    u.add_argument(
+        "--force",
+        action="store_true",
+        help="unmount even if some data could not be made durable (it stays staged "
+        "in the cache dir and is reported at the next mount)",
+    )
+    u.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the daemon to exit (default 120)",
+    )
 
     s = sub.add_parser("stats", help="counters since mount")
     s.add_argument("mountpoint", type=Path)
@@ -141,15 +195,26 @@ def _config(args: argparse.Namespace) -> MountConfig:
         source = os.path.abspath(source)
     cache_dir = (args.cache_dir or default_cache_dir(source)).absolute()
     return MountConfig(
-        source=source, mountpoint=args.mountpoint.absolute(), cache_dir=cache_dir,
-        cache_size=args.cache_size, cache_min_free=args.cache_min_free,
-        chunk_size=args.chunk_size, read_request_size=args.read_request_size,
-        max_readahead=args.max_readahead, part_size=args.part_size,
-        upload_concurrency=args.upload_concurrency, endpoint_url=args.endpoint_url,
-        region=args.region, read_only=args.read_only, direct_io=args.direct_io,
+        source=source,
+        mountpoint=args.mountpoint.absolute(),
+        cache_dir=cache_dir,
+        cache_size=args.cache_size,
+        cache_min_free=args.cache_min_free,
+        chunk_size=args.chunk_size,
+        read_request_size=args.read_request_size,
+        max_readahead=args.max_readahead,
+        part_size=args.part_size,
+        upload_concurrency=args.upload_concurrency,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        read_only=args.read_only,
+        direct_io=args.direct_io,
         allow_other=args.allow_other,
-        metadata_ttl=args.metadata_ttl, store_timeout=args.store_timeout, sse=args.sse,
-        sse_kms_key_id=args.sse_kms_key_id, sign_payload=args.sign_payload,
+        metadata_ttl=args.metadata_ttl,
+        store_timeout=args.store_timeout,
+        sse=args.sse,
+        sse_kms_key_id=args.sse_kms_key_id,
+        sign_payload=args.sign_payload,
         log_file=args.log_file or (None if args.foreground else cache_dir / "fusionfs.log"),
     )
 
@@ -302,8 +367,10 @@ def _unmount(args: argparse.Namespace) -> None:
         client.flush(info.mountpoint)
     except OSError as e:
         log_file = info.raw.get("log_file") or "the daemon's log"
-        msg = (f"some data could not be made durable ({os.strerror(e.errno or errno.EIO)}); "
-               f"it is kept in {info.cache_dir / 'staging'}; details in {log_file}")
+        msg = (
+            f"some data could not be made durable ({os.strerror(e.errno or errno.EIO)}); "
+            f"it is kept in {info.cache_dir / 'staging'}; details in {log_file}"
+        )
         if not args.force:
             _fail(msg + "; the mount stays up: retry, or use --force")
         print(f"fusionfs: warning: {msg}", file=sys.stderr)
@@ -311,8 +378,13 @@ def _unmount(args: argparse.Namespace) -> None:
     if fusermount is None:
         _fail("fusermount3 not found (install the fuse3 package)")
     try:
-        proc = subprocess.run([fusermount, "-u", str(info.mountpoint)], capture_output=True,
-                              text=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [fusermount, "-u", str(info.mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         _fail(f"fusermount3 -u {info.mountpoint} did not finish within 60 s")
     if proc.returncode != 0:
@@ -327,8 +399,7 @@ def _unmount(args: argparse.Namespace) -> None:
             break
         time.sleep(0.05)
     else:
-        _fail(f"unmounted, but the daemon (pid {info.pid}) has not exited after "
-              f"{args.timeout:g} s")
+        _fail(f"unmounted, but the daemon (pid {info.pid}) has not exited after {args.timeout:g} s")
 
 
 def _is_zombie(pid: int) -> bool:

@@ -90,8 +90,11 @@ def find_mount(path: str | os.PathLike[str]) -> MountInfo | None:
     except (OSError, ValueError):
         return None
     return MountInfo(
-        mountpoint=root, pid=int(info.get("pid", 0)), source=str(info.get("source", "")),
-        cache_dir=Path(str(info.get("cache_dir", ""))), raw=info,
+        mountpoint=root,
+        pid=int(info.get("pid", 0)),
+        source=str(info.get("source", "")),
+        cache_dir=Path(str(info.get("cache_dir", ""))),
+        raw=info,
     )
 
 
@@ -186,7 +189,9 @@ def collect_garbage(
 
 
 def verify(
-    path: str | os.PathLike[str], mode: str = "quick", start: int | None = None,
+    path: str | os.PathLike[str],
+    mode: str = "quick",
+    start: int | None = None,
     end: int | None = None,
 ) -> dict[str, Any]:
     """Check one file of a mount against the store (see ``fusionfs.verify``); the result dict.

@@ -148,8 +148,10 @@ class Control:
             raise NotADirectory(os.fsdecode(value))
         prefix = self._fs.key_of(source)
         result = await run_store_call(
-            functools.partial(self._chunks.chunked.prime_from, prefix), limiter=self._limiter,
-            timeout=max(self._fs.cfg.store_timeout, 300.0), what=f"dedup-from {prefix}",
+            functools.partial(self._chunks.chunked.prime_from, prefix),
+            limiter=self._limiter,
+            timeout=max(self._fs.cfg.store_timeout, 300.0),
+            what=f"dedup-from {prefix}",
         )
         log.info("dedup index primed from %s: %s", prefix, result)
 
@@ -166,11 +168,15 @@ class Control:
         if inode.etag is None or (inode.staged is not None and inode.staged.dirty):
             raise InvalidArgument("verify: the file has data not committed to the store")
         key = self._fs.key_of(inode)
-        fn = functools.partial(verify_object, self._store, key, inode.etag, words[0].decode(),
-                               *bounds)
-        result = await run_store_call(fn, limiter=self._limiter,
-                                      timeout=max(self._fs.cfg.store_timeout, 600.0),
-                                      what=f"verify {key}")
+        fn = functools.partial(
+            verify_object, self._store, key, inode.etag, words[0].decode(), *bounds
+        )
+        result = await run_store_call(
+            fn,
+            limiter=self._limiter,
+            timeout=max(self._fs.cfg.store_timeout, 600.0),
+            what=f"verify {key}",
+        )
         self._verified.pop(inode.ino, None)
         self._verified[inode.ino] = json.dumps(result).encode()
         while len(self._verified) > _VERIFIED_MAX:
@@ -194,8 +200,11 @@ class Control:
         async with self._gc_lock:
             await self._fs.flush_all()  # committed manifests are what protects their packs
             fn = functools.partial(collect_garbage, self._store, Key(""), grace_seconds=grace)
-            result = await run_store_call(fn, limiter=self._limiter,
-                                          timeout=max(self._fs.cfg.store_timeout, 3600.0),
-                                          what="gc")
+            result = await run_store_call(
+                fn,
+                limiter=self._limiter,
+                timeout=max(self._fs.cfg.store_timeout, 3600.0),
+                what="gc",
+            )
             self._last_gc = dataclasses.asdict(result)
         log.info("garbage collection: %s", self._last_gc)

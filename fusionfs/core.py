@@ -84,8 +84,14 @@ def _chunked_layout(
 ) -> ChunkedLayout:
     # one chunk index per mount; its reads share the core's nursery, store limiter and call
     # timeout, its writes the bounded compression/pack-upload threads the core owns
-    return ChunkedLayout(store, nursery=nursery, limiter=limiter, threads=threads, cache=cache,
-                         store_timeout=cfg.store_timeout)
+    return ChunkedLayout(
+        store,
+        nursery=nursery,
+        limiter=limiter,
+        threads=threads,
+        cache=cache,
+        store_timeout=cfg.store_timeout,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -105,29 +111,47 @@ async def build_core(
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
 
-        cache = ChunkCache(cache_dir / "cache", max_bytes=cfg.cache_size,
-                           min_free_bytes=cfg.cache_min_free, stats=stats)
+        cache = ChunkCache(
+            cache_dir / "cache",
+            max_bytes=cfg.cache_size,
+            min_free_bytes=cfg.cache_min_free,
+            stats=stats,
+        )
         await trio.to_thread.run_sync(cache.open)
         stack.callback(cache.close)
 
         limiter = trio.CapacityLimiter(cfg.store_threads)
         pack_threads = PackThreads(workers=2, uploads=4)
         stack.callback(pack_threads.close)
-        chunked = _chunked_layout(store, cache, cfg, nursery=nursery, limiter=limiter,
-                                  threads=pack_threads)
+        chunked = _chunked_layout(
+            store, cache, cfg, nursery=nursery, limiter=limiter, threads=pack_threads
+        )
         chunks = ChunkSource(
-            store, cache, nursery=nursery, limiter=limiter, stats=stats,
-            chunk_size=cfg.chunk_size, read_request_size=max(cfg.read_request_size, cfg.chunk_size),
-            max_readahead=cfg.max_readahead, memory_bytes=cfg.read_memory,
-            store_timeout=cfg.store_timeout, chunked=chunked,
+            store,
+            cache,
+            nursery=nursery,
+            limiter=limiter,
+            stats=stats,
+            chunk_size=cfg.chunk_size,
+            read_request_size=max(cfg.read_request_size, cfg.chunk_size),
+            max_readahead=cfg.max_readahead,
+            memory_bytes=cfg.read_memory,
+            store_timeout=cfg.store_timeout,
+            chunked=chunked,
         )
         uploader = Uploader(
-            store, chunks, staging_dir=staging, nursery=nursery, limiter=limiter, stats=stats,
-            part_size=cfg.part_size, upload_concurrency=cfg.upload_concurrency,
+            store,
+            chunks,
+            staging_dir=staging,
+            nursery=nursery,
+            limiter=limiter,
+            stats=stats,
+            part_size=cfg.part_size,
+            upload_concurrency=cfg.upload_concurrency,
             store_timeout=cfg.store_timeout,
         )
-        fs = Filesystem(store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats,
-                        config=cfg)
+        fs = Filesystem(
+            store, chunks, uploader, nursery=nursery, limiter=limiter, stats=stats, config=cfg
+        )
         nursery.start_soon(fs.retry_loop)  # S-FAIL-3
-        yield Core(store, stats, cache, chunked, chunks, uploader, fs, nursery, staging,
-                   recovered)
+        yield Core(store, stats, cache, chunked, chunks, uploader, fs, nursery, staging, recovered)

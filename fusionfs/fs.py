@@ -259,8 +259,18 @@ class Filesystem:
         self.cfg = config
         now = _now_ns()
         root = Inode(
-            ROOT_INODE, ROOT_INODE, b"", Kind.DIR, config.dir_mode, config.uid, config.gid,
-            mtime_ns=now, ctime_ns=now, meta_known=True, validated=float("inf"), lookups=1,
+            ROOT_INODE,
+            ROOT_INODE,
+            b"",
+            Kind.DIR,
+            config.dir_mode,
+            config.uid,
+            config.gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            meta_known=True,
+            validated=float("inf"),
+            lookups=1,
         )
         self._inodes: dict[InodeNo, Inode] = {ROOT_INODE: root}
         self._children: dict[InodeNo, dict[bytes, InodeNo]] = {ROOT_INODE: {}}
@@ -271,14 +281,18 @@ class Filesystem:
         self._probing: dict[tuple[InodeNo, bytes], trio.Event] = {}  # names being probed
         self._scans: dict[InodeNo, _Scan] = {}  # directories whose entries are probed ahead
         self._next_fh = 1
-        self._control = Control(self, root=ROOT_INODE, store=store, chunks=chunks,
-                                limiter=limiter)
+        self._control = Control(self, root=ROOT_INODE, store=store, chunks=chunks, limiter=limiter)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _ref(self, inode: Inode, key: Key | None = None) -> ObjectRef:
         assert inode.etag is not None
-        return ObjectRef(key if key is not None else self.key_of(inode), inode.etag, inode.size,
-                         inode.chunked, inode.checksum)
+        return ObjectRef(
+            key if key is not None else self.key_of(inode),
+            inode.etag,
+            inode.size,
+            inode.chunked,
+            inode.checksum,
+        )
 
     def _chunked_dir(self, inode: Inode) -> bool:
         """Whether ``inode`` (a file) is below a directory marked chunked (S-CHUNK-1)."""
@@ -293,8 +307,10 @@ class Filesystem:
 
     async def _call(self, fn: Callable[..., T], *args: Any, what: str = "") -> T:
         return await run_store_call(
-            functools.partial(fn, *args), limiter=self._limiter,
-            timeout=self.cfg.store_timeout, what=what or getattr(fn, "__name__", "store call"),
+            functools.partial(fn, *args),
+            limiter=self._limiter,
+            timeout=self.cfg.store_timeout,
+            what=what or getattr(fn, "__name__", "store call"),
         )
 
     def _fresh(self, inode: Inode) -> bool:
@@ -348,8 +364,16 @@ class Filesystem:
         ino = InodeNo(self._next_ino)
         self._next_ino += 1
         mode = kw.pop("mode", self.cfg.dir_mode if kind is Kind.DIR else self.cfg.file_mode)
-        inode = Inode(ino, parent.ino, name, kind, mode, kw.pop("uid", self.cfg.uid),
-                      kw.pop("gid", self.cfg.gid), **kw)
+        inode = Inode(
+            ino,
+            parent.ino,
+            name,
+            kind,
+            mode,
+            kw.pop("uid", self.cfg.uid),
+            kw.pop("gid", self.cfg.gid),
+            **kw,
+        )
         if kind is Kind.SYMLINK:
             inode.mode = 0o777
         self._inodes[ino] = inode
@@ -521,9 +545,7 @@ class Filesystem:
             try:
                 if small_file:  # one GET answers the lookup and the read that follows (S-MAP-8)
                     info, head = await self._call(
-                        functools.partial(
-                            self._store.get_head, file_key, self._chunks.chunk_size
-                        ),
+                        functools.partial(self._store.get_head, file_key, self._chunks.chunk_size),
                         what=f"GET {file_key}",
                     )
                     kind = self._kind_from_metadata(info.metadata)
@@ -585,7 +607,9 @@ class Filesystem:
             if child is None and name not in parent.listed_names:  # as fresh as it gets
                 raise NoEntry(name.decode(errors="replace"))
         small = (  # S-MAP-8; an object listed as empty is HEADed, never GET (S-SRV-1)
-            child is not None and child.kind is Kind.FILE and child.etag is not None
+            child is not None
+            and child.kind is Kind.FILE
+            and child.etag is not None
             and 0 < child.size <= _SMALL_FILE
         )
         if probing in self._probing:  # one began while we re-listed: share it
@@ -595,7 +619,9 @@ class Filesystem:
         done = self._probing[probing] = trio.Event()
         try:
             found = await self._probe(
-                parent, name, small_file=small,
+                parent,
+                name,
+                small_file=small,
                 known_dir=child is not None and child.kind is Kind.DIR,
             )
         finally:
@@ -610,7 +636,8 @@ class Filesystem:
             raise NoEntry(name.decode(errors="replace"))
         kind, info = found
         if child is not None and (
-            child.kind is not kind or (kind is not Kind.DIR and self._new_version(child, info))
+            child.kind is not kind
+            or (kind is not Kind.DIR and self._new_version(child, info))
             or self._listed_with_wrong_size(child, info)
         ):
             self._detach(child)
@@ -647,8 +674,13 @@ class Filesystem:
         is how a remote change reaches it, while handles open on the old inode keep reading the
         version they opened (S-READ-3).
         """
-        return (info is not None and inode.etag is not None and info.etag != inode.etag
-                and inode.staged is None and not inode.local_only)
+        return (
+            info is not None
+            and inode.etag is not None
+            and info.etag != inode.etag
+            and inode.staged is None
+            and not inode.local_only
+        )
 
     # -- lookups and attributes ----------------------------------------------------------
     async def lookup(self, parent_ino: int, name: bytes) -> Inode:
@@ -663,17 +695,25 @@ class Filesystem:
         ``find -size``, ``rsync``: a readdir, then a stat of every entry, one at a time):
         the entries after it are probed ahead, concurrently (S-MAP-9)."""
         child = self._known_child(parent, name)
-        if (child is None or child.meta_known or child.staged is not None or child.local_only
-                or self._fresh(child)):
+        if (
+            child is None
+            or child.meta_known
+            or child.staged is not None
+            or child.local_only
+            or self._fresh(child)
+        ):
             return
         scan = self._scans.get(parent.ino)
         if scan is None or name not in scan.index:
             if scan is not None:
                 scan.stop = True
             names = sorted(
-                n for n, ino in self._children.get(parent.ino, {}).items()
-                if (c := self._inodes.get(ino)) is not None and not c.meta_known
-                and c.staged is None and not c.local_only
+                n
+                for n, ino in self._children.get(parent.ino, {}).items()
+                if (c := self._inodes.get(ino)) is not None
+                and not c.meta_known
+                and c.staged is None
+                and not c.local_only
             )
             if len(names) < 2:
                 return
@@ -783,9 +823,16 @@ class Filesystem:
         inode.validated = trio.current_time()
 
     async def setattr(
-        self, ino: int, *, size: int | None = None, mode: int | None = None,
-        uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
-        fh: int | None = None, atime_ns: int | None = None,
+        self,
+        ino: int,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+        fh: int | None = None,
+        atime_ns: int | None = None,
     ) -> Inode:
         inode = self.inode(ino)
         self._writable()
@@ -861,8 +908,7 @@ class Filesystem:
             inode.meta_unsaved = False
             return
         try:
-            etag = await self._call(self._store.copy, key, key, md, inode.etag,
-                                    what=f"COPY {key}")
+            etag = await self._call(self._store.copy, key, key, md, inode.etag, what=f"COPY {key}")
         except NotFound:
             raise NoEntry(key) from None
         inode.meta_unsaved = False
@@ -914,11 +960,24 @@ class Filesystem:
         # the marker keeps the directory's times too, so that a directory reads back after a
         # remount with the mtime it showed before (S-ATTR-1; rsync -a leaves a directory's
         # time alone when it already looks equal, and a LIST gives no time for a directory)
-        md = {"mode": str(stat.S_IFDIR | (mode & 0o7777)), "uid": str(uid), "gid": str(gid),
-              "mtime": format_mtime(now)}
+        md = {
+            "mode": str(stat.S_IFDIR | (mode & 0o7777)),
+            "uid": str(uid),
+            "gid": str(gid),
+            "mtime": format_mtime(now),
+        }
         await self._call(self._store.put, key, b"", md, what=f"PUT {key}")
-        inode = self._new_inode(parent, name, Kind.DIR, mode=mode & 0o7777, uid=uid, gid=gid,
-                                mtime_ns=now, ctime_ns=now, meta_known=True)
+        inode = self._new_inode(
+            parent,
+            name,
+            Kind.DIR,
+            mode=mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            meta_known=True,
+        )
         inode.explicit_mtime = True
         inode.validated = trio.current_time()
         # nothing was under the name (checked above): its listing is known, and empty
@@ -940,9 +999,19 @@ class Filesystem:
         md = {"mode": str(stat.S_IFLNK | 0o777), "uid": str(uid), "gid": str(gid)}
         etag = await self._call(self._store.put, key, target, md, what=f"PUT {key}")
         now = _now_ns()
-        inode = self._new_inode(parent, name, Kind.SYMLINK, uid=uid, gid=gid, size=len(target),
-                                etag=etag, mtime_ns=now, ctime_ns=now, meta_known=True,
-                                target=target)
+        inode = self._new_inode(
+            parent,
+            name,
+            Kind.SYMLINK,
+            uid=uid,
+            gid=gid,
+            size=len(target),
+            etag=etag,
+            mtime_ns=now,
+            ctime_ns=now,
+            meta_known=True,
+            target=target,
+        )
         inode.validated = trio.current_time()
         inode.lookups += 1
         self._entries_changed(parent)
@@ -961,12 +1030,22 @@ class Filesystem:
         key = self._child_key(parent, name, kind)
         await self._ensure_absent(parent, name)
         now = _now_ns()
-        inode = self._new_inode(parent, name, kind, mode=mode & 0o7777, uid=uid, gid=gid,
-                                mtime_ns=now, ctime_ns=now, meta_known=True,
-                                rdev=rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0)
+        inode = self._new_inode(
+            parent,
+            name,
+            kind,
+            mode=mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            meta_known=True,
+            rdev=rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        )
         try:
-            inode.etag = await self._call(self._store.put, key, b"", self._metadata(inode),
-                                          what=f"PUT {key}")
+            inode.etag = await self._call(
+                self._store.put, key, b"", self._metadata(inode), what=f"PUT {key}"
+            )
         except BaseException:
             self._detach(inode)
             raise
@@ -981,8 +1060,9 @@ class Filesystem:
             raise InvalidArgument("not a symlink")
         if inode.target is None:
             key = self.key_of(inode)
-            data = await self._call(self._store.get_range, key, 0, _MAX_SYMLINK + 1, None,
-                                    what=f"GET {key}")
+            data = await self._call(
+                self._store.get_range, key, 0, _MAX_SYMLINK + 1, None, what=f"GET {key}"
+            )
             inode.target = data
         return inode.target
 
@@ -1068,8 +1148,9 @@ class Filesystem:
             old_key = self.key_of(src)
             new_key = self._child_key(dst_dir, new_name, Kind.FILE)
             try:
-                etag = await self._call(self._store.copy, old_key, new_key, None, src.etag,
-                                        what=f"COPY {old_key}")
+                etag = await self._call(
+                    self._store.copy, old_key, new_key, None, src.etag, what=f"COPY {old_key}"
+                )
             except NotFound:
                 raise NoEntry(old_key) from None
             await self._call(self._store.delete, old_key, what=f"DELETE {old_key}")
@@ -1108,12 +1189,13 @@ class Filesystem:
         await self._commit_below(src)
         old_prefix = self.key_of(src)
         new_prefix = self._child_key(dst_dir, new_name, Kind.DIR)
-        pages = await self._call(lambda: list(iter_list(self._store, old_prefix, None)),
-                                 what=f"LIST {old_prefix}")
+        pages = await self._call(
+            lambda: list(iter_list(self._store, old_prefix, None)), what=f"LIST {old_prefix}"
+        )
         keys = [o.key for page in pages for o in page.objects]
 
         async def copy_one(k: Key) -> None:
-            dst = Key(new_prefix + k[len(old_prefix):])
+            dst = Key(new_prefix + k[len(old_prefix) :])
             await self._call(self._store.copy, k, dst, None, None, what=f"COPY {k}")
 
         if keys:
@@ -1123,8 +1205,12 @@ class Filesystem:
         # objects first, then markers deepest first: a local-directory store can only remove a
         # directory once it is empty
         await _bounded_all(
-            [functools.partial(self._call, self._store.delete, k, what=f"DELETE {k}")
-             for k in keys if not k.endswith("/")], 32,
+            [
+                functools.partial(self._call, self._store.delete, k, what=f"DELETE {k}")
+                for k in keys
+                if not k.endswith("/")
+            ],
+            32,
         )
         for k in sorted((k for k in keys if k.endswith("/")), key=len, reverse=True):
             await self._call(self._store.delete, k, what=f"DELETE {k}")
@@ -1132,9 +1218,13 @@ class Filesystem:
     async def _commit_below(self, directory: Inode) -> None:
         prefix = self.key_of(directory)
         for inode in list(self._inodes.values()):
-            if (inode.staged is not None and inode.linked and inode.kind is Kind.FILE
-                    and (inode.staged.dirty or inode.local_only)
-                    and self.key_of(inode).startswith(prefix)):
+            if (
+                inode.staged is not None
+                and inode.linked
+                and inode.kind is Kind.FILE
+                and (inode.staged.dirty or inode.local_only)
+                and self.key_of(inode).startswith(prefix)
+            ):
                 await self._commit(inode)
 
     # -- files ---------------------------------------------------------------------------
@@ -1186,8 +1276,18 @@ class Filesystem:
                 raise IsADirectory(name.decode(errors="replace"))
             self._detach(existing)
         now = _now_ns()
-        inode = self._new_inode(parent, name, Kind.FILE, mode=mode & 0o7777, uid=uid, gid=gid,
-                                mtime_ns=now, ctime_ns=now, meta_known=True, local_only=True)
+        inode = self._new_inode(
+            parent,
+            name,
+            Kind.FILE,
+            mode=mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            meta_known=True,
+            local_only=True,
+        )
         inode.validated = trio.current_time()
         # dirty: even if nothing is written, the new (empty) file is committed at close
         staged = await self._uploader.new_staged(key, None, dirty=True)
@@ -1235,8 +1335,12 @@ class Filesystem:
         truncate = bool(flags & os.O_TRUNC) and writable
         if writable:
             self._writable()
-        if inode.staged is None and not inode.local_only and (
-            not self._fresh(inode) or not inode.meta_known  # LIST-only: is it chunked?
+        if (
+            inode.staged is None
+            and not inode.local_only
+            and (
+                not self._fresh(inode) or not inode.meta_known  # LIST-only: is it chunked?
+            )
         ):
             await self._revalidate(inode, opening=True)  # close-to-open: the newest version
         if writable:
@@ -1350,8 +1454,9 @@ class Filesystem:
         try:
             await self._commit(inode)
         except (FsError, StoreError) as e:
-            log.warning("%s: background commit failed (kept staged, retried): %s",
-                        self._path(inode), e)
+            log.warning(
+                "%s: background commit failed (kept staged, retried): %s", self._path(inode), e
+            )
             return
         staged = inode.staged
         if staged is not None and inode.writers == 0 and not staged.dirty:
@@ -1374,8 +1479,10 @@ class Filesystem:
                 await self._unstage(inode)
                 return
             if not self._in_write_behind_dir(inode):
-                log.warning("%s: data not yet durable stays staged; retried in the background",
-                            self._path(inode))
+                log.warning(
+                    "%s: data not yet durable stays staged; retried in the background",
+                    self._path(inode),
+                )
         self._maybe_drop(inode)
 
     # -- directories -------------------------------------------------------------------------
@@ -1418,8 +1525,11 @@ class Filesystem:
         An object gone meanwhile is left for the next lookup to find gone.
         """
         unsure = [
-            (name, child) for name, child in entries
-            if child.kind is Kind.FILE and not child.meta_known and child.staged is None
+            (name, child)
+            for name, child in entries
+            if child.kind is Kind.FILE
+            and not child.meta_known
+            and child.staged is None
             and not child.local_only
         ]
         if not unsure:
@@ -1445,8 +1555,11 @@ class Filesystem:
                 except StoreError as e:
                     failures.append(e)
                     return
-            if (self._known_child(directory, name) is not child or child.staged is not None
-                    or child.local_only):
+            if (
+                self._known_child(directory, name) is not child
+                or child.staged is not None
+                or child.local_only
+            ):
                 return  # changed here meanwhile: its next lookup looks again
             now = trio.current_time()
             kind = self._kind_from_metadata(info.metadata)
@@ -1481,17 +1594,18 @@ class Filesystem:
     async def _list_dir(self, directory: Inode) -> list[tuple[bytes, Inode]]:
         prefix = self.key_of(directory)
         listed_at = trio.current_time()
-        pages = await self._call(lambda: list(iter_list(self._store, prefix, "/")),
-                                 what=f"LIST {prefix}")
+        pages = await self._call(
+            lambda: list(iter_list(self._store, prefix, "/")), what=f"LIST {prefix}"
+        )
         dirs: dict[bytes, None] = {}
         files: dict[bytes, ObjectInfo] = {}
         for page in pages:
             for p in page.prefixes:
-                name = os.fsencode(p[len(prefix):-1])
+                name = os.fsencode(p[len(prefix) : -1])
                 if self._valid_listed(name):
                     dirs[name] = None
             for o in page.objects:
-                name = os.fsencode(o.key[len(prefix):])
+                name = os.fsencode(o.key[len(prefix) :])
                 if o.key != prefix and self._valid_listed(name):
                     files[name] = o
         if directory.ino == ROOT_INODE:  # the layout's own objects are hidden (S-CHUNK-4)
@@ -1501,8 +1615,10 @@ class Filesystem:
         entries: dict[bytes, Inode] = {}
         for name in dirs:
             child = self._known_child(directory, name)
-            if child is not None and child.kind is not Kind.DIR and not (
-                child.staged or child.local_only
+            if (
+                child is not None
+                and child.kind is not Kind.DIR
+                and not (child.staged or child.local_only)
             ):
                 self._detach(child)
                 child = None
@@ -1562,7 +1678,8 @@ class Filesystem:
         Raises UploadFailed listing the files that could not be made durable."""
         failures: list[str] = []
         pending = [
-            i for i in self._inodes.values()
+            i
+            for i in self._inodes.values()
             if i.staged is not None and i.linked and (i.staged.dirty or i.local_only)
         ]
 
@@ -1583,8 +1700,11 @@ class Filesystem:
         """Background: keep trying to commit data whose commit failed, until it is in."""
         while True:
             await trio.sleep(self.cfg.retry_interval)
-            pending = [i for i in self._inodes.values()
-                       if i.staged is not None and i.staged.dirty and i.writers == 0 and i.linked]
+            pending = [
+                i
+                for i in self._inodes.values()
+                if i.staged is not None and i.staged.dirty and i.writers == 0 and i.linked
+            ]
             for inode in pending:
                 path = self._path(inode)
                 try:
@@ -1596,8 +1716,14 @@ class Filesystem:
 
     def statfs(self) -> dict[str, int]:
         return {
-            "f_bsize": 1 << 20, "f_frsize": 4096, "f_blocks": 1 << 40, "f_bfree": 1 << 40,
-            "f_bavail": 1 << 40, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_favail": 1 << 32,
+            "f_bsize": 1 << 20,
+            "f_frsize": 4096,
+            "f_blocks": 1 << 40,
+            "f_bfree": 1 << 40,
+            "f_bavail": 1 << 40,
+            "f_files": 1 << 32,
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
             "f_namemax": _MAX_NAME,
         }
 
@@ -1616,4 +1742,3 @@ async def _bounded_all(jobs: Sequence[Callable[[], Any]], limit: int) -> None:
         async with trio.open_nursery() as n:
             for job in jobs:
                 n.start_soon(run, job)
-

@@ -70,10 +70,15 @@ class MountConfig(CoreConfig):
     def public_info(self) -> dict[str, Any]:
         """What ``fusionfs stats``/``snapstore`` may see about the mount (no credentials)."""
         return {
-            "pid": os.getpid(), "version": __version__, "source": self.source,
-            "mountpoint": str(self.mountpoint), "cache_dir": str(self.cache_dir),
-            "cache_size": self.cache_size, "chunk_size": self.chunk_size,
-            "part_size": self.part_size, "read_only": self.read_only,
+            "pid": os.getpid(),
+            "version": __version__,
+            "source": self.source,
+            "mountpoint": str(self.mountpoint),
+            "cache_dir": str(self.cache_dir),
+            "cache_size": self.cache_size,
+            "chunk_size": self.chunk_size,
+            "part_size": self.part_size,
+            "read_only": self.read_only,
             "direct_io": self.direct_io,
             "endpoint_url": self.endpoint_url,
             "log_file": str(self.log_file) if self.log_file else None,
@@ -94,8 +99,9 @@ def _lock_cache_dir(cache_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(f"cache directory {cache_dir} is in use by another fusionfs mount") \
-            from None
+        raise MountError(
+            f"cache directory {cache_dir} is in use by another fusionfs mount"
+        ) from None
     return fd
 
 
@@ -120,8 +126,10 @@ def check_mountpoint(mountpoint: Path) -> None:
         os.stat(mountpoint)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(f"{mountpoint} is a dead mount (its daemon died): "
-                             f"run 'fusermount3 -uz {mountpoint}' first") from None
+            raise MountError(
+                f"{mountpoint} is a dead mount (its daemon died): "
+                f"run 'fusermount3 -uz {mountpoint}' first"
+            ) from None
     if not mountpoint.exists():
         raise MountError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
@@ -138,9 +146,15 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     lock_fd = _lock_cache_dir(cfg.cache_dir)
     stats = Stats()
     try:
-        store = open_store(cfg.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
-                           stats=stats, sse=cfg.sse, sse_kms_key_id=cfg.sse_kms_key_id,
-                           sign_payload=cfg.sign_payload)
+        store = open_store(
+            cfg.source,
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            stats=stats,
+            sse=cfg.sse,
+            sse_kms_key_id=cfg.sse_kms_key_id,
+            sign_payload=cfg.sign_payload,
+        )
     except ValueError as e:
         os.close(lock_fd)
         raise MountError(str(e)) from None
@@ -159,8 +173,9 @@ async def _serve(
         if callable(close_store):
             stack.callback(close_store)
         core = await stack.enter_async_context(
-            build_core(store, cfg.cache_dir, dataclasses.replace(cfg, info=cfg.public_info()),
-                       stats=stats)
+            build_core(
+                store, cfg.cache_dir, dataclasses.replace(cfg, info=cfg.public_info()), stats=stats
+            )
         )
         for message in core.recovered:
             log.warning("%s", message)

@@ -48,8 +48,12 @@ def _errors(fn: F) -> F:
             elif fn.__name__ in _DATA_LOSING:
                 # the kernel's writeback cache had accepted these bytes: the writer learns of
                 # the failure only as EIO from close or fsync, so the log must say why
-                log.warning("%s failed with %s (the writer sees EIO at close or fsync): %s",
-                            fn.__name__, errno.errorcode.get(code, str(code)), exc)
+                log.warning(
+                    "%s failed with %s (the writer sees EIO at close or fsync): %s",
+                    fn.__name__,
+                    errno.errorcode.get(code, str(code)),
+                    exc,
+                )
             if code not in _QUIET:
                 self.fs.stats.count_error(errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None
@@ -116,8 +120,11 @@ class FusionOperations(pyfuse3.Operations):
 
     @_errors
     async def setattr(
-        self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = await self.fs.setattr(
@@ -140,15 +147,22 @@ class FusionOperations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(
-        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         return self._attrs(await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors
     async def mknod(
-        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
-        rdev: int, ctx: pyfuse3.RequestContext,
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):  # S-SPECIAL-1
             return self._attrs(
@@ -176,22 +190,32 @@ class FusionOperations(pyfuse3.Operations):
 
     @_errors
     async def symlink(
-        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, target: pyfuse3.FileNameT,
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         return self._attrs(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors
     async def rename(
-        self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
-        parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT, flags: int,
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     async def link(
-        self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
-        new_name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext,
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)  # link(2): the filesystem has no hard links
 
@@ -201,12 +225,17 @@ class FusionOperations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         handle, keep, direct = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(self.fs.register(handle)),
-                                keep_cache=keep, direct_io=direct)
+        return pyfuse3.FileInfo(
+            fh=pyfuse3.FileHandleT(self.fs.register(handle)), keep_cache=keep, direct_io=direct
+        )
 
     @_errors
     async def create(
-        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int, flags: int,
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: int,
+        flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle, inode = await self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
@@ -278,7 +307,10 @@ class FusionOperations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(
-        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
         await self.fs.setxattr(inode, name, value)
@@ -294,9 +326,5 @@ class FusionOperations(pyfuse3.Operations):
     ) -> None:
         raise pyfuse3.FUSEError(errno.ENODATA)
 
-    async def access(
-        self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext
-    ) -> bool:
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True  # permission checks are the kernel's (default_permissions)
-
-

@@ -149,17 +149,25 @@ class ChunkSource:
         # 120 of its 1024 chunks with a 128 MiB bound released per 16-chunk stretch (GETs
         # complete in bursts, 8 stretches at once).
         self._engine: FetchEngine[_ChunkId] = FetchEngine(
-            nursery=nursery, memory_bytes=mem_limit,
+            nursery=nursery,
+            memory_bytes=mem_limit,
             cache_limiter=trio.CapacityLimiter(WRITER_THREADS),
-            backlog_limit=max(mem_limit, 64 * chunk_size + (64 << 20)), stats=stats,
+            backlog_limit=max(mem_limit, 64 * chunk_size + (64 << 20)),
+            stats=stats,
             on_evict=self._evicted,
         )
         self.chunked = chunked  # the chunked layout (reads of chunked files go there)
 
     # -- public -----------------------------------------------------------------------------
     async def read(
-        self, ref: ObjectRef, off: int, size: int, state: ReadState | None, *,
-        cache: bool = True, release: bool = False,
+        self,
+        ref: ObjectRef,
+        off: int,
+        size: int,
+        state: ReadState | None,
+        *,
+        cache: bool = True,
+        release: bool = False,
     ) -> bytes | memoryview:
         """``size`` bytes of ``ref`` from ``off`` (short only at the end of the object).
 
@@ -220,9 +228,7 @@ class ChunkSource:
         return out
 
     # -- integrity (S-INTEG-2) -----------------------------------------------------------------
-    async def _fold(
-        self, ref: ObjectRef, idx: int, data: Data, state: ReadState | None
-    ) -> None:
+    async def _fold(self, ref: ObjectRef, idx: int, data: Data, state: ReadState | None) -> None:
         """Note that chunk ``idx`` of ``ref`` was served; when that completes the version in
         order, compare with its stored checksum (``Corrupt`` on a mismatch)."""
         assert ref.checksum is not None
@@ -254,7 +260,11 @@ class ChunkSource:
         got = _checksum.encode(algorithm, fold.crc)
         log.warning(
             "%s: the bytes read do not match the object's %s (stored %s, read %s); its cached "
-            "chunks are dropped", ref.key, algorithm, ref.checksum.b64(), got,
+            "chunks are dropped",
+            ref.key,
+            algorithm,
+            ref.checksum.b64(),
+            got,
         )
         message = (
             f"{ref.key}: read bytes do not match the stored {algorithm} "
@@ -336,7 +346,10 @@ class ChunkSource:
         fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
         try:
             blob = await run_store_call(
-                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
+                fn,
+                limiter=self._limiter,
+                timeout=self._call_timeout,
+                what=f"GET {ref.key}",
             )
         except (PreconditionFailed, NotFound) as e:
             raise Stale(f"{ref.key} changed in the store while being read") from e
@@ -407,13 +420,12 @@ class ChunkSource:
                     return blob, None
                 view = memoryview(blob)
                 crcs = self._crcs_of(ref, view, len(stretch))
-                if crcs is None or start != 0 or length != ref.size or self._whole(
-                    ref, crcs, view
-                ):
+                if crcs is None or start != 0 or length != ref.size or self._whole(ref, crcs, view):
                     return blob, crcs
                 self._stats.add("checksum_mismatches")
                 log.warning(
-                    "GET %s: the object does not match its stored checksum%s", ref.key,
+                    "GET %s: the object does not match its stored checksum%s",
+                    ref.key,
                     "; fetching it again" if attempt == 1 else "",
                 )
             assert ref.checksum is not None
@@ -444,7 +456,10 @@ class ChunkSource:
         """``fn()`` (a ranged GET of ``length`` bytes and what goes with it) in a worker thread."""
         try:
             blob, extra = await run_store_call(
-                fn, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}",
+                fn,
+                limiter=self._limiter,
+                timeout=self._call_timeout,
+                what=f"GET {ref.key}",
             )
         except (PreconditionFailed, NotFound) as e:
             raise Stale(f"{ref.key} changed in the store while being read") from e
@@ -472,8 +487,10 @@ class ChunkSource:
             if crcs is not None and len(data) == ref.size:  # the whole object: checked now
                 if not self._whole(ref, crcs, memoryview(data)):
                     self._stats.add("checksum_mismatches")
-                    log.warning("GET %s: the object does not match its stored checksum; "
-                                "fetching it again", ref.key)
+                    log.warning(
+                        "GET %s: the object does not match its stored checksum; fetching it again",
+                        ref.key,
+                    )
                     return  # not served: the read fetches (and checks) it again
                 self._stats.add("objects_verified")
                 self._mark_verified(ref)

@@ -259,7 +259,13 @@ class StagedFile:
     """The local state of one inode open for writing. Not thread-safe: trio thread only."""
 
     def __init__(
-        self, up: Uploader, key: Key, base: ObjectRef | None, *, name: str, fd: int,
+        self,
+        up: Uploader,
+        key: Key,
+        base: ObjectRef | None,
+        *,
+        name: str,
+        fd: int,
         dfd: int = -1,
     ) -> None:
         self._up = up
@@ -792,7 +798,8 @@ class StagedFile:
                 data = data[:size] + bytes(size - len(data))
             self._begin_replacing()
             etag = await self._up.call(
-                functools.partial(self._up.store.put, key, data, metadata), f"PUT {key}",
+                functools.partial(self._up.store.put, key, data, metadata),
+                f"PUT {key}",
             )
             return etag, size
         return await self._multipart(key, metadata)
@@ -820,8 +827,9 @@ class StagedFile:
                 number = stream.next_number
                 stream.in_flight += 1
                 stream.idle = trio.Event()
-                await self._send_part(stream, number, stream.started_until,
-                                      end - stream.started_until)
+                await self._send_part(
+                    stream, number, stream.started_until, end - stream.started_until
+                )
                 stream.started_until = end
                 if stream.error is not None:
                     raise stream.error
@@ -829,7 +837,8 @@ class StagedFile:
             self._begin_replacing()
             etag = await self._up.call(
                 functools.partial(self._up.store.complete_multipart, key, upload_id, parts),
-                f"complete upload {key}", timeout=max(self._up.store_timeout, 300.0),
+                f"complete upload {key}",
+                timeout=max(self._up.store_timeout, 300.0),
             )
         except Exception as e:
             log.warning("streaming upload of %s failed (%s); uploading it again whole", key, e)
@@ -864,8 +873,7 @@ class StagedFile:
             try:
                 manifest = await feed.finish(self.size)
             except Exception as e:
-                log.warning("streaming %s into packs failed (%s); feeding it again whole",
-                            key, e)
+                log.warning("streaming %s into packs failed (%s); feeding it again whole", key, e)
         if manifest is None:
             if feed is not None:
                 await feed.close()
@@ -907,15 +915,24 @@ class StagedFile:
             with first_error():
                 async with trio.open_nursery() as nursery:
                     for number, start, length in plan:
-                        nursery.start_soon(self._upload_part, key, upload_id, number, start,
-                                           length, results, copied)
+                        nursery.start_soon(
+                            self._upload_part,
+                            key,
+                            upload_id,
+                            number,
+                            start,
+                            length,
+                            results,
+                            copied,
+                        )
             parts = [results[n] for n in sorted(results)]
             if copied:
                 await self._check_base_unchanged()
             self._begin_replacing()
             etag = await up.call(
                 functools.partial(up.store.complete_multipart, key, upload_id, parts),
-                f"complete upload {key}", timeout=max(up.store_timeout, 300.0),
+                f"complete upload {key}",
+                timeout=max(up.store_timeout, 300.0),
             )
             return etag, sum(length for _, _, length in plan)
         except BaseException:
@@ -945,14 +962,22 @@ class StagedFile:
             raise Stale(f"{base.key} was replaced in the store during the rewrite")
 
     async def _upload_part(
-        self, key: Key, upload_id: str, number: int, start: int, length: int,
-        results: dict[int, UploadPart], copied: set[int],
+        self,
+        key: Key,
+        upload_id: str,
+        number: int,
+        start: int,
+        length: int,
+        results: dict[int, UploadPart],
+        copied: set[int],
     ) -> None:
         up = self._up
         cs = up.chunks.chunk_size
         chunks = range(start // cs, (start + length - 1) // cs + 1)
-        clean = self.base is not None and start + length <= self.base_limit and not any(
-            i in self.filled for i in chunks
+        clean = (
+            self.base is not None
+            and start + length <= self.base_limit
+            and not any(i in self.filled for i in chunks)
         )
         async with up.slots:
             if clean and up.part_copy_supported:
@@ -960,8 +985,14 @@ class StagedFile:
                 try:
                     results[number] = await up.call(
                         functools.partial(
-                            up.store.upload_part_copy, key, upload_id, number, self.base.key,
-                            start, length, self.base.etag,
+                            up.store.upload_part_copy,
+                            key,
+                            upload_id,
+                            number,
+                            self.base.key,
+                            start,
+                            length,
+                            self.base.etag,
                         ),
                         f"copy part {number} of {key}",
                     )

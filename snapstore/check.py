@@ -227,9 +227,7 @@ def soft_dirty_works() -> bool:
 def _block_sums(pid: int) -> dict[tuple[int, int], int]:
     """A CRC of every ``CHURN_BLOCK`` of the tree's private memory (the chunked layout's
     de-duplication works at about that granularity)."""
-    return {
-        (p, off): zlib.crc32(block) for p, off, block in _private_blocks(pid, CHURN_BLOCK)
-    }
+    return {(p, off): zlib.crc32(block) for p, off, block in _private_blocks(pid, CHURN_BLOCK)}
 
 
 def _hashed_churn(pid: int, seconds: float) -> float:

@@ -225,9 +225,7 @@ def restore(
     try:
         return _restore(task, root, snapshot, lazy, progress, verified)
     except OSError as err:
-        raise RestoreFailed(
-            f"snapshot of {task!r} not restored: {os_error_text(err)}"
-        ) from None
+        raise RestoreFailed(f"snapshot of {task!r} not restored: {os_error_text(err)}") from None
 
 
 def _restore(
@@ -319,8 +317,9 @@ def _restore(
         log = workdir / "restore.log"
         details = log_excerpt(log)
         # a chunk that fails fusionfs's check is EIO to CRIU: tell that from other failures
-        _raise_if_corrupt(root, task, n, manifest, f"CRIU could not restore it; log: {log}",
-                          details, progress)
+        _raise_if_corrupt(
+            root, task, n, manifest, f"CRIU could not restore it; log: {log}", details, progress
+        )
         raise RestoreFailed(
             f"CRIU could not restore snapshot {n} of {task!r} (criu exit status "
             f"{run.returncode}); log: {log}",
@@ -362,7 +361,12 @@ def _reap_restored(manifest: Manifest) -> None:
 
 
 def _raise_if_corrupt(
-    root: Root, task: str, n: int, manifest: Manifest, context: str, details: list[str],
+    root: Root,
+    task: str,
+    n: int,
+    manifest: Manifest,
+    context: str,
+    details: list[str],
     progress: Callable[[str], None],
 ) -> None:
     """After a failed restore: read the whole snapshot once (``verify_snapshot(full=True)``)
@@ -407,8 +411,15 @@ def lazy_failure(result: RestoreResult) -> SnapstoreError:
     )
     if result.root is not None:
         try:
-            _raise_if_corrupt(result.root, result.task, result.snapshot, result.manifest,
-                              context, [], lambda _m: None)
+            _raise_if_corrupt(
+                result.root,
+                result.task,
+                result.snapshot,
+                result.manifest,
+                context,
+                [],
+                lambda _m: None,
+            )
         except SnapshotCorrupt as err:
             return err
     return RestoreFailed(

@@ -78,7 +78,6 @@ class Root:
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
                 raise SnapstoreError(f"cannot set {what} on {directory}: {err}") from err
 
-
     def use_chunked_layout(self) -> None:
         """Ask fusionfs to store new files below the root (CRIU's images) in its chunked
         layout: compressed, de-duplicated between snapshots, in shared pack objects. The flag
@@ -91,8 +90,9 @@ class Root:
             fusion_client.set_layout(self.path, "chunked")
         except OSError as err:  # an older fusionfs: plain objects, which is slower but right
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODATA):
-                raise SnapstoreError(f"cannot set the chunked layout on {self.path}: {err}") \
-                    from err
+                raise SnapstoreError(
+                    f"cannot set the chunked layout on {self.path}: {err}"
+                ) from err
 
     def dedup_from(self, directory: Path, previous: Path) -> str | None:
         """Let the images written into ``directory`` de-duplicate against those of the
@@ -116,7 +116,6 @@ class Root:
             return {}
         keys = ("logical_bytes", "stored_bytes", "new_stored_bytes")
         return {k: int(raw[k]) for k in keys if k in raw}
-
 
     def collect_garbage(self) -> str | None:
         """Free the pack space of removed snapshots (fusionfs's two-phase collection; space

@@ -735,8 +735,9 @@ class _Supervisor:
         does not is reported and the previous one tried (its files rewound to their sizes at
         that snapshot); ``SnapshotCorrupt`` (177) when none is left."""
         assert self.catalog is not None
-        candidates = [n for n in self.catalog.committed(self.opts.task)
-                      if below is None or n < below]
+        candidates = [
+            n for n in self.catalog.committed(self.opts.task) if below is None or n < below
+        ]
         for i, n in enumerate(reversed(candidates)):
             try:
                 self._restore(n, logs)
@@ -759,8 +760,11 @@ class _Supervisor:
             return 0
         err = lazy_failure(r)
         if isinstance(err, SnapshotCorrupt):
-            older = [n for n in self.catalog.committed(self.opts.task) if n < r.snapshot] \
-                if self.catalog is not None else []
+            older = (
+                [n for n in self.catalog.committed(self.opts.task) if n < r.snapshot]
+                if self.catalog is not None
+                else []
+            )
             if older:
                 self.note(f"{err}: falling back to snapshot {older[-1]}")
                 self.exited.clear()

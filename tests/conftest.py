@@ -58,11 +58,15 @@ _DAEMON_LEVELS = {b"WARNING", b"ERROR", b"CRITICAL"}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--stress", action="store_true", default=False,
+        "--stress",
+        action="store_true",
+        default=False,
         help="run the concurrency model tests at their long setting (thousands of examples)",
     )
     parser.addoption(
-        "--full", action="store_true", default=False,
+        "--full",
+        action="store_true",
+        default=False,
         help="run the long compatibility runs on every store and S3 server, not only on the "
         "one CI uses (also FUSIONFS_TEST_FULL=1); e.g. tests/compat/test_pjdfstest.py",
     )
@@ -221,7 +225,9 @@ def start_moto(log_path: Path, env: dict[str, str] | None = None) -> Iterator[st
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     env={**os.environ, **(env or {})},
                 )
             deadline = time.monotonic() + 20
@@ -273,8 +279,11 @@ def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
     absent = rgw.missing_programs()
     if absent:
-        missing("Ceph RGW", f"{', '.join(absent)} not on PATH (scripts/setup.sh installs "
-                "ceph-mon ceph-osd ceph-mgr radosgw)")
+        missing(
+            "Ceph RGW",
+            f"{', '.join(absent)} not on PATH (scripts/setup.sh installs "
+            "ceph-mon ceph-osd ceph-mgr radosgw)",
+        )
     root = tmp_path_factory.mktemp("rgw")
     scratch = None
     if rgw.on_tmpfs(root):  # bluestore wants O_DIRECT, which tmpfs lacks
@@ -367,9 +376,7 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
     target = os.path.abspath(os.fspath(path))
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return any(
-                _unescape_mountinfo(line.split()[4]) == target for line in f if line.strip()
-            )
+            return any(_unescape_mountinfo(line.split()[4]) == target for line in f if line.strip())
     except OSError:
         return os.path.ismount(target)
 
@@ -446,7 +453,11 @@ class Mount:
         argv = [sys.executable, "-m", "fusionfs", "unmount", str(self.path)]
         try:
             result = subprocess.run(
-                argv, capture_output=True, text=True, env=self._env, check=False,
+                argv,
+                capture_output=True,
+                text=True,
+                env=self._env,
+                check=False,
                 timeout=_UNMOUNT_TIMEOUT_S * 2,
             )
         except subprocess.TimeoutExpired as err:
@@ -575,14 +586,28 @@ class _MountFactory:
         self._starts += 1
         log_path = self._tmp / f"mount{self._starts}.log"
         argv = [
-            sys.executable, "-m", "fusionfs", "mount", source, str(path),
-            "--cache-dir", str(cache_dir), "--foreground", "--log-level", "debug", *extra_args,
+            sys.executable,
+            "-m",
+            "fusionfs",
+            "mount",
+            source,
+            str(path),
+            "--cache-dir",
+            str(cache_dir),
+            "--foreground",
+            "--log-level",
+            "debug",
+            *extra_args,
         ]
         with open(log_path, "wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
             log.flush()
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 cwd=self._tmp,
             )
         mount = Mount(self, source, path, cache_dir, proc, log_path, extra_args, env)

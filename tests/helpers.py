@@ -57,7 +57,10 @@ def wait_for(
 
 
 async def wait_until(
-    predicate: Callable[[], _T | Awaitable[_T]], timeout: float, what: str, *,
+    predicate: Callable[[], _T | Awaitable[_T]],
+    timeout: float,
+    what: str,
+    *,
     interval: float = 0.01,
 ) -> _T:
     """``wait_for`` for trio tests: poll ``predicate`` (a function or a coroutine function)

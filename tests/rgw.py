@@ -36,8 +36,16 @@ from s3servers import S3Server
 
 __all__ = ["PROGRAMS", "RgwCluster", "RgwError", "missing_programs", "on_tmpfs"]
 
-PROGRAMS = ("ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "radosgw-admin", "ceph",
-            "ceph-authtool", "monmaptool")
+PROGRAMS = (
+    "ceph-mon",
+    "ceph-mgr",
+    "ceph-osd",
+    "radosgw",
+    "radosgw-admin",
+    "ceph",
+    "ceph-authtool",
+    "monmaptool",
+)
 
 _START_DEADLINE_S = 150.0  # whole start-up; measured 26-31 s on a 2-core machine
 _STOP_DEADLINE_S = 20.0  # per daemon, after SIGTERM
@@ -123,22 +131,37 @@ class RgwCluster:
         if osd_id != "0":
             raise RgwError(f"'ceph osd new' gave id {osd_id!r}, expected 0")
         self._spawn("mgr.a", ["ceph-mgr", "-i", "a"])
-        self._run(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
-                  "mkfs of osd.0", timeout=self._left())
+        self._run(
+            ["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
+            "mkfs of osd.0",
+            timeout=self._left(),
+        )
         self._spawn("osd.0", ["ceph-osd", "-i", "0"])
         self._spawn("client.rgw.a", ["radosgw", "-n", "client.rgw.a"])
         # radosgw-admin blocks until the OSD serves the rgw pools (radosgw creates them)
         access_key = "RGW" + secrets.token_hex(8).upper()
         secret_key = secrets.token_urlsafe(30)
         self._run(
-            ["radosgw-admin", "-n", "client.admin", "user", "create", "--uid", "fusionfs-tests",
-             "--display-name", "fusionfs tests", "--access-key", access_key,
-             "--secret-key", secret_key],
-            "radosgw-admin user create", timeout=self._left(),
+            [
+                "radosgw-admin",
+                "-n",
+                "client.admin",
+                "user",
+                "create",
+                "--uid",
+                "fusionfs-tests",
+                "--display-name",
+                "fusionfs tests",
+                "--access-key",
+                access_key,
+                "--secret-key",
+                secret_key,
+            ],
+            "radosgw-admin user create",
+            timeout=self._left(),
         )
         server = S3Server("rgw", f"http://127.0.0.1:{self.rgw_port}", access_key, secret_key)
-        self._wait(lambda: self._s3_answers(server), "radosgw to answer S3 calls",
-                   "client.rgw.a")
+        self._wait(lambda: self._s3_answers(server), "radosgw to answer S3 calls", "client.rgw.a")
         return server
 
     def _write_conf(self) -> None:
@@ -204,14 +227,22 @@ rgw dns name = 127.0.0.1
         mon_keyring = r / "mon.keyring"
         keys = {
             "mon.": (mon_keyring, ["mon", "allow *"]),
-            "client.admin": (r / "admin.keyring", ["mon", "allow *", "osd", "allow *",
-                                                   "mds", "allow *", "mgr", "allow *"]),
-            "mgr.a": (r / "mgr/ceph-a/keyring", ["mon", "allow profile mgr", "osd", "allow *",
-                                                 "mds", "allow *"]),
-            "osd.0": (r / "osd/ceph-0/keyring", ["mon", "allow profile osd",
-                                                 "mgr", "allow profile osd", "osd", "allow *"]),
-            "client.rgw.a": (r / "rgw.keyring", ["mon", "allow rw", "osd", "allow rwx",
-                                                 "mgr", "allow rw"]),
+            "client.admin": (
+                r / "admin.keyring",
+                ["mon", "allow *", "osd", "allow *", "mds", "allow *", "mgr", "allow *"],
+            ),
+            "mgr.a": (
+                r / "mgr/ceph-a/keyring",
+                ["mon", "allow profile mgr", "osd", "allow *", "mds", "allow *"],
+            ),
+            "osd.0": (
+                r / "osd/ceph-0/keyring",
+                ["mon", "allow profile osd", "mgr", "allow profile osd", "osd", "allow *"],
+            ),
+            "client.rgw.a": (
+                r / "rgw.keyring",
+                ["mon", "allow rw", "osd", "allow rwx", "mgr", "allow rw"],
+            ),
         }
         for name, (path, caps) in keys.items():
             argv = ["ceph-authtool", "--create-keyring", str(path), "--gen-key", "-n", name]
@@ -219,12 +250,36 @@ rgw dns name = 127.0.0.1
                 argv += ["--cap", caps[i], caps[i + 1]]
             self._run(argv, f"keyring of {name}")
             if name != "mon.":
-                self._run(["ceph-authtool", str(mon_keyring), "--import-keyring", str(path)],
-                          f"import of {name}'s key")
-        self._run(["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a",
-                   f"[v2:127.0.0.1:{self.mon_port}]", str(r / "monmap")], "monmap")
-        self._run(["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(r / "monmap"),
-                   "--keyring", str(mon_keyring)], "mkfs of mon.a")
+                self._run(
+                    ["ceph-authtool", str(mon_keyring), "--import-keyring", str(path)],
+                    f"import of {name}'s key",
+                )
+        self._run(
+            [
+                "monmaptool",
+                "--create",
+                "--fsid",
+                self.fsid,
+                "--addv",
+                "a",
+                f"[v2:127.0.0.1:{self.mon_port}]",
+                str(r / "monmap"),
+            ],
+            "monmap",
+        )
+        self._run(
+            [
+                "ceph-mon",
+                "--mkfs",
+                "-i",
+                "a",
+                "--monmap",
+                str(r / "monmap"),
+                "--keyring",
+                str(mon_keyring),
+            ],
+            "mkfs of mon.a",
+        )
 
     # ---------------------------------------------------------------------------------------
     # helpers
@@ -238,28 +293,38 @@ rgw dns name = 127.0.0.1
     def _run(self, argv: list[str], what: str, timeout: float = 30.0) -> str:
         try:
             result = subprocess.run(
-                self._argv(argv), capture_output=True, text=True, env=self.env,
-                stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+                self._argv(argv),
+                capture_output=True,
+                text=True,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as err:
             raise RgwError(f"{what} did not finish in {timeout:.0f} s\n{self.log_tails()}") from err
         if result.returncode != 0:
             said = (result.stderr or result.stdout).strip()[-2000:]
-            raise RgwError(
-                f"{what} exited with {result.returncode}: {said}\n{self.log_tails()}"
-            )
+            raise RgwError(f"{what} exited with {result.returncode}: {said}\n{self.log_tails()}")
         return result.stdout
 
     def _ceph(self, *args: str) -> str:
         # the CLI's own --connect-timeout bounds a monitor that does not answer
-        return self._run(["ceph", "--connect-timeout", "20", *args], "ceph " + " ".join(args[:2]),
-                         timeout=min(40.0, self._left()))
+        return self._run(
+            ["ceph", "--connect-timeout", "20", *args],
+            "ceph " + " ".join(args[:2]),
+            timeout=min(40.0, self._left()),
+        )
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.log_dir / f"{name}.stderr", "ab") as err:
             self._procs[name] = subprocess.Popen(
-                [*self._argv(argv), "-f"], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, env=self.env, start_new_session=True,
+                [*self._argv(argv), "-f"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=self.env,
+                start_new_session=True,
             )
 
     def _wait(self, predicate: Callable[[], bool], what: str, daemon: str) -> None:

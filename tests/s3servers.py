@@ -100,8 +100,9 @@ def bucket_on(server: S3Server) -> Iterator[S3Bucket]:
     name = f"test-{uuid.uuid4().hex[:24]}"
     client.create_bucket(Bucket=name)
     try:
-        yield S3Bucket(endpoint=server.endpoint, name=name, client=client,
-                       source=f"s3://{name}", server=server)
+        yield S3Bucket(
+            endpoint=server.endpoint, name=name, client=client, source=f"s3://{name}", server=server
+        )
     finally:
         try:
             empty_bucket(client, name)

@@ -26,8 +26,18 @@ from collections.abc import Sequence
 from hypothesis import strategies as st
 
 __all__ = [
-    "FILES", "Model", "Piece", "Plan", "Remount", "Rename", "Truncate", "Writes", "by_worker",
-    "payload", "plans", "requests",
+    "FILES",
+    "Model",
+    "Piece",
+    "Plan",
+    "Remount",
+    "Rename",
+    "Truncate",
+    "Writes",
+    "by_worker",
+    "payload",
+    "plans",
+    "requests",
 ]
 
 FILES = ("f0", "f1")
@@ -120,15 +130,17 @@ def _cuts(draw: st.DrawFn, limit: int, chunk: int) -> list[int]:
     n = draw(st.integers(2, 12))
     near = st.builds(
         lambda k, d: max(1, min(limit - 1, k * chunk + d)),
-        st.integers(1, max(1, limit // chunk)), st.integers(-3, 3),
+        st.integers(1, max(1, limit // chunk)),
+        st.integers(-3, 3),
     )
     anywhere = st.integers(1, max(1, limit - 1))
     return sorted(set(draw(st.lists(st.one_of(near, anywhere), min_size=n, max_size=n))))
 
 
 @st.composite
-def plans(draw: st.DrawFn, *, max_size: int, chunk: int, workers: int = 3,
-          max_phases: int = 6) -> Plan:
+def plans(
+    draw: st.DrawFn, *, max_size: int, chunk: int, workers: int = 3, max_phases: int = 6
+) -> Plan:
     """Plans over ``FILES`` whose files stay under about ``max_size`` bytes."""
     sizes: dict[str, int] = {}
     initial = []
@@ -138,28 +150,41 @@ def plans(draw: st.DrawFn, *, max_size: int, chunk: int, workers: int = 3,
         sizes[name] = size
     phases: list[Phase] = []
     for _ in range(draw(st.integers(1, max_phases))):
-        kind = draw(st.sampled_from(["writes", "writes", "writes", "truncate", "rename",
-                                     "remount"]))
+        kind = draw(
+            st.sampled_from(["writes", "writes", "writes", "truncate", "rename", "remount"])
+        )
         names = sorted(sizes)
         if kind == "writes":
             name = draw(st.sampled_from(names))
             limit = max(2, min(max_size, sizes[name] + draw(st.integers(0, 2 * chunk + 7))))
             bounds = [0, *_cuts(draw, limit, chunk), limit]
             segments = list(itertools.pairwise(bounds))
-            chosen = draw(st.lists(st.sampled_from(range(len(segments))), unique=True,
-                                   min_size=1, max_size=len(segments)))
+            chosen = draw(
+                st.lists(
+                    st.sampled_from(range(len(segments))),
+                    unique=True,
+                    min_size=1,
+                    max_size=len(segments),
+                )
+            )
             n_workers = draw(st.integers(1, workers))
             pieces = []
             for i in chosen:
                 lo, hi = segments[i]
-                pieces.append(Piece(draw(st.integers(0, n_workers - 1)), lo, hi - lo,
-                                    draw(st.integers(0, 1 << 30)), draw(st.booleans())))
+                pieces.append(
+                    Piece(
+                        draw(st.integers(0, n_workers - 1)),
+                        lo,
+                        hi - lo,
+                        draw(st.integers(0, 1 << 30)),
+                        draw(st.booleans()),
+                    )
+                )
             phases.append(Writes(name, n_workers, tuple(pieces), draw(st.booleans())))
             sizes[name] = max(sizes[name], *(p.off + p.length for p in pieces))
         elif kind == "truncate":
             name = draw(st.sampled_from(names))
-            size = draw(st.one_of(st.integers(0, sizes[name] + chunk),
-                                  st.integers(0, max_size)))
+            size = draw(st.one_of(st.integers(0, sizes[name] + chunk), st.integers(0, max_size)))
             phases.append(Truncate(name, size))
             sizes[name] = size
         elif kind == "rename":

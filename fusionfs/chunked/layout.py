@@ -128,7 +128,9 @@ class ChunkedLayout:
         )
         self._engine: FetchEngine[bytes] = FetchEngine(
             nursery=nursery,
-            memory_bytes=max(memory_bytes, max_readahead + read_request_size, 4 * self.policy.max_size),
+            memory_bytes=max(
+                memory_bytes, max_readahead + read_request_size, 4 * self.policy.max_size
+            ),
             cache_limiter=self._cache_limiter,
             backlog_limit=64 << 20,
         )

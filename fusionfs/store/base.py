@@ -162,7 +162,10 @@ class ObjectStore(Protocol):
         """Store ``data`` as ``key`` atomically (readers see the old or the new object, whole)."""
 
     def list(
-        self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
+        self,
+        prefix: Key,
+        delimiter: str | None = "/",
+        continuation: str | None = None,
         max_keys: int = 1000,
     ) -> ListPage:
         """One page of keys starting with ``prefix``, in lexicographic order.
@@ -174,7 +177,10 @@ class ObjectStore(Protocol):
         """Delete ``key``. Deleting an absent key is not an error (S3 semantics)."""
 
     def copy(
-        self, src: Key, dst: Key, metadata: Mapping[str, str] | None = None,
+        self,
+        src: Key,
+        dst: Key,
+        metadata: Mapping[str, str] | None = None,
         src_etag: ETag | None = None,
     ) -> ETag:
         """Server-side copy. With ``metadata``, the copy gets exactly that metadata (REPLACE);
@@ -191,7 +197,13 @@ class ObjectStore(Protocol):
         """Upload part ``number`` (1..10000). Parts other than the last must be >= 5 MiB."""
 
     def upload_part_copy(
-        self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
+        self,
+        key: Key,
+        upload_id: str,
+        number: int,
+        src: Key,
+        start: int,
+        length: int,
         src_etag: ETag | None = None,
     ) -> UploadPart:
         """Make part ``number`` a server-side copy of ``src[start:start+length]``.
@@ -209,9 +221,7 @@ class ObjectStore(Protocol):
         """Abandon the upload and free its parts. Aborting an unknown upload is not an error."""
 
 
-def iter_list(
-    store: ObjectStore, prefix: Key, delimiter: str | None = "/"
-) -> Iterator[ListPage]:
+def iter_list(store: ObjectStore, prefix: Key, delimiter: str | None = "/") -> Iterator[ListPage]:
     """All pages of a listing, following continuation tokens."""
     token: str | None = None
     while True:

@@ -57,8 +57,19 @@ __all__ = ["OPS", "FaultyStore"]
 
 #: The operation names, one per ``ObjectStore`` method.
 OPS: tuple[str, ...] = (
-    "check", "head", "get_head", "get_range", "get_into", "put", "list", "delete", "copy",
-    "create_multipart", "upload_part", "upload_part_copy", "complete_multipart",
+    "check",
+    "head",
+    "get_head",
+    "get_range",
+    "get_into",
+    "put",
+    "list",
+    "delete",
+    "copy",
+    "create_multipart",
+    "upload_part",
+    "upload_part_copy",
+    "complete_multipart",
     "abort_multipart",
 )
 
@@ -309,7 +320,10 @@ class FaultyStore:
         return etag
 
     def list(
-        self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
+        self,
+        prefix: Key,
+        delimiter: str | None = "/",
+        continuation: str | None = None,
         max_keys: int = 1000,
     ) -> ListPage:
         self._enter("list")
@@ -320,7 +334,10 @@ class FaultyStore:
         self.inner.delete(key)
 
     def copy(
-        self, src: Key, dst: Key, metadata: Mapping[str, str] | None = None,
+        self,
+        src: Key,
+        dst: Key,
+        metadata: Mapping[str, str] | None = None,
         src_etag: ETag | None = None,
     ) -> ETag:
         self._enter("copy")
@@ -339,7 +356,13 @@ class FaultyStore:
         return self.inner.upload_part(key, upload_id, number, data)
 
     def upload_part_copy(
-        self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
+        self,
+        key: Key,
+        upload_id: str,
+        number: int,
+        src: Key,
+        start: int,
+        length: int,
         src_etag: ETag | None = None,
     ) -> UploadPart:
         self._enter("upload_part_copy")

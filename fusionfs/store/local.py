@@ -386,7 +386,12 @@ class LocalStore:
             )
 
     def _read(
-        self, op: str, key: Key, start: int, length: int, etag: ETag | None,
+        self,
+        op: str,
+        key: Key,
+        start: int,
+        length: int,
+        etag: ETag | None,
         sink: Callable[[bytes], None],
     ) -> int:
         if start < 0 or length < 0:
@@ -472,7 +477,10 @@ class LocalStore:
         return etag
 
     def list(
-        self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
+        self,
+        prefix: Key,
+        delimiter: str | None = "/",
+        continuation: str | None = None,
         max_keys: int = 1000,
     ) -> ListPage:
         self._count("list")
@@ -544,7 +552,13 @@ class LocalStore:
         yield from self._walk(base, rel, partial, after, descend=descend, top=True)
 
     def _walk(
-        self, base: str, rel: str, partial: str, after: bytes | None, *, descend: bool,
+        self,
+        base: str,
+        rel: str,
+        partial: str,
+        after: bytes | None,
+        *,
+        descend: bool,
         top: bool,
     ) -> Iterator[tuple[str, bool, str]]:
         try:
@@ -607,7 +621,10 @@ class LocalStore:
             self._fsync_dir(os.path.dirname(path))
 
     def copy(
-        self, src: Key, dst: Key, metadata: Mapping[str, str] | None = None,
+        self,
+        src: Key,
+        dst: Key,
+        metadata: Mapping[str, str] | None = None,
         src_etag: ETag | None = None,
     ) -> ETag:
         self._count("copy")
@@ -697,7 +714,13 @@ class LocalStore:
         return part
 
     def upload_part_copy(
-        self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
+        self,
+        key: Key,
+        upload_id: str,
+        number: int,
+        src: Key,
+        start: int,
+        length: int,
         src_etag: ETag | None = None,
     ) -> UploadPart:
         self._count("upload_part_copy")
@@ -769,9 +792,11 @@ class LocalStore:
                             raise StoreError(f"complete_multipart '{key}': a part shrank")
 
                 raw_meta = info.get("metadata")
-                meta = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(
-                    raw_meta, dict
-                ) else {}
+                meta = (
+                    {str(k): str(v) for k, v in raw_meta.items()}
+                    if isinstance(raw_meta, dict)
+                    else {}
+                )
                 etag = self._write_object(key, path, fill, meta)
             finally:
                 for fd, _ in fds:

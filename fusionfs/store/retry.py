@@ -85,14 +85,20 @@ def call_with_retry(
             if attempt >= max_attempts or remaining <= 0:
                 _log.warning(
                     "giving up on %s after %d attempt(s) in %.1f s: %s",
-                    what or "store call", attempt, clock() - started, _one_line(err),
+                    what or "store call",
+                    attempt,
+                    clock() - started,
+                    _one_line(err),
                 )
                 _raise_final(err, translate)
             cap = min(max_delay_s, base_delay_s * (2 ** (attempt - 1)))
             delay = min(cap * jitter(), remaining)
             _log.debug(
                 "retrying %s (attempt %d failed: %s) in %.3f s",
-                what or "store call", attempt, _one_line(err), delay,
+                what or "store call",
+                attempt,
+                _one_line(err),
+                delay,
             )
             if stats is not None:
                 stats.add("retries")

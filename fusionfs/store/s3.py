@@ -110,16 +110,39 @@ _CHECKSUM_MISMATCH_CODES = frozenset({"BadDigest", "XAmzContentChecksumMismatch"
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound"})
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed"})
 _NOT_SUPPORTED_CODES = frozenset({"501", "NotImplemented", "405", "MethodNotAllowed"})
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
-    "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "OperationAborted",
-    "InternalFailure", "500", "502", "503", "504", "BadDigest", "XAmzContentChecksumMismatch",
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "OperationAborted",
+        "InternalFailure",
+        "500",
+        "502",
+        "503",
+        "504",
+        "BadDigest",
+        "XAmzContentChecksumMismatch",
+    }
+)
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-_ACCESS_CODES = frozenset({
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "403",
-})
+_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "403",
+    }
+)
 _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     _bce.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
     _bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError (SSLError: see below)
@@ -824,9 +847,7 @@ class S3Store:
             if content_range is None:
                 total = int(resp.get("ContentLength", 0))
             if total is not None and start + written < min(start + length, total):
-                raise Transient(
-                    f"get_into {self._where(key)}: body cut short at {start + written}"
-                )
+                raise Transient(f"get_into {self._where(key)}: body cut short at {start + written}")
             return written
 
         return self._call("get_into", key, fn)
@@ -862,7 +883,8 @@ class S3Store:
         if self.keeps_checksums is None and "flexible checksums" not in self.limits:
             self.keeps_checksums = resp.get(f"Checksum{_checksum.UPLOAD_ALGORITHM}") == crc
             _log.info(
-                "%s: the server %s the checksums uploads carry%s", self.description,
+                "%s: the server %s the checksums uploads carry%s",
+                self.description,
                 "keeps" if self.keeps_checksums else "does not keep",
                 "" if self.keeps_checksums else "; single PUTs record theirs in metadata",
             )
@@ -907,7 +929,10 @@ class S3Store:
         return self._call(kind, key, fn)
 
     def list(
-        self, prefix: Key, delimiter: str | None = "/", continuation: str | None = None,
+        self,
+        prefix: Key,
+        delimiter: str | None = "/",
+        continuation: str | None = None,
         max_keys: int = 1000,
     ) -> ListPage:
         full_prefix = self._full(prefix)
@@ -948,7 +973,10 @@ class S3Store:
         self._call("delete", key, fn)
 
     def copy(
-        self, src: Key, dst: Key, metadata: Mapping[str, str] | None = None,
+        self,
+        src: Key,
+        dst: Key,
+        metadata: Mapping[str, str] | None = None,
         src_etag: ETag | None = None,
     ) -> ETag:
         info = self.head(src)
@@ -1039,8 +1067,13 @@ class S3Store:
         return self.put(dst, data, metadata)
 
     def _multipart_copy(
-        self, src: Key, dst: Key, info: ObjectInfo, metadata: Mapping[str, str],
-        *, server_side: bool = True,
+        self,
+        src: Key,
+        dst: Key,
+        info: ObjectInfo,
+        metadata: Mapping[str, str],
+        *,
+        server_side: bool = True,
     ) -> ETag:
         if "UploadPartCopy" in self.limits:
             server_side = False
@@ -1109,8 +1142,12 @@ class S3Store:
 
         def call(extra: dict[str, Any]) -> Any:
             return self.client.upload_part(
-                Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
-                PartNumber=number, Body=_Payload(data), **extra,
+                Bucket=self.bucket,
+                Key=self._full(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=_Payload(data),
+                **extra,
             )
 
         extra = self._checksum_args(crc)
@@ -1120,7 +1157,13 @@ class S3Store:
         return UploadPart(number=number, etag=_etag(resp.get("ETag")), checksum=sent)
 
     def upload_part_copy(
-        self, key: Key, upload_id: str, number: int, src: Key, start: int, length: int,
+        self,
+        key: Key,
+        upload_id: str,
+        number: int,
+        src: Key,
+        start: int,
+        length: int,
         src_etag: ETag | None = None,
     ) -> UploadPart:
         if start < 0 or length <= 0:
@@ -1143,7 +1186,8 @@ class S3Store:
         result = resp["CopyPartResult"]
         crc = result.get(f"Checksum{_checksum.UPLOAD_ALGORITHM}")
         return UploadPart(
-            number=number, etag=_etag(result.get("ETag")),
+            number=number,
+            etag=_etag(result.get("ETag")),
             checksum=crc if isinstance(crc, str) else None,
         )
 
@@ -1162,7 +1206,9 @@ class S3Store:
 
         def fn() -> Any:
             return self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
+                Bucket=self.bucket,
+                Key=self._full(key),
+                UploadId=upload_id,
                 MultipartUpload=payload,
             )
 
@@ -1195,6 +1241,4 @@ class S3Store:
         except NotSupported:
             # s3rver answers 405 to AbortMultipartUpload: the upload was never completed, so
             # nothing is visible; its parts stay on the server until the bucket goes
-            self._note_limit(
-                "AbortMultipartUpload", "abandoned uploads are left to the server"
-            )
+            self._note_limit("AbortMultipartUpload", "abandoned uploads are left to the server")

@@ -55,9 +55,9 @@ def tree(root: Path) -> dict[str, Entry]:
     return out
 
 
-def tree_of(root: Path, *, timeout: float = 120, mount: CompatMount | None = None) -> dict[
-    str, Entry
-]:
+def tree_of(
+    root: Path, *, timeout: float = 120, mount: CompatMount | None = None
+) -> dict[str, Entry]:
     """``tree(root)`` computed by a child process that is killed after ``timeout`` seconds."""
     result = run([sys.executable, __file__, "tree", str(root)], timeout=timeout, mount=mount)
     raw: dict[str, list[Any]] = json.loads(result.stdout)
@@ -82,7 +82,11 @@ class CompatMount:
     """A store (``name``: local or a server) and the mounts of it a test made."""
 
     def __init__(
-        self, name: str, source: str, env: dict[str, str], factory: Any,
+        self,
+        name: str,
+        source: str,
+        env: dict[str, str],
+        factory: Any,
         extra_args: tuple[str, ...],
     ) -> None:
         self.name = name
@@ -100,8 +104,7 @@ class CompatMount:
 
     def add_node(self, extra_args: tuple[str, ...] = ()) -> Path:
         """Another mount of the same store, with its own (empty) cache: another machine."""
-        mount = self._factory(self.source, extra_args=(*self.extra_args, *extra_args),
-                              env=self.env)
+        mount = self._factory(self.source, extra_args=(*self.extra_args, *extra_args), env=self.env)
         self.nodes.append(mount)
         path: Path = mount.path
         return path
@@ -136,8 +139,13 @@ class CompatMount:
 
 
 def run(
-    argv: list[str] | str, *, timeout: float, cwd: Path | None = None,
-    env: dict[str, str] | None = None, mount: CompatMount | None = None, shell: bool = False,
+    argv: list[str] | str,
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    mount: CompatMount | None = None,
+    shell: bool = False,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a program; a non-zero exit or a timeout fails the test with its output (and the
@@ -147,8 +155,15 @@ def run(
     shown = argv if isinstance(argv, str) else " ".join(argv)
     try:
         result = subprocess.run(
-            argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-            check=False, shell=shell, input=input,
+            argv,
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            shell=shell,
+            input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as err:

@@ -56,16 +56,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             return  # the test names its stores itself (a narrower list)
     manager: Any = metafunc.config.pluginmanager.get_plugin("funcmanage")
     servers = [
-        name for name in SERVERS
+        name
+        for name in SERVERS
         if manager.getfixturedefs(_server_fixture(name), metafunc.definition)
     ]
     metafunc.parametrize("_compat_store", [STORES_LOCAL, *servers], indirect=True)
 
 
 @pytest.fixture
-def _compat_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
-    tuple[str, str, dict[str, str]]
-]:
+def _compat_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, str, dict[str, str]]]:
     """(name, source, env) of a fresh, empty store (parametrized by pytest_generate_tests)."""
     name = str(request.param)
     if name == STORES_LOCAL:
@@ -80,14 +81,13 @@ def _compat_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
 @pytest.fixture
 def compat_mount(
-    request: pytest.FixtureRequest, _compat_store: tuple[str, str, dict[str, str]],
+    request: pytest.FixtureRequest,
+    _compat_store: tuple[str, str, dict[str, str]],
     fusion_mount: Any,
 ) -> Iterator[CompatMount]:
     """The store mounted (see the module docstring)."""
     name, source, env = _compat_store
-    extra = tuple(
-        str(a) for m in request.node.iter_markers("compat_mount_args") for a in m.args
-    )
+    extra = tuple(str(a) for m in request.node.iter_markers("compat_mount_args") for a in m.args)
     mount = CompatMount(name, source, env, fusion_mount, extra)
     yield mount
     for node in mount.nodes:  # a clean unmount (fusion_mount's teardown would force it)

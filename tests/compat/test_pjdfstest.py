@@ -90,9 +90,7 @@ def pjdfs_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stor
         missing(f"the {name} S3 server", f"this checkout has no '{name}_server' fixture")
 
     with bucket_on(server) as bucket:
-        yield StoreUnderTest(
-            name, bucket.source, ("--endpoint-url", bucket.endpoint), bucket.env
-        )
+        yield StoreUnderTest(name, bucket.source, ("--endpoint-url", bucket.endpoint), bucket.env)
 
 
 @pytest.fixture(scope="session")
@@ -163,8 +161,12 @@ def run_file(build: Path, name: str, cwd: Path, idle_limit: float, limit: float)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            ["/bin/sh", str(build / "tests" / name)], cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            ["/bin/sh", str(build / "tests" / name)],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
     except OSError as err:  # the working directory on the mount is gone, say
         return FileResult(name, planned=1, failed=[1], note=f"could not start: {err}")
@@ -267,13 +269,16 @@ def test_pjdfstest(
     """The whole pjdfstest suite on a fresh mount: no file hangs, and at least 95% of its
     assertions pass (each remaining failure is listed in docs/SEMANTICS.md, "pjdfstest")."""
     pattern = os.environ.get("PJDFSTEST_FILES", "**/*.t")
-    names = sorted(str(p.relative_to(pjdfstest_build / "tests"))
-                   for p in (pjdfstest_build / "tests").glob(pattern))
+    names = sorted(
+        str(p.relative_to(pjdfstest_build / "tests"))
+        for p in (pjdfstest_build / "tests").glob(pattern)
+    )
     assert names, f"no pjdfstest files match {pattern!r}"
     # --allow-other: the suite switches to other users (-u 65534) to test permissions, and
     # without it FUSE refuses every request of a user other than the one who mounted
     mount = fusion_mount(
-        pjdfs_store.source, extra_args=(*pjdfs_store.mount_args, "--allow-other"),
+        pjdfs_store.source,
+        extra_args=(*pjdfs_store.mount_args, "--allow-other"),
         env=pjdfs_store.env,
     )
     work = mount.path / "pjdfstest"

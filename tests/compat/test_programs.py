@@ -62,9 +62,13 @@ def make_source_tree(root: Path) -> None:
 def _git_env(home: Path) -> dict[str, str]:
     home.mkdir(exist_ok=True)
     return {
-        "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Compat",
-        "GIT_AUTHOR_EMAIL": "compat@example.org", "GIT_COMMITTER_NAME": "Compat",
-        "GIT_COMMITTER_EMAIL": "compat@example.org", "GIT_TERMINAL_PROMPT": "0",
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "Compat",
+        "GIT_AUTHOR_EMAIL": "compat@example.org",
+        "GIT_COMMITTER_NAME": "Compat",
+        "GIT_COMMITTER_EMAIL": "compat@example.org",
+        "GIT_TERMINAL_PROMPT": "0",
     }
 
 
@@ -98,8 +102,12 @@ def test_git(compat_mount: CompatMount, tmp_path: Path) -> None:
     assert git("status", "--porcelain") == ""
     head = git("rev-parse", "HEAD").strip()
     assert git("ls-files").split() == [
-        "README.md", "lib/pkg/__init__.py", "lib/pkg/data.bin", "lib/pkg/mod.py",
-        "lib/run.sh", "link",
+        "README.md",
+        "lib/pkg/__init__.py",
+        "lib/pkg/data.bin",
+        "lib/pkg/mod.py",
+        "lib/run.sh",
+        "link",
     ]
 
     local = tmp_path / "clone"
@@ -110,8 +118,11 @@ def test_git(compat_mount: CompatMount, tmp_path: Path) -> None:
     git("clone", "-q", str(local), str(back), cwd=tmp_path)
     git("fsck", "--strict", "--no-progress", cwd=back)
     assert git("rev-parse", "HEAD", cwd=back).strip() == head
-    run(["diff", "-r", "--no-dereference", "--exclude=.git", str(repo), str(back)],
-        timeout=60, mount=m)
+    run(
+        ["diff", "-r", "--no-dereference", "--exclude=.git", str(repo), str(back)],
+        timeout=60,
+        mount=m,
+    )
 
     m.remount_cold()
     for where in (repo, back):
@@ -146,12 +157,14 @@ def test_sqlite(compat_mount: CompatMount, journal: str) -> None:
     def sql(script: str) -> str:
         return run(["sqlite3", "-bail", db], input=script, timeout=60, mount=m).stdout.strip()
 
-    sql(f"PRAGMA journal_mode={journal};\n"
+    sql(
+        f"PRAGMA journal_mode={journal};\n"
         "CREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, blob BLOB);\n"
         "BEGIN;\n"
         "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < "
         f"{_ROWS}) INSERT INTO t SELECT i, i, randomblob(1500) FROM c;\n"
-        "COMMIT;\n")
+        "COMMIT;\n"
+    )
     sql("BEGIN; UPDATE t SET n = n * 2 WHERE id % 2 = 0; COMMIT;")
     sql("BEGIN; DELETE FROM t WHERE id > 10; UPDATE t SET n = 0; ROLLBACK;")
     sql("BEGIN; INSERT INTO t VALUES (-1, 0, zeroblob(10)); DELETE FROM t WHERE id = -1; COMMIT;")
@@ -247,10 +260,24 @@ def test_fio_verify(compat_mount: CompatMount, tmp_path: Path) -> None:
     }
 
     def fio(name: str, *extra: str) -> None:
-        run(["fio", f"--name={name}", f"--filename={m.path}/fio/{name}.dat", *jobs[name],
-             "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-             "--end_fsync=1", "--output-format=terse", *extra], timeout=120, mount=m,
-            cwd=tmp_path)  # fio's verify state files go to its working directory
+        run(
+            [
+                "fio",
+                f"--name={name}",
+                f"--filename={m.path}/fio/{name}.dat",
+                *jobs[name],
+                "--ioengine=psync",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--end_fsync=1",
+                "--output-format=terse",
+                *extra,
+            ],
+            timeout=120,
+            mount=m,
+            cwd=tmp_path,
+        )  # fio's verify state files go to its working directory
 
     for name in jobs:
         fio(name)
@@ -329,8 +356,7 @@ def test_tempfile_replace(compat_mount: CompatMount) -> None:
     m = compat_mount
     (m.path / "state").mkdir()
     rounds = 40
-    run([sys.executable, "-c", _REPLACER, str(m.path / "state"), str(rounds)], timeout=120,
-        mount=m)
+    run([sys.executable, "-c", _REPLACER, str(m.path / "state"), str(rounds)], timeout=120, mount=m)
     m.remount_cold()
     doc = (m.path / "state/state.json").read_text()
     assert f'"version": {rounds},' in doc
@@ -364,8 +390,9 @@ def test_empty_and_many_small_files(compat_mount: CompatMount) -> None:
     m = compat_mount
     run([sys.executable, "-c", _WRITER, str(m.path), str(_MANY)], timeout=180, mount=m)
     want = {
-        f"many/f{i:04d}": hashlib.sha256(b"" if i % 2 == 0 else (b"line %d\n" % i) * (i % 7))
-        .hexdigest()
+        f"many/f{i:04d}": hashlib.sha256(
+            b"" if i % 2 == 0 else (b"line %d\n" % i) * (i % 7)
+        ).hexdigest()
         for i in range(_MANY)
     }
     want["empty"] = hashlib.sha256(b"").hexdigest()
@@ -373,8 +400,13 @@ def test_empty_and_many_small_files(compat_mount: CompatMount) -> None:
     got: dict[str, str] = {}
 
     def sha256sum() -> None:  # the first reader of the fresh mount
-        out = run("find empty many -type f -print0 | xargs -0 sha256sum", shell=True,
-                  cwd=m.path, timeout=180, mount=m).stdout
+        out = run(
+            "find empty many -type f -print0 | xargs -0 sha256sum",
+            shell=True,
+            cwd=m.path,
+            timeout=180,
+            mount=m,
+        ).stdout
         got.update((p, d) for d, p in (line.split("  ", 1) for line in out.splitlines()))
 
     m.remount_cold(first=sha256sum)

@@ -27,10 +27,19 @@ _HERE = Path(__file__).resolve().parent / "snakemake"
 _LENGTH = {"a": 10, "b": 200, "c": 3000, "d": 0}
 
 
-def _snakemake(*args: str, cwd: Path, env: dict[str, str], timeout: float,
-               m: CompatMount) -> str:
-    argv = [sys.executable, "-m", "snakemake", "--snakefile", str(cwd / "Snakefile"),
-            "--directory", str(cwd), "--show-failed-logs", "--printshellcmds", *args]
+def _snakemake(*args: str, cwd: Path, env: dict[str, str], timeout: float, m: CompatMount) -> str:
+    argv = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(cwd / "Snakefile"),
+        "--directory",
+        str(cwd),
+        "--show-failed-logs",
+        "--printshellcmds",
+        *args,
+    ]
     result = run(argv, cwd=cwd, env=env, timeout=timeout, mount=m)
     return result.stdout + result.stderr
 
@@ -75,8 +84,9 @@ def test_snakemake_local_jobs(compat_mount: CompatMount, tmp_path: Path) -> None
     _prepare(workdir)
     _snakemake("--cores", "2", cwd=workdir, env=env, timeout=180, m=m)
     assert set(_check_outputs(workdir).values()) == {("local", "local")}
-    assert _nothing_to_do(_snakemake("--cores", "1", "--dry-run", cwd=workdir, env=env,
-                                     timeout=60, m=m))
+    assert _nothing_to_do(
+        _snakemake("--cores", "1", "--dry-run", cwd=workdir, env=env, timeout=60, m=m)
+    )
     m.remount_cold()
     out = _snakemake("--cores", "1", "--dry-run", cwd=workdir, env=env, timeout=60, m=m)
     assert _nothing_to_do(out), out
@@ -102,10 +112,20 @@ def test_snakemake_cluster_generic_on_three_nodes(
     _prepare(workdir)
     try:
         _snakemake(
-            "--executor", "cluster-generic",
-            "--cluster-generic-submit-cmd", f"{sys.executable} {_HERE / 'cluster_submit.py'}",
-            "--jobs", "3", "--latency-wait", "30", "--seconds-between-status-checks", "1",
-            cwd=workdir, env=env, timeout=300, m=m,
+            "--executor",
+            "cluster-generic",
+            "--cluster-generic-submit-cmd",
+            f"{sys.executable} {_HERE / 'cluster_submit.py'}",
+            "--jobs",
+            "3",
+            "--latency-wait",
+            "30",
+            "--seconds-between-status-checks",
+            "1",
+            cwd=workdir,
+            env=env,
+            timeout=300,
+            m=m,
         )
     finally:
         for pid_file in state.glob("job*.pid"):  # a job still running is ended: the test failed

@@ -281,10 +281,18 @@ class FsFactory:
     ) -> Harness:
         cache_dir = cache_dir if cache_dir is not None else self.new_cache_dir()
         cfg = CoreConfig(
-            metadata_ttl=metadata_ttl, store_timeout=store_timeout, chunk_size=chunk_size,
-            read_request_size=read_request_size, max_readahead=max_readahead, read_memory=read_memory,
-            part_size=part_size, upload_concurrency=upload_concurrency, store_threads=store_threads,
-            cache_size=cache_size, cache_min_free=0, direct_io=direct_io,
+            metadata_ttl=metadata_ttl,
+            store_timeout=store_timeout,
+            chunk_size=chunk_size,
+            read_request_size=read_request_size,
+            max_readahead=max_readahead,
+            read_memory=read_memory,
+            part_size=part_size,
+            upload_concurrency=upload_concurrency,
+            store_threads=store_threads,
+            cache_size=cache_size,
+            cache_min_free=0,
+            direct_io=direct_io,
             retry_interval=retry_interval,
         )
         harness: Harness = await self._nursery.start(self._run, store, cache_dir, cfg)
@@ -292,14 +300,25 @@ class FsFactory:
         return harness
 
     async def _run(
-        self, store: FaultyStore, cache_dir: Path, cfg: CoreConfig,
+        self,
+        store: FaultyStore,
+        cache_dir: Path,
+        cfg: CoreConfig,
         task_status: trio.TaskStatus[Harness] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         harness: Harness | None = None
         try:
             async with build_core(store, cache_dir, cfg) as core:
-                harness = Harness(core.fs, store, core.cache, core.chunks, core.uploader,
-                                  core.stats, cache_dir, core.recovered)
+                harness = Harness(
+                    core.fs,
+                    store,
+                    core.cache,
+                    core.chunks,
+                    core.uploader,
+                    core.stats,
+                    cache_dir,
+                    core.recovered,
+                )
                 task_status.started(harness)
                 await harness._stop.wait()
         finally:

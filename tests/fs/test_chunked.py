@@ -37,9 +37,7 @@ from fusionfs.store import FaultyStore, Key, Transient
 
 
 @pytest.fixture(autouse=True)
-def _chunk_small_files_too(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _chunk_small_files_too(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests use files of a few hundred KiB: chunk them (production keeps files under
     1 MiB plain, S-CHUNK-8, which its own test checks)."""
     if "real_min_size" not in request.keywords:
@@ -64,6 +62,7 @@ async def test_small_files_in_a_chunked_directory_stay_plain(
     fresh = await make_fs(any_store)
     assert await fresh.read_file("snap/core-1.img") == small
     assert await fresh.read_file("snap/pages-1.img") == big
+
 
 PAGE = 4096
 
@@ -123,8 +122,9 @@ async def test_files_in_a_chunked_dir_are_stored_chunked(
     assert is_chunked(info.metadata) and info.metadata is not None
     assert info.metadata[SIZE_METADATA] == str(len(data))
     assert info.size < len(data) // 50  # the object is the manifest
-    assert not is_chunked((await trio.to_thread.run_sync(h.store.inner.head,
-                                                         Key("plain.txt"))).metadata)
+    assert not is_chunked(
+        (await trio.to_thread.run_sync(h.store.inner.head, Key("plain.txt"))).metadata
+    )
     assert len(await packs(h)) == 1
     assert (await h.stat("snap/pages-1.img")).size == len(data)
     assert await h.read_file("snap/pages-1.img") == data
@@ -171,7 +171,7 @@ async def test_chunks_read_below_a_read_once_dir_are_not_cached(
     await chunked_dir(h, "snap")
     data = pages(400, seed=5)
     await h.write_file("snap/a.img", data)
-    await h.write_file("snap/b.img", data[:300 * PAGE] + pages(100, seed=6))
+    await h.write_file("snap/b.img", data[: 300 * PAGE] + pages(100, seed=6))
     other = await make_fs(any_store)  # another machine: empty cache
     assert await other.read_file("snap/a.img") == data  # not read-once: cached
     await other.settle()  # cache writes run in the background
@@ -181,7 +181,7 @@ async def test_chunks_read_below_a_read_once_dir_are_not_cached(
     assert cached > 0
     snap = await again.lookup("snap")
     await again.fs.setxattr(snap.ino, b"user.fusionfs.read-once", b"1")
-    assert await again.read_file("snap/b.img") == data[:300 * PAGE] + pages(100, seed=6)
+    assert await again.read_file("snap/b.img") == data[: 300 * PAGE] + pages(100, seed=6)
     await again.settle()  # no cache write is pending
     assert again.stats.cache_chunks == cached  # the last 100 pages' chunks were not cached
     assert again.stats.cache_hits > 0  # the first 300 pages' came from the cache
@@ -232,8 +232,9 @@ async def test_dedup_from_a_previous_snapshot_stores_few_new_bytes(
     changed = change_pages(data, 0.10, seed=5)
     await h.write_file("snaps/2/pages-1.img", changed)
     st = json.loads(h.fs.getxattr(d2.ino, b"user.fusionfs.chunk-stats"))
-    st1 = json.loads(first.fs.getxattr((await first.lookup("snaps/1")).ino,
-                                       b"user.fusionfs.chunk-stats"))
+    st1 = json.loads(
+        first.fs.getxattr((await first.lookup("snaps/1")).ino, b"user.fusionfs.chunk-stats")
+    )
     assert st["new_stored_bytes"] <= 0.3 * st1["new_stored_bytes"], (st, st1)
     assert any_store.calls["head"] - heads < 20  # lookups, not one per chunk
     # read back on a third mount (the first one's listing of snaps/ may still be fresh, S-MAP-7)
@@ -251,6 +252,7 @@ async def test_a_big_file_streams_into_packs_before_close(
     fh = await h.create("snap/pages-1.img")
     for off in range(0, len(data), 1 * MiB):
         await h.write(fh, off, data[off : off + MiB])
+
     async def two_packs() -> bool:
         return len(await packs(h)) >= 2
 
@@ -262,8 +264,9 @@ async def test_a_big_file_streams_into_packs_before_close(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.allow_logs("streaming", "background commit failed", "not yet durable",
-                        "fetching chunks failed")
+@pytest.mark.allow_logs(
+    "streaming", "background commit failed", "not yet durable", "fetching chunks failed"
+)
 async def test_a_failed_pack_upload_is_an_error_and_the_data_stays_staged(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:
@@ -392,6 +395,7 @@ async def test_a_write_behind_the_streamed_part_restarts_the_stream_at_commit(
     fh = await h.create("snap/f.img")
     for off in range(0, len(data), MiB):
         await h.write(fh, off, bytes(data[off : off + MiB]))
+
     async def a_pack() -> bool:
         return bool(await packs(h))
 

@@ -323,9 +323,7 @@ async def test_setattr_that_changes_nothing_stored_makes_no_request(
 
 
 @pytest.mark.timeout(30)
-async def test_directory_mode_kept_in_metadata(
-    make_fs: FsFactory, any_store: FaultyStore
-) -> None:
+async def test_directory_mode_kept_in_metadata(make_fs: FsFactory, any_store: FaultyStore) -> None:
     h = await make_fs(any_store)
     await h.mkdir("d", 0o700)
     await h.fs.setattr((await h.lookup("d")).ino, uid=1234, gid=4321)
@@ -493,9 +491,19 @@ async def test_reads_of_partial_whole_and_past_end_ranges(
     await h.put("f", data)
     fh = await h.open("f")
     cases = [
-        (0, 10), (5, 1), (CHUNK - 5, 10), (CHUNK, CHUNK), (CHUNK - 1, 2 * CHUNK + 2),
-        (0, size), (0, size + 999), (size - 3, 100), (size - 1, 1), (size, 10), (size + 100, 10),
-        (2 * CHUNK + 17, 0), (123, 3 * CHUNK),
+        (0, 10),
+        (5, 1),
+        (CHUNK - 5, 10),
+        (CHUNK, CHUNK),
+        (CHUNK - 1, 2 * CHUNK + 2),
+        (0, size),
+        (0, size + 999),
+        (size - 3, 100),
+        (size - 1, 1),
+        (size, 10),
+        (size + 100, 10),
+        (2 * CHUNK + 17, 0),
+        (123, 3 * CHUNK),
     ]
     for off, n in cases:
         assert await h.read(fh, off, n) == data[off : off + n], (off, n)
@@ -573,15 +581,16 @@ async def test_read_ahead_waits_for_a_cache_that_is_behind(
     try:
         for off in range(0, 8 * CHUNK, 32 * KiB):  # 8 chunks, in kernel-sized reads
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
-        await h.settle(cache_backlog=src._cache_backlog_limit)  # read-ahead would be done now
+        await h.settle(cache_backlog=src._backlog_limit)  # read-ahead would be done now
         assert sum(got) == 8 * CHUNK, "only what was read is fetched"
         assert h.stats.cache_writes_skipped == 8  # and not cached: the backlog is full
         with src._backlog_lock:
             src._backlog -= src._backlog_limit  # it caught up
         for off in range(8 * CHUNK, 10 * CHUNK, 32 * KiB):
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
-        await wait_until(lambda: sum(got) >= 16 * CHUNK, 10,
-                         "read-ahead to run ahead of the reads again")
+        await wait_until(
+            lambda: sum(got) >= 16 * CHUNK, 10, "read-ahead to run ahead of the reads again"
+        )
         for off in range(10 * CHUNK, nchunks * CHUNK, 32 * KiB):
             assert await h.read(fh, off, 32 * KiB) == data[off : off + 32 * KiB]
     finally:
@@ -817,7 +826,8 @@ async def test_a_small_new_file_is_held_in_memory_and_committed_without_a_stagin
     # the record appears by a rename of a temporary file: wait for the two final names
     await wait_until(
         lambda: sorted(p.suffix for p in h.staging_dir.iterdir()) == [".data", ".json"],
-        5, "the held file to be staged",
+        5,
+        "the held file to be staged",
     )
     assert trio.current_time() - started >= writer._HOLD_S * 0.9
     record = next(p for p in h.staging_dir.glob("*.json"))
@@ -1033,8 +1043,11 @@ async def test_a_streamed_file_is_not_copied_for_the_timestamp_of_its_own_writes
         fh = await h.create(name)
         for off in range(0, len(data), 1 << 20):
             await h.write(fh, off, data[off : off + (1 << 20)])
-        await wait_until(lambda: local_store.calls["create_multipart"] > streams, 10,  # noqa: B023
-                         f"{name} to stream")
+        await wait_until(
+            lambda streams=streams: local_store.calls["create_multipart"] > streams,
+            10,
+            f"{name} to stream",
+        )
         # what the kernel's writeback cache sends at close: the time of the last write
         stamp = mtime_ns if mtime_ns is not None else time.time_ns()
         await h.fs.setattr((await h.lookup(name)).ino, mtime_ns=stamp, fh=fh)
@@ -1090,8 +1103,12 @@ async def test_a_directory_shows_the_same_mtime_on_a_fresh_mount(
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("fmt", "kind", "rdev"),
-    [(stat.S_IFIFO, Kind.FIFO, 0), (stat.S_IFSOCK, Kind.SOCKET, 0),
-     (stat.S_IFCHR, Kind.CHAR, os.makedev(1, 3)), (stat.S_IFBLK, Kind.BLOCK, os.makedev(8, 1))],
+    [
+        (stat.S_IFIFO, Kind.FIFO, 0),
+        (stat.S_IFSOCK, Kind.SOCKET, 0),
+        (stat.S_IFCHR, Kind.CHAR, os.makedev(1, 3)),
+        (stat.S_IFBLK, Kind.BLOCK, os.makedev(8, 1)),
+    ],
 )
 async def test_special_files_are_objects_that_carry_their_type(
     make_fs: FsFactory, any_store: FaultyStore, fmt: int, kind: Kind, rdev: int
@@ -1199,7 +1216,9 @@ async def test_an_entry_made_in_a_new_directory_is_found_after_the_kernel_forget
 
 
 async def test_a_listing_that_lags_the_objects_does_not_turn_a_symlink_into_a_file(
-    make_fs: FsFactory, any_store: FaultyStore, monkeypatch: pytest.MonkeyPatch,
+    make_fs: FsFactory,
+    any_store: FaultyStore,
+    monkeypatch: pytest.MonkeyPatch,
     clock: MockClock,
 ) -> None:
     """S-MAP-5: tar makes a symlink that points outside (../a) as an empty placeholder file
@@ -1221,8 +1240,10 @@ async def test_a_listing_that_lags_the_objects_does_not_turn_a_symlink_into_a_fi
 
     def lagging(*args: Any, **kwargs: Any) -> ListPage:
         page = real_list(*args, **kwargs)
-        objects = [dataclasses.replace(o, size=0, etag=ETag(placeholder.etag))
-                   if o.key == "d/l" else o for o in page.objects]
+        objects = [
+            dataclasses.replace(o, size=0, etag=ETag(placeholder.etag)) if o.key == "d/l" else o
+            for o in page.objects
+        ]
         return dataclasses.replace(page, objects=objects)
 
     monkeypatch.setattr(any_store.inner, "list", lagging)

@@ -264,8 +264,9 @@ async def test_corrupt_data_from_the_store_fails_the_read_that_completes_the_fil
     assert h.stats.objects_verified == 1
 
 
-@pytest.mark.allow_logs("does not match its stored checksum", "do not match the object's",
-                        "fetching f chunks")
+@pytest.mark.allow_logs(
+    "does not match its stored checksum", "do not match the object's", "fetching f chunks"
+)
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("chunks", [3, 20])
 async def test_an_object_corrupt_at_rest_is_eio_on_every_read_never_its_bytes(

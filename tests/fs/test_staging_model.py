@@ -152,8 +152,7 @@ def _local(root: Path) -> ObjectStore:
     return LocalStore(root / "store")
 
 
-_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large,
-             HealthCheck.function_scoped_fixture]
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 
 @pytest.fixture
@@ -166,8 +165,13 @@ def test_concurrent_writers_against_model_local(examples: int) -> None:
     """S-WRITE-10, S-CONS-5: concurrent writers, fsyncs, truncates, renames and cold remounts
     on the local store agree with the model after every phase, whatever the interleaving."""
 
-    @settings(max_examples=examples, deadline=None, suppress_health_check=_SUPPRESS,
-              print_blob=True, derandomize=False)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=_SUPPRESS,
+        print_blob=True,
+        derandomize=False,
+    )
     @given(plan=plans(max_size=6 * MiB, chunk=CHUNK), seed=st.integers(0, 1 << 32))
     def run(plan: Plan, seed: int) -> None:
         _run_example(plan, seed, _local)
@@ -190,13 +194,23 @@ def test_concurrent_writers_against_model_moto(
         counter = iter(range(1 << 62))
 
         def make(_root: Path) -> ObjectStore:
-            return S3Store(bucket.name, f"ex{next(counter)}", endpoint_url=bucket.endpoint,
-                           region="us-east-1", deadline_s=10)
+            return S3Store(
+                bucket.name,
+                f"ex{next(counter)}",
+                endpoint_url=bucket.endpoint,
+                region="us-east-1",
+                deadline_s=10,
+            )
 
-        @settings(max_examples=max(1, examples // 4), deadline=None,
-                  suppress_health_check=_SUPPRESS, print_blob=True)
-        @given(plan=plans(max_size=1 * MiB, chunk=CHUNK, max_phases=4),
-               seed=st.integers(0, 1 << 32))
+        @settings(
+            max_examples=max(1, examples // 4),
+            deadline=None,
+            suppress_health_check=_SUPPRESS,
+            print_blob=True,
+        )
+        @given(
+            plan=plans(max_size=1 * MiB, chunk=CHUNK, max_phases=4), seed=st.integers(0, 1 << 32)
+        )
         def run(plan: Plan, seed: int) -> None:
             _run_example(plan, seed, make)
 

@@ -18,8 +18,11 @@ def _make(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Target:
         return Target(kind="local", source=str(root), mount_args=(), root=root)
     bucket = request.getfixturevalue("s3_bucket")
     return Target(
-        kind="s3", source=bucket.source, mount_args=("--endpoint-url", bucket.endpoint),
-        client=bucket.client, bucket=bucket.name,
+        kind="s3",
+        source=bucket.source,
+        mount_args=("--endpoint-url", bucket.endpoint),
+        client=bucket.client,
+        bucket=bucket.name,
     )
 
 

@@ -49,8 +49,13 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fusionfs ARGS`` and return its result (never raises on exit code)."""
     return subprocess.run(
-        [sys.executable, "-m", "fusionfs", *args], capture_output=True, text=True,
-        env=cli_env(), timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "fusionfs", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -83,8 +83,9 @@ def test_chunked_dir_through_a_mount(fusion_mount: Any, target: Target) -> None:
     m.remount(fresh_cache=True)
     assert sorted(os.listdir(m.path)) == ["snaps"]  # .fusion is hidden
     assert not os.path.exists(m.path / ".fusion")
-    listing = subprocess.run(["ls", "-l", str(snap / "1")], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["ls", "-l", str(snap / "1")], capture_output=True, text=True, check=True
+    ).stdout
     assert f" {len(data)} " in listing, listing
     assert os.stat(path).st_size == len(data)
     with open(path, "rb") as f:

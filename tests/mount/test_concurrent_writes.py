@@ -80,10 +80,14 @@ def test_rewrite_in_place_reads_back_right(
         size = rng.randrange(8 * MiB, 32 * MiB) if i else 12 * MiB
         data = bytearray(rng.randbytes(size))
         path.write_bytes(data)
-        pieces = list(_ISSUE_PIECES) if i == 0 else [
-            (rng.randrange(size), rng.choice([1, 7, 4096, 70_000, 400_000]))
-            for _ in range(rng.randrange(1, 8))
-        ]
+        pieces = (
+            list(_ISSUE_PIECES)
+            if i == 0
+            else [
+                (rng.randrange(size), rng.choice([1, 7, 4096, 70_000, 400_000]))
+                for _ in range(rng.randrange(1, 8))
+            ]
+        )
         fd = os.open(path, os.O_WRONLY)
         try:
             for off, n in pieces:
@@ -142,8 +146,9 @@ def test_threads_and_processes_writing_into_unfilled_chunks(
             expected[o : o + len(d)] = d
     ctx = multiprocessing.get_context("fork")
     start = ctx.Event()
-    procs = [ctx.Process(target=_process_writer, args=(str(path), ranges[i], start))
-             for i in (4, 5)]
+    procs = [
+        ctx.Process(target=_process_writer, args=(str(path), ranges[i], start)) for i in (4, 5)
+    ]
     for p in procs:
         p.start()
     fd = os.open(path, os.O_WRONLY)
@@ -190,8 +195,10 @@ def _run_writes(root: Path, phase: Writes) -> None:
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(fd, pieces))
-               for fd, pieces in zip(fds, by_worker(phase), strict=True)]
+    threads = [
+        threading.Thread(target=worker, args=(fd, pieces))
+        for fd, pieces in zip(fds, by_worker(phase), strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -212,9 +219,16 @@ def test_concurrent_writers_against_model_through_a_mount(
     holder: dict[str, Any] = {"mount": fusion_mount(target.source, target.mount_args)}
     counter = iter(range(1 << 30))
 
-    @settings(max_examples=examples, deadline=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
     @given(plan=plans(max_size=3 * MiB, chunk=_CHUNK // 4, max_phases=5))
     def run(plan: Plan) -> None:
         m = holder["mount"]

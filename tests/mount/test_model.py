@@ -106,8 +106,11 @@ class MountModel(RuleBasedStateMachine):
         name = f"model-{uuid.uuid4().hex[:20]}"
         if self.ctx.kind == "s3":
             self.target = Target(
-                kind="s3", source=f"s3://{name}", mount_args=("--endpoint-url", self.ctx.endpoint),
-                client=self.ctx.client, bucket=name,
+                kind="s3",
+                source=f"s3://{name}",
+                mount_args=("--endpoint-url", self.ctx.endpoint),
+                client=self.ctx.client,
+                bucket=name,
             )
         else:
             root = self.ctx.tmp / name
@@ -125,7 +128,7 @@ class MountModel(RuleBasedStateMachine):
 
     def _listing(self, d: str) -> set[str]:
         prefix = d + "/" if d else ""
-        names = {p[len(prefix):].split("/")[0] for p in self.files if p.startswith(prefix)}
+        names = {p[len(prefix) :].split("/")[0] for p in self.files if p.startswith(prefix)}
         if not d:
             names |= self.markers
         return names
@@ -195,7 +198,7 @@ class MountModel(RuleBasedStateMachine):
             f.seek(off)
             f.write(data)
         new = bytearray(old)
-        new[off:off + len(data)] = data
+        new[off : off + len(data)] = data
         self.files[path] = bytes(new)
 
     @rule(path=_files, size=st.one_of(st.integers(0, 50), st.integers(0, 80_000)))
@@ -251,7 +254,7 @@ class MountModel(RuleBasedStateMachine):
             return
         os.rename(self._p(src), self._p(dst))
         for path in [p for p in self.files if p.startswith(src + "/")]:
-            self.files[dst + path[len(src):]] = self.files.pop(path)
+            self.files[dst + path[len(src) :]] = self.files.pop(path)
         if src in self.markers:
             self.markers.discard(src)
             self.markers.add(dst)
@@ -304,8 +307,9 @@ class MountModel(RuleBasedStateMachine):
         assert file_keys == set(self.files), "the store's objects differ from the model"
         for path, data in self.files.items():
             body = self.target.get(path)
-            assert body == data, f"{path} in the store: {body and len(body)} bytes, " \
-                f"model {len(data)}"
+            assert body == data, (
+                f"{path} in the store: {body and len(body)} bytes, model {len(data)}"
+            )
         assert set(os.listdir(self.mount.path)) == self._listing("")
 
 
@@ -328,8 +332,10 @@ def test_mount_against_model(
             seed(run_seed)(MountModel), settings=_SETTINGS
         )
     except BaseException:
-        print(f"\nmodel test failed with seed {run_seed}: rerun with "
-              f"FUSIONFS_MODEL_SEED={run_seed} python -m pytest {__file__}")
+        print(
+            f"\nmodel test failed with seed {run_seed}: rerun with "
+            f"FUSIONFS_MODEL_SEED={run_seed} python -m pytest {__file__}"
+        )
         raise
     print(f"\nmodel: {ctx.examples} examples, {ctx.steps} steps, seed {run_seed}")
     # the run did something: most examples got past their first few steps

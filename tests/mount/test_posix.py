@@ -76,9 +76,7 @@ def test_create_write_read_back(fusion_mount: Any, target: Target) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_listing_of_1000_plus_objects_made_out_of_band(
-    fusion_mount: Any, target: Target
-) -> None:
+def test_listing_of_1000_plus_objects_made_out_of_band(fusion_mount: Any, target: Target) -> None:
     names = {f"obj-{i:05d}" for i in range(1234)}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda n: target.put(f"big/{n}", n.encode()), sorted(names)))
@@ -192,7 +190,8 @@ def test_rename_directory(fusion_mount: Any, target: Target) -> None:
     os.mkdir(m.path / "other")
     (m.path / "other" / "x").write_bytes(b"x")
     assert _errno_of(os.rename, m.path / "dst", m.path / "other") in (
-        errno.ENOTEMPTY, errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.EEXIST,
     )
 
 
@@ -356,7 +355,7 @@ def test_rewrite_in_the_middle(fusion_mount: Any, target: Target) -> None:
         f.write(b"PATCHED!")
         f.seek(10)
         assert f.read(5) == data[10:15]
-    data[MiB - 3:MiB + 5] = b"PATCHED!"
+    data[MiB - 3 : MiB + 5] = b"PATCHED!"
     assert (m.path / "r").read_bytes() == data
     assert target.get("r") == bytes(data)
     assert os.stat(m.path / "r").st_size == len(data)
@@ -457,23 +456,28 @@ def test_name_length_limit(fusion_mount: Any, target: Target) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_out_of_band_changes_show_up_after_metadata_ttl(
-    fusion_mount: Any, target: Target
-) -> None:
+def test_out_of_band_changes_show_up_after_metadata_ttl(fusion_mount: Any, target: Target) -> None:
     target.put("f", b"version one")
     m = _mount(fusion_mount, target, "--metadata-ttl", "0.5")
     assert (m.path / "f").read_bytes() == b"version one"
     assert os.listdir(m.path) == ["f"]
     target.put("f", b"version two, longer")
     target.put("new", b"new object")
-    wait_for(lambda: (m.path / "f").read_bytes() == b"version two, longer", 5,
-             "the out-of-band overwrite to show")
-    wait_for(lambda: sorted(os.listdir(m.path)) == ["f", "new"], 5,
-             "the out-of-band object to be listed")
+    wait_for(
+        lambda: (m.path / "f").read_bytes() == b"version two, longer",
+        5,
+        "the out-of-band overwrite to show",
+    )
+    wait_for(
+        lambda: sorted(os.listdir(m.path)) == ["f", "new"], 5, "the out-of-band object to be listed"
+    )
     assert (m.path / "new").read_bytes() == b"new object"
     target.put("f", b"version 3, same len")  # same size as version two: needs the ETag
-    wait_for(lambda: (m.path / "f").read_bytes() == b"version 3, same len", 5,
-             "a same-size out-of-band overwrite to show")
+    wait_for(
+        lambda: (m.path / "f").read_bytes() == b"version 3, same len",
+        5,
+        "a same-size out-of-band overwrite to show",
+    )
     target.delete("new")
     wait_for(lambda: not (m.path / "new").exists(), 5, "the out-of-band delete to show")
     wait_for(lambda: os.listdir(m.path) == ["f"], 5, "the deleted object to leave the listing")
@@ -536,8 +540,9 @@ def test_fsync_then_kill_keeps_the_data(fusion_mount: Any, target: Target) -> No
         pass  # the daemon is gone: close cannot flush anything
     m = m.remount(fresh_cache=True)
     assert os.stat(m.path / "synced").st_size == len(data)
-    assert hashlib.sha256((m.path / "synced").read_bytes()).digest() == \
-        hashlib.sha256(data).digest()
+    assert (
+        hashlib.sha256((m.path / "synced").read_bytes()).digest() == hashlib.sha256(data).digest()
+    )
 
 
 @pytest.mark.timeout(90)
@@ -558,8 +563,11 @@ def test_file_being_written_is_never_torn(fusion_mount: Any, target: Target) -> 
         # parts are streaming meanwhile: the name must not show a torn object
         # look after each part streamed: never a torn object under the final names
         for sent in range(2, 7):  # 17 MiB in 5 MiB parts: three whole parts per file
-            wait_for(lambda: stats(m.path)["requests"].get("upload_part", 0) >= sent, 30,  # noqa: B023
-                     f"{sent} parts to stream")
+            wait_for(
+                lambda sent=sent: stats(m.path)["requests"].get("upload_part", 0) >= sent,
+                30,
+                f"{sent} parts to stream",
+            )
             assert target.get("fresh") in (None, new), "a torn object under its final name"
             assert target.get("over") in (old, new), "a torn object under its final name"
         m.kill()
@@ -586,8 +594,11 @@ def test_large_sequential_write_streams_as_multipart(fusion_mount: Any, target: 
             f.write(chunk)
         f.flush()
         # streaming: parts go up before close
-        wait_for(lambda: stats(m.path)["requests"].get("upload_part", 0) >= 3, 60,
-                 "parts to be uploaded before close")
+        wait_for(
+            lambda: stats(m.path)["requests"].get("upload_part", 0) >= 3,
+            60,
+            "parts to be uploaded before close",
+        )
     s = stats(m.path)
     assert s["requests"].get("create_multipart", 0) >= 1
     assert s["requests"].get("upload_part", 0) >= 4
@@ -651,8 +662,15 @@ def _mount_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[
     cache = tmp_path / f"cli-cache-{time.monotonic_ns()}"
     argv = [sys.executable, "-m", "fusionfs", "mount", *args, "--cache-dir", str(cache)]
     start = time.monotonic()
-    result = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=60,
-                            check=False, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     elapsed = time.monotonic() - start
     return result, elapsed
 
@@ -705,15 +723,17 @@ def test_cli_unreachable_endpoint(tmp_path: Path, s3_target: Target) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     port = free_port()  # nothing listens there
-    result, elapsed = _mount_cli(tmp_path, "s3://some-bucket", str(mp),
-                                 "--endpoint-url", f"http://127.0.0.1:{port}")
+    result, elapsed = _mount_cli(
+        tmp_path, "s3://some-bucket", str(mp), "--endpoint-url", f"http://127.0.0.1:{port}"
+    )
     _assert_cli_error(result, elapsed, mp, f"127.0.0.1:{port}")
     assert not is_mounted(mp)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("source", ["s3://", "s3://bucket?x=1", "file://relative/path",
-                                    "ftp://host/dir"])
+@pytest.mark.parametrize(
+    "source", ["s3://", "s3://bucket?x=1", "file://relative/path", "ftp://host/dir"]
+)
 def test_cli_bad_source(tmp_path: Path, source: str) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
@@ -923,9 +943,7 @@ def test_reads_below_a_no_cache_dir_keep_the_page_cache_but_not_the_chunk_cache(
 
 
 @pytest.mark.timeout(60)
-def test_kernel_read_ahead_is_raised_for_the_mount(
-    fusion_mount: Any, local_target: Target
-) -> None:
+def test_kernel_read_ahead_is_raised_for_the_mount(fusion_mount: Any, local_target: Target) -> None:
     # [S-READ-2] the kernel's read-ahead of the mount: 1 MiB requests, 64 of them in flight
     if os.geteuid() != 0:
         missing("root", "the kernel's per-mount FUSE settings are root-only")
@@ -961,8 +979,10 @@ def test_atime_set_by_utime_is_kept(fusion_mount: Any, target: Target) -> None:
     assert st.st_atime_ns == st.st_mtime_ns
     os.utime(f, ns=(1_900_000_000_000_000_000, 1_950_000_000_000_000_000))
     st = os.stat(f)
-    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000_000_000_000,
-                                                1_950_000_000_000_000_000)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (
+        1_900_000_000_000_000_000,
+        1_950_000_000_000_000_000,
+    )
     fd = os.open(f, os.O_RDONLY)
     try:  # a new mtime with the atime it has: the atime stays
         os.utime(fd, ns=(os.stat(f).st_atime_ns, 1_960_000_000_000_000_000))

@@ -26,10 +26,10 @@ from s3servers import S3Bucket
 _MIB = 1 << 20
 
 
-
 def _mount(fusion_mount: Any, bucket: S3Bucket, **kwargs: Any) -> Any:
-    return fusion_mount(bucket.source, ("--endpoint-url", bucket.endpoint), env=bucket.env,
-                        **kwargs)
+    return fusion_mount(
+        bucket.source, ("--endpoint-url", bucket.endpoint), env=bucket.env, **kwargs
+    )
 
 
 def _pattern(size: int, seed: int) -> bytes:
@@ -66,9 +66,21 @@ def test_fio_write_then_verify(fusion_mount: Any, server_bucket: S3Bucket) -> No
         missing("fio", "not on PATH (scripts/setup.sh installs Debian's fio)")
     m = _mount(fusion_mount, server_bucket)
     result = subprocess.run(
-        [fio, "--name=verify", f"--directory={m.path}", "--rw=write", "--bs=1M", "--size=96M",
-         "--verify=crc32c", "--ioengine=psync", "--end_fsync=1"],
-        capture_output=True, text=True, timeout=200, check=False,
+        [
+            fio,
+            "--name=verify",
+            f"--directory={m.path}",
+            "--rw=write",
+            "--bs=1M",
+            "--size=96M",
+            "--verify=crc32c",
+            "--ioengine=psync",
+            "--end_fsync=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
         cwd=m.path.parent,  # fio leaves its verify state file in its working directory
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -144,7 +156,7 @@ def test_a_lost_in_place_write_is_an_error_and_a_warning(
     m = _mount(fusion_mount, server_bucket)
     size = 12 * _MIB
     (m.path / "f").write_bytes(_pattern(size, 3))
-    other = _pattern(size + _MIB, 4)[1:size + 1]
+    other = _pattern(size + _MIB, 4)[1 : size + 1]
     server_bucket.client.put_object(Bucket=server_bucket.name, Key="f", Body=other)
     fd = os.open(m.path / "f", os.O_WRONLY)
     failed = None

@@ -28,7 +28,8 @@ def test_sse_aes256_applies_to_puts_multipart_copies_and_markers(
     fusion_mount: Any, s3_target: Target
 ) -> None:
     m = fusion_mount(
-        s3_target.source, (*s3_target.mount_args, "--sse", "AES256"),
+        s3_target.source,
+        (*s3_target.mount_args, "--sse", "AES256"),
     )
     (m.path / "small").write_bytes(b"x" * 1000)  # one PUT
     big = os.urandom(40 * _MIB)  # streamed as a multipart upload (16 MiB parts)
@@ -96,6 +97,9 @@ def test_cache_and_staging_files_are_private(
     chunk_files = [p for p in seen if p.startswith("cache/chunks/") and seen[p][0] == "file"]
     staged = [p for p in seen if p.startswith("staging/") and p.endswith(".data")]
     assert chunk_files and staged, seen
-    loose = {p: mode for p, (kind, mode) in seen.items()
-             if (kind == "dir" and mode != 0o700) or (kind == "file" and mode & 0o077)}
+    loose = {
+        p: mode
+        for p, (kind, mode) in seen.items()
+        if (kind == "dir" and mode != 0o700) or (kind == "file" and mode & 0o077)
+    }
     assert loose == {}, f"readable by others: {loose}"

@@ -67,8 +67,12 @@ def test_a_directory_of_empty_files_hashes_at_once_on_a_fresh_mount(
     client) on a fresh mount takes seconds (before: 30 s per file on s3rver)."""
     client, name = server_bucket.client, server_bucket.name
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket=name, Key=f"many/{i:04d}.py", Body=b""),
-                      range(300)))
+        list(
+            pool.map(
+                lambda i: client.put_object(Bucket=name, Key=f"many/{i:04d}.py", Body=b""),
+                range(300),
+            )
+        )
     m = _mount(fusion_mount, server_bucket)
     started = time.monotonic()
     digests = {
@@ -122,10 +126,13 @@ def test_chmod_and_rename_of_names_holding_equals_signs(
     head = server_bucket.client.head_object(Bucket=server_bucket.name, Key="moved=/metadata/again=")
     assert float(head["Metadata"]["mtime"]) == 1_700_000_000
     logged = _log_text(m).count(_FALLBACK_LOGGED)
-    first_mount_logged = sum(
-        Path(p).read_text(errors="replace").count(_FALLBACK_LOGGED)
-        for p in sorted(m.log_path.parent.glob("mount*.log"))
-    ) - logged
+    first_mount_logged = (
+        sum(
+            Path(p).read_text(errors="replace").count(_FALLBACK_LOGGED)
+            for p in sorted(m.log_path.parent.glob("mount*.log"))
+        )
+        - logged
+    )
     assert first_mount_logged == (1 if s3_server.name == "s3rver" else 0)
 
 
@@ -145,7 +152,9 @@ def test_ls_l_of_a_fresh_directory_probes_its_entries_concurrently(
 
     def put(i: int) -> None:
         client.put_object(
-            Bucket=name, Key=f"many/f{i:04d}", Body=b"x" * (i % 3),
+            Bucket=name,
+            Key=f"many/f{i:04d}",
+            Body=b"x" * (i % 3),
             Metadata={"mode": str(0o100640), "mtime": f"{1_600_000_000 + i}.000000000"},
         )
 
@@ -153,8 +162,11 @@ def test_ls_l_of_a_fresh_directory_probes_its_entries_concurrently(
         list(pool.map(put, range(n)))
     host, port = server_bucket.endpoint.rsplit("//", 1)[1].split(":")
     with ProxyProcess((host, int(port)), ["--latency-ms", "20"]) as proxy:
-        m = fusion_mount(server_bucket.source, extra_args=("--endpoint-url", proxy.endpoint_url),
-                         env={**server_bucket.env, "AWS_ENDPOINT_URL": proxy.endpoint_url})
+        m = fusion_mount(
+            server_bucket.source,
+            extra_args=("--endpoint-url", proxy.endpoint_url),
+            env={**server_bucket.env, "AWS_ENDPOINT_URL": proxy.endpoint_url},
+        )
         started = time.monotonic()
         entries = {e.name: os.lstat(e.path) for e in os.scandir(m.path / "many")}
         elapsed = time.monotonic() - started

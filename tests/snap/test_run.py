@@ -501,8 +501,9 @@ def test_mount_dying_under_the_final_checkpoint_is_one_line_and_175(
     env.pop("SNAPSTORE_ALLOW_ANY_ROOT", None)
     env.update(s3_bucket.env)
     snap = SnapEnv("fusion-s3", mount.path / "snapshots", mount.path / "work", env, lambda: None)
-    line = Line(snap, tmp_path, options=["--provider", "none"], exit_at=100_000, exit_code=7,
-                mib=256)
+    line = Line(
+        snap, tmp_path, options=["--provider", "none"], exit_at=100_000, exit_code=7, mib=256
+    )
     line.start()
     pid = line.task_pid()
     tasks.adopt(pid)
@@ -512,8 +513,11 @@ def test_mount_dying_under_the_final_checkpoint_is_one_line_and_175(
     wait_for(lambda: "checkpointing task" in line.stderr(), 30, "the checkpoint to start")
     if when == "criu":
         images = mount.path / "snapshots" / "job" / "1"
-        wait_for(lambda: images.is_dir() and any(images.glob("pages-*.img")), 30,
-                 "CRIU to write page images")
+        wait_for(
+            lambda: images.is_dir() and any(images.glob("pages-*.img")),
+            30,
+            "CRIU to write page images",
+        )
     mount.kill()
     code = line.wait(120)
     stderr = line.stderr()
@@ -553,8 +557,20 @@ def test_every_command_on_a_dead_mount_is_one_line(
             (("dump", "--task", "job", str(task.pid)), EXIT_DUMP_FAILED),
             (("restore", "--task", "job"), 176),
             # (SnapEnv.run appends --root: for run it must come before the command)
-            (("run", "--task", "job", "--root", str(snap.root), "--provider", "none", "--",
-              "true"), 1),
+            (
+                (
+                    "run",
+                    "--task",
+                    "job",
+                    "--root",
+                    str(snap.root),
+                    "--provider",
+                    "none",
+                    "--",
+                    "true",
+                ),
+                1,
+            ),
         ):
             result = snap.run(*args, timeout=60)
             lines = result.stderr.strip().splitlines()

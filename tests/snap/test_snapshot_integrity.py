@@ -259,8 +259,9 @@ def test_deleted_pack(setup: tuple[SnapEnv, Store], tasks: Tasks) -> None:
 
 # on s3rver the manifest's CRC32C is in its metadata, which the truncating PUT keeps (Store.write
 # copies it): the daemon sees a checksum mismatch (S-INTEG-2) and logs it
-@pytest.mark.allow_logs("does not match its stored CRC32C",
-                        "the object does not match its stored checksum")
+@pytest.mark.allow_logs(
+    "does not match its stored CRC32C", "the object does not match its stored checksum"
+)
 @pytest.mark.timeout(400)
 def test_truncated_manifest(setup: tuple[SnapEnv, Store], tasks: Tasks) -> None:
     env, store = setup

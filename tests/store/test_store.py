@@ -79,7 +79,9 @@ def stats() -> Stats:
 
 @pytest.fixture(params=["local", "moto", "faulty", "s3rver", "rgw"])
 def store(
-    request: pytest.FixtureRequest, local_root: Path, stats: Stats,
+    request: pytest.FixtureRequest,
+    local_root: Path,
+    stats: Stats,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[ObjectStore]:
     """Each backend in turn, empty, reporting to the ``stats`` fixture: S3Store on moto, on
@@ -131,9 +133,9 @@ def _is_s3rver(store: ObjectStore) -> bool:
     return store in _S3RVER_STORES
 
 
-def _page_items(store: ObjectStore, prefix: str, delimiter: str | None, max_keys: int) -> tuple[
-    list[list[str]], list[str]
-]:
+def _page_items(
+    store: ObjectStore, prefix: str, delimiter: str | None, max_keys: int
+) -> tuple[list[list[str]], list[str]]:
     """All pages of a listing: (items per page, in order), and the flat list of items."""
     pages: list[list[str]] = []
     token: str | None = None
@@ -334,13 +336,24 @@ def test_list_without_delimiter_is_flat_and_sorted(store: ObjectStore) -> None:
     page = store.list(K(""), delimiter=None)
     keys = [o.key for o in page.objects]
     assert keys == [
-        "dir/", "dir/a.txt", "dir/b.txt", "dir/sub/", "dir/sub/c.txt", "dirx.txt",
-        "other/", "other/d", "top.txt",
+        "dir/",
+        "dir/a.txt",
+        "dir/b.txt",
+        "dir/sub/",
+        "dir/sub/c.txt",
+        "dirx.txt",
+        "other/",
+        "other/d",
+        "top.txt",
     ]
     assert page.prefixes == []
     page = store.list(K("dir/"), delimiter=None)
     assert [o.key for o in page.objects] == [
-        "dir/", "dir/a.txt", "dir/b.txt", "dir/sub/", "dir/sub/c.txt"
+        "dir/",
+        "dir/a.txt",
+        "dir/b.txt",
+        "dir/sub/",
+        "dir/sub/c.txt",
     ]
 
 
@@ -464,7 +477,8 @@ def test_etags_from_writes_are_those_head_and_list_show(store: ObjectStore) -> N
     upload = store.create_multipart(K("mp"))
     src = store.put(K("src"), _data(6 * MiB, 4))
     second = (  # s3rver has no UploadPartCopy (S-SRV-5): a plain part there
-        store.upload_part(K("mp"), upload, 2, _data(6 * MiB, 4)) if _is_s3rver(store)
+        store.upload_part(K("mp"), upload, 2, _data(6 * MiB, 4))
+        if _is_s3rver(store)
         else store.upload_part_copy(K("mp"), upload, 2, K("src"), 0, 6 * MiB, src_etag=src)
     )
     parts = [store.upload_part(K("mp"), upload, 1, _data(5 * MiB, 5)), second]
@@ -540,8 +554,9 @@ def test_upload_part_copy_with_stale_etag(
 
 def test_long_key_component(store: ObjectStore) -> None:
     if _is_s3rver(store):
-        pytest.skip("S-SRV-5: s3rver cannot store a key component of 234+ bytes "
-                    "(a PUT of 241+ kills it)")
+        pytest.skip(
+            "S-SRV-5: s3rver cannot store a key component of 234+ bytes (a PUT of 241+ kills it)"
+        )
     key = K("long/" + "n" * 250)
     store.put(K("long/"), b"")
     store.put(key, b"long name")
@@ -781,18 +796,17 @@ def test_s3_prefix_is_added_and_stripped(s3_bucket: Any) -> None:
         assert page.objects == [] and page.prefixes == ["a/"]
         assert [o.key for o in store.list(K(""), delimiter=None).objects] == ["a/b"]
         store.copy(K("a/b"), K("c"))
-        assert s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="pre/fix/c")[
-            "Body"
-        ].read() == b"1"
+        assert (
+            s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="pre/fix/c")["Body"].read()
+            == b"1"
+        )
         with pytest.raises(NotFound):
             store.head(K("outside"))
     finally:
         store.close()
 
 
-def test_s3_endpoint_from_the_environment(
-    s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_s3_endpoint_from_the_environment(s3_bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)  # honoured by boto3 itself
     store = S3Store(s3_bucket.name, "p")
     try:
@@ -846,8 +860,10 @@ def _refuse(store: S3Store, operation: str, code: str, status: int) -> list[int]
     def handler(**_: Any) -> None:
         refused.append(1)
         raise botocore.exceptions.ClientError(
-            {"Error": {"Code": code, "Message": "refused by the test"},
-             "ResponseMetadata": {"HTTPStatusCode": status}},
+            {
+                "Error": {"Code": code, "Message": "refused by the test"},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            },
             operation,
         )
 
@@ -865,7 +881,8 @@ def test_s3_copy_above_the_single_copy_limit_goes_part_by_part(s3_bucket: Any) -
         assert store.get_range(K("big2"), 0, 20 * MiB) == data
         assert store.head(K("big2")).metadata == {"m": "1"}
         assert [p["CopySourceRange"] for p in sent] == [
-            f"bytes=0-{6 * MiB - 1}", f"bytes={6 * MiB}-{12 * MiB - 1}",
+            f"bytes=0-{6 * MiB - 1}",
+            f"bytes={6 * MiB}-{12 * MiB - 1}",
             f"bytes={12 * MiB}-{13 * MiB - 1}",
         ]
         assert all(p["CopySourceIfMatch"] == etag for p in sent)
@@ -889,9 +906,9 @@ def test_s3_part_copy_falls_back_when_not_supported(s3_bucket: Any) -> None:
         assert store.head(K("big2")).metadata == {"new": "yes"}
         assert len(refused) == 2  # one direct call, then the copy tried once and switched
         assert stats.requests.get("upload_part") == 3
-        assert s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get(
-            "Uploads", []
-        ) == []
+        assert (
+            s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", []) == []
+        )
     finally:
         store.close()
 
@@ -1050,8 +1067,7 @@ def test_s3_check_messages(s3_bucket: Any) -> None:
 
 
 def test_s3_bad_credentials_message(s3_bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_PROFILE"):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -1199,7 +1215,8 @@ def faulty(local_root: Path) -> FaultyStore:
 
 def test_faulty_covers_every_protocol_method() -> None:
     protocol = {
-        name for name in vars(ObjectStore)
+        name
+        for name in vars(ObjectStore)
         if not name.startswith("_") and callable(getattr(ObjectStore, name))
     }
     assert protocol == set(OPS)

@@ -284,7 +284,8 @@ def test_chunk_written_after_a_trusted_open_is_verified_after_a_crash(
     with opened(tmp_path, crashed=True) as c:  # trusted open, then new writes, then a crash
         assert put(c, "new", 0)
     new = next(
-        p for p in (tmp_path / "chunks").glob("*/*")
+        p
+        for p in (tmp_path / "chunks").glob("*/*")
         if p.read_bytes()[HDR:] == payload("new", "e1", 0, 1000)
     )
     raw = bytearray(new.read_bytes())

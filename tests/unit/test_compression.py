@@ -29,9 +29,7 @@ def test_level_1_trades_a_few_percent_of_ratio_for_a_narrow_match_finder() -> No
     data = _fastq(2)
     chunk = 128 << 10
     plain = zstandard.ZstdCompressor(level=1)
-    ours = sum(
-        len(codec.encode_chunk(data[o : o + chunk], 1)) for o in range(0, len(data), chunk)
-    )
+    ours = sum(len(codec.encode_chunk(data[o : o + chunk], 1)) for o in range(0, len(data), chunk))
     reference = sum(len(plain.compress(data[o : o + chunk])) for o in range(0, len(data), chunk))
     # the narrow table finds fewer of the (rare) matches: a little bigger, never much
     assert reference < ours <= reference * 1.10

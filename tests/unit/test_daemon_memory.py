@@ -40,8 +40,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def _faults(mode: str) -> int:
     root = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", _PROGRAM, mode, root], check=True,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROGRAM, mode, root],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return int(out.stdout.strip())
 
 

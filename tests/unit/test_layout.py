@@ -123,8 +123,13 @@ async def _layout(store: ObjectStore) -> AsyncIterator[ChunkedLayout]:
     threads = PackThreads()
     try:
         async with trio.open_nursery() as nursery:
-            yield ChunkedLayout(store, nursery=nursery, limiter=trio.CapacityLimiter(8),
-                                threads=threads, store_timeout=30.0)
+            yield ChunkedLayout(
+                store,
+                nursery=nursery,
+                limiter=trio.CapacityLimiter(8),
+                threads=threads,
+                store_timeout=30.0,
+            )
             nursery.cancel_scope.cancel()
     finally:
         threads.close()

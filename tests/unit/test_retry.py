@@ -49,9 +49,17 @@ def _transient(err: BaseException) -> bool:
 def test_success_first_try_does_not_sleep() -> None:
     clock = _Clock()
     fn = _Flaky([])
-    assert call_with_retry(
-        fn, is_transient=_transient, deadline_s=5, max_attempts=3, sleep=clock.sleep, clock=clock
-    ) == "ok"
+    assert (
+        call_with_retry(
+            fn,
+            is_transient=_transient,
+            deadline_s=5,
+            max_attempts=3,
+            sleep=clock.sleep,
+            clock=clock,
+        )
+        == "ok"
+    )
     assert fn.calls == 1
     assert clock.sleeps == []
 
@@ -61,8 +69,14 @@ def test_transient_errors_are_retried_and_counted() -> None:
     stats = Stats()
     fn = _Flaky([Transient("a"), Transient("b")])
     result = call_with_retry(
-        fn, is_transient=_transient, deadline_s=30, max_attempts=5, stats=stats,
-        sleep=clock.sleep, clock=clock, jitter=lambda: 1.0,
+        fn,
+        is_transient=_transient,
+        deadline_s=30,
+        max_attempts=5,
+        stats=stats,
+        sleep=clock.sleep,
+        clock=clock,
+        jitter=lambda: 1.0,
     )
     assert result == "ok"
     assert fn.calls == 3
@@ -76,8 +90,12 @@ def test_permanent_error_is_not_retried() -> None:
     fn = _Flaky([StoreError("denied"), Transient("never reached")])
     with pytest.raises(StoreError, match="denied") as info:
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=30, max_attempts=5,
-            sleep=clock.sleep, clock=clock,
+            fn,
+            is_transient=_transient,
+            deadline_s=30,
+            max_attempts=5,
+            sleep=clock.sleep,
+            clock=clock,
         )
     assert not isinstance(info.value, Transient)
     assert fn.calls == 1
@@ -90,8 +108,13 @@ def test_stops_after_max_attempts_with_last_error() -> None:
     fn = _Flaky([Transient(f"e{i}") for i in range(10)])
     with pytest.raises(Transient, match="e3"):
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=1000, max_attempts=4,
-            sleep=clock.sleep, clock=clock, what="flaky op",
+            fn,
+            is_transient=_transient,
+            deadline_s=1000,
+            max_attempts=4,
+            sleep=clock.sleep,
+            clock=clock,
+            what="flaky op",
         )
     assert fn.calls == 4
     assert len(clock.sleeps) == 3
@@ -104,8 +127,13 @@ def test_stops_at_the_deadline_and_never_sleeps_past_it() -> None:
     fn = _Flaky([Transient("x")] * 1000)
     with pytest.raises(Transient):
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=10, max_attempts=1000,
-            sleep=clock.sleep, clock=clock, jitter=lambda: 1.0,
+            fn,
+            is_transient=_transient,
+            deadline_s=10,
+            max_attempts=1000,
+            sleep=clock.sleep,
+            clock=clock,
+            jitter=lambda: 1.0,
         )
     assert clock.now - 100.0 == pytest.approx(10.0)
     # the backoff caps at 2 s: 0.05 0.1 0.2 0.4 0.8 1.6 2 2 2 then what is left of the 10 s
@@ -118,8 +146,13 @@ def test_backoff_doubles_to_the_cap() -> None:
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 8)
     call_with_retry(
-        fn, is_transient=_transient, deadline_s=1000, max_attempts=100,
-        sleep=clock.sleep, clock=clock, jitter=lambda: 1.0,
+        fn,
+        is_transient=_transient,
+        deadline_s=1000,
+        max_attempts=100,
+        sleep=clock.sleep,
+        clock=clock,
+        jitter=lambda: 1.0,
     )
     assert clock.sleeps == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
 
@@ -129,8 +162,13 @@ def test_jitter_scales_the_sleep() -> None:
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 3)
     call_with_retry(
-        fn, is_transient=_transient, deadline_s=1000, max_attempts=10,
-        sleep=clock.sleep, clock=clock, jitter=lambda: 0.5,
+        fn,
+        is_transient=_transient,
+        deadline_s=1000,
+        max_attempts=10,
+        sleep=clock.sleep,
+        clock=clock,
+        jitter=lambda: 0.5,
     )
     assert clock.sleeps == pytest.approx([0.025, 0.05, 0.1])
 
@@ -139,8 +177,12 @@ def test_real_jitter_stays_within_the_cap() -> None:
     clock = _Clock()
     fn = _Flaky([Transient("x")] * 6)
     call_with_retry(
-        fn, is_transient=_transient, deadline_s=1000, max_attempts=10,
-        sleep=clock.sleep, clock=clock,
+        fn,
+        is_transient=_transient,
+        deadline_s=1000,
+        max_attempts=10,
+        sleep=clock.sleep,
+        clock=clock,
     )
     caps = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
     assert all(0 <= s <= cap for s, cap in zip(clock.sleeps, caps, strict=True))
@@ -157,8 +199,13 @@ def test_translate_applies_to_the_final_error_and_chains_it() -> None:
 
     with pytest.raises(Transient, match="translated: reset by peer") as info:
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=1000, max_attempts=2,
-            sleep=clock.sleep, clock=clock, translate=translate,
+            fn,
+            is_transient=_transient,
+            deadline_s=1000,
+            max_attempts=2,
+            sleep=clock.sleep,
+            clock=clock,
+            translate=translate,
         )
     assert info.value.__cause__ is native
 
@@ -169,7 +216,10 @@ def test_translate_applies_to_permanent_errors_too() -> None:
 
     with pytest.raises(StoreError, match="boom"):
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=1, max_attempts=3,
+            fn,
+            is_transient=_transient,
+            deadline_s=1,
+            max_attempts=3,
             translate=lambda err: StoreError(f"wrapped {err}"),
         )
 
@@ -199,8 +249,9 @@ def test_real_clock_deadline_bounds_wall_time() -> None:
 @pytest.mark.parametrize(("deadline", "attempts"), [(-1.0, 3), (1.0, 0)])
 def test_bad_budget_is_rejected(deadline: float, attempts: int) -> None:
     with pytest.raises(ValueError):
-        call_with_retry(lambda: 1, is_transient=_transient, deadline_s=deadline,
-                        max_attempts=attempts)
+        call_with_retry(
+            lambda: 1, is_transient=_transient, deadline_s=deadline, max_attempts=attempts
+        )
 
 
 @pytest.mark.allow_logs("giving up on get thing")
@@ -209,8 +260,13 @@ def test_giving_up_is_logged_once_at_warning(caplog: pytest.LogCaptureFixture) -
     fn = _Flaky([Transient("x")] * 5)
     with pytest.raises(Transient):
         call_with_retry(
-            fn, is_transient=_transient, deadline_s=100, max_attempts=3,
-            sleep=clock.sleep, clock=clock, what="get thing",
+            fn,
+            is_transient=_transient,
+            deadline_s=100,
+            max_attempts=3,
+            sleep=clock.sleep,
+            clock=clock,
+            what="get thing",
         )
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1

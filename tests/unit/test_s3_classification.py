@@ -102,8 +102,17 @@ def _store(responses: list[dict[str, Any]]) -> tuple[S3Store, _Client]:
 
 def test_an_empty_object_is_one_request_not_five_retries() -> None:
     """S-SRV-1: the lookup's ranged GET of an empty object on s3rver answers at once."""
-    store, client = _store([{"data": b"", "short_by": 1, "ContentRange": "bytes 0-0/0",
-                             "ETag": '"e"', "ContentLength": 1}])
+    store, client = _store(
+        [
+            {
+                "data": b"",
+                "short_by": 1,
+                "ContentRange": "bytes 0-0/0",
+                "ETag": '"e"',
+                "ContentLength": 1,
+            }
+        ]
+    )
     info, head = store.get_head(Key("empty"), 65536)
     assert (info.size, head, client.calls) == (0, b"", 1)
     assert store.get_range(Key("empty"), 0, 10) == b""

@@ -26,8 +26,12 @@ with open(script, "w") as f:
     f.write(text)
 with open(os.path.join(state, f"job{n}-node{k}.log"), "wb") as log:
     proc = subprocess.Popen(
-        ["/bin/bash", script], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "COMPAT_NODE": f"node{k}"}, start_new_session=True,
+        ["/bin/bash", script],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COMPAT_NODE": f"node{k}"},
+        start_new_session=True,
     )
 with open(os.path.join(state, f"job{n}.pid"), "w") as f:
     f.write(str(proc.pid))
