@@ -18,9 +18,10 @@ from typing import TypeVar
 
 import trio
 
-from fusionfs.store.base import Checksum, ETag, Key, Transient
+from fusionfs.errors import Stale
+from fusionfs.store.base import Checksum, ETag, Key, NotFound, PreconditionFailed, Transient
 
-__all__ = ["ObjectRef", "run_store_call"]
+__all__ = ["ObjectRef", "run_pinned_call", "run_store_call"]
 
 T = TypeVar("T")
 
@@ -48,3 +49,14 @@ async def run_store_call(
         return await trio.to_thread.run_sync(fn, limiter=limiter, abandon_on_cancel=True)
     assert scope.cancelled_caught
     raise Transient(f"{what}: no answer from the store within {timeout:g} s")
+
+
+async def run_pinned_call(
+    fn: Callable[[], T], key: Key, *, limiter: trio.CapacityLimiter, timeout: float, what: str
+) -> T:
+    """``run_store_call`` for a call pinned to one version of ``key`` (``If-Match`` its ETag):
+    a version that is gone or replaced meanwhile is ``Stale`` (S-READ-3)."""
+    try:
+        return await run_store_call(fn, limiter=limiter, timeout=timeout, what=what)
+    except (PreconditionFailed, NotFound) as e:
+        raise Stale(f"{key} changed in the store while being read") from e

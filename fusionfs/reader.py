@@ -55,16 +55,14 @@ from fusionfs.cache import WRITER_THREADS
 from fusionfs.chunked import ChunkedLayout
 from fusionfs.errors import Stale
 from fusionfs.fetch import Data, FetchEngine, ReadState
-from fusionfs.objects import ObjectRef, run_store_call
+from fusionfs.objects import ObjectRef, run_pinned_call
 from fusionfs.stats import Stats
 from fusionfs.store import checksum as _checksum
 from fusionfs.store.base import (
     Corrupt,
     ETag,
     Key,
-    NotFound,
     ObjectStore,
-    PreconditionFailed,
     Transient,
 )
 
@@ -344,15 +342,9 @@ class ChunkSource:
     async def _get(self, ref: ObjectRef, start: int, length: int) -> bytes:
         """``length`` bytes of ``ref`` at ``start``, by one ranged GET pinned to its ETag."""
         fn = functools.partial(self._store.get_range, ref.key, start, length, ref.etag)
-        try:
-            blob = await run_store_call(
-                fn,
-                limiter=self._limiter,
-                timeout=self._call_timeout,
-                what=f"GET {ref.key}",
-            )
-        except (PreconditionFailed, NotFound) as e:
-            raise Stale(f"{ref.key} changed in the store while being read") from e
+        blob = await run_pinned_call(
+            fn, ref.key, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}"
+        )
         if len(blob) != length:
             raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
         return blob
@@ -454,15 +446,9 @@ class ChunkSource:
         self, ref: ObjectRef, fn: Callable[[], tuple[bytes, list[int] | None]], length: int
     ) -> tuple[bytes, list[int] | None]:
         """``fn()`` (a ranged GET of ``length`` bytes and what goes with it) in a worker thread."""
-        try:
-            blob, extra = await run_store_call(
-                fn,
-                limiter=self._limiter,
-                timeout=self._call_timeout,
-                what=f"GET {ref.key}",
-            )
-        except (PreconditionFailed, NotFound) as e:
-            raise Stale(f"{ref.key} changed in the store while being read") from e
+        blob, extra = await run_pinned_call(
+            fn, ref.key, limiter=self._limiter, timeout=self._call_timeout, what=f"GET {ref.key}"
+        )
         if len(blob) != length:
             raise Transient(f"GET {ref.key}: short read ({len(blob)} of {length} bytes)")
         return blob, extra

@@ -49,9 +49,8 @@ from fusionfs.chunked.format import (
 from fusionfs.chunked.index import ChunkIndex, prime_index
 from fusionfs.chunked.packer import ChunkWriter, PackThreads, WriteStats
 from fusionfs.chunked.retrieval import fetch_chunks
-from fusionfs.errors import Stale
 from fusionfs.fetch import Data, FetchEngine, ReadState
-from fusionfs.objects import ObjectRef, run_store_call
+from fusionfs.objects import ObjectRef, run_pinned_call, run_store_call
 from fusionfs.store.base import ETag, Key, NotFound, ObjectStore, PreconditionFailed, iter_list
 
 if TYPE_CHECKING:
@@ -192,15 +191,13 @@ class ChunkedLayout:
             self._manifests.move_to_end(mkey)
             return manifest
         fn = functools.partial(read_manifest, self.store, ref.key, ref.etag)
-        try:
-            manifest = await run_store_call(
-                fn,
-                limiter=self._limiter,
-                timeout=self._call_timeout,
-                what=f"GET manifest {ref.key}",
-            )
-        except (PreconditionFailed, NotFound) as e:
-            raise Stale(f"{ref.key} changed in the store while being read") from e
+        manifest = await run_pinned_call(
+            fn,
+            ref.key,
+            limiter=self._limiter,
+            timeout=self._call_timeout,
+            what=f"GET manifest {ref.key}",
+        )
         self._manifests[mkey] = manifest
         while len(self._manifests) > 256:
             self._manifests.popitem(last=False)
