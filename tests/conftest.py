@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -428,7 +429,7 @@ class Mount:
         end = data.rfind(b"\n") + 1 if self.proc.poll() is None else len(data)
         starts = [m.start() for m in _DAEMON_RECORD.finditer(data, 0, end)]
         records = []
-        for start, stop in zip(starts, [*starts[1:], end], strict=True):
+        for start, stop in itertools.pairwise([*starts, end]):
             head = _DAEMON_RECORD.match(data, start)
             if head is not None and head["level"] in _DAEMON_LEVELS:
                 text = data[head.end("level") + 1 : stop].decode(errors="replace")
