@@ -55,6 +55,13 @@ _DAEMON_RECORD = re.compile(
     rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) \S+: ", re.MULTILINE
 )
 _DAEMON_LEVELS = {b"WARNING", b"ERROR", b"CRITICAL"}
+#: pyfuse3 logs an ERROR when the kernel no longer waits for a reply (``fuse_reply_*`` gives
+#: ENOENT: the request was interrupted, or aborted at unmount, e.g. an asynchronous RELEASE).
+#: The daemon's work for it is done; the caller was told by its own outcome. Never a test's
+#: failure. Other reply errors still are.
+_KERNEL_STOPPED_WAITING = re.compile(
+    r"fuse_\w+\(\): fuse_reply_\* failed with No such file or directory$"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -432,8 +439,9 @@ class Mount:
         for start, stop in itertools.pairwise([*starts, end]):
             head = _DAEMON_RECORD.match(data, start)
             if head is not None and head["level"] in _DAEMON_LEVELS:
-                text = data[head.end("level") + 1 : stop].decode(errors="replace")
-                records.append(text.rstrip("\n"))
+                text = data[head.end("level") + 1 : stop].decode(errors="replace").rstrip("\n")
+                if not _KERNEL_STOPPED_WAITING.search(text):
+                    records.append(text)
         self._log_checked += end
         return records
 
