@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from fusionfs import xattrs
-from fusionfs.chunked import collect_garbage
+from fusionfs.chunked import Manifest, collect_garbage
 from fusionfs.errors import InvalidArgument, NoData, NotADirectory, OperationNotSupported
 from fusionfs.objects import run_store_call
 from fusionfs.reader import ChunkSource
@@ -167,9 +167,10 @@ class Control:
             raise InvalidArgument("verify: START and END are byte offsets") from None
         if inode.etag is None or (inode.staged is not None and inode.staged.dirty):
             raise InvalidArgument("verify: the file has data not committed to the store")
-        key = self._fs.key_of(inode)
+        key, etag = self._fs.key_of(inode), inode.etag
+        seen: list[Manifest] = []  # the manifest it read: CRIU's first read of the file needs it
         fn = functools.partial(
-            verify_object, self._store, key, inode.etag, words[0].decode(), *bounds
+            verify_object, self._store, key, etag, words[0].decode(), *bounds, seen=seen.append
         )
         result = await run_store_call(
             fn,
@@ -177,6 +178,8 @@ class Control:
             timeout=max(self._fs.cfg.store_timeout, 600.0),
             what=f"verify {key}",
         )
+        if seen and result["ok"]:
+            self._chunks.chunked.remember(key, etag, seen[0])
         self._verified.pop(inode.ino, None)
         self._verified[inode.ino] = json.dumps(result).encode()
         while len(self._verified) > _VERIFIED_MAX:

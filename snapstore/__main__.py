@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from snapstore.cli import main
+from snapstore._start import main
 
 __all__: list[str] = []
 

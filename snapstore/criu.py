@@ -46,6 +46,7 @@ __all__ = [
     "DumpKillGate",
     "RegFile",
     "find_criu",
+    "likely_criu",
     "log_excerpt",
     "read_reg_files",
     "read_stats",
@@ -258,15 +259,26 @@ def prefetch() -> threading.Thread:
     """Check the CRIU that ``find_criu`` will pick in a thread, so that a command can read its
     snapshot meanwhile: ``criu --version`` is a process start (about 30 ms, more under load)
     on the path from the command's start to the task running. The later ``find_criu`` reuses
-    the answer (or checks again if the prefetch has not finished or failed)."""
+    the answer (or checks again if the prefetch has not finished or failed). A prefetch still
+    running is not started twice (``snapstore._start`` starts one before the command's
+    imports, and the command asks again)."""
+    global _prefetching
 
     def check() -> None:
         with contextlib.suppress(Exception):
             find_criu()
 
-    thread = threading.Thread(target=check, name="criu-version", daemon=True)
-    thread.start()
+    with _prefetch_lock:
+        if _prefetching is not None and _prefetching.is_alive():
+            return _prefetching
+        thread = threading.Thread(target=check, name="criu-version", daemon=True)
+        thread.start()
+        _prefetching = thread
     return thread
+
+
+_prefetching: threading.Thread | None = None
+_prefetch_lock = threading.Lock()
 
 
 def _check(path: Path, where: str) -> Criu | str:
@@ -309,29 +321,51 @@ def _run_version(path: Path, where: str) -> Criu | str:
     return Criu(path, version)
 
 
+def _candidates() -> list[tuple[Path, str]]:
+    """The CRIUs ``find_criu`` considers, in its order."""
+    env = os.environ.get("CRIU")
+    if env:
+        return [(Path(env), "$CRIU")]
+    found = []
+    on_path = shutil.which("criu")
+    if on_path:
+        found.append((Path(on_path), "PATH"))
+    if DEFAULT_PREFIX_CRIU.exists():
+        found.append((DEFAULT_PREFIX_CRIU, "the default install"))
+    return found
+
+
+def likely_criu() -> Criu | None:
+    """What ``find_criu`` will most likely return, without waiting for its version check: the
+    first CRIU it considers (None: there is none). Its ``version`` is ``"unchecked"`` unless
+    the check is done already. For starting a helper (``criu lazy-pages``) while the check runs
+    (``prefetch``); call ``find_criu`` before relying on it, and start the helper again with
+    what it returns if that is another binary."""
+    candidates = _candidates()
+    if not candidates:
+        return None
+    path = candidates[0][0]
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        known = _checked.get((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+        if known is not None:
+            return known
+    return Criu(path, "unchecked")
+
+
 def find_criu() -> Criu:
     """$CRIU if set (and then only it), else ``criu`` on PATH, else the default install.
 
     Raises CriuUnavailable naming what was tried and why each was refused.
     """
     hint = "run scripts/install-criu.sh, or set $CRIU to a CRIU >= 4.0"
-    env = os.environ.get("CRIU")
-    if env:
-        found = _check(Path(env), "$CRIU")
-        if isinstance(found, str):
-            raise CriuUnavailable(f"no usable CRIU: {found}; {hint}")
-        return found
     refused: list[str] = []
-    on_path = shutil.which("criu")
-    if on_path:
-        found = _check(Path(on_path), "PATH")
+    for path, where in _candidates():
+        found = _check(path, where)
         if isinstance(found, Criu):
             return found
-        refused.append(found)
-    if DEFAULT_PREFIX_CRIU.exists():
-        found = _check(DEFAULT_PREFIX_CRIU, "the default install")
-        if isinstance(found, Criu):
-            return found
+        if where == "$CRIU":
+            raise CriuUnavailable(f"no usable CRIU: {found}; {hint}")
         refused.append(found)
     why = "; ".join(refused) if refused else f"no criu on PATH nor at {DEFAULT_PREFIX_CRIU}"
     raise CriuUnavailable(f"no usable CRIU (>= 4.0): {why}; {hint}")

@@ -2,11 +2,12 @@
 
 - ``lazy`` (the default where the kernel has userfaultfd): start ``criu lazy-pages`` on the
   images dir (before the quick check, which its start-up then overlaps; a failed check stops
-  it), wait until it reports ready (``--status-fd``), then ``criu restore --lazy-pages``:
-  the task resumes before its memory is read; the daemon serves page faults from the image files
-  (on the mount: fetched from the store as touched) and pushes the remaining pages in the
-  background, exiting once all are in. "time to resume" is when ``criu restore`` returns;
-  "all pages in" is when the daemon exits.
+  it; started with ``likely_criu`` while CRIU's version check runs, and started again if the
+  check picks another binary), wait until it reports ready (``--status-fd``), then ``criu
+  restore --lazy-pages``: the task resumes before its memory is read; the daemon serves page
+  faults from the image files (on the mount: fetched from the store as touched) and pushes the
+  remaining pages in the background, exiting once all are in. "time to resume" is when ``criu
+  restore`` returns; "all pages in" is when the daemon exits.
 - ``eager``: plain ``criu restore``; every page is read before the task resumes.
 
 CRIU always runs with ``-d --restore-sibling``: CRIU detaches, and the restored task is created
@@ -49,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 
 from snapstore.catalog import Catalog, Manifest
-from snapstore.criu import Criu, find_criu, log_excerpt, read_stats
+from snapstore.criu import Criu, find_criu, likely_criu, log_excerpt, read_stats
 from snapstore.errors import (
     CriuUnavailable,
     RestoreFailed,
@@ -129,6 +130,13 @@ class _Spawned:
     out: Path
 
 
+def _checked_criu() -> Criu:
+    try:
+        return find_criu()
+    except CriuUnavailable as err:
+        raise RestoreFailed(str(err)) from None
+
+
 def _spawn_lazy_daemon(criu: Criu, images: Path, workdir: Path) -> _Spawned:
     """Spawn ``criu lazy-pages`` in its own session; ``_await_ready`` waits until it serves.
 
@@ -200,10 +208,17 @@ def _await_ready(spawned: _Spawned, workdir: Path) -> int:
 
 
 def _stop_daemon(pid: int) -> None:
+    """Kill a lazy-pages daemon and what it forked (its own session and process group: stopped
+    while it starts, a probe CRIU forks for its kernel checks would outlive it), and reap it."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+            break
+        except ProcessLookupError:
+            continue
     try:
-        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
+    except ChildProcessError:
         pass
 
 
@@ -240,10 +255,10 @@ def _restore(
     n = catalog.resolve(task, snapshot)
     manifest = catalog.load(task, n)
     images = catalog.images_dir(task, n)
-    try:
-        criu = find_criu()
-    except CriuUnavailable as err:
-        raise RestoreFailed(str(err)) from None
+    # its version check (prefetched by the command) is awaited after the snapshot's check
+    criu = likely_criu()
+    if criu is None or not os.access(criu.path, os.X_OK):
+        criu = _checked_criu()  # raises, naming what was tried
     if manifest.arch and manifest.arch != platform.machine():
         raise RestoreFailed(
             f"snapshot {n} of {task!r} was taken on {manifest.arch}; this machine is "
@@ -264,6 +279,12 @@ def _restore(
         # needs them. Nothing is restored unless it passes.
         if not verified:
             verify_snapshot(root, task, n, full=False, manifest=manifest)
+        checked = _checked_criu()
+        if checked.path != criu.path and spawned is not None:  # not the CRIU it will use
+            _abandon(spawned)
+            spawned = None
+            spawned = _spawn_lazy_daemon(checked, images, workdir)
+        criu = checked
         if not manifest.options.get("pid_namespace"):
             _check_pids_free(manifest)
     except BaseException:

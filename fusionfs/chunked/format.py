@@ -54,6 +54,7 @@ __all__ = [
     "encode_manifest",
     "is_chunked",
     "logical_size",
+    "manifest_digest",
     "manifest_metadata",
     "new_pack_id",
     "pack_key",
@@ -141,10 +142,13 @@ class ChunkEntry:
 class Manifest:
     """A chunked file: logical size and chunk list, with offset lookup. Immutable."""
 
-    __slots__ = ("_offsets", "chunks", "size")
+    __slots__ = ("_offsets", "chunks", "digest", "size")
 
-    def __init__(self, chunks: Sequence[ChunkEntry]) -> None:
+    def __init__(self, chunks: Sequence[ChunkEntry], digest: bytes | None = None) -> None:
         self.chunks: tuple[ChunkEntry, ...] = tuple(chunks)
+        #: the BLAKE3 trailer of its encoded form, when it was decoded from it (else None:
+        #: ``manifest_digest`` encodes it)
+        self.digest = digest
         offsets = [0]
         for entry in self.chunks:
             offsets.append(offsets[-1] + entry.length)
@@ -256,6 +260,12 @@ def encode_manifest(manifest: Manifest) -> bytes:
     return body + blake3.blake3(body).digest()
 
 
+def manifest_digest(manifest: Manifest) -> bytes:
+    """The BLAKE3 trailer of the manifest's encoded form: it names the file's content (every
+    chunk's digest, length and place). Kept from the decode when there was one."""
+    return manifest.digest if manifest.digest is not None else encode_manifest(manifest)[-_TRAILER:]
+
+
 def _manifest_length(header: bytes | memoryview) -> int:
     count, npacks = _HEADER.unpack_from(header, 0)[4:6]
     return int(_HEADER.size + npacks * _PACK_ID + count * _ENTRY.size + _TRAILER)
@@ -275,7 +285,8 @@ def decode_manifest(data: bytes | memoryview, *, what: str = "manifest") -> Mani
     if len(view) != expected:
         raise ManifestError(f"{what}: manifest is {len(view)} bytes, expected {expected}")
     body = view[: expected - _TRAILER]
-    if blake3.blake3(body).digest() != bytes(view[expected - _TRAILER :]):
+    trailer = bytes(view[expected - _TRAILER :])
+    if blake3.blake3(body).digest() != trailer:
         raise ManifestError(f"{what}: manifest checksum mismatch (corrupt)")
     table_end = _HEADER.size + npacks * _PACK_ID
     packs = [bytes(body[i : i + _PACK_ID]) for i in range(_HEADER.size, table_end, _PACK_ID)]
@@ -284,7 +295,7 @@ def decode_manifest(data: bytes | memoryview, *, what: str = "manifest") -> Mani
         if not 0 < length <= MAX_CHUNK or stored > MAX_CHUNK or pack >= npacks:
             raise ManifestError(f"{what}: chunk entry out of range")
         chunks.append(ChunkEntry(length, stored, digest, packs[pack], offset))
-    manifest = Manifest(chunks)
+    manifest = Manifest(chunks, trailer)
     if manifest.size != size:
         raise ManifestError(f"{what}: chunks add up to {manifest.size} bytes, header says {size}")
     return manifest

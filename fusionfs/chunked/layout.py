@@ -198,11 +198,17 @@ class ChunkedLayout:
             timeout=self._call_timeout,
             what=f"GET manifest {ref.key}",
         )
-        self._manifests[mkey] = manifest
+        self.remember(ref.key, ref.etag, manifest)
+        return manifest
+
+    def remember(self, key: Key, etag: ETag, manifest: Manifest) -> None:
+        """Keep the manifest of the version ``etag`` of ``key``, read from the store by someone
+        else (the verify hook): the first read of that file then needs no GET of its own."""
+        self._manifests[(key, etag)] = manifest
+        self._manifests.move_to_end((key, etag))
         while len(self._manifests) > 256:
             self._manifests.popitem(last=False)
         self.index.add_manifest(manifest)
-        return manifest
 
     async def read(
         self,

@@ -335,6 +335,29 @@ async def test_a_tampered_chunk_is_eio_and_the_chunks_around_it_are_served(
 
 
 @pytest.mark.timeout(60)
+async def test_a_verified_file_is_read_through_the_manifest_the_check_read(
+    make_fs: FsFactory, local_store: FaultyStore, clock: MockClock
+) -> None:
+    """S-CHUNK-10: the quick check of a chunked file (before every restore) hands the manifest
+    it read to the reads that follow, so the first read needs no manifest GET of its own and
+    reads the version that was checked: here the object is replaced in the store after the
+    check, and the read still serves the checked version's bytes (within metadata_ttl, the
+    version the mount knows, S-MAP-7)."""
+    h = await make_fs(local_store)
+    await chunked_dir(h, "snap")
+    data = pages(200, seed=21)
+    await h.write_file("snap/f.img", data)
+    fresh = await make_fs(local_store)
+    ino = (await fresh.lookup("snap/f.img")).ino
+    await fresh.fs.setxattr(ino, b"user.fusionfs.verify", b"quick")
+    assert json.loads(fresh.fs.getxattr(ino, b"user.fusionfs.verify"))["ok"]
+    await trio.to_thread.run_sync(local_store.inner.put, Key("snap/f.img"), b"replaced", {})
+    gets = local_store.calls["get_range"]
+    assert await fresh.read_file("snap/f.img") == data
+    assert local_store.calls["get_range"] > gets  # the packs were read, not a cache
+
+
+@pytest.mark.timeout(60)
 async def test_a_file_whose_packs_were_set_aside_is_read_from_the_fossils(
     make_fs: FsFactory, local_store: FaultyStore
 ) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SnapEnv, Tasks, read_counts
+from helpers import missing
+
+from snapstore import criu as criu_mod
 
 pytestmark = pytest.mark.criu
 
@@ -285,6 +288,42 @@ def test_missing_or_old_criu(dir_env: SnapEnv, tasks: Tasks, tmp_path: Path) -> 
     result = dir_env.run("restore", "--task", "job", env={"CRIU": str(old)})
     assert result.returncode == 176
     _one_line_error(result, "older than 4.0")
+
+
+@pytest.mark.timeout(120)
+def test_lazy_restore_starts_its_daemon_again_when_the_check_picks_another_criu(
+    dir_env: SnapEnv, tasks: Tasks, tmp_path: Path
+) -> None:
+    """The lazy-pages daemon is started with the CRIU the version check will most likely pick,
+    before that check has answered; when the check refuses it (too old) and picks another, the
+    daemon is stopped and started again with the checked one, and the restore works."""
+    if not criu_mod.DEFAULT_PREFIX_CRIU.exists():
+        missing("CRIU", f"this test needs the default install at {criu_mod.DEFAULT_PREFIX_CRIU}")
+    old = tmp_path / "bin" / "criu"
+    old.parent.mkdir()
+    # too old; run as a daemon, it never serves
+    spawned = tmp_path / "spawned"
+    old.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && exec echo "Version: 3.17.1"\n'
+        f'echo $$ > "{spawned}"\nexec sleep 30\n'
+    )
+    old.chmod(0o755)
+    task = tasks.start(mib=16)
+    assert dir_env.run("dump", str(task.pid), "--task", "job").returncode == 0
+    assert task.proc is not None and task.proc.wait(10) == -signal.SIGKILL
+    path = f"{old.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = dir_env.run(
+        "restore", "--task", "job", "--lazy", "--detach", "--json", env={"CRIU": "", "PATH": path}
+    )
+    assert result.returncode == 0, result.stderr
+    tasks.adopt(task.pid)
+    out = json.loads(result.stdout)
+    assert out["pid"] == task.pid and out["lazy"]
+    assert task.verify()["ok"]
+    # (a daemon of the refused binary, kept, would never have reported ready: the restore
+    # would have failed) and that daemon was stopped
+    if spawned.exists():  # it may have been stopped before its shell got that far
+        assert not os.path.exists(f"/proc/{int(spawned.read_text())}")
 
 
 @pytest.mark.timeout(60)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapstore import criu
+from snapstore.errors import CriuUnavailable
 
 
 def _fake_criu(path: Path, version: str, log: Path) -> Path:
@@ -42,3 +43,28 @@ def test_prefetch_checks_the_criu_find_criu_then_uses(
     found = criu.find_criu()
     assert found.path == exe and found.version == "4.2"
     assert log.read_text().count("run") == 1  # no second process
+
+
+def test_likely_criu_names_the_binary_before_its_check_and_the_check_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore starts ``criu lazy-pages`` with ``likely_criu`` while the version check
+    runs: it must name the binary ``find_criu`` checks first, without running it."""
+    log = tmp_path / "runs"
+    exe = _fake_criu(tmp_path / "criu", "4.3", log)
+    monkeypatch.setenv("CRIU", str(exe))
+    likely = criu.likely_criu()
+    assert likely is not None and likely.path == exe and likely.version == "unchecked"
+    assert not log.exists()  # not run
+    assert criu.find_criu().version == "4.3"
+    assert criu.likely_criu() == criu.Criu(exe, "4.3")  # once checked, the checked answer
+    # no $CRIU: the first criu on PATH, then the default install
+    monkeypatch.delenv("CRIU")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    likely = criu.likely_criu()
+    assert likely is not None and likely.path == exe
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(criu, "DEFAULT_PREFIX_CRIU", tmp_path / "none" / "criu")
+    assert criu.likely_criu() is None
+    with pytest.raises(CriuUnavailable, match="no criu on PATH"):
+        criu.find_criu()

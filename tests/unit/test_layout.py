@@ -52,6 +52,7 @@ from fusionfs.chunked import (
     fetch_chunk,
     fetch_chunks,
     is_chunked,
+    manifest_digest,
     pack_key,
     prime_index,
     read_manifest,
@@ -188,6 +189,9 @@ def test_manifest_round_trip(entries: list[ChunkEntry]) -> None:
     assert is_chunked(blob)
     back = decode_manifest(blob)
     assert back == manifest
+    # the digest that names the content: kept from the decode, the same as encoding it
+    assert back.digest == blob[-32:] == manifest_digest(manifest) == manifest_digest(back)
+    assert manifest.digest is None
     assert back.size == sum(e.length for e in entries)
     assert [back.offset(i) for i in range(len(entries))] == [
         sum(e.length for e in entries[:i]) for i in range(len(entries))

@@ -3,7 +3,9 @@ LocalStore: every mode on a good chunked file and a plain one, then each fault i
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,37 @@ def test_quick_check_lists_many_packs_and_heads_only_what_the_listing_missed(
     short.unlink()
     quick = verify_object(store, _KEY, etag, "quick")
     assert not quick["ok"] and f"pack {packs[-1].hex()} is missing" in quick["problem"], quick
+
+
+def test_quick_check_asks_head_manifest_and_packs_listing_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S-CHUNK-10, what a restore waits for: with the version known, a quick check's HEAD, its
+    manifest GET and the first page of the packs' listing are in flight together (each call
+    below waits until all three have started: asked one after another, they would time out),
+    and a file of few packs costs no HEAD of a pack."""
+    store, trailer, packs = _chunked(tmp_path)
+    etag = store.head(_KEY).etag
+    started = threading.Barrier(3, timeout=5)
+    calls: collections.Counter[str] = collections.Counter()
+
+    def together(name: str, call: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            if calls[name] == 1:
+                started.wait()
+            return call(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("head", "get_range", "list"):
+        monkeypatch.setattr(store, name, together(name, getattr(store, name)))
+    result = verify_object(store, _KEY, etag, "quick")
+    assert result["ok"] and result["digest"] == trailer.hex(), result
+    assert result["packs"] == len(packs) < 16
+    assert calls == {"head": 1, "get_range": 1, "list": 1}, calls
+    # a plain file: the early manifest GET is wasted, the verdict is the HEAD's
+    store.put(Key("snapshots/t/1/core-1.img"), b"core bytes", {})
+    plain_etag = store.head(Key("snapshots/t/1/core-1.img")).etag
+    plain = verify_object(store, Key("snapshots/t/1/core-1.img"), plain_etag, "quick")
+    assert plain["ok"] and plain["layout"] == "plain", plain
