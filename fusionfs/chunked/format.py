@@ -21,11 +21,10 @@ at most 4 GiB (offsets are u32).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 import blake3
 
@@ -119,10 +118,11 @@ class ManifestError(LayoutError):
 
 
 # -- manifest -------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, slots=True)
-class ChunkEntry:
+class ChunkEntry(NamedTuple):
     """One chunk of a file: logical length, stored size, BLAKE3 digest, and where it is stored
-    (pack id and byte offset in that pack)."""
+    (pack id and byte offset in that pack). Immutable. A named tuple, not a frozen dataclass:
+    a manifest holds one per 128 KiB, and a frozen dataclass's ``__init__`` made decoding a
+    1 GiB file's manifest (8192 entries) take 8 ms instead of 3 (on the restore's path)."""
 
     length: int
     stored: int  # bytes in the pack (== length: raw; < length: a zstd frame)
