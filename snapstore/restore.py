@@ -36,9 +36,9 @@ missing page (SIGSEGV or SIGBUS) and nobody reports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import platform
 import select
 import shutil
 import signal
@@ -128,6 +128,11 @@ class _Spawned:
     pid: int
     status_fd: int
     out: Path
+
+
+def _list_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.listdir(path)
 
 
 def _checked_criu() -> Criu:
@@ -253,16 +258,19 @@ def _restore(
 ) -> RestoreResult:
     catalog = Catalog(root.path)
     n = catalog.resolve(task, snapshot)
-    manifest = catalog.load(task, n)
     images = catalog.images_dir(task, n)
+    # the images dir's listing (the quick check's first step) overlaps the manifest's read: on a
+    # fresh mount each is a round trip to the store
+    threading.Thread(target=_list_quietly, args=(images,), daemon=True).start()
+    manifest = catalog.load(task, n)
     # its version check (prefetched by the command) is awaited after the snapshot's check
     criu = likely_criu()
     if criu is None or not os.access(criu.path, os.X_OK):
         criu = _checked_criu()  # raises, naming what was tried
-    if manifest.arch and manifest.arch != platform.machine():
+    if manifest.arch and manifest.arch != os.uname().machine:
         raise RestoreFailed(
             f"snapshot {n} of {task!r} was taken on {manifest.arch}; this machine is "
-            f"{platform.machine()}"
+            f"{os.uname().machine}"
         )
     if lazy is None:
         lazy = uffd_available()
