@@ -25,7 +25,6 @@ written complete, and temporaries are ignored.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import json
@@ -41,8 +40,6 @@ import blake3
 from snapstore.errors import SnapshotCorrupt, SnapstoreError, UsageError
 
 __all__ = [
-    "INLINE_MAX",
-    "INLINE_TOTAL_MAX",
     "MANIFEST_FORMAT",
     "Catalog",
     "ImageFile",
@@ -86,14 +83,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-#: CRIU's small image files (process tree, registers, mappings, file table: everything but the
-#: memory pages) up to this size each, and this much in all, are kept in the manifest as well
-#: (``ImageFile.inline``): a restore then reads them from the manifest it has read anyway, not
-#: one object each from the store (13 GETs and their lookups for a one-process task).
-INLINE_MAX = 256 << 10
-INLINE_TOTAL_MAX = 2 << 20
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
     name: str
@@ -101,18 +90,6 @@ class ImageFile:
     # "blake3:<hex>" of the bytes, or "chunked:<hex>": the BLAKE3 trailer of the file's
     # chunked-layout manifest in fusionfs (it covers every chunk's digest); "" if not recorded
     digest: str = ""
-    # the bytes themselves, base64, for a small file (INLINE_MAX); "" if not kept
-    inline: str = ""
-
-    def inline_bytes(self) -> bytes | None:
-        """The bytes kept in the manifest, checked against the recorded digest and size; None
-        if none were kept. ``ValueError`` if they do not match (a damaged manifest)."""
-        if not self.inline:
-            return None
-        data = base64.b64decode(self.inline, validate=True)
-        if len(data) != self.size or "blake3:" + blake3.blake3(data).hexdigest() != self.digest:
-            raise ValueError(f"the copy of {self.name} it keeps does not match its digest")
-        return data
 
 
 def _canonical(data: dict[str, Any]) -> bytes:
@@ -168,9 +145,7 @@ class Manifest:
         if data["format"] >= 2 and data.get("digest") != manifest_digest(data):
             raise ValueError("its digest does not match its content")
         files = [
-            ImageFile(
-                str(f["name"]), int(f["size"]), str(f.get("digest", "")), str(f.get("inline", ""))
-            )
+            ImageFile(str(f["name"]), int(f["size"]), str(f.get("digest", "")))
             for f in data["files"]
         ]
         return cls(

@@ -133,28 +133,6 @@ class _Spawned:
     out: Path
 
 
-def _local_images(manifest: Manifest, images: Path, workdir: Path) -> Path:
-    """CRIU's images dir for this restore, in the (private) work dir: the small files the
-    manifest keeps, written from it (checked against their digests), and a symlink to the
-    snapshot's file on the mount for every other file (the memory pages, read from the store
-    as CRIU or the lazy-pages daemon needs them). ``SnapshotCorrupt`` if a kept copy does not
-    match its digest."""
-    local = workdir / "images"
-    local.mkdir()
-    for f in manifest.files:
-        try:
-            data = f.inline_bytes()
-        except ValueError as err:
-            raise SnapshotCorrupt(
-                f"snapshot {manifest.snapshot} of {manifest.task!r} is damaged: {err}"
-            ) from None
-        if data is None:
-            (local / f.name).symlink_to(images / f.name)
-        else:
-            (local / f.name).write_bytes(data)
-    return local
-
-
 def _list_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.listdir(path)
@@ -284,11 +262,10 @@ def _restore(
     catalog = Catalog(root.path)
     n = catalog.resolve(task, snapshot)
     images = catalog.images_dir(task, n)
+    # the images dir's listing (the quick check's first step) overlaps the manifest's read: on a
+    # fresh mount each is a round trip to the store
+    threading.Thread(target=_list_quietly, args=(images,), daemon=True).start()
     manifest = catalog.load(task, n)
-    if any(not f.inline for f in manifest.files if not f.digest.startswith("chunked:")):
-        # the images dir's listing (the quick check's first step; a manifest that keeps the
-        # small files needs none) overlaps the setup below
-        threading.Thread(target=_list_quietly, args=(images,), daemon=True).start()
     # its version check (prefetched by the command) is awaited after the snapshot's check
     criu = likely_criu()
     if criu is None or not os.access(criu.path, os.X_OK):
@@ -305,10 +282,9 @@ def _restore(
     workdir = Path(tempfile.mkdtemp(prefix=f"snapstore-restore-{task}-{n}-"))
     spawned: _Spawned | None = None
     try:
-        local = _local_images(manifest, images, workdir)  # what CRIU reads
         if lazy:  # every page is read once: past the chunk cache, but with the page cache
             root.no_cache(images)
-            spawned = _spawn_lazy_daemon(criu, local, workdir)  # its start overlaps the check
+            spawned = _spawn_lazy_daemon(criu, images, workdir)  # its start overlaps the check
         # the quick check (verify.py): files, sizes, small files' digests, chunked manifests
         # and their packs; it also reads the small images ahead, in parallel, before CRIU
         # needs them. Nothing is restored unless it passes.
@@ -318,7 +294,7 @@ def _restore(
         if checked.path != criu.path and spawned is not None:  # not the CRIU it will use
             _abandon(spawned)
             spawned = None
-            spawned = _spawn_lazy_daemon(checked, local, workdir)
+            spawned = _spawn_lazy_daemon(checked, images, workdir)
         criu = checked
         if not manifest.options.get("pid_namespace"):
             _check_pids_free(manifest)
@@ -337,7 +313,7 @@ def _restore(
     args = [
         "restore",
         "-D",
-        str(local),
+        str(images),
         "-W",
         str(workdir),
         "-o",

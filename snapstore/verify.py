@@ -11,10 +11,8 @@ What a snapshot records (``catalog.ImageFile.digest``, written by ``dump``):
 
 Two depths:
 
-- ``quick`` (before every restore, and ``snapstore verify --quick``): what a restore reads.
-  The manifest parses and matches its digest; the copies of small files the manifest keeps
-  (``ImageFile.inline``: what a restore uses) match their digest, and their objects are not
-  read; every other file exists with its recorded size, and the small ones (read whole by the
+- ``quick`` (before every restore, and ``snapstore verify --quick``): the manifest parses and
+  matches its digest; every file exists with its recorded size; small files (read whole by the
   restore anyway) match their digest; every chunked file is still the version recorded (its
   manifest's digest) and every pack it names exists and is long enough (one HEAD per pack,
   through the mount). No chunk is read: a flipped byte inside a pack is found when the chunk is
@@ -22,7 +20,7 @@ Two depths:
 - ``full`` (``snapstore verify``; and after a restore failed, to tell corruption from other
   failures): every byte once. Chunked files: every chunk fetched from the store, past every
   cache, and checked against its BLAKE3 (in 128 MiB steps, with progress); plain files: read
-  from the store (through the hook when on fusionfs) and hashed, and a kept copy checked too.
+  from the store (through the hook when on fusionfs) and hashed.
 
 Any mismatch raises ``SnapshotCorrupt`` (exit 177) naming the file and what is wrong. A snapshot
 that uses chunks of an older one (de-duplication) is checked through its own manifests, which
@@ -31,7 +29,6 @@ name every chunk it needs wherever it lies: a bad chunk shared with its parent m
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
 import errno
@@ -44,7 +41,7 @@ from typing import Any
 import blake3
 
 from fusionfs import client as fusion_client
-from snapstore.catalog import INLINE_MAX, INLINE_TOTAL_MAX, Catalog, ImageFile, Manifest
+from snapstore.catalog import Catalog, ImageFile, Manifest
 from snapstore.errors import SnapshotCorrupt, SnapstoreError, os_error_text
 from snapstore.root import Root
 
@@ -95,33 +92,18 @@ def _hook(
 
 def record_digests(root: Root, images: Path, files: list[ImageFile]) -> list[ImageFile]:
     """The image files with their digests, for the manifest (called by ``dump`` once every
-    image is durable). Chunked files cost one manifest GET each, plain ones a read. Plain
-    files up to ``INLINE_MAX`` also keep their bytes (``ImageFile.inline``), the smallest first,
-    up to ``INLINE_TOTAL_MAX`` in all."""
+    image is durable). Chunked files cost one manifest GET each, plain ones a read."""
 
-    def one(f: ImageFile) -> tuple[ImageFile, bytes | None]:
+    def one(f: ImageFile) -> ImageFile:
         path = images / f.name
-        if root.mountpoint is not None and f.size > INLINE_MAX:
+        if root.mountpoint is not None:
             info = _hook(path, "manifest")
             if info is not None and info["layout"] == "chunked" and info["digest"]:
-                return dataclasses.replace(f, digest=f"chunked:{info['digest']}"), None
-        if f.size <= INLINE_MAX:
-            data = path.read_bytes()
-            digest = "blake3:" + blake3.blake3(data).hexdigest()
-            return dataclasses.replace(f, size=len(data), digest=digest), data
-        return dataclasses.replace(f, digest=file_digest(path)), None
+                return dataclasses.replace(f, digest=f"chunked:{info['digest']}")
+        return dataclasses.replace(f, digest=file_digest(path))
 
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-        done = list(pool.map(one, files))
-    budget = INLINE_TOTAL_MAX
-    kept: dict[str, str] = {}
-    for f, data in sorted((d for d in done if d[1] is not None), key=lambda d: d[0].size):
-        assert data is not None
-        if len(data) > budget:
-            break
-        budget -= len(data)
-        kept[f.name] = base64.b64encode(data).decode()
-    return [dataclasses.replace(f, inline=kept.get(f.name, "")) for f, _ in done]
+        return list(pool.map(one, files))
 
 
 def _damaged(manifest: Manifest, what: str) -> SnapshotCorrupt:
@@ -233,29 +215,16 @@ class _Checker:
                 self.manifest, f"{path} has {info['size']} bytes, the manifest says {f.size}"
             )
 
-    def kept(self, f: ImageFile) -> None:
-        """A file whose bytes the manifest keeps: that copy (what a restore uses) must match
-        its digest; a full check also reads the file's own object."""
-        try:
-            f.inline_bytes()
-        except ValueError as err:
-            raise _damaged(self.manifest, str(err)) from None
-        if self.full:
-            self.plain(f)
-
     def one(self, f: ImageFile) -> None:
         if f.digest.startswith("chunked:"):
             self.chunked(f)
-        elif f.inline:
-            self.kept(f)
         else:
             self.plain(f)
         self.report.files += 1
         self.report.bytes += f.size
 
     def run(self) -> Report:
-        if self.full or any(not f.inline for f in self.manifest.files):
-            _list(self.images)
+        _list(self.images)
         small = [f for f in self.manifest.files if not f.digest.startswith("chunked:")]
         large = [f for f in self.manifest.files if f.digest.startswith("chunked:")]
         if not self.full:  # in parallel: on a mount each costs a round trip or a few

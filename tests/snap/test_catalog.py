@@ -175,30 +175,3 @@ def test_log_excerpt_without_errors_shows_the_last_warnings_then_the_tail(tmp_pa
     assert log_excerpt(log) == ["(1) Warn  (a.c:1): first", "(3) Warn  (b.c:2): second"]
     log.write_text("(1) one\n(2) two\n")
     assert log_excerpt(log, limit=1) == ["(2) two"]
-
-
-def test_small_files_are_kept_in_the_manifest_within_the_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``record_digests`` keeps the bytes of small plain image files in the manifest (what a
-    restore then reads instead of one object each), smallest first within the total budget;
-    the copy round-trips through the manifest and is checked against the recorded digest."""
-    import snapstore.verify as verify_mod
-    from snapstore.root import Root
-
-    images = tmp_path / "images"
-    images.mkdir()
-    sizes = {"a.img": 10, "b.img": 3000, "c.img": 5000, "big.img": 300 << 10}
-    for name, size in sizes.items():
-        (images / name).write_bytes(bytes([len(name)]) * size)
-    monkeypatch.setattr(verify_mod, "INLINE_TOTAL_MAX", 4000)  # a and b fit, c does not
-    files = [ImageFile(name, size) for name, size in sizes.items()]
-    recorded = {f.name: f for f in verify_mod.record_digests(Root(tmp_path, None), images, files)}
-    assert {n for n, f in recorded.items() if f.inline} == {"a.img", "b.img"}
-    assert all(f.digest.startswith("blake3:") for f in recorded.values())
-    back = Manifest.from_json(_manifest("t", 1, list(recorded.values())).to_json())
-    kept = {f.name: f.inline_bytes() for f in back.files}
-    assert kept["a.img"] == (images / "a.img").read_bytes() and kept["c.img"] is None
-    damaged = ImageFile("a.img", 10, recorded["b.img"].digest, recorded["a.img"].inline)
-    with pytest.raises(ValueError, match="does not match its digest"):
-        damaged.inline_bytes()
