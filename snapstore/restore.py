@@ -16,10 +16,7 @@ as a sibling of CRIU, that is as a child of snapstore. So without ``--detach`` s
 as shells report it). A plain foreground ``criu restore`` would only report CRIU's own status.
 
 CRIU's logs, pidfile, stats and the lazy-pages socket go to a local work directory (never the
-images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets). CRIU
-reads its images from ``WORK/images`` (``_local_images``): the small image files written from
-the copies the manifest keeps (checked against their digests: no store request each), and a
-symlink to the mount for every other file (the memory pages).
+images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets).
 
 Before CRIU starts, the snapshot gets ``verify``'s quick check (manifest digest, files, sizes,
 small files' digests, chunked manifests and their packs); a snapshot that fails it is
