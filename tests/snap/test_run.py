@@ -396,9 +396,6 @@ def test_gcp_preemption_notice(
 
 @pytest.mark.criu
 @pytest.mark.timeout(180)
-# the task runs on and appends to its output while the supervisor's garbage collection reads
-# the mount's objects: that collection stops safely (nothing deleted), which is logged
-@pytest.mark.allow_logs("garbage collection stopped")
 def test_deadline_that_cannot_be_met_fails_clean(
     snap_env: SnapEnv, tasks: Tasks, fake: FakeMetadata, tmp_path: Path
 ) -> None:
