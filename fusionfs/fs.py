@@ -71,6 +71,7 @@ from fusionfs.store.base import (
     Corrupt,
     ETag,
     Key,
+    ListPage,
     NotFound,
     ObjectInfo,
     ObjectStore,
@@ -102,6 +103,7 @@ _MAX_KEY = 1024
 _MAX_SYMLINK = 4096
 #: GETs in flight at once while a listing learns the type of its small objects (S-MAP-5)
 _TYPE_PROBES = 16
+_UNKNOWN = object()  # a directory marker's HEAD that failed (``_list_and_marker``)
 #: entries one readdir call returns (and learns the metadata of, S-MAP-5) at most: the kernel's
 #: buffer takes fewer, and asks again from where it stopped
 _READDIR_BATCH = 256
@@ -559,20 +561,53 @@ class Filesystem:
             except NotFound:
                 if listing_fresh and name in parent.listed_names:
                     return None  # was a file a moment ago, and is gone
-        page = await self._call(
-            functools.partial(self._store.list, dir_key, "/", None, 1), what=f"LIST {dir_key}"
-        )
+        # the LIST decides; the marker's HEAD goes with it (one round trip, not two: on a fresh
+        # mount every directory on a path costs this), and is used only if the LIST shows it
+        page, marker = await self._list_and_marker(dir_key)
         if not (page.objects or page.prefixes):
             if dir_first:  # the directory went: a file now?
                 with contextlib.suppress(NotFound):
                     info = await self._call(self._store.head, file_key, what=f"HEAD {file_key}")
                     return self._kind_from_metadata(info.metadata), info
             return None
-        marker = None
-        if page.objects and page.objects[0].key == dir_key:
+        if not (page.objects and page.objects[0].key == dir_key):
+            return Kind.DIR, None
+        if marker is _UNKNOWN:  # the HEAD alongside failed: ask again, and let it fail now
             with contextlib.suppress(NotFound):
-                marker = await self._call(self._store.head, dir_key, what=f"HEAD {dir_key}")
+                return Kind.DIR, await self._call(self._store.head, dir_key, what=f"HEAD {dir_key}")
+            return Kind.DIR, None
         return Kind.DIR, marker
+
+    async def _list_and_marker(self, dir_key: Key) -> tuple[ListPage, Any]:
+        """The first entry under ``dir_key`` (a LIST of one key) and, asked at the same time,
+        the HEAD of the directory's marker: its ``ObjectInfo``, None when there is none, or
+        ``_UNKNOWN`` when that HEAD failed otherwise (only the LIST's failure is the lookup's:
+        a marker the LIST does not show is never needed)."""
+        page: ListPage | None = None
+        marker: Any = None
+
+        async def listing() -> None:
+            nonlocal page
+            page = await self._call(
+                functools.partial(self._store.list, dir_key, "/", None, 1),
+                what=f"LIST {dir_key}",
+            )
+
+        async def head() -> None:
+            nonlocal marker
+            try:
+                marker = await self._call(self._store.head, dir_key, what=f"HEAD {dir_key}")
+            except NotFound:
+                marker = None
+            except StoreError:
+                marker = _UNKNOWN
+
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listing)
+                nursery.start_soon(head)
+        assert page is not None
+        return page, marker
 
     async def _resolve(self, parent: Inode, name: bytes) -> Inode:
         """The child ``name`` of ``parent``, revalidated against the store if stale."""

@@ -160,19 +160,34 @@ class Criu:
         args: Sequence[str],
         timeout: float | None = None,
         gate: DumpKillGate | None = None,
+        output: Path | None = None,
     ) -> CriuRun:
         """Run ``criu ARGS`` with no stdin; kill it if it outlives ``timeout`` seconds or we
         are interrupted (with a ``gate``: in a phase the gate calls safe).
 
-        Its stdout and stderr are inherited; callers pass ``-o LOG`` for the real log.
+        Callers pass ``-o LOG`` for the real log. Its stdout and stderr are inherited, or go to
+        the file ``output``: what CRIU prints before its log is open (an images dir it cannot
+        open) is then the caller's to report, not lines of its own on our stderr.
         """
         start = time.monotonic()
+        sink = None
+        if output is not None:
+            sink = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         # its own process group, so a kill also takes the helpers CRIU forks (a surviving helper
         # would keep our stdout/stderr open and hang whoever reads them), and a Ctrl-C at the
         # terminal does not reach CRIU at an unsafe moment
-        proc = subprocess.Popen(
-            self.argv(*args), stdin=subprocess.DEVNULL, close_fds=True, process_group=0
-        )
+        try:
+            proc = subprocess.Popen(
+                self.argv(*args),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+                close_fds=True,
+                process_group=0,
+            )
+        finally:
+            if sink is not None:
+                os.close(sink)
         try:
             code: int | None = proc.wait(timeout)
         except subprocess.TimeoutExpired:

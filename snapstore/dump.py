@@ -64,6 +64,7 @@ from snapstore.verify import record_digests
 __all__ = ["DumpOptions", "DumpResult", "dump"]
 
 _LOG_NAME = "dump.log"
+_SAID_NAME = "criu.out"  # CRIU's own stdout and stderr, beside the local log
 _US = 1e-6
 
 
@@ -181,6 +182,16 @@ def _keep_log(local: Path, images: Path) -> Path:
     return kept
 
 
+def _criu_said(path: Path, most: int = 10) -> list[str]:
+    """The last lines CRIU printed on its stdout/stderr (what it says before its log is open:
+    an images dir it cannot open), as ``criu: LINE``; none if it printed nothing."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [f"criu: {line.rstrip()}" for line in lines if line.strip()][-most:]
+
+
 def _hints(excerpt: list[str]) -> list[str]:
     text = "\n".join(excerpt)
     hints = []
@@ -293,7 +304,9 @@ def _dump(
     local_log = Path(tempfile.mkdtemp(prefix="snapstore-dump-")) / _LOG_NAME  # 0700
     try:
         gate = DumpKillGate(local_log)
-        run = criu.run(_criu_args(pid, images, local_log, opts), timeout=timeout, gate=gate)
+        said = local_log.with_name(_SAID_NAME)
+        args = _criu_args(pid, images, local_log, opts)
+        run = criu.run(args, timeout=timeout, gate=gate, output=said)
     except BaseException:  # interrupted: CRIU was killed, so the task must not stay stopped
         _resume(proc)
         _keep_log(local_log, images)
@@ -302,6 +315,7 @@ def _dump(
         keeper = _keep_log_meanwhile(local_log, images)
     else:
         excerpt = log_excerpt(local_log) if not run.timed_out else []
+        excerpt += _criu_said(said)
         log = _keep_log(local_log, images)
     if run.timed_out:
         _resume(proc)

@@ -18,6 +18,10 @@ as shells report it). A plain foreground ``criu restore`` would only report CRIU
 CRIU's logs, pidfile, stats and the lazy-pages socket go to a local work directory (never the
 images dir on the mount: the snapshot stays read-only, and FUSE need not support sockets).
 
+The ``restore`` and ``run`` commands warm the mount up while they import (``_warm``): the
+restore takes the latest snapshot number from that walk, does not list the images dir again,
+and the quick check takes the chunked files' answers it got ahead (judged as its own).
+
 Before CRIU starts, the snapshot gets ``verify``'s quick check (manifest digest, files, sizes,
 small files' digests, chunked manifests and their packs); a snapshot that fails it is
 ``SnapshotCorrupt`` (177) and CRIU never runs. A chunk that fails fusionfs's own check while
@@ -49,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from snapstore import _warm
 from snapstore.catalog import Catalog, Manifest
 from snapstore.criu import Criu, find_criu, likely_criu, log_excerpt, read_stats
 from snapstore.errors import (
@@ -130,9 +135,10 @@ class _Spawned:
     out: Path
 
 
-def _list_quietly(path: Path) -> None:
+def _list_quietly(path: Path, done: list[bool]) -> None:
     with contextlib.suppress(OSError):
         os.listdir(path)
+        done.append(True)
 
 
 def _checked_criu() -> Criu:
@@ -257,11 +263,17 @@ def _restore(
     verified: bool,
 ) -> RestoreResult:
     catalog = Catalog(root.path)
-    n = catalog.resolve(task, snapshot)
+    # the command's warm-up (_warm) listed the task dir while the program imported
+    n = _warm.latest(str(root.path), task) if snapshot is None else None
+    if n is None:
+        n = catalog.resolve(task, snapshot)
     images = catalog.images_dir(task, n)
     # the images dir's listing (the quick check's first step) overlaps the manifest's read: on a
-    # fresh mount each is a round trip to the store
-    threading.Thread(target=_list_quietly, args=(images,), daemon=True).start()
+    # fresh mount each is a round trip to the store; the warm-up may have it in flight already
+    listing, listed = None, list[bool]()
+    if not _warm.covers(str(images)):
+        listing = threading.Thread(target=_list_quietly, args=(images, listed), daemon=True)
+        listing.start()
     manifest = catalog.load(task, n)
     # its version check (prefetched by the command) is awaited after the snapshot's check
     criu = likely_criu()
@@ -286,7 +298,12 @@ def _restore(
         # and their packs; it also reads the small images ahead, in parallel, before CRIU
         # needs them. Nothing is restored unless it passes.
         if not verified:
-            verify_snapshot(root, task, n, full=False, manifest=manifest)
+            if listing is not None:
+                listing.join()
+            primed = bool(listed) or _warm.covers(str(images))
+            verify_snapshot(
+                root, task, n, full=False, manifest=manifest, listed=primed, ahead=_warm.checked
+            )
         checked = _checked_criu()
         if checked.path != criu.path and spawned is not None:  # not the CRIU it will use
             _abandon(spawned)

@@ -74,7 +74,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from snapstore import pidns, slurm
+from snapstore import _warm, pidns, slurm
 from snapstore.attempts import AttemptLog, summary_line
 from snapstore.catalog import Catalog, Manifest, fsync_dir, utc_now, validate_task_id
 from snapstore.criu import read_reg_files
@@ -398,7 +398,8 @@ class _Supervisor:
     def _restore(self, n: int, logs: tuple[Path, Path]) -> None:
         assert self.catalog is not None and self.root is not None
         images = self.catalog.images_dir(self.opts.task, n)
-        verify_snapshot(self.root, self.opts.task, n, full=False)  # before files.img is trusted
+        # before files.img is trusted; the command's warm-up (_warm) may have checked ahead
+        verify_snapshot(self.root, self.opts.task, n, full=False, ahead=_warm.checked)
         for path, before, after in rewind_files(images):
             self.note(f"rewound {path} from {before} to {after} bytes (its size at snapshot {n})")
         for log in logs:  # forward only what the restored task adds (earlier runs did the rest)

@@ -118,8 +118,12 @@ class _Checker:
         images: Path,
         full: bool,
         progress: Callable[[str], None],
+        listed: bool = False,
+        ahead: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.root = root
+        self.listed = listed
+        self.ahead = ahead
         self.manifest = manifest
         self.images = images
         self.full = full
@@ -180,7 +184,9 @@ class _Checker:
     def chunked(self, f: ImageFile) -> None:
         path = self.images / f.name
         self.stat(f)
-        info = _hook(path, "quick" if not self.full else "manifest")
+        info = self.ahead(str(path)) if self.ahead is not None and not self.full else None
+        if info is None:
+            info = _hook(path, "quick" if not self.full else "manifest")
         if info is None:
             raise SnapstoreError(
                 f"{path} was stored in fusionfs's chunked layout, and this fusionfs mount "
@@ -224,7 +230,8 @@ class _Checker:
         self.report.bytes += f.size
 
     def run(self) -> Report:
-        _list(self.images)
+        if not self.listed:
+            _list(self.images)
         small = [f for f in self.manifest.files if not f.digest.startswith("chunked:")]
         large = [f for f in self.manifest.files if f.digest.startswith("chunked:")]
         if not self.full:  # in parallel: on a mount each costs a round trip or a few
@@ -266,12 +273,19 @@ def verify_snapshot(
     full: bool,
     progress: Callable[[str], None] = lambda _msg: None,
     manifest: Manifest | None = None,
+    listed: bool = False,
+    ahead: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> Report:
     """Check snapshot ``n`` of ``task``; raise ``SnapshotCorrupt`` if it does not verify.
+
+    ``listed``: the caller listed the images dir just now (its lookups are primed), so the
+    check does not list it again. ``ahead``: a quick check only; the answers of fusionfs's
+    quick check of chunked files the caller asked for already, by path (None: ask now).
 
     ``OSError`` from the mount (a dead daemon, the store unreachable) propagates: that says
     nothing about the snapshot."""
     catalog = Catalog(root.path)
     if manifest is None:
         manifest = catalog.load(task, n)
-    return _Checker(root, manifest, catalog.images_dir(task, n), full, progress).run()
+    images = catalog.images_dir(task, n)
+    return _Checker(root, manifest, images, full, progress, listed, ahead).run()

@@ -983,6 +983,46 @@ async def test_concurrent_lookups_of_a_stale_directory_share_one_probe(
 
 
 @pytest.mark.timeout(30)
+async def test_a_cold_directory_lookup_asks_for_its_listing_and_its_marker_at_once(
+    make_fs: FsFactory, any_store: FaultyStore
+) -> None:
+    # [S-MAP-3] "The LIST of `a/` and the HEAD of its marker `a/` go together, one round trip"
+    await trio.to_thread.run_sync(
+        any_store.inner.put, Key("d/"), b"", {"mode": str(stat.S_IFDIR | 0o710), "uid": "7"}
+    )
+    await trio.to_thread.run_sync(any_store.inner.put, Key("d/f"), b"x", None)
+    await trio.to_thread.run_sync(any_store.inner.put, Key("e/f"), b"x", None)  # no marker
+    h = await make_fs(any_store)
+    heads, lists = _lookup_calls(any_store)
+    listing = threading.Event()
+    any_store.stall("list", event=listing)
+    found: list[Any] = []
+
+    async def look() -> None:
+        found.append(await h.lookup("d"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look)
+        # the HEAD of "d" (no such object), then the LIST of "d/" (held) and, meanwhile, the
+        # HEAD of the marker "d/": both HEADs are in while the LIST is still unanswered
+        await wait_until(
+            lambda: any_store.calls["head"] - heads >= 2, 10, "the marker's HEAD beside the LIST"
+        )
+        assert any_store.calls["list"] - lists == 1 and not found
+        listing.set()
+    any_store.clear()
+    d = found[0]
+    assert d.kind is Kind.DIR and (d.mode, d.uid) == (0o710, 7)  # the marker's answer
+    assert _since((heads, lists), any_store) == (2, 1)
+    e = await h.lookup("e")  # the LIST shows no marker: the directory's defaults
+    assert e.kind is Kind.DIR and e.uid != 7
+    before = _lookup_calls(any_store)
+    with pytest.raises(NoEntry):
+        await h.lookup("nothing")
+    assert _since(before, any_store) == (2, 1)  # a name that is nothing: a HEAD more
+
+
+@pytest.mark.timeout(30)
 async def test_a_known_directory_replaced_by_a_file_is_seen_as_the_file(
     make_fs: FsFactory, any_store: FaultyStore, clock: MockClock
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from snapstore import criu as criu_mod
+from snapstore import dump as dump_mod
 from snapstore.criu import Criu, CriuRun, DumpKillGate
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,3 +82,30 @@ def test_gate_reads_only_whole_lines(tmp_path: Path) -> None:
         f.write(b"(00.04) Dumping task (pid: 43 comm: x)\n(00.05) Parasite syscall_ip at 0x2\n")
     assert not gate.safe()
     assert DumpKillGate(tmp_path / "missing.log").safe()  # CRIU has logged nothing yet
+
+
+def test_what_criu_prints_goes_to_the_output_file_not_our_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A CRIU that fails before its log is open (an images dir on a mount that died) prints
+    to its stderr: with ``output`` that is the dump's to report, indented under its one error
+    line, never lines of its own on snapstore's stderr."""
+    script = tmp_path / "criu"
+    script.write_text(
+        "#!/bin/sh\n"
+        'echo "Error (criu/crtools.c:246): Couldn\'t open image dir" >&2\n'
+        "echo on-stdout\n"
+        "exit 1\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    said = tmp_path / "criu.out"
+    run = Criu(script, "4.1").run(["dump"], output=said)
+    assert run.returncode == 1
+    assert "Couldn't open image dir" in said.read_text() and "on-stdout" in said.read_text()
+    out, err = capfd.readouterr()
+    assert "Couldn't open image dir" not in err and "on-stdout" not in out
+    assert dump_mod._criu_said(said) == [
+        "criu: Error (criu/crtools.c:246): Couldn't open image dir",
+        "criu: on-stdout",
+    ]
+    assert dump_mod._criu_said(tmp_path / "none") == []
