@@ -27,14 +27,15 @@ def main() -> int:
         from snapstore import _warm
 
         _warm.start(sys.argv[2:])
+        import json  # noqa: F401  (the warm-up's checks parse with it; nothing imports in them)
+
+        _warm.imported.set()
     if command in _USES_CRIU:
         from snapstore import criu
 
         criu.prefetch()
     from snapstore.cli import main as cli_main
 
-    if command in ("restore", "run"):
-        _warm.imported.set()  # its threads may use json and fusionfs.client now
     code = cli_main()
     if command == "restore":
         sys.stdout.flush()

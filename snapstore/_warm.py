@@ -86,11 +86,13 @@ class _Warmed:
 
 _warmed: _Warmed | None = None
 
-#: Set by the command once its own imports are done. The warm-up's threads import nothing
-#: before it: two threads importing at once can meet in a cycle of module locks, and Python
-#: then hands one of them a module half initialized (seen: ``typing`` without ``ClassVar`` in
-#: ``dataclasses``, while this thread imported ``json``).
+#: Set by the command once ``json`` is imported (it does that first). The warm-up's threads
+#: import nothing, and use ``json`` only after this: two threads importing at once can meet in
+#: a cycle of module locks, and Python then hands one of them a module half initialized (seen:
+#: ``typing`` without ``ClassVar`` in ``dataclasses``, while this thread imported ``json``).
 imported = threading.Event()
+
+_VERIFY_XATTR = "user.fusionfs.verify"  # fusionfs.xattrs.VERIFY (fusionfs.client is not imported)
 
 
 def latest(root: str, task: str) -> int | None:
@@ -112,7 +114,7 @@ def covers(images: str) -> bool:
 
 def checked(path: str) -> dict[str, Any] | None:
     """The result of the warm-up's quick check of the chunked file ``path`` (what
-    ``fusionfs.client.verify(path, "quick")`` returned), waiting for it if it is in flight; None
+    ``fusionfs.client.verify(path, "quick")`` returns), waiting for it if it is in flight; None
     if the warm-up did not check it, or could not (the quick check then asks itself)."""
     w = _warmed
     if w is None:
@@ -137,10 +139,11 @@ def _is_manifest(name: str) -> bool:
 
 
 def _check(path: str, done: threading.Event, result: list[dict[str, Any]]) -> None:
-    try:
-        from fusionfs import client  # imported already (``imported``)
+    try:  # fusionfs.client.verify(path, "quick"), with nothing to import
+        import json  # imported already (``imported``)
 
-        result.append(client.verify(path, "quick"))
+        os.setxattr(path, _VERIFY_XATTR, b"quick")
+        result.append(json.loads(os.getxattr(path, _VERIFY_XATTR)))
     except Exception:  # the quick check asks again, and reports what it meets
         pass
     finally:

@@ -9,10 +9,10 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fusionfs import xattrs
 from snapstore import _warm
 from snapstore.catalog import Catalog, ImageFile, Manifest
 
@@ -82,20 +82,27 @@ def test_an_explicit_snapshot_is_warmed_and_latest_is_left_to_the_catalog(
     assert not _warm.covers(str(catalog.images_dir("job", 2)))
 
 
+def _fake_hook(monkeypatch: pytest.MonkeyPatch, asked: list[tuple[str, bytes]]) -> None:
+    """fusionfs's verify hook as the warm-up calls it: setxattr, then getxattr (JSON)."""
+
+    def setxattr(path: str, name: str, value: bytes) -> None:
+        assert name == xattrs.VERIFY
+        asked.append((os.path.basename(path), value))
+        if path.endswith("pages-2.img"):
+            raise OSError(95, "Operation not supported")  # then the quick check asks itself
+
+    def getxattr(path: str, name: str) -> bytes:
+        assert name == xattrs.VERIFY
+        return json.dumps({"ok": True, "path": path}).encode()
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    monkeypatch.setattr(os, "getxattr", getxattr)
+
+
 def test_chunked_files_are_checked_ahead_and_the_answer_handed_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fusionfs import client
-
-    asked: list[tuple[str, str]] = []
-
-    def fake_verify(path: str, mode: str = "quick") -> dict[str, Any]:
-        asked.append((os.path.basename(path), mode))
-        if path.endswith("pages-2.img"):
-            raise OSError(95, "Operation not supported")  # then the quick check asks itself
-        return {"ok": True, "path": path}
-
-    monkeypatch.setattr(client, "verify", fake_verify)
+    asked: list[tuple[str, bytes]] = []
     catalog = Catalog(tmp_path)
     files = [
         ImageFile("core-1.img", 10, "blake3:00"),
@@ -104,25 +111,26 @@ def test_chunked_files_are_checked_ahead_and_the_answer_handed_over(
     ]
     n = _commit(catalog, "job", files)
     images = catalog.images_dir("job", n)
+    _fake_hook(monkeypatch, asked)
     _warm_up(["--task", "job", "--root", str(tmp_path)])
     one = _warm.checked(str(images / "pages-1.img"))
     assert one == {"ok": True, "path": str(images / "pages-1.img")}
     assert _warm.checked(str(images / "pages-2.img")) is None
     assert _warm.checked(str(images / "core-1.img")) is None  # not chunked: never asked
-    assert sorted(asked) == [("pages-1.img", "quick"), ("pages-2.img", "quick")]
+    assert sorted(asked) == [("pages-1.img", b"quick"), ("pages-2.img", b"quick")]
 
 
 def test_a_damaged_manifest_starts_no_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fusionfs import client
-
-    monkeypatch.setattr(client, "verify", lambda *_a: pytest.fail("asked"))
+    asked: list[tuple[str, bytes]] = []
     catalog = Catalog(tmp_path)
     n = _commit(catalog, "job", [ImageFile("pages-1.img", 30, "chunked:aa")])
     catalog.manifest_path("job", n).write_text(json.dumps({"files": "not a list"}))
+    _fake_hook(monkeypatch, asked)
     _warm_up(["--task", "job", "--root", str(tmp_path)])
     assert _warm.checked(str(catalog.images_dir("job", n) / "pages-1.img")) is None
+    assert asked == []
 
 
 def test_nothing_to_warm_is_silent_and_quick(tmp_path: Path) -> None:
@@ -169,19 +177,21 @@ def test_the_root_defaults_like_the_command(monkeypatch: pytest.MonkeyPatch) -> 
 def test_no_check_begins_before_the_command_has_imported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The checks use json and fusionfs.client: imported in this thread while the command
-    imports in its own, a module can come back half initialized (a lock cycle between them)."""
-    from fusionfs import client
-
-    asked: list[str] = []
-    monkeypatch.setattr(client, "verify", lambda path, mode: asked.append(path) or {"ok": 1})
+    """The checks parse with json: imported in this thread while the command imports in its
+    own, a module can come back half initialized (a lock cycle between them)."""
+    asked: list[tuple[str, bytes]] = []
     catalog = Catalog(tmp_path)
     n = _commit(catalog, "job", [ImageFile("pages-1.img", 30, "chunked:aa")])
     path = str(catalog.images_dir("job", n) / "pages-1.img")
+    _fake_hook(monkeypatch, asked)
     _warm.imported.clear()
     _warm_up(["--task", "job", "--root", str(tmp_path)])  # the walk is over; the check waits
     assert asked == []
     assert _warm._warmed is not None and not _warm._warmed.checks_known.is_set()
     _warm.imported.set()
-    assert _warm.checked(path) == {"ok": 1}
-    assert asked == [path]
+    assert _warm.checked(path) == {"ok": True, "path": path}
+    assert asked == [("pages-1.img", b"quick")]
+
+
+def test_the_hook_it_calls_is_fusionfs_verify() -> None:
+    assert _warm._VERIFY_XATTR == xattrs.VERIFY
